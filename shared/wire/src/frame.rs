@@ -1,0 +1,293 @@
+//! Versioned frames on the QUIC link, serialized with postcard.
+//!
+//! On a stream each frame is `u32 length (big-endian) | u8 version | postcard(Frame)`,
+//! where `length` counts the version byte and the postcard bytes. [`decode_frame`] is
+//! sans-IO: give it whatever bytes have arrived and it returns a frame and how many bytes
+//! it used, or [`FrameError::Incomplete`] with how many more it needs.
+//!
+//! A session: the agent opens a stream and sends [`Frame::Hello`]; the cloud answers
+//! [`Frame::Welcome`] (or [`Frame::Error`] and closes). Then the agent sends
+//! [`Frame::Batch`] frames, each with a gateway-assigned sequence number, and the cloud
+//! answers [`Frame::Ack`] once the batch is durable in every sink. A batch the cloud
+//! refuses gets a [`Frame::Error`] naming its sequence number.
+
+use serde::{Deserialize, Serialize};
+
+/// The frame format version written by this build.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// The ALPN protocol id of the Plantlink uplink.
+pub const ALPN: &[u8] = b"plantlink/1";
+
+/// Bytes of the length prefix.
+pub const LENGTH_PREFIX: usize = 4;
+
+/// Default cap on one frame (version byte and postcard bytes).
+pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
+
+/// One message on the uplink.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Frame {
+    /// Agent to cloud, first on a connection.
+    Hello(Hello),
+    /// Cloud to agent: the hello was accepted.
+    Welcome(Welcome),
+    /// Agent to cloud: a batch of readings.
+    Batch(Batch),
+    /// Cloud to agent: the batch with this sequence number is durable in every sink.
+    Ack(Ack),
+    /// Either way: something was refused.
+    Error(ErrorFrame),
+}
+
+/// The agent's greeting. The gateway's identity is taken from its certificate; the id
+/// here is only compared with it, to catch misconfigured gateways early.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The gateway id the agent is configured with.
+    pub gateway_id: String,
+    /// The agent's name and version, e.g. `edge-agent/0.1.0`.
+    pub agent: String,
+    /// The newest batch codec version the agent writes.
+    pub codec_version: u8,
+}
+
+/// The cloud's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The gateway id taken from the certificate.
+    pub gateway_id: String,
+    /// The tenant taken from the certificate.
+    pub tenant: String,
+    /// The largest batch payload the cloud accepts, in bytes.
+    pub max_batch_bytes: u32,
+    /// How many unacked batches the agent may have in flight.
+    pub max_in_flight: u32,
+}
+
+/// Which queue a batch was drawn from: live data goes first, the backlog is rate-capped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Lane {
+    /// Fresh readings.
+    Live,
+    /// Readings replayed after an outage.
+    Backlog,
+}
+
+/// One batch of readings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The gateway-assigned sequence number, unique per gateway.
+    pub seq: u64,
+    /// The lane the batch travels in.
+    pub lane: Lane,
+    /// How many readings the payload holds, checked against it on decode.
+    pub readings: u32,
+    /// The payload written by [`crate::BatchEncoder`].
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// The acknowledgement of one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The batch's sequence number.
+    pub seq: u64,
+}
+
+/// A refusal, with a machine-readable code and a reason for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    /// What kind of refusal.
+    pub code: ErrorCode,
+    /// The batch it concerns, if any.
+    pub seq: Option<u64>,
+    /// What was wrong and what to do about it.
+    pub reason: String,
+}
+
+/// Refusal codes. A number rather than an enum, so a peer can carry codes it does not
+/// know yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    /// The frame or payload did not decode.
+    pub const MALFORMED: Self = Self(1);
+    /// The frame or codec version is not supported.
+    pub const UNSUPPORTED_VERSION: Self = Self(2);
+    /// The frame or batch was over a size limit.
+    pub const TOO_LARGE: Self = Self(3);
+    /// The peer broke the session order (e.g. a batch before hello).
+    pub const PROTOCOL: Self = Self(4);
+    /// The gateway may not write this data.
+    pub const FORBIDDEN: Self = Self(5);
+    /// A sink failed; the batch should be retried later.
+    pub const UNAVAILABLE: Self = Self(6);
+}
+
+/// Why bytes did not make a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// More bytes are needed; nothing was consumed.
+    #[error("frame incomplete: {needed} more bytes needed")]
+    Incomplete {
+        /// How many more bytes are needed at least.
+        needed: usize,
+    },
+    /// The length prefix is over the limit.
+    #[error("frame of {len} bytes is over the limit of {limit}")]
+    TooLarge {
+        /// The announced length.
+        len: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The frame was written by another protocol version.
+    #[error("frame version {found} is not supported (this build speaks version {supported})")]
+    UnsupportedVersion {
+        /// The version byte found.
+        found: u8,
+        /// The version this build speaks.
+        supported: u8,
+    },
+    /// The frame body is not a valid postcard frame.
+    #[error("frame is malformed: {0}")]
+    Malformed(String),
+}
+
+/// Appends `frame`, length prefix included, to `out`.
+pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; LENGTH_PREFIX]);
+    out.push(PROTOCOL_VERSION);
+    // Serializing into a Vec cannot fail for these types.
+    let body = postcard::to_extend(frame, Vec::new())
+        .unwrap_or_else(|e| panic!("postcard cannot serialize a frame: {e}"));
+    out.extend_from_slice(&body);
+    let len = (out.len() - start - LENGTH_PREFIX) as u32;
+    out[start..start + LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+}
+
+/// The length of the frame starting at `buf`, length prefix included, once the prefix
+/// has arrived. Lets a reader wait for exactly one frame.
+pub fn frame_len(buf: &[u8], max_frame: usize) -> Result<usize, FrameError> {
+    let Some(prefix) = buf.get(..LENGTH_PREFIX) else {
+        return Err(FrameError::Incomplete {
+            needed: LENGTH_PREFIX - buf.len(),
+        });
+    };
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    if len > max_frame {
+        return Err(FrameError::TooLarge {
+            len,
+            limit: max_frame,
+        });
+    }
+    if len == 0 {
+        return Err(FrameError::Malformed("zero-length frame".into()));
+    }
+    Ok(LENGTH_PREFIX + len)
+}
+
+/// Decodes the frame at the start of `buf`, returning it and the bytes it used.
+pub fn decode_frame(buf: &[u8], max_frame: usize) -> Result<(Frame, usize), FrameError> {
+    let total = frame_len(buf, max_frame)?;
+    if buf.len() < total {
+        return Err(FrameError::Incomplete {
+            needed: total - buf.len(),
+        });
+    }
+    let version = buf[LENGTH_PREFIX];
+    if version != PROTOCOL_VERSION {
+        return Err(FrameError::UnsupportedVersion {
+            found: version,
+            supported: PROTOCOL_VERSION,
+        });
+    }
+    let (frame, rest) = postcard::take_from_bytes::<Frame>(&buf[LENGTH_PREFIX + 1..total])
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes after the frame",
+            rest.len()
+        )));
+    }
+    Ok((frame, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Frame> {
+        vec![
+            Frame::Hello(Hello {
+                gateway_id: "gw-1".into(),
+                agent: "edge-agent/0.1.0".into(),
+                codec_version: 1,
+            }),
+            Frame::Welcome(Welcome {
+                gateway_id: "gw-1".into(),
+                tenant: "acme".into(),
+                max_batch_bytes: 1 << 20,
+                max_in_flight: 8,
+            }),
+            Frame::Batch(Batch {
+                seq: 42,
+                lane: Lane::Backlog,
+                readings: 3,
+                payload: vec![1, 2, 3, 0xff],
+            }),
+            Frame::Ack(Ack { seq: u64::MAX }),
+            Frame::Error(ErrorFrame {
+                code: ErrorCode::MALFORMED,
+                seq: Some(7),
+                reason: "bad".into(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip_back_to_back() {
+        let mut buf = Vec::new();
+        for f in sample() {
+            encode_frame(&f, &mut buf);
+        }
+        let mut at = 0;
+        for want in sample() {
+            let (got, used) = decode_frame(&buf[at..], DEFAULT_MAX_FRAME).unwrap();
+            assert_eq!(got, want);
+            at += used;
+        }
+        assert_eq!(at, buf.len());
+    }
+
+    #[test]
+    fn every_prefix_is_incomplete_not_an_error() {
+        let mut buf = Vec::new();
+        encode_frame(&sample()[2], &mut buf);
+        for cut in 0..buf.len() {
+            match decode_frame(&buf[..cut], DEFAULT_MAX_FRAME) {
+                Err(FrameError::Incomplete { needed }) => assert!(needed > 0),
+                other => panic!("prefix of {cut} bytes gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn oversize_and_wrong_version_are_refused() {
+        let mut buf = Vec::new();
+        encode_frame(&sample()[2], &mut buf);
+        assert!(matches!(
+            decode_frame(&buf, 4),
+            Err(FrameError::TooLarge { limit: 4, .. })
+        ));
+        buf[LENGTH_PREFIX] = 9;
+        assert!(matches!(
+            decode_frame(&buf, DEFAULT_MAX_FRAME),
+            Err(FrameError::UnsupportedVersion { found: 9, .. })
+        ));
+    }
+}
