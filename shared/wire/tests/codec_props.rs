@@ -56,7 +56,12 @@ type Point = (i64, u64, Option<u64>);
 fn by_series(readings: &[Reading]) -> BTreeMap<Key, Vec<Point>> {
     let mut m: BTreeMap<Key, Vec<Point>> = BTreeMap::new();
     for r in readings {
-        let key = (r.tenant.clone(), r.device.clone(), r.metric.clone(), r.tags.clone());
+        let key = (
+            r.tenant.clone(),
+            r.device.clone(),
+            r.metric.clone(),
+            r.tags.clone(),
+        );
         m.entry(key)
             .or_default()
             .push((r.ts.0, r.value.to_bits(), r.seq));
@@ -158,7 +163,10 @@ fn limits_are_enforced() {
         ..Limits::default()
     };
     let err = BatchDecoder::new(tight).decode(&payload).unwrap_err();
-    assert!(err.to_string().contains("readings in batch is 100"), "{err}");
+    assert!(
+        err.to_string().contains("readings in batch is 100"),
+        "{err}"
+    );
 
     let tiny_body = Limits {
         max_body_bytes: 10,

@@ -46,10 +46,18 @@ impl BatchDecoder {
                 supported: CODEC_VERSION,
             });
         }
-        check_size("compressed payload bytes", payload.len(), lim.max_payload_bytes)?;
+        check_size(
+            "compressed payload bytes",
+            payload.len(),
+            lim.max_payload_bytes,
+        )?;
         match zstd::zstd_safe::get_frame_content_size(compressed) {
             Ok(Some(n)) => check_size("decompressed body bytes", n as usize, lim.max_body_bytes)?,
-            Ok(None) => return Err(DecodeError::Corrupt("zstd frame has no content size".into())),
+            Ok(None) => {
+                return Err(DecodeError::Corrupt(
+                    "zstd frame has no content size".into(),
+                ));
+            }
             Err(e) => return Err(DecodeError::Decompress(e.to_string())),
         }
         let body = self
@@ -159,7 +167,9 @@ fn parse_body(body: &[u8], lim: &Limits) -> Result<Vec<Reading>, DecodeError> {
 
         if flags & FLAG_TS_SHARED != 0 {
             if ts.len() != n {
-                return Err(corrupt("shared timestamps do not match the previous series"));
+                return Err(corrupt(
+                    "shared timestamps do not match the previous series",
+                ));
             }
         } else {
             ts.clear();

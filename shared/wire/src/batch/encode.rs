@@ -129,7 +129,12 @@ impl BatchEncoder {
         let base_ts = readings.iter().map(|r| r.ts.0).min().unwrap_or(0);
         let mut dict = Dict::default();
         let [series_col, ts_col, value_col, seq_col] = &mut self.cols;
-        for c in [&mut *series_col, &mut *ts_col, &mut *value_col, &mut *seq_col] {
+        for c in [
+            &mut *series_col,
+            &mut *ts_col,
+            &mut *value_col,
+            &mut *seq_col,
+        ] {
             c.clear();
         }
         let mut prev_idx = [0i64; 3];

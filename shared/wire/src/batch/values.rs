@@ -16,8 +16,9 @@ pub(crate) const POW10: [f64; MAX_EXP as usize + 1] = [
 /// `v` scaled by `10^e` when that is exact and decodes to the same bits.
 fn scaled(v: f64, e: u8) -> Option<i64> {
     let x = (v * POW10[e as usize]).round();
-    if !(x.abs() <= MAX_SCALED) {
-        return None; // also catches NaN and infinities
+    // NaN and infinities fail `is_finite`.
+    if !x.is_finite() || x.abs() > MAX_SCALED {
+        return None;
     }
     let x = x as i64;
     ((x as f64 / POW10[e as usize]).to_bits() == v.to_bits()).then_some(x)
@@ -152,7 +153,14 @@ mod tests {
 
     #[test]
     fn special_values_need_xor() {
-        for v in [f64::NAN, f64::INFINITY, -0.0, 1e300, f64::MIN_POSITIVE, 0.1 + 0.2] {
+        for v in [
+            f64::NAN,
+            f64::INFINITY,
+            -0.0,
+            1e300,
+            f64::MIN_POSITIVE,
+            0.1 + 0.2,
+        ] {
             assert_eq!(decimal_exponent([v].into_iter()), None, "{v}");
         }
     }

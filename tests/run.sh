@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every Plantlink test. On a fresh Debian machine it first installs and starts what the
+# tests need (build tools, Mosquitto, PostgreSQL, the Tansu Kafka-API broker).
+#
+#   ./tests/run.sh               all tests
+#   ./tests/run.sh -- FILTER     pass arguments on to `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. tests/lib/services.sh
+
+ensure_all_services
+log "Mosquitto on 127.0.0.1:1883, PostgreSQL on 127.0.0.1:5432, Tansu at $PLANTLINK_TANSU"
+
+[ "${1:-}" = "--" ] && shift
+log "cargo test"
+cargo test --locked "$@"
+
+log "building the fuzz targets (run them with: cargo fuzz run decode_batch, in shared/)"
+cargo build --locked -p plantlink-fuzz --bins
