@@ -1,0 +1,511 @@
+//! The agent's TOML configuration. Every key is documented here; `deploy/edge-agent.example.toml`
+//! is the commented example, and a test loads it.
+//!
+//! Unknown keys are errors: a typo must fail at start, not silently fall back to a default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::topic::Template;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Who this gateway is.
+    pub gateway: Gateway,
+    /// The durable queue.
+    #[serde(default)]
+    pub store: Store,
+    /// MQTT ingest from the plant's broker; absent means no MQTT.
+    pub mqtt: Option<Mqtt>,
+    /// CoAP ingest; absent means no CoAP.
+    pub coap: Option<Coap>,
+    /// Rate limits and payload caps.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Duplicate detection.
+    #[serde(default)]
+    pub dedupe: Dedupe,
+    /// The Prometheus endpoint; absent means no endpoint.
+    pub metrics: Option<Metrics>,
+    /// Known devices: device id to its type and firmware version, used to pick a
+    /// `[[firmware]]` mapping when neither the topic nor the payload says.
+    #[serde(default)]
+    pub devices: BTreeMap<String, Device>,
+    /// Field mappings per device type and firmware version.
+    #[serde(default)]
+    pub firmware: Vec<Firmware>,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    /// The gateway id; it must match the id in the gateway's certificate.
+    pub id: String,
+    /// The tenant recorded on readings at the edge. The cloud replaces it with the tenant
+    /// from the certificate, so this only matters for local inspection.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+}
+
+fn default_tenant() -> String {
+    "default".into()
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    /// The SQLite queue file. Its folder must exist and be writable.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    /// The most the queue may hold, as bytes ("1GiB", "500MB", or a number). When full, the
+    /// oldest readings of the device furthest over its fair share are evicted, and counted.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// `full` (default): each commit reaches the disk before devices are acknowledged,
+    /// surviving power loss. `normal`: faster; survives a crash of the agent, but the last
+    /// commits may be lost on power loss.
+    #[serde(default)]
+    pub synchronous: Synchronous,
+    /// Longest wait, in milliseconds, before a commit while readings are arriving. A commit
+    /// happens as soon as the queue of received messages is empty, so this only bounds
+    /// latency under sustained load.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// How many dead-letter records to keep; older ones are dropped first.
+    #[serde(default = "default_dead_letters_keep")]
+    pub dead_letters_keep: u64,
+}
+
+fn default_store_path() -> PathBuf {
+    "/var/lib/plantlink/queue.db".into()
+}
+fn default_max_bytes() -> ByteSize {
+    ByteSize(1 << 30)
+}
+fn default_commit_interval_ms() -> u64 {
+    5
+}
+fn default_dead_letters_keep() -> u64 {
+    10_000
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self {
+            path: default_store_path(),
+            max_bytes: default_max_bytes(),
+            synchronous: Synchronous::default(),
+            commit_interval_ms: default_commit_interval_ms(),
+            dead_letters_keep: default_dead_letters_keep(),
+        }
+    }
+}
+
+/// SQLite's `synchronous` setting for the queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync on every commit.
+    #[default]
+    Full,
+    /// fsync at WAL checkpoints only.
+    Normal,
+}
+
+/// `[mqtt]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mqtt {
+    /// The plant broker, `mqtt://host:port` (port 1883 when omitted).
+    pub url: String,
+    /// The client id. With a persistent session the broker keeps what arrives while the
+    /// agent is down under this id, so keep it stable per gateway.
+    pub client_id: String,
+    /// Topic filters to subscribe to, at QoS 1.
+    pub subscriptions: Vec<String>,
+    /// Topic templates, tried in order; the first that matches names device, metric and tags.
+    #[serde(default)]
+    pub topics: Vec<TopicTemplate>,
+    /// Optional user name.
+    pub username: Option<String>,
+    /// Optional password.
+    pub password: Option<String>,
+    /// MQTT keep-alive in seconds.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u64,
+    /// How many unacknowledged QoS 1 messages the agent accepts from the broker at once.
+    /// The broker's own `max_inflight_messages` must be at least as large for full speed.
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+}
+
+fn default_keep_alive() -> u64 {
+    30
+}
+fn default_inflight() -> u16 {
+    1000
+}
+
+/// `[[mqtt.topics]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicTemplate {
+    /// Like `plant/{site}/{line}/{device}/{metric}`. `{device}` and `{metric}` name the
+    /// reading, `{device_type}` and `{firmware}` pick a firmware mapping, and any other
+    /// `{name}` becomes a tag. Without `{metric}`, metric names come from the payload.
+    pub template: String,
+}
+
+/// `[coap]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Coap {
+    /// UDP address to listen on, e.g. `0.0.0.0:5683`.
+    pub bind: SocketAddr,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Sustained readings per second allowed per device; the excess is dropped and counted.
+    #[serde(default = "default_rate")]
+    pub per_device_per_sec: f64,
+    /// Readings a device may send in a burst above its rate.
+    #[serde(default = "default_burst")]
+    pub burst: f64,
+    /// Largest payload accepted; larger ones become dead letters.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+}
+
+fn default_rate() -> f64 {
+    100.0
+}
+fn default_burst() -> f64 {
+    200.0
+}
+fn default_max_payload() -> usize {
+    65_536
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            per_device_per_sec: default_rate(),
+            burst: default_burst(),
+            max_payload_bytes: default_max_payload(),
+        }
+    }
+}
+
+/// `[dedupe]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dedupe {
+    /// A reading whose identity was stored less than this many seconds ago is dropped as a
+    /// duplicate. Identities are remembered on disk, so this holds across restarts.
+    #[serde(default = "default_window")]
+    pub window_secs: u64,
+}
+
+fn default_window() -> u64 {
+    600
+}
+
+impl Default for Dedupe {
+    fn default() -> Self {
+        Self {
+            window_secs: default_window(),
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Address of the Prometheus `/metrics` endpoint, e.g. `127.0.0.1:9310`.
+    pub bind: SocketAddr,
+}
+
+/// `[devices.<id>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    /// The device type, e.g. `th-100`.
+    #[serde(rename = "type")]
+    pub device_type: String,
+    /// The firmware version, e.g. `2.1.0`.
+    pub firmware: String,
+}
+
+/// `[[firmware]]`: how one device type and firmware range names its fields.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Firmware {
+    /// The device type this applies to.
+    pub device_type: String,
+    /// Firmware versions: exact (`2.1.0`), or a prefix ending in `x` or `*` (`1.x`, `2.*`).
+    pub version: String,
+    /// Payload field name to metric name, e.g. `{ t = "temperature" }`.
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
+    /// Payload fields to ignore (neither metrics nor errors).
+    #[serde(default)]
+    pub ignore: Vec<String>,
+}
+
+/// A size in bytes, written as a number or with a unit: B, KB, MB, GB (powers of 1000),
+/// KiB, MiB, GiB (powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size; write e.g. \"1GiB\", \"500MB\" or 1048576"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "kib" => 1 << 10,
+            "mib" => 1 << 20,
+            "gib" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {s:?}; use B, KB, MB, GB, KiB, MiB or GiB"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A configuration error that names the file and, where it can, the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has an unknown or mistyped key.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml says, with the key and line.
+        message: String,
+    },
+    /// A key has a value that parses but cannot work.
+    #[error("config {path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The dotted key.
+        key: String,
+        /// What is wrong and what to write instead.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.validate().map_err(|(key, message)| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// The compiled MQTT topic templates, in order.
+    pub fn templates(&self) -> Vec<Template> {
+        self.mqtt
+            .iter()
+            .flat_map(|m| &m.topics)
+            .filter_map(|t| Template::parse(&t.template).ok())
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, msg: String| Err((key.to_owned(), msg));
+        if self.gateway.id.trim().is_empty() {
+            return bad("gateway.id", "must not be empty".into());
+        }
+        if self.store.max_bytes.0 < 1 << 20 {
+            return bad(
+                "store.max_bytes",
+                format!("{} bytes is too small; give at least \"1MiB\"", self.store.max_bytes.0),
+            );
+        }
+        if let Some(m) = &self.mqtt {
+            parse_mqtt_url(&m.url).map_err(|e| ("mqtt.url".to_owned(), e))?;
+            if m.client_id.trim().is_empty() {
+                return bad("mqtt.client_id", "must not be empty".into());
+            }
+            if m.subscriptions.is_empty() {
+                return bad(
+                    "mqtt.subscriptions",
+                    "is empty; list at least one topic filter, e.g. [\"plant/#\"]".into(),
+                );
+            }
+            for (i, t) in m.topics.iter().enumerate() {
+                Template::parse(&t.template)
+                    .map_err(|e| (format!("mqtt.topics[{i}].template"), e))?;
+            }
+            if m.inflight == 0 {
+                return bad("mqtt.inflight", "must be at least 1".into());
+            }
+        }
+        let l = &self.limits;
+        if !(l.per_device_per_sec.is_finite() && l.per_device_per_sec > 0.0) {
+            return bad(
+                "limits.per_device_per_sec",
+                format!("{} must be a positive number", l.per_device_per_sec),
+            );
+        }
+        if !(l.burst.is_finite() && l.burst >= 1.0) {
+            return bad("limits.burst", format!("{} must be at least 1", l.burst));
+        }
+        if l.max_payload_bytes == 0 {
+            return bad("limits.max_payload_bytes", "must be at least 1".into());
+        }
+        if self.dedupe.window_secs == 0 {
+            return bad("dedupe.window_secs", "must be at least 1".into());
+        }
+        for (i, f) in self.firmware.iter().enumerate() {
+            if f.fields.is_empty() && f.ignore.is_empty() {
+                return bad(
+                    &format!("firmware[{i}]"),
+                    "maps no fields; add fields = { source = \"metric\" } or remove it".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits `mqtt://host[:port]` into host and port.
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    let rest = match url.split_once("://") {
+        Some(("mqtt" | "tcp", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "{url:?}: scheme {scheme:?} is not supported; use mqtt://host:port"
+            ));
+        }
+        None => return Err(format!("{url:?} has no scheme; write mqtt://host:port")),
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{url:?}: port {p:?} is not a number from 1 to 65535"))?,
+        ),
+        None => (rest, 1883),
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok((host.trim_matches(['[', ']']).to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn example_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/edge-agent.example.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.gateway.id, "gw-plant1-01");
+        assert_eq!(c.store.max_bytes, ByteSize(1 << 30));
+        assert_eq!(c.limits.per_device_per_sec, 100.0);
+        assert!(!c.templates().is_empty());
+        assert!(!c.firmware.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[gateway]\nid = \"g\"\n[store]\nmax_byte = \"1GiB\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("max_byte"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let err = parse("[gateway]\nid = \"g\"\n[limits]\nburst = 0\n").unwrap_err();
+        assert!(err.to_string().contains("limits.burst"), "{err}");
+        let err = parse("[gateway]\nid = \"g\"\n[store]\nmax_bytes = \"1 TB\"\n").unwrap_err();
+        assert!(err.to_string().contains("unknown size unit"), "{err}");
+        let err = parse(
+            "[gateway]\nid = \"g\"\n[mqtt]\nurl = \"mqtts://x\"\nclient_id = \"c\"\nsubscriptions = [\"#\"]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("mqtt.url"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_urls() {
+        assert_eq!("1GiB".parse::<ByteSize>().unwrap().0, 1 << 30);
+        assert_eq!("500 MB".parse::<ByteSize>().unwrap().0, 500_000_000);
+        assert_eq!(parse_mqtt_url("mqtt://127.0.0.1").unwrap().1, 1883);
+        assert_eq!(parse_mqtt_url("mqtt://h:1884").unwrap(), ("h".into(), 1884));
+        assert!(parse_mqtt_url("h:1883").is_err());
+    }
+}

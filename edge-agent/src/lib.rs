@@ -1,0 +1,19 @@
+//! edge-agent: the Plantlink gateway program, as a library so that its parts can be tested.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration and its checks.
+//! - [`topic`]: MQTT topic templates.
+//! - [`payload`]: payload bytes to readings, per firmware shape; rejects with reasons.
+//! - [`ratelimit`]: per-device token buckets (sans-IO).
+//! - [`store`]: the SQLite store-and-forward queue, its dedupe and eviction.
+//! - [`ingest`]: the writer thread: group commit, then device acknowledgements.
+//! - [`mqtt`] and [`coap`]: the sources.
+//! - [`telemetry`]: logging and the Prometheus endpoint.
+//! - [`agent`]: wires it all together for `edge-agent run`.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod payload;
+pub mod ratelimit;
+pub mod store;
+pub mod topic;

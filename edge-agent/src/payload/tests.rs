@@ -1,0 +1,220 @@
+use std::path::Path;
+
+use super::*;
+
+const NOW: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z
+
+fn decoder() -> Decoder {
+    let cfg = Config::parse(
+        r#"
+[gateway]
+id = "gw"
+tenant = "acme"
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+client_id = "c"
+subscriptions = ["plant/#"]
+[[mqtt.topics]]
+template = "plant/{site}/{line}/{device}/{metric}"
+[[mqtt.topics]]
+template = "plant/{site}/{line}/{device}"
+[[mqtt.topics]]
+template = "fw/{device_type}/{firmware}/{device}"
+[limits]
+max_payload_bytes = 1000
+[devices.th7]
+type = "th-100"
+firmware = "2.0.1"
+[[firmware]]
+device_type = "th-100"
+version = "1.x"
+fields = { t = "temperature", h = "humidity" }
+ignore = ["rssi"]
+[[firmware]]
+device_type = "th-100"
+version = "2.*"
+fields = { temp_c = "temperature", rh = "humidity" }
+"#,
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    Decoder::new(&cfg)
+}
+
+fn one(d: &Decoded) -> &Reading {
+    assert!(d.rejects.is_empty(), "{:?}", d.rejects);
+    assert_eq!(d.readings.len(), 1, "{:?}", d.readings);
+    &d.readings[0]
+}
+
+fn cbor(v: &ciborium::Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::ser::into_writer(v, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn bare_number_takes_metric_and_tags_from_topic() {
+    let mut dec = decoder();
+    let d = dec.decode_mqtt("plant/p1/l3/press01/temperature", b"87.3", NOW);
+    let r = one(&d);
+    assert_eq!((r.device.as_str(), r.metric.as_str(), r.value), ("press01", "temperature", 87.3));
+    assert_eq!(r.tenant, "acme");
+    assert_eq!(r.tags.get("site").map(String::as_str), Some("p1"));
+    assert_eq!(r.tags.get("line").map(String::as_str), Some("l3"));
+    assert_eq!(r.ts, Timestamp(NOW));
+}
+
+#[test]
+fn receive_stamps_strictly_increase_per_device() {
+    let mut dec = decoder();
+    let t = "plant/p1/l3/press01/temperature";
+    let a = dec.decode_mqtt(t, b"1", NOW).readings[0].ts;
+    let b = dec.decode_mqtt(t, b"2", NOW).readings[0].ts;
+    let c = dec.decode_mqtt(t, b"3", NOW - 5).readings[0].ts;
+    assert!(a < b && b < c, "{a:?} {b:?} {c:?}");
+    // Another device is stamped independently.
+    let other = dec.decode_mqtt("plant/p1/l3/press02/temperature", b"1", NOW).readings[0].ts;
+    assert_eq!(other, Timestamp(NOW));
+}
+
+#[test]
+fn plant_json_shape() {
+    let mut dec = decoder();
+    let p = br#"{"sensor_id": "press01", "measurement": "temperature", "value": 87.3, "unit": "C", "ts": 1625000000}"#;
+    let d = dec.decode_mqtt("plant/p1/l3/press01", p, NOW);
+    let r = one(&d);
+    assert_eq!((r.metric.as_str(), r.value), ("temperature", 87.3));
+    assert_eq!(r.ts, Timestamp(1_625_000_000_000_000));
+    assert_eq!(r.tags.get("unit").map(String::as_str), Some("C"));
+}
+
+#[test]
+fn multi_metric_object_with_seq() {
+    let mut dec = decoder();
+    let p = br#"{"ts": 1767225600123, "seq": 17, "temperature": 21.5, "humidity": 40.2}"#;
+    let d = dec.decode_mqtt("plant/p1/l3/th1", p, NOW);
+    assert!(d.rejects.is_empty());
+    let mut got: Vec<_> = d.readings.iter().map(|r| (r.metric.as_str(), r.value, r.seq, r.ts)).collect();
+    got.sort_by(|a, b| a.0.cmp(b.0));
+    let ts = Timestamp(1_767_225_600_123_000);
+    assert_eq!(got, vec![("humidity", 40.2, Some(17), ts), ("temperature", 21.5, Some(17), ts)]);
+}
+
+#[test]
+fn cbor_shapes_match_json() {
+    use ciborium::Value as C;
+    let mut dec = decoder();
+    let multi = C::Map(vec![
+        (C::Text("ts".into()), C::Integer(1_767_225_600_000i64.into())),
+        (C::Text("temperature".into()), C::Float(21.5)),
+        (C::Text("humidity".into()), C::Integer(40.into())),
+    ]);
+    let d = dec.decode_mqtt("plant/p1/l3/th1", &cbor(&multi), NOW);
+    assert_eq!(d.readings.len(), 2, "{:?}", d.rejects);
+    let plant = C::Map(vec![
+        (C::Text("sensor_id".into()), C::Text("press01".into())),
+        (C::Text("measurement".into()), C::Text("pressure".into())),
+        (C::Text("value".into()), C::Float(1013.2)),
+    ]);
+    let r = one(&dec.decode_mqtt("plant/p1/l3/press01", &cbor(&plant), NOW)).clone();
+    assert_eq!((r.metric.as_str(), r.value), ("pressure", 1013.2));
+    let bare = cbor(&C::Float(f64::NAN));
+    let r = one(&dec.decode_mqtt("plant/p1/l3/press01/t", &bare, NOW)).clone();
+    assert!(r.value.is_nan());
+}
+
+#[test]
+fn timestamps_in_every_unit_and_rfc3339() {
+    let mut dec = decoder();
+    let want = Timestamp(1_767_225_600_250_000);
+    for ts in [
+        "1767225600.25",
+        "1767225600250",
+        "1767225600250000",
+        "1767225600250000000",
+        "\"2026-01-01T00:00:00.25Z\"",
+        "\"2026-01-01T01:00:00.25+01:00\"",
+    ] {
+        let p = format!(r#"{{"ts": {ts}, "temperature": 1}}"#);
+        let d = dec.decode_mqtt("plant/p1/l3/d", p.as_bytes(), NOW);
+        assert_eq!(one(&d).ts, want, "{ts}");
+    }
+}
+
+#[test]
+fn implausible_timestamps_are_rejected_with_reason() {
+    let mut dec = decoder();
+    for ts in ["0", "\"yesterday\"", "4102444800"] {
+        let p = format!(r#"{{"ts": {ts}, "temperature": 1}}"#);
+        let d = dec.decode_mqtt("plant/p1/l3/d", p.as_bytes(), NOW);
+        assert!(d.readings.is_empty());
+        assert_eq!(d.rejects[0].reason, Reason::BadTimestamp, "{ts}: {:?}", d.rejects);
+    }
+}
+
+#[test]
+fn firmware_mappings_by_topic_payload_and_device_table() {
+    let mut dec = decoder();
+    // 1.x from the topic.
+    let d = dec.decode_mqtt("fw/th-100/1.4/th3", br#"{"t": 21.5, "h": 40, "rssi": -70}"#, NOW);
+    let mut m: Vec<_> = d.readings.iter().map(|r| r.metric.as_str()).collect();
+    m.sort();
+    assert_eq!(m, vec!["humidity", "temperature"]);
+    assert!(d.rejects.is_empty());
+    // 2.x from fields in the payload.
+    let d = dec.decode_mqtt(
+        "plant/p/l/th4",
+        br#"{"type": "th-100", "fw": "2.3", "temp_c": 21.5}"#,
+        NOW,
+    );
+    assert_eq!(one(&d).metric, "temperature");
+    // From [devices.th7] when neither says.
+    let d = dec.decode_mqtt("plant/p/l/th7", br#"{"temp_c": 22}"#, NOW);
+    assert_eq!(one(&d).metric, "temperature");
+    // Unknown firmware: names pass through unchanged.
+    let d = dec.decode_mqtt("fw/th-100/3.0/th5", br#"{"t": 1}"#, NOW);
+    assert_eq!(one(&d).metric, "t");
+}
+
+#[test]
+fn bad_input_is_rejected_and_good_fields_kept() {
+    let mut dec = decoder();
+    let d = dec.decode_mqtt("plant/p/l/d", br#"{"temperature": "hot", "humidity": 40}"#, NOW);
+    assert_eq!(d.readings.len(), 1);
+    assert_eq!(d.rejects[0].reason, Reason::WrongType);
+    assert!(d.rejects[0].detail.contains("temperature"));
+
+    let cases: [(&str, &[u8], Reason); 6] = [
+        ("plant/p/l/d/t", b"{not json", Reason::Malformed),
+        ("plant/p/l/d/t", b"\xff\xfe\xfd", Reason::Malformed),
+        ("elsewhere/d", b"1", Reason::NoTemplate),
+        ("plant/p/l/d", b"21.5", Reason::NoMetric),
+        ("plant/p/l/d/t", b"[[1]]", Reason::WrongType),
+        ("plant/p/l/d/t", &[b'1'; 1001], Reason::Oversize),
+    ];
+    for (topic, payload, reason) in cases {
+        let d = dec.decode_mqtt(topic, payload, NOW);
+        assert!(d.readings.is_empty(), "{topic}");
+        assert_eq!(d.rejects[0].reason, reason, "{topic}: {:?}", d.rejects);
+    }
+}
+
+#[test]
+fn arrays_carry_several_messages() {
+    let mut dec = decoder();
+    let p = br#"[{"ts": 1767225600000, "temperature": 1}, {"ts": 1767225601000, "temperature": 2}]"#;
+    let d = dec.decode_mqtt("plant/p/l/d", p, NOW);
+    assert_eq!(d.readings.len(), 2);
+    assert_ne!(d.readings[0].ts, d.readings[1].ts);
+}
+
+#[test]
+fn arbitrary_bytes_never_panic() {
+    use proptest::prelude::*;
+    proptest!(|(bytes in prop::collection::vec(any::<u8>(), 0..200))| {
+        let mut dec = decoder();
+        let _ = dec.decode_mqtt("plant/p/l/d", &bytes, NOW);
+        let _ = dec.decode_mqtt("plant/p/l/d/t", &bytes, NOW);
+    });
+}

@@ -1,0 +1,807 @@
+//! The store-and-forward queue: readings wait in SQLite until the cloud acknowledges them.
+//!
+//! # On-disk schema (version 1)
+//! ```sql
+//! meta(key TEXT PRIMARY KEY, value)            -- schema_version, seen_current, seen_rotated_us
+//! devices(id INTEGER PRIMARY KEY, name TEXT UNIQUE, evicted, rate_limited)   -- lifetime counters
+//! series(id INTEGER PRIMARY KEY, device, metric, tags)   -- tags as canonical JSON ("" if none)
+//! readings(id INTEGER PRIMARY KEY AUTOINCREMENT, device, series, ts, value, seq)
+//!     -- value holds the f64's bits as an integer: SQLite turns a NaN REAL into NULL
+//! readings_by_device ON readings(device, id)            -- eviction takes a device's oldest
+//! seen0(h INTEGER PRIMARY KEY), seen1(h ...)            -- identity hashes, two generations
+//! mqtt_msgs(pkid INTEGER PRIMARY KEY, hash)              -- last committed message per packet id
+//! dead_letters(id INTEGER PRIMARY KEY AUTOINCREMENT, received_us, source, origin, reason,
+//!              detail, size, payload)                    -- payload capped at 4 KiB
+//! ```
+//!
+//! # Invariants
+//! - A reading is in `readings` from the commit that stored it until the commit that
+//!   deletes it on the cloud's ack, or evicts it (counted in `devices.evicted`). Devices
+//!   are acknowledged only after the storing commit, so nothing acknowledged is lost.
+//! - Ids only grow (`AUTOINCREMENT`), so a batch is an id range: acking it deletes exactly
+//!   the readings it carried, whatever was stored since.
+//! - Batches in flight live in memory only. After a restart every stored reading is unacked
+//!   and will be read again; the cloud's idempotent writes make the replay harmless.
+//! - An identity (device, metric, ts, seq) is remembered by its 64-bit hash in the current
+//!   `seen` generation. Generations rotate every dedupe window, and both are checked, so a
+//!   duplicate is caught for at least one window and at most two, across restarts.
+//! - The queue holds at most `max_bytes / ROW_COST` readings. Past that, the oldest readings
+//!   of the devices holding the most are evicted in the same transaction ([`evict::plan`]).
+
+pub mod evict;
+mod read;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use plantlink_model::{Reading, Tags};
+use plantlink_wire::frame::Lane;
+use rusqlite::{Connection, OptionalExtension, params};
+
+pub use read::{DeadLetter, DeviceStats, QueueStats, dead_letters, open_read_only, stats};
+
+use crate::config::{Config, Synchronous};
+
+/// Bytes of disk one queued reading is accounted at: the row, its index entry and page
+/// slack, measured on the reference dataset (about 50 bytes) with headroom.
+pub const ROW_COST: u64 = 64;
+
+/// Largest dead-letter payload kept, in bytes.
+pub const DEAD_LETTER_PAYLOAD_CAP: usize = 4096;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS devices (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+    evicted INTEGER NOT NULL DEFAULT 0, rate_limited INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY, device INTEGER NOT NULL, metric TEXT NOT NULL,
+    tags TEXT NOT NULL DEFAULT '', UNIQUE (device, metric, tags));
+CREATE TABLE IF NOT EXISTS readings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, device INTEGER NOT NULL, series INTEGER NOT NULL,
+    ts INTEGER NOT NULL, value INTEGER NOT NULL, seq INTEGER);
+CREATE INDEX IF NOT EXISTS readings_by_device ON readings (device, id);
+CREATE TABLE IF NOT EXISTS seen0 (h INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS seen1 (h INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS mqtt_msgs (pkid INTEGER PRIMARY KEY, hash INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, received_us INTEGER NOT NULL, source TEXT NOT NULL,
+    origin TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL,
+    payload BLOB NOT NULL);
+";
+
+/// A queue error, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("queue {path}: {what}: {source}")]
+    Sqlite {
+        /// The queue file.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer agent.
+    #[error(
+        "queue {path} has schema version {found}, newer than this agent's {SCHEMA_VERSION}; \
+         upgrade edge-agent or point store.path at a new file"
+    )]
+    NewerSchema {
+        /// The queue file.
+        path: PathBuf,
+        /// The version found.
+        found: i64,
+    },
+}
+
+/// How the queue is opened.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The SQLite file.
+    pub path: PathBuf,
+    /// The size bound.
+    pub max_bytes: u64,
+    /// SQLite `synchronous`.
+    pub synchronous: Synchronous,
+    /// The dedupe window.
+    pub dedupe_window_us: i64,
+    /// How many dead letters to keep.
+    pub dead_letters_keep: u64,
+    /// The tenant put on readings read back.
+    pub tenant: String,
+}
+
+impl Options {
+    /// The queue options of an agent config.
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            path: c.store.path.clone(),
+            max_bytes: c.store.max_bytes.0,
+            synchronous: c.store.synchronous,
+            dedupe_window_us: (c.dedupe.window_secs as i64).saturating_mul(1_000_000),
+            dead_letters_keep: c.store.dead_letters_keep,
+            tenant: c.gateway.tenant.clone(),
+        }
+    }
+}
+
+/// What became of one reading offered to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    /// Stored.
+    Stored,
+    /// Its identity was stored within the dedupe window; dropped.
+    Duplicate,
+}
+
+/// Readings evicted from one device by a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eviction {
+    /// The device.
+    pub device: String,
+    /// How many of its oldest readings went.
+    pub readings: u64,
+}
+
+/// A batch read from the queue and now in flight.
+#[derive(Debug, Clone)]
+pub struct QueuedBatch {
+    /// The batch's id, for [`Store::ack`].
+    pub id: u64,
+    /// Live or backlog.
+    pub lane: Lane,
+    /// The readings, oldest first.
+    pub readings: Vec<Reading>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    first: i64,
+    last: i64,
+}
+
+#[derive(Debug)]
+struct DeviceState {
+    name: String,
+    readings: u64,
+}
+
+/// The open queue. One owner (the agent's writer thread) does all reads and writes.
+pub struct Store {
+    conn: Connection,
+    opts: Options,
+    max_readings: u64,
+    device_ids: HashMap<String, i64>,
+    devices: HashMap<i64, DeviceState>,
+    series_ids: HashMap<(i64, String, String), i64>,
+    series: HashMap<i64, (i64, String, Tags)>,
+    total: u64,
+    last_id: i64,
+    seen_current: u8,
+    seen_rotated_us: i64,
+    in_txn: bool,
+    rate_limited: HashMap<i64, u64>,
+    dead_letters_last: i64,
+    // Lanes: ids <= boundary are backlog. Each cursor is the last id handed out.
+    boundary: i64,
+    live_cursor: i64,
+    backlog_cursor: i64,
+    in_flight: BTreeMap<u64, InFlight>,
+    next_batch: u64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.opts.path)
+            .field("readings", &self.total)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The 64-bit identity hash used for deduplication.
+pub fn identity_hash(r: &Reading) -> i64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(r.device.as_bytes());
+    h.update(&[0xff]);
+    h.update(r.metric.as_bytes());
+    h.update(&[0xff]);
+    h.update(&r.ts.0.to_le_bytes());
+    match r.seq {
+        Some(s) => {
+            h.update(&[1]);
+            h.update(&s.to_le_bytes());
+        }
+        None => h.update(&[0]),
+    }
+    h.digest() as i64
+}
+
+fn tags_key(tags: &Tags) -> String {
+    if tags.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(tags).unwrap_or_default()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the queue file.
+    pub fn open(opts: Options) -> Result<Self, StoreError> {
+        let path = opts.path.clone();
+        let err = |what| {
+            let path = path.clone();
+            move |source| StoreError::Sqlite { path, what, source }
+        };
+        let conn = Connection::open(&opts.path).map_err(err("opening"))?;
+        let sync = match opts.synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA busy_timeout = 5000;
+             PRAGMA cache_size = -4096; PRAGMA temp_store = MEMORY;"
+        ))
+        .map_err(err("setting pragmas"))?;
+        conn.execute_batch(SCHEMA).map_err(err("creating the schema"))?;
+        let version: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .optional()
+            .map_err(err("reading the schema version"))?;
+        match version {
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(StoreError::NewerSchema { path, found: v });
+            }
+            Some(_) => {}
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+                    [SCHEMA_VERSION],
+                )
+                .map_err(err("writing the schema version"))?;
+            }
+        }
+        let max_readings = (opts.max_bytes / ROW_COST).max(1);
+        let mut store = Self {
+            conn,
+            opts,
+            max_readings,
+            device_ids: HashMap::new(),
+            devices: HashMap::new(),
+            series_ids: HashMap::new(),
+            series: HashMap::new(),
+            total: 0,
+            last_id: 0,
+            seen_current: 0,
+            seen_rotated_us: 0,
+            in_txn: false,
+            rate_limited: HashMap::new(),
+            dead_letters_last: 0,
+            boundary: 0,
+            live_cursor: 0,
+            backlog_cursor: 0,
+            in_flight: BTreeMap::new(),
+            next_batch: 1,
+        };
+        store.load()?;
+        store.restart_lanes();
+        Ok(store)
+    }
+
+    fn sql_err(&self, what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Sqlite {
+            path: self.opts.path.clone(),
+            what,
+            source,
+        }
+    }
+
+    /// Rebuilds the in-memory indexes and counts from the file.
+    fn load(&mut self) -> Result<(), StoreError> {
+        let e = |source| StoreError::Sqlite {
+            path: self.opts.path.clone(),
+            what: "loading the queue",
+            source,
+        };
+        self.device_ids.clear();
+        self.devices.clear();
+        self.series_ids.clear();
+        self.series.clear();
+        let mut stmt = self.conn.prepare("SELECT id, name FROM devices").map_err(e)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .map_err(e)?;
+        for row in rows {
+            let (id, name) = row.map_err(e)?;
+            self.device_ids.insert(name.clone(), id);
+            self.devices.insert(id, DeviceState { name, readings: 0 });
+        }
+        drop(stmt);
+        let mut stmt = self.conn.prepare("SELECT id, device, metric, tags FROM series").map_err(e)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(e)?;
+        for row in rows {
+            let (id, device, metric, tags) = row.map_err(e)?;
+            let parsed: Tags = if tags.is_empty() {
+                Tags::new()
+            } else {
+                serde_json::from_str(&tags).unwrap_or_default()
+            };
+            self.series_ids.insert((device, metric.clone(), tags), id);
+            self.series.insert(id, (device, metric, parsed));
+        }
+        drop(stmt);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device, count(*) FROM readings GROUP BY device")
+            .map_err(e)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(e)?;
+        let mut total = 0;
+        let mut counts = Vec::new();
+        for row in rows {
+            let (device, n) = row.map_err(e)?;
+            counts.push((device, n as u64));
+            total += n as u64;
+        }
+        drop(stmt);
+        for (device, n) in counts {
+            if let Some(d) = self.devices.get_mut(&device) {
+                d.readings = n;
+            }
+        }
+        self.total = total;
+        self.last_id = self
+            .conn
+            .query_row("SELECT coalesce(max(id), 0) FROM readings", [], |r| r.get(0))
+            .map_err(e)?;
+        self.dead_letters_last = self
+            .conn
+            .query_row("SELECT coalesce(max(id), 0) FROM dead_letters", [], |r| r.get(0))
+            .map_err(e)?;
+        let meta = |key: &str| -> Result<Option<i64>, StoreError> {
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+                .map_err(e)
+        };
+        self.seen_current = meta("seen_current")?.unwrap_or(0) as u8 & 1;
+        self.seen_rotated_us = meta("seen_rotated_us")?.unwrap_or(0);
+        self.rate_limited.clear();
+        Ok(())
+    }
+
+    /// Readings in the queue.
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    /// Whether the queue is empty.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Bytes accounted to queued readings ([`ROW_COST`] each).
+    pub fn bytes(&self) -> u64 {
+        self.total * ROW_COST
+    }
+
+    /// The most readings the queue holds before it evicts.
+    pub fn capacity(&self) -> u64 {
+        self.max_readings
+    }
+
+    /// The connection, for read-only queries such as [`stats`].
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Starts a write transaction. `now_us` is wall-clock time, used to rotate the dedupe
+    /// generations.
+    pub fn begin(&mut self, now_us: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(self.sql_err("beginning a transaction"))?;
+        self.in_txn = true;
+        if now_us.saturating_sub(self.seen_rotated_us) >= self.opts.dedupe_window_us {
+            let next = 1 - self.seen_current;
+            let r = self
+                .conn
+                .execute_batch(&format!(
+                    "DELETE FROM seen{next};
+                     INSERT OR REPLACE INTO meta (key, value) VALUES ('seen_current', {next});
+                     INSERT OR REPLACE INTO meta (key, value) VALUES ('seen_rotated_us', {now_us});"
+                ))
+                .map_err(self.sql_err("rotating the dedupe generations"));
+            if let Err(e) = r {
+                self.rollback();
+                return Err(e);
+            }
+            self.seen_current = next;
+            self.seen_rotated_us = now_us;
+        }
+        Ok(())
+    }
+
+    fn device_id(&mut self, name: &str) -> Result<i64, StoreError> {
+        if let Some(&id) = self.device_ids.get(name) {
+            return Ok(id);
+        }
+        self.conn
+            .prepare_cached("INSERT INTO devices (name) VALUES (?1)")
+            .and_then(|mut s| s.execute([name]))
+            .map_err(self.sql_err("adding a device"))?;
+        let id = self.conn.last_insert_rowid();
+        self.device_ids.insert(name.to_owned(), id);
+        self.devices.insert(
+            id,
+            DeviceState {
+                name: name.to_owned(),
+                readings: 0,
+            },
+        );
+        Ok(id)
+    }
+
+    fn series_id(&mut self, device: i64, r: &Reading) -> Result<i64, StoreError> {
+        let tags = tags_key(&r.tags);
+        let key = (device, r.metric.clone(), tags);
+        if let Some(&id) = self.series_ids.get(&key) {
+            return Ok(id);
+        }
+        self.conn
+            .prepare_cached("INSERT INTO series (device, metric, tags) VALUES (?1, ?2, ?3)")
+            .and_then(|mut s| s.execute(params![device, key.1, key.2]))
+            .map_err(self.sql_err("adding a series"))?;
+        let id = self.conn.last_insert_rowid();
+        self.series.insert(id, (device, r.metric.clone(), r.tags.clone()));
+        self.series_ids.insert(key, id);
+        Ok(id)
+    }
+
+    /// Whether the identity was stored within the window; records it if not.
+    fn first_sighting(&mut self, h: i64) -> Result<bool, StoreError> {
+        let (cur, prev) = (self.seen_current, 1 - self.seen_current);
+        let in_prev = self
+            .conn
+            .prepare_cached(&format!("SELECT 1 FROM seen{prev} WHERE h = ?1"))
+            .and_then(|mut s| s.exists([h]))
+            .map_err(self.sql_err("checking for duplicates"))?;
+        if in_prev {
+            return Ok(false);
+        }
+        let added = self
+            .conn
+            .prepare_cached(&format!("INSERT OR IGNORE INTO seen{cur} (h) VALUES (?1)"))
+            .and_then(|mut s| s.execute([h]))
+            .map_err(self.sql_err("recording an identity"))?;
+        Ok(added == 1)
+    }
+
+    /// Offers one reading, inside a transaction.
+    pub fn insert(&mut self, r: &Reading) -> Result<Insert, StoreError> {
+        debug_assert!(self.in_txn, "insert outside a transaction");
+        if !self.first_sighting(identity_hash(r))? {
+            return Ok(Insert::Duplicate);
+        }
+        let device = self.device_id(&r.device)?;
+        let series = self.series_id(device, r)?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO readings (device, series, ts, value, seq) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    device,
+                    series,
+                    r.ts.0,
+                    r.value.to_bits() as i64,
+                    r.seq.map(|s| s as i64)
+                ])
+            })
+            .map_err(self.sql_err("storing a reading"))?;
+        self.last_id = self.conn.last_insert_rowid();
+        self.total += 1;
+        if let Some(d) = self.devices.get_mut(&device) {
+            d.readings += 1;
+        }
+        Ok(Insert::Stored)
+    }
+
+    /// Whether an MQTT redelivery of (packet id, payload hash) was already committed.
+    pub fn mqtt_committed(&mut self, pkid: u16, hash: i64) -> Result<bool, StoreError> {
+        let stored: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT hash FROM mqtt_msgs WHERE pkid = ?1")
+            .and_then(|mut s| s.query_row([pkid], |r| r.get(0)).optional())
+            .map_err(self.sql_err("checking an MQTT redelivery"))?;
+        Ok(stored == Some(hash))
+    }
+
+    /// Records that the message with this packet id and payload hash is being committed.
+    pub fn mqtt_record(&mut self, pkid: u16, hash: i64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO mqtt_msgs (pkid, hash) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute(params![pkid, hash]))
+            .map_err(self.sql_err("recording an MQTT message"))?;
+        Ok(())
+    }
+
+    /// Counts one reading of `device` dropped by the rate limiter.
+    pub fn count_rate_limited(&mut self, device: &str) -> Result<(), StoreError> {
+        let id = self.device_id(device)?;
+        *self.rate_limited.entry(id).or_default() += 1;
+        Ok(())
+    }
+
+    /// Records a dead letter, inside a transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dead_letter(
+        &mut self,
+        received_us: i64,
+        source: &str,
+        origin: &str,
+        reason: &str,
+        detail: &str,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        let kept = &payload[..payload.len().min(DEAD_LETTER_PAYLOAD_CAP)];
+        self.conn
+            .prepare_cached(
+                "INSERT INTO dead_letters (received_us, source, origin, reason, detail, size, payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    received_us,
+                    source,
+                    origin,
+                    reason,
+                    detail,
+                    payload.len() as i64,
+                    kept
+                ])
+            })
+            .map_err(self.sql_err("storing a dead letter"))?;
+        self.dead_letters_last = self.conn.last_insert_rowid();
+        Ok(())
+    }
+
+    /// Evicts if over capacity, then commits. Returns what was evicted.
+    pub fn commit(&mut self) -> Result<Vec<Eviction>, StoreError> {
+        match self.finish() {
+            Ok(ev) => Ok(ev),
+            Err(e) => {
+                self.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<Vec<Eviction>, StoreError> {
+        let evictions = self.evict_over_capacity()?;
+        for (device, n) in std::mem::take(&mut self.rate_limited) {
+            self.conn
+                .prepare_cached("UPDATE devices SET rate_limited = rate_limited + ?1 WHERE id = ?2")
+                .and_then(|mut s| s.execute(params![n as i64, device]))
+                .map_err(self.sql_err("counting rate-limited readings"))?;
+        }
+        let keep = self.opts.dead_letters_keep as i64;
+        if self.dead_letters_last > keep {
+            self.conn
+                .prepare_cached("DELETE FROM dead_letters WHERE id <= ?1")
+                .and_then(|mut s| s.execute([self.dead_letters_last - keep]))
+                .map_err(self.sql_err("trimming dead letters"))?;
+        }
+        self.conn
+            .execute_batch("COMMIT")
+            .map_err(self.sql_err("committing"))?;
+        self.in_txn = false;
+        Ok(evictions)
+    }
+
+    /// Abandons the open transaction and reloads the in-memory state from the file.
+    pub fn rollback(&mut self) {
+        if self.in_txn {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.in_txn = false;
+        }
+        if let Err(e) = self.load() {
+            tracing::error!(error = %e, "reloading the queue after a rollback failed");
+        }
+    }
+
+    fn evict_over_capacity(&mut self) -> Result<Vec<Eviction>, StoreError> {
+        if self.total <= self.max_readings {
+            return Ok(Vec::new());
+        }
+        let need = self.total - self.max_readings;
+        let ids: Vec<i64> = self.devices.keys().copied().collect();
+        let counts: Vec<u64> = ids.iter().map(|id| self.devices[id].readings).collect();
+        let plan = evict::plan(&counts, need);
+        let mut out = Vec::new();
+        for (&device, &n) in ids.iter().zip(&plan) {
+            if n == 0 {
+                continue;
+            }
+            let gone = self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM readings WHERE id IN
+                       (SELECT id FROM readings WHERE device = ?1 ORDER BY id LIMIT ?2)",
+                )
+                .and_then(|mut s| s.execute(params![device, n as i64]))
+                .map_err(self.sql_err("evicting readings"))? as u64;
+            self.conn
+                .prepare_cached("UPDATE devices SET evicted = evicted + ?1 WHERE id = ?2")
+                .and_then(|mut s| s.execute(params![gone as i64, device]))
+                .map_err(self.sql_err("counting evictions"))?;
+            let d = self.devices.get_mut(&device).expect("device of a count");
+            d.readings -= gone;
+            self.total -= gone;
+            out.push(Eviction {
+                device: d.name.clone(),
+                readings: gone,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Forgets batches in flight and makes everything stored so far backlog: called when a
+    /// connection to the cloud (re)starts, after which unacked readings are sent again.
+    pub fn restart_lanes(&mut self) {
+        self.in_flight.clear();
+        self.boundary = self.last_id;
+        self.live_cursor = self.last_id;
+        self.backlog_cursor = 0;
+    }
+
+    /// Whether backlog readings are waiting to be read.
+    pub fn has_backlog(&self) -> bool {
+        self.backlog_cursor < self.boundary && self.total > 0
+    }
+
+    /// Reads up to `max` readings of `lane`, oldest first, and puts them in flight.
+    pub fn read_batch(&mut self, lane: Lane, max: usize) -> Result<Option<QueuedBatch>, StoreError> {
+        let (after, upto) = match lane {
+            Lane::Live => (self.live_cursor, i64::MAX),
+            Lane::Backlog => (self.backlog_cursor, self.boundary),
+        };
+        if after >= upto || max == 0 {
+            return Ok(None);
+        }
+        let rows = self.read_range(after, upto, max)?;
+        let Some(&(last, _)) = rows.last() else {
+            // Nothing left in this lane up to its end: skip the empty stretch.
+            if lane == Lane::Backlog {
+                self.backlog_cursor = self.boundary;
+            }
+            return Ok(None);
+        };
+        match lane {
+            Lane::Live => self.live_cursor = last,
+            Lane::Backlog => self.backlog_cursor = last,
+        }
+        let id = self.next_batch;
+        self.next_batch += 1;
+        self.in_flight.insert(
+            id,
+            InFlight {
+                first: after + 1,
+                last,
+            },
+        );
+        Ok(Some(QueuedBatch {
+            id,
+            lane,
+            readings: rows.into_iter().map(|(_, r)| r).collect(),
+        }))
+    }
+
+    /// Live readings first, then backlog.
+    pub fn read_next(&mut self, max: usize) -> Result<Option<QueuedBatch>, StoreError> {
+        match self.read_batch(Lane::Live, max)? {
+            Some(b) => Ok(Some(b)),
+            None => self.read_batch(Lane::Backlog, max),
+        }
+    }
+
+    fn read_range(&self, after: i64, upto: i64, max: usize) -> Result<Vec<(i64, Reading)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, series, ts, value, seq FROM readings
+                 WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
+            )
+            .map_err(self.sql_err("reading a batch"))?;
+        let rows = stmt
+            .query_map(params![after, upto, max as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                ))
+            })
+            .map_err(self.sql_err("reading a batch"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, series, ts, bits, seq) = row.map_err(self.sql_err("reading a batch"))?;
+            let Some((device, metric, tags)) = self.series.get(&series) else {
+                continue;
+            };
+            let device = self.devices.get(device).map(|d| d.name.clone()).unwrap_or_default();
+            out.push((
+                id,
+                Reading {
+                    tenant: self.opts.tenant.clone(),
+                    device,
+                    metric: metric.clone(),
+                    ts: plantlink_model::Timestamp(ts),
+                    value: f64::from_bits(bits as u64),
+                    tags: tags.clone(),
+                    seq: seq.map(|s| s as u64),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Deletes the readings of an acknowledged batch; returns how many were deleted
+    /// (fewer than sent if some were evicted meanwhile). Unknown ids delete nothing.
+    pub fn ack(&mut self, batch: u64) -> Result<u64, StoreError> {
+        let Some(f) = self.in_flight.remove(&batch) else {
+            return Ok(0);
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM readings WHERE id >= ?1 AND id <= ?2 RETURNING device")
+            .map_err(self.sql_err("deleting an acked batch"))?;
+        let devices: Vec<i64> = stmt
+            .query_map(params![f.first, f.last], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(self.sql_err("deleting an acked batch"))?;
+        drop(stmt);
+        for d in &devices {
+            if let Some(dev) = self.devices.get_mut(d) {
+                dev.readings = dev.readings.saturating_sub(1);
+            }
+        }
+        self.total -= devices.len() as u64;
+        Ok(devices.len() as u64)
+    }
+
+    /// Batches in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// The timestamp of the oldest queued reading, if any.
+    pub fn oldest_ts(&self) -> Result<Option<i64>, StoreError> {
+        self.conn
+            .query_row("SELECT ts FROM readings ORDER BY id LIMIT 1", [], |r| r.get(0))
+            .optional()
+            .map_err(self.sql_err("finding the oldest reading"))
+    }
+
+    /// The queue file's path.
+    pub fn path(&self) -> &Path {
+        &self.opts.path
+    }
+}

@@ -1,0 +1,132 @@
+//! Read-only views of a queue file, for `edge-agent queue ...` while the agent runs (WAL
+//! lets readers work beside the writer).
+
+use rusqlite::{Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::ROW_COST;
+
+/// What `edge-agent queue stats` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueStats {
+    /// Readings waiting for the cloud.
+    pub readings: u64,
+    /// Bytes accounted to them (`readings` x the per-reading cost).
+    pub bytes: u64,
+    /// The file's size on disk, WAL excluded.
+    pub file_bytes: u64,
+    /// Devices with readings waiting.
+    pub devices: u64,
+    /// Dead letters kept.
+    pub dead_letters: u64,
+    /// Timestamp (µs since the epoch) of the oldest waiting reading.
+    pub oldest_ts: Option<i64>,
+    /// Readings evicted over the queue's life.
+    pub evicted: u64,
+    /// Per-device figures, most readings first.
+    pub per_device: Vec<DeviceStats>,
+}
+
+/// One device's line in [`QueueStats`].
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceStats {
+    /// The device id.
+    pub device: String,
+    /// Readings waiting.
+    pub readings: u64,
+    /// Readings evicted over the queue's life.
+    pub evicted: u64,
+    /// Readings dropped by the rate limiter over the queue's life.
+    pub rate_limited: u64,
+}
+
+/// One dead letter.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// Its id.
+    pub id: i64,
+    /// When it arrived, µs since the epoch.
+    pub received_us: i64,
+    /// `mqtt` or `coap`.
+    pub source: String,
+    /// The topic, or the CoAP peer and path.
+    pub origin: String,
+    /// The reason label.
+    pub reason: String,
+    /// What exactly was wrong.
+    pub detail: String,
+    /// The payload's full size.
+    pub size: u64,
+    /// The payload's first bytes.
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+}
+
+/// Opens a queue file for reading only.
+pub fn open_read_only(path: &std::path::Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// Figures of the queue behind `conn`.
+pub fn stats(conn: &Connection) -> rusqlite::Result<QueueStats> {
+    let tx = conn.unchecked_transaction()?; // one consistent snapshot
+    let mut stmt = tx.prepare(
+        "SELECT d.name, coalesce(r.n, 0), d.evicted, d.rate_limited FROM devices d
+         LEFT JOIN (SELECT device, count(*) AS n FROM readings GROUP BY device) r ON r.device = d.id
+         ORDER BY 2 DESC, 1",
+    )?;
+    let per_device: Vec<DeviceStats> = stmt
+        .query_map([], |r| {
+            Ok(DeviceStats {
+                device: r.get(0)?,
+                readings: r.get::<_, i64>(1)? as u64,
+                evicted: r.get::<_, i64>(2)? as u64,
+                rate_limited: r.get::<_, i64>(3)? as u64,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    drop(stmt);
+    let readings: u64 = per_device.iter().map(|d| d.readings).sum();
+    let dead_letters: i64 = tx.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
+    let oldest_ts: Option<i64> = tx
+        .query_row("SELECT ts FROM readings ORDER BY id LIMIT 1", [], |r| r.get(0))
+        .optional()?;
+    let pages: i64 = tx.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let page_size: i64 = tx.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok(QueueStats {
+        readings,
+        bytes: readings * ROW_COST,
+        file_bytes: (pages * page_size) as u64,
+        devices: per_device.iter().filter(|d| d.readings > 0).count() as u64,
+        dead_letters: dead_letters as u64,
+        oldest_ts,
+        evicted: per_device.iter().map(|d| d.evicted).sum(),
+        per_device,
+    })
+}
+
+/// The newest `limit` dead letters, newest first.
+pub fn dead_letters(conn: &Connection, limit: u64) -> rusqlite::Result<Vec<DeadLetter>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, received_us, source, origin, reason, detail, size, payload
+         FROM dead_letters ORDER BY id DESC LIMIT ?1",
+    )?;
+    stmt.query_map([limit as i64], |r| {
+        Ok(DeadLetter {
+            id: r.get(0)?,
+            received_us: r.get(1)?,
+            source: r.get(2)?,
+            origin: r.get(3)?,
+            reason: r.get(4)?,
+            detail: r.get(5)?,
+            size: r.get::<_, i64>(6)? as u64,
+            payload: r.get(7)?,
+        })
+    })?
+    .collect()
+}

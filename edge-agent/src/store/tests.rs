@@ -1,0 +1,210 @@
+use plantlink_model::Timestamp;
+
+use super::*;
+
+pub(crate) fn temp_store(max_bytes: u64) -> (tempdir::Dir, Store) {
+    let dir = tempdir::Dir::new();
+    let store = Store::open(options(&dir, max_bytes)).unwrap();
+    (dir, store)
+}
+
+pub(crate) fn options(dir: &tempdir::Dir, max_bytes: u64) -> Options {
+    Options {
+        path: dir.path().join("queue.db"),
+        max_bytes,
+        synchronous: Synchronous::Normal,
+        dedupe_window_us: 600_000_000,
+        dead_letters_keep: 3,
+        tenant: "acme".into(),
+    }
+}
+
+/// A private temporary folder, removed on drop.
+pub(crate) mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    pub(crate) struct Dir(PathBuf);
+
+    impl Dir {
+        pub(crate) fn new() -> Self {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "plantlink-store-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+
+        pub(crate) fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn r(device: &str, ts: i64, value: f64) -> Reading {
+    Reading::new("acme", device, "temperature", Timestamp(ts), value)
+}
+
+fn put(s: &mut Store, readings: &[Reading]) -> Vec<Insert> {
+    s.begin(1).unwrap();
+    let out = readings.iter().map(|x| s.insert(x).unwrap()).collect();
+    s.commit().unwrap();
+    out
+}
+
+#[test]
+fn readings_round_trip_bit_exactly_with_tags_and_seq() {
+    let (_d, mut s) = temp_store(1 << 20);
+    let mut a = r("d1", 10, f64::NAN);
+    a.tags.insert("site".into(), "p1".into());
+    a.seq = Some(u64::MAX);
+    let b = r("d1", 11, -0.0);
+    put(&mut s, &[a.clone(), b.clone()]);
+    let batch = s.read_next(10).unwrap().unwrap();
+    assert_eq!(batch.readings.len(), 2);
+    assert_eq!(batch.readings[0].value.to_bits(), a.value.to_bits());
+    assert_eq!(batch.readings[0].tags, a.tags);
+    assert_eq!(batch.readings[0].seq, a.seq);
+    assert_eq!(batch.readings[1].value.to_bits(), b.value.to_bits());
+}
+
+#[test]
+fn duplicates_are_dropped_across_reopen() {
+    let dir = tempdir::Dir::new();
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    assert_eq!(put(&mut s, &[r("d", 1, 1.0), r("d", 1, 1.0)]), vec![Insert::Stored, Insert::Duplicate]);
+    drop(s);
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    assert_eq!(put(&mut s, &[r("d", 1, 9.0), r("d", 2, 1.0)]), vec![Insert::Duplicate, Insert::Stored]);
+    // The same (device, metric, ts) with a different seq is a different reading.
+    let mut x = r("d", 1, 1.0);
+    x.seq = Some(5);
+    assert_eq!(put(&mut s, &[x]), vec![Insert::Stored]);
+    assert_eq!(s.len(), 3);
+}
+
+#[test]
+fn dedupe_generations_forget_after_two_windows() {
+    let (_d, mut s) = temp_store(1 << 20);
+    let w = 600_000_000;
+    s.begin(w).unwrap();
+    assert_eq!(s.insert(&r("d", 1, 1.0)).unwrap(), Insert::Stored);
+    s.commit().unwrap();
+    s.begin(2 * w - 1).unwrap(); // within one window: caught
+    assert_eq!(s.insert(&r("d", 1, 1.0)).unwrap(), Insert::Duplicate);
+    s.commit().unwrap();
+    s.begin(2 * w + 1).unwrap(); // rotated once: still in the previous generation
+    assert_eq!(s.insert(&r("d", 1, 1.0)).unwrap(), Insert::Duplicate);
+    s.commit().unwrap();
+    s.begin(4 * w).unwrap(); // rotated twice: forgotten
+    assert_eq!(s.insert(&r("d", 1, 1.0)).unwrap(), Insert::Stored);
+    s.commit().unwrap();
+}
+
+#[test]
+fn an_uncommitted_transaction_leaves_nothing_behind() {
+    let dir = tempdir::Dir::new();
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    s.begin(1).unwrap();
+    s.insert(&r("d", 1, 1.0)).unwrap();
+    drop(s); // crash before commit
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    assert!(s.is_empty());
+    // Neither the reading nor its identity survived, so it can be stored now.
+    assert_eq!(put(&mut s, &[r("d", 1, 1.0)]), vec![Insert::Stored]);
+}
+
+#[test]
+fn live_goes_first_and_backlog_follows_oldest_first() {
+    let (_d, mut s) = temp_store(1 << 20);
+    put(&mut s, &(0..5).map(|i| r("old", i, 0.0)).collect::<Vec<_>>());
+    s.restart_lanes(); // a connection starts: the five are backlog
+    put(&mut s, &[r("new", 100, 0.0), r("new", 101, 0.0)]);
+    let live = s.read_next(10).unwrap().unwrap();
+    assert_eq!(live.lane, Lane::Live);
+    assert_eq!(live.readings.iter().map(|x| x.ts.0).collect::<Vec<_>>(), vec![100, 101]);
+    let back = s.read_next(3).unwrap().unwrap();
+    assert_eq!(back.lane, Lane::Backlog);
+    assert_eq!(back.readings.iter().map(|x| x.ts.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert!(s.has_backlog());
+    assert_eq!(s.ack(back.id).unwrap(), 3);
+    assert_eq!(s.ack(live.id).unwrap(), 2);
+    assert_eq!(s.ack(live.id).unwrap(), 0, "a second ack deletes nothing");
+    let rest = s.read_next(10).unwrap().unwrap();
+    assert_eq!(rest.readings.iter().map(|x| x.ts.0).collect::<Vec<_>>(), vec![3, 4]);
+    assert!(s.read_next(10).unwrap().is_none());
+    // Unacked readings come back after the lanes restart.
+    s.restart_lanes();
+    assert_eq!(s.read_next(10).unwrap().unwrap().readings.len(), 2);
+}
+
+#[test]
+fn eviction_takes_the_oldest_of_the_biggest_device_and_counts_it() {
+    // Room for 100 readings.
+    let (_d, mut s) = temp_store(100 * ROW_COST);
+    put(&mut s, &(0..20).map(|i| r("quiet", i, 0.0)).collect::<Vec<_>>());
+    s.begin(1).unwrap();
+    for i in 0..100 {
+        s.insert(&r("flood", i, 0.0)).unwrap();
+    }
+    let ev = s.commit().unwrap();
+    assert_eq!(ev, vec![Eviction { device: "flood".into(), readings: 20 }]);
+    assert_eq!(s.len(), 100);
+    let st = stats(s.connection()).unwrap();
+    let flood = st.per_device.iter().find(|d| d.device == "flood").unwrap();
+    assert_eq!((flood.readings, flood.evicted), (80, 20));
+    let quiet = st.per_device.iter().find(|d| d.device == "quiet").unwrap();
+    assert_eq!((quiet.readings, quiet.evicted), (20, 0));
+    // The flood's oldest went: its first remaining reading is ts 20.
+    let b = s.read_next(1000).unwrap().unwrap();
+    let first_flood = b.readings.iter().find(|x| x.device == "flood").unwrap();
+    assert_eq!(first_flood.ts.0, 20);
+}
+
+#[test]
+fn dead_letters_are_kept_capped_and_listed() {
+    let (_d, mut s) = temp_store(1 << 20);
+    s.begin(1).unwrap();
+    for i in 0..5 {
+        s.dead_letter(i, "mqtt", "plant/x", "malformed", "not JSON", &vec![b'x'; 10_000])
+            .unwrap();
+    }
+    s.commit().unwrap();
+    let dl = dead_letters(s.connection(), 10).unwrap();
+    assert_eq!(dl.len(), 3, "dead_letters_keep = 3");
+    assert_eq!(dl[0].received_us, 4);
+    assert_eq!(dl[0].size, 10_000);
+    assert_eq!(dl[0].payload.len(), DEAD_LETTER_PAYLOAD_CAP);
+}
+
+#[test]
+fn mqtt_redeliveries_are_recognised() {
+    let (_d, mut s) = temp_store(1 << 20);
+    s.begin(1).unwrap();
+    s.mqtt_record(7, 42).unwrap();
+    s.commit().unwrap();
+    assert!(s.mqtt_committed(7, 42).unwrap());
+    assert!(!s.mqtt_committed(7, 43).unwrap());
+    assert!(!s.mqtt_committed(8, 42).unwrap());
+}
+
+#[test]
+fn a_newer_schema_is_refused_clearly() {
+    let dir = tempdir::Dir::new();
+    let s = Store::open(options(&dir, 1 << 20)).unwrap();
+    s.connection()
+        .execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", [])
+        .unwrap();
+    drop(s);
+    let err = Store::open(options(&dir, 1 << 20)).unwrap_err().to_string();
+    assert!(err.contains("schema version 99") && err.contains("upgrade"), "{err}");
+}
