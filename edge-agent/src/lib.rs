@@ -17,3 +17,8 @@ pub mod payload;
 pub mod ratelimit;
 pub mod store;
 pub mod topic;
+pub mod agent;
+pub mod coap;
+pub mod ingest;
+pub mod mqtt;
+pub mod telemetry;

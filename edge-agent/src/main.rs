@@ -1,20 +1,192 @@
 //! The `edge-agent` command line.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edge_agent::config::Config;
+use edge_agent::{agent, payload, store, telemetry};
 
 /// Plantlink edge agent: runs on a plant gateway.
 ///
 /// It collects readings from the plant's MQTT broker and from CoAP devices, decodes the
-/// payloads of each firmware version, drops duplicates and floods, keeps every reading
-/// durably in a SQLite queue, and ships compressed batches to cloud-ingest over QUIC with
-/// mutual TLS. A reading is acknowledged to its device only after it is on disk, and is
-/// deleted from disk only after the cloud has acknowledged it.
+/// payloads of each firmware version, drops duplicates and floods, and keeps every reading
+/// durably in a SQLite queue until the cloud has it. A device is acknowledged only after
+/// its reading is on disk.
+///
+/// Start with `edge-agent check-config --config FILE`; deploy/edge-agent.example.toml
+/// documents every key.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// The agent's TOML configuration.
+    #[arg(long, short, env = "PLANTLINK_EDGE_CONFIG", default_value = "/etc/plantlink/edge-agent.toml")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the agent until SIGTERM or Ctrl-C, then commits and acknowledges what it received.
+    Run(ConfigArg),
+    /// Checks a configuration file and prints what it sets up; exits non-zero on any error.
+    CheckConfig(ConfigArg),
+    /// Inspects the queue file (safe while the agent runs).
+    #[command(subcommand)]
+    Queue(QueueCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// Readings, bytes, devices, dead letters and the oldest reading, with per-device counts.
+    Stats {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The newest dead letters: what was refused, from where, and why.
+    DeadLetters {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How many to show.
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(c) => {
+            telemetry::init_logging();
+            let config = Config::load(&c.config)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(agent::run(config))
+        }
+        Command::CheckConfig(c) => {
+            let config = Config::load(&c.config)?;
+            print_summary(&c.config, &config);
+            Ok(())
+        }
+        Command::Queue(QueueCommand::Stats { config, json }) => {
+            let cfg = Config::load(&config.config)?;
+            let conn = open_queue(&cfg)?;
+            let s = store::stats(&conn).context("reading queue statistics")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("queue       {}", cfg.store.path.display());
+                println!("readings    {}", s.readings);
+                println!("bytes       {} (file {})", s.bytes, s.file_bytes);
+                println!("devices     {}", s.devices);
+                println!("dead letters {}", s.dead_letters);
+                println!("evicted     {}", s.evicted);
+                match s.oldest_ts {
+                    Some(ts) => println!("oldest      {}", rfc3339(ts)),
+                    None => println!("oldest      -"),
+                }
+                if !s.per_device.is_empty() {
+                    println!("\n{:<32} {:>10} {:>10} {:>12}", "device", "readings", "evicted", "rate_limited");
+                    for d in s.per_device.iter().take(50) {
+                        println!("{:<32} {:>10} {:>10} {:>12}", d.device, d.readings, d.evicted, d.rate_limited);
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Queue(QueueCommand::DeadLetters { config, limit, json }) => {
+            let cfg = Config::load(&config.config)?;
+            let conn = open_queue(&cfg)?;
+            let list = store::dead_letters(&conn, limit).context("reading dead letters")?;
+            for d in list {
+                if json {
+                    let mut v = serde_json::to_value(&d)?;
+                    v["payload_preview"] = payload::preview(&d.payload).into();
+                    println!("{v}");
+                } else {
+                    println!(
+                        "{}  {:<5} {:<14} {}  {}  [{} bytes] {:?}",
+                        rfc3339(d.received_us),
+                        d.source,
+                        d.reason,
+                        d.origin,
+                        d.detail,
+                        d.size,
+                        payload::preview(&d.payload)
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn open_queue(cfg: &Config) -> anyhow::Result<rusqlite::Connection> {
+    let path = &cfg.store.path;
+    anyhow::ensure!(
+        path.exists(),
+        "queue {} does not exist yet; it is created when `edge-agent run` first starts",
+        path.display()
+    );
+    store::open_read_only(path).with_context(|| format!("opening queue {}", path.display()))
+}
+
+fn rfc3339(us: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(us as i128 * 1000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| format!("{us} µs"))
+}
+
+fn print_summary(path: &std::path::Path, c: &Config) {
+    println!("config {} is valid", path.display());
+    println!("  gateway    {} (tenant {})", c.gateway.id, c.gateway.tenant);
+    println!(
+        "  queue      {} (max {} bytes, synchronous {:?})",
+        c.store.path.display(),
+        c.store.max_bytes.0,
+        c.store.synchronous
+    );
+    match &c.mqtt {
+        Some(m) => println!(
+            "  mqtt       {} as {}, {} subscription(s), {} template(s)",
+            m.url,
+            m.client_id,
+            m.subscriptions.len(),
+            m.topics.len()
+        ),
+        None => println!("  mqtt       off"),
+    }
+    match &c.coap {
+        Some(co) => println!("  coap       {}", co.bind),
+        None => println!("  coap       off"),
+    }
+    println!(
+        "  limits     {}/s per device, burst {}, payloads up to {} bytes",
+        c.limits.per_device_per_sec, c.limits.burst, c.limits.max_payload_bytes
+    );
+    println!("  dedupe     {} s window", c.dedupe.window_secs);
+    match &c.metrics {
+        Some(m) => println!("  metrics    http://{}/metrics", m.bind),
+        None => println!("  metrics    off"),
+    }
+    println!(
+        "  firmware   {} mapping(s), {} known device(s)",
+        c.firmware.len(),
+        c.devices.len()
+    );
 }

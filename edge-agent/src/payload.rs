@@ -101,6 +101,8 @@ pub enum Format {
     Cbor,
     /// A text number (CoAP Content-Format 0).
     Text,
+    /// A CoAP Content-Format this agent does not read; refused with its number.
+    Unsupported(u32),
 }
 
 /// Earliest plausible timestamp: 2000-01-01T00:00:00Z.
@@ -303,6 +305,13 @@ impl Decoder {
                     payload.len(),
                     self.max_payload
                 ),
+            );
+            return out;
+        }
+        if let Format::Unsupported(cf) = format {
+            out.reject(
+                Reason::UnsupportedFormat,
+                format!("Content-Format {cf} is not supported; send 50 (JSON), 60 (CBOR) or 0 (text)"),
             );
             return out;
         }
@@ -573,6 +582,7 @@ fn parse(format: Format, payload: &[u8]) -> Result<V, String> {
         Format::Json => json(payload),
         Format::Cbor => cbor(payload),
         Format::Text => text(payload),
+        Format::Unsupported(cf) => Err(format!("Content-Format {cf} is not supported")),
         Format::Auto => {
             if payload.is_empty() {
                 return Err("payload is empty".into());

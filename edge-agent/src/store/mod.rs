@@ -9,7 +9,8 @@
 //!     -- value holds the f64's bits as an integer: SQLite turns a NaN REAL into NULL
 //! readings_by_device ON readings(device, id)            -- eviction takes a device's oldest
 //! seen0(h INTEGER PRIMARY KEY), seen1(h ...)            -- identity hashes, two generations
-//! mqtt_msgs(pkid INTEGER PRIMARY KEY, hash)              -- last committed message per packet id
+//! mqtt_msgs(id INTEGER PRIMARY KEY AUTOINCREMENT, pkid, hash, UNIQUE (pkid, hash))
+//!     -- committed MQTT messages, newest MQTT_MSGS_KEEP kept
 //! dead_letters(id INTEGER PRIMARY KEY AUTOINCREMENT, received_us, source, origin, reason,
 //!              detail, size, payload)                    -- payload capped at 4 KiB
 //! ```
@@ -22,6 +23,11 @@
 //!   the readings it carried, whatever was stored since.
 //! - Batches in flight live in memory only. After a restart every stored reading is unacked
 //!   and will be read again; the cloud's idempotent writes make the replay harmless.
+//! - Every committed MQTT message is remembered by (packet id, content hash) until
+//!   [`MQTT_MSGS_KEEP`] newer ones were. A redelivery (DUP set) that matches is acknowledged
+//!   without being stored again. Packet id alone is not enough: Mosquitto numbers messages
+//!   when it queues them, so behind a long queue two unacknowledged messages of one session
+//!   can share a packet id.
 //! - An identity (device, metric, ts, seq) is remembered by its 64-bit hash in the current
 //!   `seen` generation. Generations rotate every dedupe window, and both are checked, so a
 //!   duplicate is caught for at least one window and at most two, across restarts.
@@ -48,6 +54,10 @@ use crate::config::{Config, Synchronous};
 /// slack, measured on the reference dataset (about 50 bytes) with headroom.
 pub const ROW_COST: u64 = 64;
 
+/// Committed MQTT messages remembered for recognising redeliveries: four times the packet
+/// id space, so a message is forgotten only after its id has been reused four times.
+pub const MQTT_MSGS_KEEP: i64 = 4 * 65_536;
+
 /// Largest dead-letter payload kept, in bytes.
 pub const DEAD_LETTER_PAYLOAD_CAP: usize = 4096;
 
@@ -67,7 +77,9 @@ CREATE TABLE IF NOT EXISTS readings (
 CREATE INDEX IF NOT EXISTS readings_by_device ON readings (device, id);
 CREATE TABLE IF NOT EXISTS seen0 (h INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS seen1 (h INTEGER PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS mqtt_msgs (pkid INTEGER PRIMARY KEY, hash INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS mqtt_msgs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, pkid INTEGER NOT NULL, hash INTEGER NOT NULL,
+    UNIQUE (pkid, hash));
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, received_us INTEGER NOT NULL, source TEXT NOT NULL,
     origin TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL,
@@ -188,6 +200,7 @@ pub struct Store {
     in_txn: bool,
     rate_limited: HashMap<i64, u64>,
     dead_letters_last: i64,
+    mqtt_msgs_last: i64,
     // Lanes: ids <= boundary are backlog. Each cursor is the last id handed out.
     boundary: i64,
     live_cursor: i64,
@@ -283,6 +296,7 @@ impl Store {
             in_txn: false,
             rate_limited: HashMap::new(),
             dead_letters_last: 0,
+            mqtt_msgs_last: 0,
             boundary: 0,
             live_cursor: 0,
             backlog_cursor: 0,
@@ -373,6 +387,10 @@ impl Store {
         self.dead_letters_last = self
             .conn
             .query_row("SELECT coalesce(max(id), 0) FROM dead_letters", [], |r| r.get(0))
+            .map_err(e)?;
+        self.mqtt_msgs_last = self
+            .conn
+            .query_row("SELECT coalesce(max(id), 0) FROM mqtt_msgs", [], |r| r.get(0))
             .map_err(e)?;
         let meta = |key: &str| -> Result<Option<i64>, StoreError> {
             self.conn
@@ -525,20 +543,20 @@ impl Store {
 
     /// Whether an MQTT redelivery of (packet id, payload hash) was already committed.
     pub fn mqtt_committed(&mut self, pkid: u16, hash: i64) -> Result<bool, StoreError> {
-        let stored: Option<i64> = self
-            .conn
-            .prepare_cached("SELECT hash FROM mqtt_msgs WHERE pkid = ?1")
-            .and_then(|mut s| s.query_row([pkid], |r| r.get(0)).optional())
-            .map_err(self.sql_err("checking an MQTT redelivery"))?;
-        Ok(stored == Some(hash))
+        self.conn
+            .prepare_cached("SELECT 1 FROM mqtt_msgs WHERE pkid = ?1 AND hash = ?2")
+            .and_then(|mut s| s.exists(params![pkid, hash]))
+            .map_err(self.sql_err("checking an MQTT redelivery"))
     }
 
-    /// Records that the message with this packet id and payload hash is being committed.
+    /// Records that the message with this packet id and payload hash is being committed
+    /// (again as the newest, if it was known).
     pub fn mqtt_record(&mut self, pkid: u16, hash: i64) -> Result<(), StoreError> {
         self.conn
             .prepare_cached("INSERT OR REPLACE INTO mqtt_msgs (pkid, hash) VALUES (?1, ?2)")
             .and_then(|mut s| s.execute(params![pkid, hash]))
             .map_err(self.sql_err("recording an MQTT message"))?;
+        self.mqtt_msgs_last = self.conn.last_insert_rowid();
         Ok(())
     }
 
@@ -607,6 +625,12 @@ impl Store {
                 .prepare_cached("DELETE FROM dead_letters WHERE id <= ?1")
                 .and_then(|mut s| s.execute([self.dead_letters_last - keep]))
                 .map_err(self.sql_err("trimming dead letters"))?;
+        }
+        if self.mqtt_msgs_last > MQTT_MSGS_KEEP {
+            self.conn
+                .prepare_cached("DELETE FROM mqtt_msgs WHERE id <= ?1")
+                .and_then(|mut s| s.execute([self.mqtt_msgs_last - MQTT_MSGS_KEEP]))
+                .map_err(self.sql_err("trimming MQTT message records"))?;
         }
         self.conn
             .execute_batch("COMMIT")

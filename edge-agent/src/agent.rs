@@ -1,0 +1,118 @@
+//! `edge-agent run`: wires the queue, the writer, the sources and the metrics endpoint, and
+//! stops cleanly on SIGTERM or Ctrl-C.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::ingest::{WriterOptions, spawn_writer};
+use crate::payload::Decoder;
+use crate::ratelimit::RateLimiter;
+use crate::store::{Options, Store};
+use crate::{coap, mqtt, telemetry};
+
+/// Messages waiting for the writer; beyond this, sources wait (backpressure).
+const INTAKE_CAPACITY: usize = 8192;
+
+/// Runs the agent until a shutdown signal, then drains and returns.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    run_until(config, shutdown_signal()).await
+}
+
+/// Runs the agent until `stop` completes.
+pub async fn run_until(config: Config, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    if let Some(m) = &config.metrics {
+        telemetry::install_metrics(m.bind)?;
+    }
+    let opts = Options::from_config(&config);
+    if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "store.path = {}: folder {} does not exist; create it (the systemd unit's StateDirectory does)",
+            opts.path.display(),
+            dir.display()
+        );
+    }
+    let store = tokio::task::spawn_blocking(move || Store::open(opts))
+        .await?
+        .context("opening the queue")?;
+    tracing::info!(path = %store.path().display(), readings = store.len(),
+        capacity = store.capacity(), "queue open");
+
+    let (tx, rx) = mpsc::channel(INTAKE_CAPACITY);
+    let writer = spawn_writer(
+        store,
+        Decoder::new(&config),
+        RateLimiter::new(config.limits.per_device_per_sec, config.limits.burst),
+        rx,
+        WriterOptions {
+            commit_interval: Duration::from_millis(config.store.commit_interval_ms),
+        },
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(c) = &config.coap {
+        let socket = tokio::net::UdpSocket::bind(c.bind)
+            .await
+            .with_context(|| format!("coap.bind = {}: cannot listen", c.bind))?;
+        tracing::info!(bind = %c.bind, "CoAP listening");
+        tasks.spawn(coap::serve(socket, tx.clone(), stop_rx.clone()));
+    }
+    if let Some(m) = config.mqtt.clone() {
+        tasks.spawn(mqtt::run(m, config.limits.max_payload_bytes, tx.clone(), stop_rx.clone()));
+    }
+    drop(tx);
+    if config.mqtt.is_none() && config.coap.is_none() {
+        tracing::warn!("neither [mqtt] nor [coap] is configured: nothing will be collected");
+    }
+
+    let mut failure = None;
+    tokio::select! {
+        _ = stop => tracing::info!("shutting down: committing and acknowledging what was received"),
+        Some(done) = tasks.join_next() => {
+            failure = match done {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(e) => Some(e.into()),
+            };
+        }
+    }
+    let _ = stop_tx.send(true);
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Err(e)) = done {
+            failure.get_or_insert(e);
+        }
+    }
+    let store = tokio::task::spawn_blocking(move || writer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the queue writer panicked"))?;
+    tracing::info!(readings = store.len(), "stopped; queue closed");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,347 @@
+//! The writer: one thread that owns the queue, decodes what the sources received, and
+//! group-commits it, acknowledging devices only after the commit.
+//!
+//! Sources send [`Message`]s over a bounded channel, so a slow disk pushes back on them
+//! (MQTT stops reading, and the broker holds the rest). The writer takes everything waiting,
+//! up to [`MAX_GROUP`] messages or the commit interval, and in one transaction: recognises
+//! MQTT redeliveries, decodes, drops duplicates and rate-limited readings, stores readings
+//! and dead letters, evicts if full, and commits. Then it completes every message: an MQTT
+//! PUBACK or a CoAP response. A failed commit acknowledges nothing and is retried.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use metrics::{counter, gauge};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::payload::{Context, Decoder, Format, Reject};
+use crate::ratelimit::RateLimiter;
+use crate::store::{Insert, Store, StoreError};
+
+/// Most messages in one commit.
+pub const MAX_GROUP: usize = 4096;
+
+/// Where a message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The plant's MQTT broker.
+    Mqtt,
+    /// A CoAP request.
+    Coap,
+}
+
+impl Source {
+    /// The `source` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Mqtt => "mqtt",
+            Source::Coap => "coap",
+        }
+    }
+}
+
+/// What happened to one message, for its sender.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Readings stored.
+    pub stored: usize,
+    /// Readings dropped as duplicates or by the rate limiter.
+    pub dropped: usize,
+    /// What was refused, with reasons.
+    pub rejects: Vec<Reject>,
+    /// The message was a redelivery of one already committed.
+    pub redelivery: bool,
+}
+
+/// How to acknowledge a message once its commit is durable.
+pub enum Completion {
+    /// Send this MQTT PUBACK.
+    Mqtt(Box<rumqttc::Publish>, mpsc::UnboundedSender<rumqttc::Publish>),
+    /// Answer this CoAP request.
+    Coap(oneshot::Sender<Outcome>),
+    /// Nothing to acknowledge (tests, QoS 0).
+    None,
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Completion::Mqtt(..) => "Completion::Mqtt",
+            Completion::Coap(_) => "Completion::Coap",
+            Completion::None => "Completion::None",
+        })
+    }
+}
+
+/// One received message.
+#[derive(Debug)]
+pub struct Message {
+    /// MQTT or CoAP.
+    pub source: Source,
+    /// The topic, or the CoAP peer and path; used for templates and dead letters.
+    pub origin: String,
+    /// Device and metric named by a CoAP path; `None` means: match `origin` as a topic.
+    pub context: Option<Context>,
+    /// How to parse the payload.
+    pub format: Format,
+    /// The payload.
+    pub payload: bytes_like::Payload,
+    /// Wall-clock receive time, µs since the epoch.
+    pub received_us: i64,
+    /// MQTT packet id and DUP flag, for recognising redeliveries.
+    pub redelivery: Option<(u16, bool)>,
+    /// How to acknowledge it.
+    pub done: Completion,
+}
+
+/// Payload bytes without copying MQTT's buffer.
+pub mod bytes_like {
+    /// A payload: MQTT's shared buffer or an owned vector.
+    #[derive(Debug, Clone)]
+    pub enum Payload {
+        /// From rumqttc.
+        Shared(rumqttc::Publish),
+        /// Owned bytes.
+        Owned(Vec<u8>),
+    }
+
+    impl std::ops::Deref for Payload {
+        type Target = [u8];
+        fn deref(&self) -> &[u8] {
+            match self {
+                Payload::Shared(p) => &p.payload,
+                Payload::Owned(v) => v,
+            }
+        }
+    }
+}
+
+/// Wall-clock microseconds since the epoch.
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Settings of the writer.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Longest time to keep gathering messages before a commit.
+    pub commit_interval: Duration,
+}
+
+/// Starts the writer thread. It runs until every sender of `rx` is dropped and all that
+/// was received is committed and completed, then returns the store.
+pub fn spawn_writer(
+    store: Store,
+    decoder: Decoder,
+    limiter: RateLimiter,
+    rx: mpsc::Receiver<Message>,
+    opts: WriterOptions,
+) -> std::thread::JoinHandle<Store> {
+    std::thread::Builder::new()
+        .name("queue-writer".into())
+        .spawn(move || Writer::new(store, decoder, limiter, opts).run(rx))
+        .expect("spawning the writer thread")
+}
+
+struct Writer {
+    store: Store,
+    decoder: Decoder,
+    limiter: RateLimiter,
+    opts: WriterOptions,
+    started: Instant,
+    last_gauges: Option<Instant>,
+}
+
+impl Writer {
+    fn new(store: Store, decoder: Decoder, limiter: RateLimiter, opts: WriterOptions) -> Self {
+        Self {
+            store,
+            decoder,
+            limiter,
+            opts,
+            started: Instant::now(),
+            last_gauges: None,
+        }
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Message>) -> Store {
+        self.update_gauges(true);
+        let mut group: Vec<Message> = Vec::with_capacity(MAX_GROUP);
+        while let Some(first) = rx.blocking_recv() {
+            group.push(first);
+            let deadline = Instant::now() + self.opts.commit_interval;
+            while group.len() < MAX_GROUP && Instant::now() < deadline {
+                match rx.try_recv() {
+                    Ok(m) => group.push(m),
+                    Err(_) => break,
+                }
+            }
+            let mut backoff = Duration::from_millis(100);
+            let outcomes = loop {
+                match self.commit_group(&group) {
+                    Ok(o) => break o,
+                    Err(e) => {
+                        counter!("plantlink_edge_commit_failures_total").increment(1);
+                        tracing::error!(error = %e, messages = group.len(),
+                            "commit failed; nothing was acknowledged; retrying");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            };
+            for (m, outcome) in group.drain(..).zip(outcomes) {
+                complete(m.done, outcome);
+            }
+            self.update_gauges(false);
+        }
+        self.update_gauges(true);
+        self.store
+    }
+
+    fn commit_group(&mut self, group: &[Message]) -> Result<Vec<Outcome>, StoreError> {
+        self.store.begin(now_us())?;
+        let mut outcomes = Vec::with_capacity(group.len());
+        let (mut stored, mut dups, mut limited) = (0u64, 0u64, 0u64);
+        let mut received = [0u64; 2];
+        let mut dead: Vec<&'static str> = Vec::new();
+        let mut redeliveries = 0u64;
+        for m in group {
+            let mut outcome = Outcome::default();
+            if let Some((pkid, dup)) = m.redelivery {
+                let h = message_hash(&m.origin, &m.payload);
+                if dup && self.store.mqtt_committed(pkid, h)? {
+                    outcome.redelivery = true;
+                    redeliveries += 1;
+                    outcomes.push(outcome);
+                    continue;
+                }
+                self.store.mqtt_record(pkid, h)?;
+            }
+            let decoded = match &m.context {
+                Some(ctx) => self.decoder.decode(ctx, m.format, &m.payload, m.received_us),
+                None => self.decoder.decode_mqtt(&m.origin, &m.payload, m.received_us),
+            };
+            received[m.source as usize] += decoded.readings.len() as u64;
+            let mono = self.started.elapsed().as_micros() as i64;
+            for r in &decoded.readings {
+                if !self.limiter.allow(&r.device, mono) {
+                    self.store.count_rate_limited(&r.device)?;
+                    limited += 1;
+                    outcome.dropped += 1;
+                    continue;
+                }
+                match self.store.insert(r)? {
+                    Insert::Stored => {
+                        stored += 1;
+                        outcome.stored += 1;
+                    }
+                    Insert::Duplicate => {
+                        dups += 1;
+                        outcome.dropped += 1;
+                    }
+                }
+            }
+            for rej in &decoded.rejects {
+                self.store.dead_letter(
+                    m.received_us,
+                    m.source.as_str(),
+                    &m.origin,
+                    rej.reason.as_str(),
+                    &rej.detail,
+                    &m.payload,
+                )?;
+                dead.push(rej.reason.as_str());
+            }
+            outcome.rejects = decoded.rejects;
+            outcomes.push(outcome);
+        }
+        let evictions = self.store.commit()?;
+
+        // Counted only once durable, so a retried group is not counted twice.
+        for (i, src) in [Source::Mqtt, Source::Coap].iter().enumerate() {
+            if received[i] > 0 {
+                counter!("plantlink_edge_readings_received_total", "source" => src.as_str())
+                    .increment(received[i]);
+            }
+        }
+        counter!("plantlink_edge_readings_stored_total").increment(stored);
+        counter!("plantlink_edge_duplicates_dropped_total").increment(dups);
+        counter!("plantlink_edge_rate_limited_total").increment(limited);
+        counter!("plantlink_edge_mqtt_redeliveries_total").increment(redeliveries);
+        counter!("plantlink_edge_commits_total").increment(1);
+        for reason in dead {
+            counter!("plantlink_edge_dead_letters_total", "reason" => reason).increment(1);
+        }
+        for ev in evictions {
+            counter!("plantlink_edge_evicted_total").increment(ev.readings);
+            tracing::warn!(device = %ev.device, readings = ev.readings,
+                capacity = self.store.capacity(),
+                "queue full: evicted the device's oldest readings (store.max_bytes)");
+        }
+        if limited > 0 && self.limiter.len() > 10_000 {
+            self.limiter.prune(self.started.elapsed().as_micros() as i64);
+        }
+        Ok(outcomes)
+    }
+
+    fn update_gauges(&mut self, force: bool) {
+        gauge!("plantlink_edge_queue_readings").set(self.store.len() as f64);
+        gauge!("plantlink_edge_queue_bytes").set(self.store.bytes() as f64);
+        // The oldest reading takes a query: at most once a second.
+        if !force && self.last_gauges.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        self.last_gauges = Some(Instant::now());
+        let age = match self.store.oldest_ts() {
+            Ok(Some(ts)) => ((now_us() - ts) as f64 / 1e6).max(0.0),
+            _ => 0.0,
+        };
+        gauge!("plantlink_edge_queue_oldest_age_seconds").set(age);
+    }
+}
+
+/// Identifies an MQTT message's content, to recognise its redelivery.
+fn message_hash(topic: &str, payload: &[u8]) -> i64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(topic.as_bytes());
+    h.update(&[0xff]);
+    h.update(payload);
+    h.digest() as i64
+}
+
+fn complete(done: Completion, outcome: Outcome) {
+    match done {
+        Completion::Mqtt(publish, acks) => {
+            // If the MQTT task is gone the broker redelivers, and the redelivery is
+            // recognised; nothing is lost.
+            let _ = acks.send(*publish);
+        }
+        Completion::Coap(reply) => {
+            let _ = reply.send(outcome);
+        }
+        Completion::None => {}
+    }
+}
+
+/// A blocking handle for tests and tools: sends messages and waits for their outcomes.
+#[derive(Debug)]
+pub struct SyncSender {
+    tx: mpsc::Sender<Message>,
+}
+
+impl SyncSender {
+    /// Wraps a sender.
+    pub fn new(tx: mpsc::Sender<Message>) -> Self {
+        Self { tx }
+    }
+
+    /// Sends one message and waits until it is committed.
+    pub fn send_and_wait(&self, mut m: Message) -> Option<Outcome> {
+        let (otx, orx) = oneshot::channel();
+        m.done = Completion::Coap(otx);
+        self.tx.blocking_send(m).ok()?;
+        orx.blocking_recv().ok()
+    }
+}

@@ -1,0 +1,161 @@
+//! CoAP against the real agent: CON and NON requests, a retransmitted message id, bad input,
+//! oversize payloads and an unsupported Content-Format.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use coap_lite::{CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use common::{TempDir, all_readings, queued, start_agent, wait_for};
+
+struct Client {
+    sock: UdpSocket,
+    agent: String,
+}
+
+impl Client {
+    fn new(port: u16) -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        Self { sock, agent: format!("127.0.0.1:{port}") }
+    }
+
+    fn packet(kind: MessageType, mid: u16, path: &[&str], cf: Option<usize>, payload: &[u8]) -> Vec<u8> {
+        let mut p = Packet::new();
+        p.header.set_type(kind);
+        p.header.message_id = mid;
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.set_token(mid.to_be_bytes().to_vec());
+        for seg in path {
+            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        if let Some(cf) = cf {
+            let bytes = if cf == 0 { vec![] } else if cf < 256 { vec![cf as u8] } else { (cf as u16).to_be_bytes().to_vec() };
+            p.add_option(CoapOption::ContentFormat, bytes);
+        }
+        p.payload = payload.to_vec();
+        p.to_bytes().unwrap()
+    }
+
+    /// Sends a CON request, retransmitting like a CoAP client until answered.
+    fn con(&self, mid: u16, path: &[&str], cf: Option<usize>, payload: &[u8]) -> Packet {
+        let bytes = Self::packet(MessageType::Confirmable, mid, path, cf, payload);
+        let mut buf = [0u8; 2048];
+        for _ in 0..20 {
+            self.sock.send_to(&bytes, &self.agent).unwrap();
+            if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                let resp = Packet::from_bytes(&buf[..n]).unwrap();
+                assert_eq!(resp.header.message_id, mid);
+                assert_eq!(resp.header.get_type(), MessageType::Acknowledgement);
+                assert_eq!(resp.get_token(), mid.to_be_bytes());
+                return resp;
+            }
+        }
+        panic!("no CoAP answer to message {mid}");
+    }
+
+    fn non(&self, mid: u16, path: &[&str], cf: Option<usize>, payload: &[u8]) {
+        let bytes = Self::packet(MessageType::NonConfirmable, mid, path, cf, payload);
+        self.sock.send_to(&bytes, &self.agent).unwrap();
+    }
+}
+
+fn code(p: &Packet) -> ResponseType {
+    match p.header.code {
+        MessageClass::Response(r) => r,
+        other => panic!("not a response: {other:?}"),
+    }
+}
+
+fn agent() -> (TempDir, u16, common::Proc) {
+    let dir = TempDir::new("coap");
+    let port = common::free_udp_port();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nid = \"gw\"\n[store]\npath = \"{}\"\n[coap]\nbind = \"127.0.0.1:{port}\"\n\
+             [limits]\nmax_payload_bytes = 512\n",
+            dir.path().join("queue.db").display()
+        ),
+    )
+    .unwrap();
+    let proc = start_agent(&cfg);
+    (dir, port, proc)
+}
+
+#[test]
+fn con_non_duplicates_and_errors() {
+    let (dir, port, _agent) = agent();
+    let db = dir.path().join("queue.db");
+    let c = Client::new(port);
+
+    // CON with JSON: answered 2.04 after the commit, so the reading is already on disk.
+    let r = c.con(1, &["t", "press01", "temperature"], Some(50), b"{\"ts\": 1767225600000, \"value\": 87.3}");
+    assert_eq!(code(&r), ResponseType::Changed);
+    assert_eq!(queued(&db), 1);
+
+    // A retransmission of message 1 is answered from the cache and not stored again.
+    let r = c.con(1, &["t", "press01", "temperature"], Some(50), b"{\"ts\": 1767225600000, \"value\": 87.3}");
+    assert_eq!(code(&r), ResponseType::Changed);
+    // Same id, different payload, still the same exchange for 247 s: not stored either.
+    let r = c.con(1, &["t", "press01", "temperature"], Some(50), b"99");
+    assert_eq!(code(&r), ResponseType::Changed);
+    assert_eq!(queued(&db), 1);
+
+    // CBOR multi-metric to /t/{device}.
+    let mut cbor = Vec::new();
+    ciborium::ser::into_writer(
+        &ciborium::Value::Map(vec![
+            (ciborium::Value::Text("ts".into()), ciborium::Value::Integer(1_767_225_601_000i64.into())),
+            (ciborium::Value::Text("temperature".into()), ciborium::Value::Float(21.5)),
+            (ciborium::Value::Text("humidity".into()), ciborium::Value::Float(40.0)),
+        ]),
+        &mut cbor,
+    )
+    .unwrap();
+    assert_eq!(code(&c.con(2, &["t", "th1"], Some(60), &cbor)), ResponseType::Changed);
+    assert_eq!(queued(&db), 3);
+
+    // NON is accepted and stored without an answer.
+    c.non(3, &["t", "th2", "humidity"], Some(0), b"41.5");
+    wait_for("the NON reading", Duration::from_secs(10), || queued(&db) == 4);
+
+    // Bad input: 4.00 with a diagnostic naming the problem.
+    let r = c.con(4, &["t", "th1", "temperature"], Some(50), b"{not json");
+    assert_eq!(code(&r), ResponseType::BadRequest);
+    assert!(String::from_utf8_lossy(&r.payload).contains("malformed"), "{:?}", r.payload);
+    let r = c.con(5, &["t", "th1"], Some(50), b"{\"temperature\": \"hot\"}");
+    assert_eq!(code(&r), ResponseType::BadRequest);
+    assert!(String::from_utf8_lossy(&r.payload).contains("temperature"));
+    // Too large: 4.13. Unsupported format: 4.15. Other path: 4.04.
+    assert_eq!(code(&c.con(6, &["t", "th1", "x"], Some(50), &[b'1'; 600])), ResponseType::RequestEntityTooLarge);
+    assert_eq!(code(&c.con(7, &["t", "th1", "x"], Some(41), b"<x/>")), ResponseType::UnsupportedContentFormat);
+    assert_eq!(code(&c.con(8, &["nope"], Some(50), b"1")), ResponseType::NotFound);
+    assert_eq!(queued(&db), 4, "refused requests store nothing");
+
+    let rows = all_readings(&db);
+    let mut got: Vec<(String, String, f64)> = rows.into_iter().map(|r| (r.0, r.1, r.3)).collect();
+    got.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(
+        got,
+        vec![
+            ("press01".into(), "temperature".into(), 87.3),
+            ("th1".into(), "humidity".into(), 40.0),
+            ("th1".into(), "temperature".into(), 21.5),
+            ("th2".into(), "humidity".into(), 41.5),
+        ]
+    );
+    // The refused payloads are dead letters with their reasons.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let reasons: Vec<String> = conn
+        .prepare("SELECT reason FROM dead_letters ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(reasons, vec!["malformed", "wrong_type", "oversize", "unsupported_format"]);
+    let _ = ContentFormat::ApplicationJSON; // the formats used above: 50 JSON, 60 CBOR, 0 text
+}
