@@ -22,7 +22,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Runs the agent until `stop` completes.
-pub async fn run_until(config: Config, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run_until(
+    config: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     if let Some(m) = &config.metrics {
         telemetry::install_metrics(m.bind)?;
     }
@@ -61,7 +64,12 @@ pub async fn run_until(config: Config, stop: impl std::future::Future<Output = (
         tasks.spawn(coap::serve(socket, tx.clone(), stop_rx.clone()));
     }
     if let Some(m) = config.mqtt.clone() {
-        tasks.spawn(mqtt::run(m, config.limits.max_payload_bytes, tx.clone(), stop_rx.clone()));
+        tasks.spawn(mqtt::run(
+            m,
+            config.limits.max_payload_bytes,
+            tx.clone(),
+            stop_rx.clone(),
+        ));
     }
     drop(tx);
     if config.mqtt.is_none() && config.coap.is_none() {

@@ -141,18 +141,32 @@ pub async fn serve(
             confirmable,
         };
         if packet.header.code != MessageClass::Request(RequestType::Post) {
-            exchange.reply(ResponseType::MethodNotAllowed, "use POST /t/{device}[/{metric}]").await;
+            exchange
+                .reply(
+                    ResponseType::MethodNotAllowed,
+                    "use POST /t/{device}[/{metric}]",
+                )
+                .await;
             continue;
         }
         let path: Vec<String> = packet
             .get_option(CoapOption::UriPath)
-            .map(|l| l.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect())
+            .map(|l| {
+                l.iter()
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         let (device, metric) = match path.as_slice() {
             [t, d] if t == "t" => (d.clone(), None),
             [t, d, m] if t == "t" => (d.clone(), Some(m.clone())),
             _ => {
-                exchange.reply(ResponseType::NotFound, "POST to /t/{device} or /t/{device}/{metric}").await;
+                exchange
+                    .reply(
+                        ResponseType::NotFound,
+                        "POST to /t/{device} or /t/{device}/{metric}",
+                    )
+                    .await;
                 continue;
             }
         };
@@ -206,7 +220,10 @@ pub fn verdict(o: &Outcome) -> (ResponseType, String) {
 /// The request's Content-Format; one this agent does not read is refused by the decoder
 /// (4.15, a dead letter and a counter).
 fn content_format(p: &Packet) -> Format {
-    let Some(raw) = p.get_option(CoapOption::ContentFormat).and_then(|l| l.front()) else {
+    let Some(raw) = p
+        .get_option(CoapOption::ContentFormat)
+        .and_then(|l| l.front())
+    else {
         return Format::Auto;
     };
     match raw.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) {
@@ -263,7 +280,10 @@ mod tests {
         assert_eq!(c.check(peer, 1, t0), Seen::New);
         assert_eq!(c.check(peer, 1, t0), Seen::InProgress);
         c.answer(peer, 1, vec![9]);
-        assert_eq!(c.check(peer, 1, t0 + Duration::from_secs(10)), Seen::Answered(vec![9]));
+        assert_eq!(
+            c.check(peer, 1, t0 + Duration::from_secs(10)),
+            Seen::Answered(vec![9])
+        );
         // Another peer with the same id is another exchange.
         assert_eq!(c.check("127.0.0.1:5001".parse().unwrap(), 1, t0), Seen::New);
         // After EXCHANGE_LIFETIME the id may be reused.
@@ -272,16 +292,25 @@ mod tests {
 
     #[test]
     fn verdicts() {
-        let ok = Outcome { stored: 1, ..Outcome::default() };
+        let ok = Outcome {
+            stored: 1,
+            ..Outcome::default()
+        };
         assert_eq!(verdict(&ok).0, ResponseType::Changed);
         let bad = Outcome {
-            rejects: vec![crate::payload::Reject { reason: Reason::Malformed, detail: "x".into() }],
+            rejects: vec![crate::payload::Reject {
+                reason: Reason::Malformed,
+                detail: "x".into(),
+            }],
             ..Outcome::default()
         };
         assert_eq!(verdict(&bad).0, ResponseType::BadRequest);
         assert!(verdict(&bad).1.contains("malformed"));
         let big = Outcome {
-            rejects: vec![crate::payload::Reject { reason: Reason::Oversize, detail: "x".into() }],
+            rejects: vec![crate::payload::Reject {
+                reason: Reason::Oversize,
+                detail: "x".into(),
+            }],
             ..Outcome::default()
         };
         assert_eq!(verdict(&big).0, ResponseType::RequestEntityTooLarge);

@@ -275,9 +275,9 @@ impl std::str::FromStr for ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size; write e.g. \"1GiB\", \"500MB\" or 1048576"))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("{s:?} is not a size; write e.g. \"1GiB\", \"500MB\" or 1048576")
+        })?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "kb" => 1_000,
@@ -360,11 +360,13 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        config.validate().map_err(|(key, message)| ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            message,
-        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                key,
+                message,
+            })?;
         Ok(config)
     }
 
@@ -385,7 +387,10 @@ impl Config {
         if self.store.max_bytes.0 < 1 << 20 {
             return bad(
                 "store.max_bytes",
-                format!("{} bytes is too small; give at least \"1MiB\"", self.store.max_bytes.0),
+                format!(
+                    "{} bytes is too small; give at least \"1MiB\"",
+                    self.store.max_bytes.0
+                ),
             );
         }
         if let Some(m) = &self.mqtt {

@@ -55,7 +55,7 @@ pub struct Outcome {
 /// How to acknowledge a message once its commit is durable.
 pub enum Completion {
     /// Send this MQTT PUBACK.
-    Mqtt(Box<rumqttc::Publish>, mpsc::UnboundedSender<rumqttc::Publish>),
+    Mqtt(crate::mqtt::AckHandle),
     /// Answer this CoAP request.
     Coap(oneshot::Sender<Outcome>),
     /// Nothing to acknowledge (tests, QoS 0).
@@ -220,8 +220,12 @@ impl Writer {
                 self.store.mqtt_record(pkid, h)?;
             }
             let decoded = match &m.context {
-                Some(ctx) => self.decoder.decode(ctx, m.format, &m.payload, m.received_us),
-                None => self.decoder.decode_mqtt(&m.origin, &m.payload, m.received_us),
+                Some(ctx) => self
+                    .decoder
+                    .decode(ctx, m.format, &m.payload, m.received_us),
+                None => self
+                    .decoder
+                    .decode_mqtt(&m.origin, &m.payload, m.received_us),
             };
             received[m.source as usize] += decoded.readings.len() as u64;
             let mono = self.started.elapsed().as_micros() as i64;
@@ -281,7 +285,8 @@ impl Writer {
                 "queue full: evicted the device's oldest readings (store.max_bytes)");
         }
         if limited > 0 && self.limiter.len() > 10_000 {
-            self.limiter.prune(self.started.elapsed().as_micros() as i64);
+            self.limiter
+                .prune(self.started.elapsed().as_micros() as i64);
         }
         Ok(outcomes)
     }
@@ -290,7 +295,11 @@ impl Writer {
         gauge!("plantlink_edge_queue_readings").set(self.store.len() as f64);
         gauge!("plantlink_edge_queue_bytes").set(self.store.bytes() as f64);
         // The oldest reading takes a query: at most once a second.
-        if !force && self.last_gauges.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+        if !force
+            && self
+                .last_gauges
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
             return;
         }
         self.last_gauges = Some(Instant::now());
@@ -313,11 +322,7 @@ fn message_hash(topic: &str, payload: &[u8]) -> i64 {
 
 fn complete(done: Completion, outcome: Outcome) {
     match done {
-        Completion::Mqtt(publish, acks) => {
-            // If the MQTT task is gone the broker redelivers, and the redelivery is
-            // recognised; nothing is lost.
-            let _ = acks.send(*publish);
-        }
+        Completion::Mqtt(ack) => ack.ack(),
         Completion::Coap(reply) => {
             let _ = reply.send(outcome);
         }

@@ -12,13 +12,13 @@
 //! - [`agent`]: wires it all together for `edge-agent run`.
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod coap;
 pub mod config;
+pub mod ingest;
+pub mod mqtt;
 pub mod payload;
 pub mod ratelimit;
 pub mod store;
-pub mod topic;
-pub mod agent;
-pub mod coap;
-pub mod ingest;
-pub mod mqtt;
 pub mod telemetry;
+pub mod topic;

@@ -27,7 +27,12 @@ struct Cli {
 #[derive(Debug, clap::Args)]
 struct ConfigArg {
     /// The agent's TOML configuration.
-    #[arg(long, short, env = "PLANTLINK_EDGE_CONFIG", default_value = "/etc/plantlink/edge-agent.toml")]
+    #[arg(
+        long,
+        short,
+        env = "PLANTLINK_EDGE_CONFIG",
+        default_value = "/etc/plantlink/edge-agent.toml"
+    )]
     config: PathBuf,
 }
 
@@ -100,15 +105,25 @@ fn main() -> anyhow::Result<()> {
                     None => println!("oldest      -"),
                 }
                 if !s.per_device.is_empty() {
-                    println!("\n{:<32} {:>10} {:>10} {:>12}", "device", "readings", "evicted", "rate_limited");
+                    println!(
+                        "\n{:<32} {:>10} {:>10} {:>12}",
+                        "device", "readings", "evicted", "rate_limited"
+                    );
                     for d in s.per_device.iter().take(50) {
-                        println!("{:<32} {:>10} {:>10} {:>12}", d.device, d.readings, d.evicted, d.rate_limited);
+                        println!(
+                            "{:<32} {:>10} {:>10} {:>12}",
+                            d.device, d.readings, d.evicted, d.rate_limited
+                        );
                     }
                 }
             }
             Ok(())
         }
-        Command::Queue(QueueCommand::DeadLetters { config, limit, json }) => {
+        Command::Queue(QueueCommand::DeadLetters {
+            config,
+            limit,
+            json,
+        }) => {
             let cfg = Config::load(&config.config)?;
             let conn = open_queue(&cfg)?;
             let list = store::dead_letters(&conn, limit).context("reading dead letters")?;
@@ -148,13 +163,19 @@ fn open_queue(cfg: &Config) -> anyhow::Result<rusqlite::Connection> {
 fn rfc3339(us: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(us as i128 * 1000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| format!("{us} µs"))
 }
 
 fn print_summary(path: &std::path::Path, c: &Config) {
     println!("config {} is valid", path.display());
-    println!("  gateway    {} (tenant {})", c.gateway.id, c.gateway.tenant);
+    println!(
+        "  gateway    {} (tenant {})",
+        c.gateway.id, c.gateway.tenant
+    );
     println!(
         "  queue      {} (max {} bytes, synchronous {:?})",
         c.store.path.display(),

@@ -311,7 +311,9 @@ impl Decoder {
         if let Format::Unsupported(cf) = format {
             out.reject(
                 Reason::UnsupportedFormat,
-                format!("Content-Format {cf} is not supported; send 50 (JSON), 60 (CBOR) or 0 (text)"),
+                format!(
+                    "Content-Format {cf} is not supported; send 50 (JSON), 60 (CBOR) or 0 (text)"
+                ),
             );
             return out;
         }
@@ -372,7 +374,14 @@ impl Decoder {
                     return;
                 };
                 let ts = self.stamp(&device, received_us);
-                out.readings.push(self.reading(&device, &metric, ts, value, ctx.tags.clone(), None));
+                out.readings.push(self.reading(
+                    &device,
+                    &metric,
+                    ts,
+                    value,
+                    ctx.tags.clone(),
+                    None,
+                ));
             }
         }
     }
@@ -406,7 +415,13 @@ impl Decoder {
             .find(|f| f.device_type == dtype && version_matches(&f.version, fw))
     }
 
-    fn object(&mut self, fields: Vec<(String, V)>, ctx: &Context, received_us: i64, out: &mut Decoded) {
+    fn object(
+        &mut self,
+        fields: Vec<(String, V)>,
+        ctx: &Context,
+        received_us: i64,
+        out: &mut Decoded,
+    ) {
         let mut ts = None;
         let mut seq = None;
         let mut device = ctx.device.clone();
@@ -533,7 +548,11 @@ impl Decoder {
 
 /// A device id or metric name that is present and sane.
 fn check_name(name: Option<&str>, missing: Reason, out: &mut Decoded) -> Option<String> {
-    let what = if missing == Reason::NoDevice { "device" } else { "metric" };
+    let what = if missing == Reason::NoDevice {
+        "device"
+    } else {
+        "metric"
+    };
     match name {
         None => {
             out.reject(
@@ -593,9 +612,12 @@ fn parse(format: Format, payload: &[u8]) -> Result<V, String> {
                     if t.starts_with(['{', '[', '"']) {
                         json(payload)
                     } else {
-                        json(payload).or_else(|_| text(payload)).or_else(|_| cbor(payload)).map_err(
-                            |_| format!("not JSON, CBOR or a number: {:?}", preview(payload)),
-                        )
+                        json(payload)
+                            .or_else(|_| text(payload))
+                            .or_else(|_| cbor(payload))
+                            .map_err(|_| {
+                                format!("not JSON, CBOR or a number: {:?}", preview(payload))
+                            })
                     }
                 }
                 Err(_) => cbor(payload),
@@ -615,18 +637,25 @@ fn parse_ts(v: &V, received_us: i64) -> Result<Timestamp, String> {
     let us: i128 = match v {
         V::Int(i) => scale_epoch_int(*i),
         V::Float(f) if f.is_finite() => scale_epoch_float(*f),
-        V::Str(s) => match time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
-            Ok(t) => t.unix_timestamp_nanos() / 1_000,
-            Err(_) => match s.trim().parse::<i64>() {
-                Ok(i) => scale_epoch_int(i.into()),
-                Err(_) => {
-                    return Err(format!(
-                        "timestamp {s:?} is neither RFC 3339 (2026-01-01T00:00:00Z) nor an epoch number"
-                    ));
-                }
-            },
-        },
-        other => return Err(format!("timestamp is {}, not a number or RFC 3339 text", other.kind())),
+        V::Str(s) => {
+            match time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+                Ok(t) => t.unix_timestamp_nanos() / 1_000,
+                Err(_) => match s.trim().parse::<i64>() {
+                    Ok(i) => scale_epoch_int(i.into()),
+                    Err(_) => {
+                        return Err(format!(
+                            "timestamp {s:?} is neither RFC 3339 (2026-01-01T00:00:00Z) nor an epoch number"
+                        ));
+                    }
+                },
+            }
+        }
+        other => {
+            return Err(format!(
+                "timestamp is {}, not a number or RFC 3339 text",
+                other.kind()
+            ));
+        }
     };
     if us < MIN_TS_US as i128 {
         return Err(format!(

@@ -29,18 +29,54 @@ pub fn install_metrics(bind: SocketAddr) -> anyhow::Result<()> {
 
 fn describe() {
     let counters = [
-        ("plantlink_edge_readings_received_total", "Readings decoded from devices, by source."),
-        ("plantlink_edge_readings_stored_total", "Readings committed to the queue."),
-        ("plantlink_edge_duplicates_dropped_total", "Readings dropped as duplicates of stored ones."),
-        ("plantlink_edge_rate_limited_total", "Readings dropped by the per-device rate limit."),
-        ("plantlink_edge_dead_letters_total", "Refused payloads or fields, by reason."),
-        ("plantlink_edge_evicted_total", "Readings evicted because the queue was full."),
-        ("plantlink_edge_mqtt_redeliveries_total", "MQTT redeliveries of already committed messages."),
-        ("plantlink_edge_mqtt_reconnects_total", "MQTT connections lost."),
-        ("plantlink_edge_coap_duplicates_total", "CoAP retransmissions answered from the cache."),
-        ("plantlink_edge_coap_malformed_total", "UDP datagrams that were not CoAP."),
-        ("plantlink_edge_commits_total", "Queue transactions committed."),
-        ("plantlink_edge_commit_failures_total", "Queue commits that failed and were retried."),
+        (
+            "plantlink_edge_readings_received_total",
+            "Readings decoded from devices, by source.",
+        ),
+        (
+            "plantlink_edge_readings_stored_total",
+            "Readings committed to the queue.",
+        ),
+        (
+            "plantlink_edge_duplicates_dropped_total",
+            "Readings dropped as duplicates of stored ones.",
+        ),
+        (
+            "plantlink_edge_rate_limited_total",
+            "Readings dropped by the per-device rate limit.",
+        ),
+        (
+            "plantlink_edge_dead_letters_total",
+            "Refused payloads or fields, by reason.",
+        ),
+        (
+            "plantlink_edge_evicted_total",
+            "Readings evicted because the queue was full.",
+        ),
+        (
+            "plantlink_edge_mqtt_redeliveries_total",
+            "MQTT redeliveries of already committed messages.",
+        ),
+        (
+            "plantlink_edge_mqtt_reconnects_total",
+            "MQTT connections lost.",
+        ),
+        (
+            "plantlink_edge_coap_duplicates_total",
+            "CoAP retransmissions answered from the cache.",
+        ),
+        (
+            "plantlink_edge_coap_malformed_total",
+            "UDP datagrams that were not CoAP.",
+        ),
+        (
+            "plantlink_edge_commits_total",
+            "Queue transactions committed.",
+        ),
+        (
+            "plantlink_edge_commit_failures_total",
+            "Queue commits that failed and were retried.",
+        ),
     ];
     for (name, help) in counters {
         describe_counter!(name, Unit::Count, help);
@@ -49,17 +85,31 @@ fn describe() {
         counter!("plantlink_edge_readings_received_total", "source" => src).increment(0);
     }
     for (name, _) in counters.iter().filter(|(n, _)| {
-        !matches!(*n, "plantlink_edge_readings_received_total" | "plantlink_edge_dead_letters_total")
+        !matches!(
+            *n,
+            "plantlink_edge_readings_received_total" | "plantlink_edge_dead_letters_total"
+        )
     }) {
         counter!(*name).increment(0);
     }
-    describe_gauge!("plantlink_edge_queue_readings", Unit::Count, "Readings waiting in the queue.");
-    describe_gauge!("plantlink_edge_queue_bytes", Unit::Bytes, "Bytes accounted to queued readings.");
+    describe_gauge!(
+        "plantlink_edge_queue_readings",
+        Unit::Count,
+        "Readings waiting in the queue."
+    );
+    describe_gauge!(
+        "plantlink_edge_queue_bytes",
+        Unit::Bytes,
+        "Bytes accounted to queued readings."
+    );
     describe_gauge!(
         "plantlink_edge_queue_oldest_age_seconds",
         Unit::Seconds,
         "Age of the oldest queued reading's timestamp."
     );
-    describe_gauge!("plantlink_edge_mqtt_connected", "1 while connected to the plant broker.");
+    describe_gauge!(
+        "plantlink_edge_mqtt_connected",
+        "1 while connected to the plant broker."
+    );
     gauge!("plantlink_edge_mqtt_connected").set(0.0);
 }

@@ -75,7 +75,12 @@ mod tests {
         let c = t.captures("plant/p1/l3/press01/temperature").unwrap();
         assert_eq!(
             c,
-            vec![("site", "p1"), ("line", "l3"), ("device", "press01"), ("metric", "temperature")]
+            vec![
+                ("site", "p1"),
+                ("line", "l3"),
+                ("device", "press01"),
+                ("metric", "temperature")
+            ]
         );
         assert!(t.captures("plant/p1/l3/press01").is_none());
         assert!(t.captures("plant/p1/l3/press01/t/extra").is_none());

@@ -6,7 +6,9 @@ mod common;
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use coap_lite::{CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use coap_lite::{
+    CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType,
+};
 use common::{TempDir, all_readings, queued, start_agent, wait_for};
 
 struct Client {
@@ -17,11 +19,21 @@ struct Client {
 impl Client {
     fn new(port: u16) -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-        Self { sock, agent: format!("127.0.0.1:{port}") }
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        Self {
+            sock,
+            agent: format!("127.0.0.1:{port}"),
+        }
     }
 
-    fn packet(kind: MessageType, mid: u16, path: &[&str], cf: Option<usize>, payload: &[u8]) -> Vec<u8> {
+    fn packet(
+        kind: MessageType,
+        mid: u16,
+        path: &[&str],
+        cf: Option<usize>,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let mut p = Packet::new();
         p.header.set_type(kind);
         p.header.message_id = mid;
@@ -31,7 +43,13 @@ impl Client {
             p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
         }
         if let Some(cf) = cf {
-            let bytes = if cf == 0 { vec![] } else if cf < 256 { vec![cf as u8] } else { (cf as u16).to_be_bytes().to_vec() };
+            let bytes = if cf == 0 {
+                vec![]
+            } else if cf < 256 {
+                vec![cf as u8]
+            } else {
+                (cf as u16).to_be_bytes().to_vec()
+            };
             p.add_option(CoapOption::ContentFormat, bytes);
         }
         p.payload = payload.to_vec();
@@ -92,12 +110,22 @@ fn con_non_duplicates_and_errors() {
     let c = Client::new(port);
 
     // CON with JSON: answered 2.04 after the commit, so the reading is already on disk.
-    let r = c.con(1, &["t", "press01", "temperature"], Some(50), b"{\"ts\": 1767225600000, \"value\": 87.3}");
+    let r = c.con(
+        1,
+        &["t", "press01", "temperature"],
+        Some(50),
+        b"{\"ts\": 1767225600000, \"value\": 87.3}",
+    );
     assert_eq!(code(&r), ResponseType::Changed);
     assert_eq!(queued(&db), 1);
 
     // A retransmission of message 1 is answered from the cache and not stored again.
-    let r = c.con(1, &["t", "press01", "temperature"], Some(50), b"{\"ts\": 1767225600000, \"value\": 87.3}");
+    let r = c.con(
+        1,
+        &["t", "press01", "temperature"],
+        Some(50),
+        b"{\"ts\": 1767225600000, \"value\": 87.3}",
+    );
     assert_eq!(code(&r), ResponseType::Changed);
     // Same id, different payload, still the same exchange for 247 s: not stored either.
     let r = c.con(1, &["t", "press01", "temperature"], Some(50), b"99");
@@ -108,31 +136,58 @@ fn con_non_duplicates_and_errors() {
     let mut cbor = Vec::new();
     ciborium::ser::into_writer(
         &ciborium::Value::Map(vec![
-            (ciborium::Value::Text("ts".into()), ciborium::Value::Integer(1_767_225_601_000i64.into())),
-            (ciborium::Value::Text("temperature".into()), ciborium::Value::Float(21.5)),
-            (ciborium::Value::Text("humidity".into()), ciborium::Value::Float(40.0)),
+            (
+                ciborium::Value::Text("ts".into()),
+                ciborium::Value::Integer(1_767_225_601_000i64.into()),
+            ),
+            (
+                ciborium::Value::Text("temperature".into()),
+                ciborium::Value::Float(21.5),
+            ),
+            (
+                ciborium::Value::Text("humidity".into()),
+                ciborium::Value::Float(40.0),
+            ),
         ]),
         &mut cbor,
     )
     .unwrap();
-    assert_eq!(code(&c.con(2, &["t", "th1"], Some(60), &cbor)), ResponseType::Changed);
+    assert_eq!(
+        code(&c.con(2, &["t", "th1"], Some(60), &cbor)),
+        ResponseType::Changed
+    );
     assert_eq!(queued(&db), 3);
 
     // NON is accepted and stored without an answer.
     c.non(3, &["t", "th2", "humidity"], Some(0), b"41.5");
-    wait_for("the NON reading", Duration::from_secs(10), || queued(&db) == 4);
+    wait_for("the NON reading", Duration::from_secs(10), || {
+        queued(&db) == 4
+    });
 
     // Bad input: 4.00 with a diagnostic naming the problem.
     let r = c.con(4, &["t", "th1", "temperature"], Some(50), b"{not json");
     assert_eq!(code(&r), ResponseType::BadRequest);
-    assert!(String::from_utf8_lossy(&r.payload).contains("malformed"), "{:?}", r.payload);
+    assert!(
+        String::from_utf8_lossy(&r.payload).contains("malformed"),
+        "{:?}",
+        r.payload
+    );
     let r = c.con(5, &["t", "th1"], Some(50), b"{\"temperature\": \"hot\"}");
     assert_eq!(code(&r), ResponseType::BadRequest);
     assert!(String::from_utf8_lossy(&r.payload).contains("temperature"));
     // Too large: 4.13. Unsupported format: 4.15. Other path: 4.04.
-    assert_eq!(code(&c.con(6, &["t", "th1", "x"], Some(50), &[b'1'; 600])), ResponseType::RequestEntityTooLarge);
-    assert_eq!(code(&c.con(7, &["t", "th1", "x"], Some(41), b"<x/>")), ResponseType::UnsupportedContentFormat);
-    assert_eq!(code(&c.con(8, &["nope"], Some(50), b"1")), ResponseType::NotFound);
+    assert_eq!(
+        code(&c.con(6, &["t", "th1", "x"], Some(50), &[b'1'; 600])),
+        ResponseType::RequestEntityTooLarge
+    );
+    assert_eq!(
+        code(&c.con(7, &["t", "th1", "x"], Some(41), b"<x/>")),
+        ResponseType::UnsupportedContentFormat
+    );
+    assert_eq!(
+        code(&c.con(8, &["nope"], Some(50), b"1")),
+        ResponseType::NotFound
+    );
     assert_eq!(queued(&db), 4, "refused requests store nothing");
 
     let rows = all_readings(&db);
@@ -156,6 +211,9 @@ fn con_non_duplicates_and_errors() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(reasons, vec!["malformed", "wrong_type", "oversize", "unsupported_format"]);
+    assert_eq!(
+        reasons,
+        vec!["malformed", "wrong_type", "oversize", "unsupported_format"]
+    );
     let _ = ContentFormat::ApplicationJSON; // the formats used above: 50 JSON, 60 CBOR, 0 text
 }

@@ -24,7 +24,10 @@ fn messages(n: u64) -> Vec<(String, Vec<u8>)> {
             let d = i % DEVICES;
             let k = i / DEVICES;
             if i % 10 == 9 {
-                (format!("plant/s1/l1/dev-{d}/flow"), format!("{i}").into_bytes())
+                (
+                    format!("plant/s1/l1/dev-{d}/flow"),
+                    format!("{i}").into_bytes(),
+                )
             } else {
                 let body = format!(
                     r#"{{"ts": {}, "seq": {k}, "temperature": {}.5, "pressure": 1013.{}}}"#,
@@ -41,7 +44,10 @@ fn messages(n: u64) -> Vec<(String, Vec<u8>)> {
 /// Connects as `client_id` with a persistent session and subscribes, so the broker keeps
 /// everything for the agent from now on, whether or not it is running.
 fn create_session(port: u16, client_id: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
         o.set_clean_session(false);
@@ -60,7 +66,10 @@ fn create_session(port: u16, client_id: &str) {
 /// Publishes everything at QoS 1 and returns once the broker has acknowledged all of it.
 fn publish(port: u16, msgs: Vec<(String, Vec<u8>)>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let mut o = MqttOptions::new("crash-test-publisher", "127.0.0.1", port);
             o.set_inflight(500);
@@ -87,9 +96,15 @@ fn every_reading_exactly_once_through_sigkills() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let seed: u64 = std::env::var("PLANTLINK_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let seed: u64 = std::env::var("PLANTLINK_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     eprintln!("mqtt_crash: {n} messages, seed {seed} (PLANTLINK_SEED={seed} replays it)");
     let mut rng = seed;
     let mut next = move || {
@@ -132,7 +147,10 @@ burst = 1e9
     create_session(broker.port, &client_id);
 
     let msgs = messages(n);
-    let expected: u64 = msgs.iter().map(|(t, _)| if t.ends_with("/flow") { 1 } else { 2 }).sum();
+    let expected: u64 = msgs
+        .iter()
+        .map(|(t, _)| if t.ends_with("/flow") { 1 } else { 2 })
+        .sum();
     let publisher = publish(broker.port, msgs);
 
     let mut agent = start_agent(&cfg);
@@ -140,16 +158,23 @@ burst = 1e9
         // A random point within the i-th slice of the run.
         let slice = expected / (KILLS as u64 + 1);
         let at = slice * i as u64 + next() % slice.max(1) + 1;
-        wait_for(&format!("{at} queued readings before kill {}", i + 1), Duration::from_secs(180), || {
-            queued(&db) >= at
-        });
+        wait_for(
+            &format!("{at} queued readings before kill {}", i + 1),
+            Duration::from_secs(180),
+            || queued(&db) >= at,
+        );
         agent.0.kill().unwrap(); // SIGKILL
         agent.0.wait().unwrap();
-        eprintln!("killed the agent at {} queued readings (target {at})", queued(&db));
+        eprintln!(
+            "killed the agent at {} queued readings (target {at})",
+            queued(&db)
+        );
         agent = start_agent(&cfg);
     }
     publisher.join().expect("publisher");
-    wait_for("every reading queued", Duration::from_secs(300), || queued(&db) >= expected);
+    wait_for("every reading queued", Duration::from_secs(300), || {
+        queued(&db) >= expected
+    });
     drop(agent);
 
     let rows = common::all_readings(&db);
@@ -160,7 +185,9 @@ burst = 1e9
             *flows.entry(*value as u64).or_default() += 1;
         } else {
             assert!(seq.is_some(), "{device} {metric} lost its seq");
-            *seen.entry((device.clone(), metric.clone(), *ts)).or_default() += 1;
+            *seen
+                .entry((device.clone(), metric.clone(), *ts))
+                .or_default() += 1;
         }
     }
     let dup_multi = seen.values().filter(|&&c| c > 1).count();
@@ -168,7 +195,9 @@ burst = 1e9
     if dup_multi + dup_flow > 0 {
         let ex: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).take(5).collect();
         let fx: Vec<_> = flows.iter().filter(|(_, c)| **c > 1).take(5).collect();
-        panic!("readings stored more than once: {dup_multi} timestamped, e.g. {ex:?}; {dup_flow} receive-stamped, e.g. {fx:?}");
+        panic!(
+            "readings stored more than once: {dup_multi} timestamped, e.g. {ex:?}; {dup_flow} receive-stamped, e.g. {fx:?}"
+        );
     }
     for i in 0..n {
         let d = i % DEVICES;
@@ -177,7 +206,11 @@ burst = 1e9
         } else {
             let ts = ((T0_MS + (i / DEVICES) * 10) * 1000) as i64;
             for m in ["temperature", "pressure"] {
-                assert_eq!(seen.get(&(format!("dev-{d}"), m.to_owned(), ts)), Some(&1), "dev-{d} {m} {ts} missing");
+                assert_eq!(
+                    seen.get(&(format!("dev-{d}"), m.to_owned(), ts)),
+                    Some(&1),
+                    "dev-{d} {m} {ts} missing"
+                );
             }
         }
     }
@@ -189,7 +222,12 @@ burst = 1e9
 #[test]
 #[ignore]
 fn publisher_probe() {
-    let port: u16 = std::env::var("PLANTLINK_PROBE_PORT").unwrap().parse().unwrap();
-    let msgs = (0..20_000).map(|i| ("x/y".to_string(), format!("{i}").into_bytes())).collect();
+    let port: u16 = std::env::var("PLANTLINK_PROBE_PORT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let msgs = (0..20_000)
+        .map(|i| ("x/y".to_string(), format!("{i}").into_bytes()))
+        .collect();
     publish(port, msgs).join().unwrap();
 }

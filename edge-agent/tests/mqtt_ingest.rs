@@ -69,11 +69,17 @@ fn create_session(port: u16, client_id: &str) {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn publish(port: u16, msgs: &[(&str, Vec<u8>)]) {
-    let msgs: Vec<(String, Vec<u8>)> = msgs.iter().map(|(t, p)| (t.to_string(), p.clone())).collect();
+    let msgs: Vec<(String, Vec<u8>)> = msgs
+        .iter()
+        .map(|(t, p)| (t.to_string(), p.clone()))
+        .collect();
     rt().block_on(async move {
         let (c, mut el) = AsyncClient::new(MqttOptions::new("test-pub", "127.0.0.1", port), 100);
         let n = msgs.len();
@@ -122,17 +128,30 @@ fn shapes_mappings_and_a_flooding_device() {
 
     let db = dir.path().join("queue.db");
     // 7 good readings from the shapes, 5 from the flooder's burst.
-    wait_for("the readings and the flood's dead letter", Duration::from_secs(30), || {
-        queued(&db) >= 12 && {
-            let conn = rusqlite::Connection::open(&db).unwrap();
-            let limited: i64 = conn
-                .query_row("SELECT coalesce(sum(rate_limited), 0) FROM devices", [], |r| r.get(0))
-                .unwrap();
-            limited >= 90
-        }
-    });
+    wait_for(
+        "the readings and the flood's dead letter",
+        Duration::from_secs(30),
+        || {
+            queued(&db) >= 12 && {
+                let conn = rusqlite::Connection::open(&db).unwrap();
+                let limited: i64 = conn
+                    .query_row(
+                        "SELECT coalesce(sum(rate_limited), 0) FROM devices",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+                limited >= 90
+            }
+        },
+    );
     let rows = all_readings(&db);
-    let by = |d: &str, m: &str| rows.iter().filter(|r| r.0 == d && r.1 == m).map(|r| r.3).collect::<Vec<_>>();
+    let by = |d: &str, m: &str| {
+        rows.iter()
+            .filter(|r| r.0 == d && r.1 == m)
+            .map(|r| r.3)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(by("press01", "temperature"), vec![87.3]);
     assert_eq!(by("press02", "pressure"), vec![1013.2]);
     assert_eq!(by("th1", "temperature"), vec![21.5]);
@@ -152,7 +171,11 @@ fn shapes_mappings_and_a_flooding_device() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!(limited as usize + flood, 100, "every flooder reading is stored or counted");
+    assert_eq!(
+        limited as usize + flood,
+        100,
+        "every flooder reading is stored or counted"
+    );
     assert_eq!(others, 0);
     let reason: String = conn
         .query_row("SELECT reason FROM dead_letters", [], |r| r.get(0))
@@ -173,16 +196,27 @@ fn sigterm_commits_and_acknowledges_everything() {
         .collect();
     publish(broker.port, &msgs);
     let db = dir.path().join("queue.db");
-    wait_for("2000 readings", Duration::from_secs(60), || queued(&db) == 2000);
+    wait_for("2000 readings", Duration::from_secs(60), || {
+        queued(&db) == 2000
+    });
 
     let pid = agent.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = agent.0.wait().unwrap();
     assert!(status.success(), "SIGTERM exit: {status:?}");
 
     // Published after the agent left: it must be the very first thing the session gets,
     // because the broker redelivers unacknowledged messages before queued ones.
-    publish(broker.port, &[("plant/s1/d1/temperature", b"sentinel".to_vec())]);
+    publish(
+        broker.port,
+        &[("plant/s1/d1/temperature", b"sentinel".to_vec())],
+    );
     let before_sentinel = rt().block_on(async {
         let mut o = MqttOptions::new(id.clone(), "127.0.0.1", broker.port);
         o.set_clean_session(false);
@@ -197,6 +231,9 @@ fn sigterm_commits_and_acknowledges_everything() {
             }
         }
     });
-    assert_eq!(before_sentinel, 0, "messages left unacknowledged by the SIGTERM");
+    assert_eq!(
+        before_sentinel, 0,
+        "messages left unacknowledged by the SIGTERM"
+    );
     assert_eq!(queued(&db), 2000);
 }

@@ -4,8 +4,10 @@
 //! - [`rng`]: a small seeded generator, so a seed means the same data on every build.
 //! - [`refdata`]: the reference dataset that every bytes-per-reading figure is measured on.
 //! - [`bench_codec`]: `firmware-sim bench-codec`, the batch codec against zstd over JSON lines.
+//! - [`publish`]: `firmware-sim publish`, stdin lines to MQTT, waiting for every ack.
 #![forbid(unsafe_code)]
 
 pub mod bench_codec;
+pub mod publish;
 pub mod refdata;
 pub mod rng;

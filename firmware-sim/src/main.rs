@@ -38,10 +38,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Publishes each line of standard input as one MQTT message and waits until the
+    /// broker has acknowledged all of them.
+    ///
+    /// Example: seq 1 1000 | firmware-sim publish --mqtt mqtt://127.0.0.1:1883 --topic plant/p1/d1/temperature
+    Publish {
+        /// The broker, mqtt://host:port.
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        mqtt: String,
+        /// The topic every line is published to.
+        #[arg(long)]
+        topic: String,
+        /// 0, 1 or 2.
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Publish { mqtt, topic, qos } => {
+            let rest = mqtt
+                .strip_prefix("mqtt://")
+                .ok_or_else(|| anyhow::anyhow!("--mqtt {mqtt:?}: write mqtt://host:port"))?;
+            let (host, port) = match rest.rsplit_once(':') {
+                Some((h, p)) => (
+                    h.to_owned(),
+                    p.parse()
+                        .map_err(|_| anyhow::anyhow!("--mqtt {mqtt:?}: bad port {p:?}"))?,
+                ),
+                None => (rest.to_owned(), 1883),
+            };
+            let lines: Vec<String> = std::io::stdin().lines().collect::<Result<_, _>>()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let p = rt.block_on(firmware_sim::publish::publish(
+                &host, port, &topic, qos, lines,
+            ))?;
+            eprintln!(
+                "published {} messages in {:.2} s ({:.0}/s)",
+                p.messages,
+                p.elapsed.as_secs_f64(),
+                p.messages as f64 / p.elapsed.as_secs_f64()
+            );
+        }
         Command::BenchCodec {
             seed,
             mut batches,

@@ -58,7 +58,10 @@ fn bare_number_takes_metric_and_tags_from_topic() {
     let mut dec = decoder();
     let d = dec.decode_mqtt("plant/p1/l3/press01/temperature", b"87.3", NOW);
     let r = one(&d);
-    assert_eq!((r.device.as_str(), r.metric.as_str(), r.value), ("press01", "temperature", 87.3));
+    assert_eq!(
+        (r.device.as_str(), r.metric.as_str(), r.value),
+        ("press01", "temperature", 87.3)
+    );
     assert_eq!(r.tenant, "acme");
     assert_eq!(r.tags.get("site").map(String::as_str), Some("p1"));
     assert_eq!(r.tags.get("line").map(String::as_str), Some("l3"));
@@ -74,7 +77,10 @@ fn receive_stamps_strictly_increase_per_device() {
     let c = dec.decode_mqtt(t, b"3", NOW - 5).readings[0].ts;
     assert!(a < b && b < c, "{a:?} {b:?} {c:?}");
     // Another device is stamped independently.
-    let other = dec.decode_mqtt("plant/p1/l3/press02/temperature", b"1", NOW).readings[0].ts;
+    let other = dec
+        .decode_mqtt("plant/p1/l3/press02/temperature", b"1", NOW)
+        .readings[0]
+        .ts;
     assert_eq!(other, Timestamp(NOW));
 }
 
@@ -95,10 +101,20 @@ fn multi_metric_object_with_seq() {
     let p = br#"{"ts": 1767225600123, "seq": 17, "temperature": 21.5, "humidity": 40.2}"#;
     let d = dec.decode_mqtt("plant/p1/l3/th1", p, NOW);
     assert!(d.rejects.is_empty());
-    let mut got: Vec<_> = d.readings.iter().map(|r| (r.metric.as_str(), r.value, r.seq, r.ts)).collect();
+    let mut got: Vec<_> = d
+        .readings
+        .iter()
+        .map(|r| (r.metric.as_str(), r.value, r.seq, r.ts))
+        .collect();
     got.sort_by(|a, b| a.0.cmp(b.0));
     let ts = Timestamp(1_767_225_600_123_000);
-    assert_eq!(got, vec![("humidity", 40.2, Some(17), ts), ("temperature", 21.5, Some(17), ts)]);
+    assert_eq!(
+        got,
+        vec![
+            ("humidity", 40.2, Some(17), ts),
+            ("temperature", 21.5, Some(17), ts)
+        ]
+    );
 }
 
 #[test]
@@ -106,7 +122,10 @@ fn cbor_shapes_match_json() {
     use ciborium::Value as C;
     let mut dec = decoder();
     let multi = C::Map(vec![
-        (C::Text("ts".into()), C::Integer(1_767_225_600_000i64.into())),
+        (
+            C::Text("ts".into()),
+            C::Integer(1_767_225_600_000i64.into()),
+        ),
         (C::Text("temperature".into()), C::Float(21.5)),
         (C::Text("humidity".into()), C::Integer(40.into())),
     ]);
@@ -149,7 +168,12 @@ fn implausible_timestamps_are_rejected_with_reason() {
         let p = format!(r#"{{"ts": {ts}, "temperature": 1}}"#);
         let d = dec.decode_mqtt("plant/p1/l3/d", p.as_bytes(), NOW);
         assert!(d.readings.is_empty());
-        assert_eq!(d.rejects[0].reason, Reason::BadTimestamp, "{ts}: {:?}", d.rejects);
+        assert_eq!(
+            d.rejects[0].reason,
+            Reason::BadTimestamp,
+            "{ts}: {:?}",
+            d.rejects
+        );
     }
 }
 
@@ -157,7 +181,11 @@ fn implausible_timestamps_are_rejected_with_reason() {
 fn firmware_mappings_by_topic_payload_and_device_table() {
     let mut dec = decoder();
     // 1.x from the topic.
-    let d = dec.decode_mqtt("fw/th-100/1.4/th3", br#"{"t": 21.5, "h": 40, "rssi": -70}"#, NOW);
+    let d = dec.decode_mqtt(
+        "fw/th-100/1.4/th3",
+        br#"{"t": 21.5, "h": 40, "rssi": -70}"#,
+        NOW,
+    );
     let mut m: Vec<_> = d.readings.iter().map(|r| r.metric.as_str()).collect();
     m.sort();
     assert_eq!(m, vec!["humidity", "temperature"]);
@@ -180,7 +208,11 @@ fn firmware_mappings_by_topic_payload_and_device_table() {
 #[test]
 fn bad_input_is_rejected_and_good_fields_kept() {
     let mut dec = decoder();
-    let d = dec.decode_mqtt("plant/p/l/d", br#"{"temperature": "hot", "humidity": 40}"#, NOW);
+    let d = dec.decode_mqtt(
+        "plant/p/l/d",
+        br#"{"temperature": "hot", "humidity": 40}"#,
+        NOW,
+    );
     assert_eq!(d.readings.len(), 1);
     assert_eq!(d.rejects[0].reason, Reason::WrongType);
     assert!(d.rejects[0].detail.contains("temperature"));
@@ -203,7 +235,8 @@ fn bad_input_is_rejected_and_good_fields_kept() {
 #[test]
 fn arrays_carry_several_messages() {
     let mut dec = decoder();
-    let p = br#"[{"ts": 1767225600000, "temperature": 1}, {"ts": 1767225601000, "temperature": 2}]"#;
+    let p =
+        br#"[{"ts": 1767225600000, "temperature": 1}, {"ts": 1767225601000, "temperature": 2}]"#;
     let d = dec.decode_mqtt("plant/p/l/d", p, NOW);
     assert_eq!(d.readings.len(), 2);
     assert_ne!(d.readings[0].ts, d.readings[1].ts);

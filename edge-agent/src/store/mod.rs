@@ -262,9 +262,14 @@ impl Store {
              PRAGMA cache_size = -4096; PRAGMA temp_store = MEMORY;"
         ))
         .map_err(err("setting pragmas"))?;
-        conn.execute_batch(SCHEMA).map_err(err("creating the schema"))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(err("creating the schema"))?;
         let version: Option<i64> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(err("reading the schema version"))?;
         match version {
@@ -327,7 +332,10 @@ impl Store {
         self.devices.clear();
         self.series_ids.clear();
         self.series.clear();
-        let mut stmt = self.conn.prepare("SELECT id, name FROM devices").map_err(e)?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, name FROM devices")
+            .map_err(e)?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
             .map_err(e)?;
@@ -337,7 +345,10 @@ impl Store {
             self.devices.insert(id, DeviceState { name, readings: 0 });
         }
         drop(stmt);
-        let mut stmt = self.conn.prepare("SELECT id, device, metric, tags FROM series").map_err(e)?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, device, metric, tags FROM series")
+            .map_err(e)?;
         let rows = stmt
             .query_map([], |r| {
                 Ok((
@@ -382,15 +393,21 @@ impl Store {
         self.total = total;
         self.last_id = self
             .conn
-            .query_row("SELECT coalesce(max(id), 0) FROM readings", [], |r| r.get(0))
+            .query_row("SELECT coalesce(max(id), 0) FROM readings", [], |r| {
+                r.get(0)
+            })
             .map_err(e)?;
         self.dead_letters_last = self
             .conn
-            .query_row("SELECT coalesce(max(id), 0) FROM dead_letters", [], |r| r.get(0))
+            .query_row("SELECT coalesce(max(id), 0) FROM dead_letters", [], |r| {
+                r.get(0)
+            })
             .map_err(e)?;
         self.mqtt_msgs_last = self
             .conn
-            .query_row("SELECT coalesce(max(id), 0) FROM mqtt_msgs", [], |r| r.get(0))
+            .query_row("SELECT coalesce(max(id), 0) FROM mqtt_msgs", [], |r| {
+                r.get(0)
+            })
             .map_err(e)?;
         let meta = |key: &str| -> Result<Option<i64>, StoreError> {
             self.conn
@@ -487,7 +504,8 @@ impl Store {
             .and_then(|mut s| s.execute(params![device, key.1, key.2]))
             .map_err(self.sql_err("adding a series"))?;
         let id = self.conn.last_insert_rowid();
-        self.series.insert(id, (device, r.metric.clone(), r.tags.clone()));
+        self.series
+            .insert(id, (device, r.metric.clone(), r.tags.clone()));
         self.series_ids.insert(key, id);
         Ok(id)
     }
@@ -701,7 +719,11 @@ impl Store {
     }
 
     /// Reads up to `max` readings of `lane`, oldest first, and puts them in flight.
-    pub fn read_batch(&mut self, lane: Lane, max: usize) -> Result<Option<QueuedBatch>, StoreError> {
+    pub fn read_batch(
+        &mut self,
+        lane: Lane,
+        max: usize,
+    ) -> Result<Option<QueuedBatch>, StoreError> {
         let (after, upto) = match lane {
             Lane::Live => (self.live_cursor, i64::MAX),
             Lane::Backlog => (self.backlog_cursor, self.boundary),
@@ -745,7 +767,12 @@ impl Store {
         }
     }
 
-    fn read_range(&self, after: i64, upto: i64, max: usize) -> Result<Vec<(i64, Reading)>, StoreError> {
+    fn read_range(
+        &self,
+        after: i64,
+        upto: i64,
+        max: usize,
+    ) -> Result<Vec<(i64, Reading)>, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -770,7 +797,11 @@ impl Store {
             let Some((device, metric, tags)) = self.series.get(&series) else {
                 continue;
             };
-            let device = self.devices.get(device).map(|d| d.name.clone()).unwrap_or_default();
+            let device = self
+                .devices
+                .get(device)
+                .map(|d| d.name.clone())
+                .unwrap_or_default();
             out.push((
                 id,
                 Reading {
@@ -819,7 +850,9 @@ impl Store {
     /// The timestamp of the oldest queued reading, if any.
     pub fn oldest_ts(&self) -> Result<Option<i64>, StoreError> {
         self.conn
-            .query_row("SELECT ts FROM readings ORDER BY id LIMIT 1", [], |r| r.get(0))
+            .query_row("SELECT ts FROM readings ORDER BY id LIMIT 1", [], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(self.sql_err("finding the oldest reading"))
     }

@@ -94,7 +94,9 @@ pub fn stats(conn: &Connection) -> rusqlite::Result<QueueStats> {
     let readings: u64 = per_device.iter().map(|d| d.readings).sum();
     let dead_letters: i64 = tx.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
     let oldest_ts: Option<i64> = tx
-        .query_row("SELECT ts FROM readings ORDER BY id LIMIT 1", [], |r| r.get(0))
+        .query_row("SELECT ts FROM readings ORDER BY id LIMIT 1", [], |r| {
+            r.get(0)
+        })
         .optional()?;
     let pages: i64 = tx.query_row("PRAGMA page_count", [], |r| r.get(0))?;
     let page_size: i64 = tx.query_row("PRAGMA page_size", [], |r| r.get(0))?;

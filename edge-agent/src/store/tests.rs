@@ -81,10 +81,16 @@ fn readings_round_trip_bit_exactly_with_tags_and_seq() {
 fn duplicates_are_dropped_across_reopen() {
     let dir = tempdir::Dir::new();
     let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
-    assert_eq!(put(&mut s, &[r("d", 1, 1.0), r("d", 1, 1.0)]), vec![Insert::Stored, Insert::Duplicate]);
+    assert_eq!(
+        put(&mut s, &[r("d", 1, 1.0), r("d", 1, 1.0)]),
+        vec![Insert::Stored, Insert::Duplicate]
+    );
     drop(s);
     let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
-    assert_eq!(put(&mut s, &[r("d", 1, 9.0), r("d", 2, 1.0)]), vec![Insert::Duplicate, Insert::Stored]);
+    assert_eq!(
+        put(&mut s, &[r("d", 1, 9.0), r("d", 2, 1.0)]),
+        vec![Insert::Duplicate, Insert::Stored]
+    );
     // The same (device, metric, ts) with a different seq is a different reading.
     let mut x = r("d", 1, 1.0);
     x.seq = Some(5);
@@ -126,21 +132,33 @@ fn an_uncommitted_transaction_leaves_nothing_behind() {
 #[test]
 fn live_goes_first_and_backlog_follows_oldest_first() {
     let (_d, mut s) = temp_store(1 << 20);
-    put(&mut s, &(0..5).map(|i| r("old", i, 0.0)).collect::<Vec<_>>());
+    put(
+        &mut s,
+        &(0..5).map(|i| r("old", i, 0.0)).collect::<Vec<_>>(),
+    );
     s.restart_lanes(); // a connection starts: the five are backlog
     put(&mut s, &[r("new", 100, 0.0), r("new", 101, 0.0)]);
     let live = s.read_next(10).unwrap().unwrap();
     assert_eq!(live.lane, Lane::Live);
-    assert_eq!(live.readings.iter().map(|x| x.ts.0).collect::<Vec<_>>(), vec![100, 101]);
+    assert_eq!(
+        live.readings.iter().map(|x| x.ts.0).collect::<Vec<_>>(),
+        vec![100, 101]
+    );
     let back = s.read_next(3).unwrap().unwrap();
     assert_eq!(back.lane, Lane::Backlog);
-    assert_eq!(back.readings.iter().map(|x| x.ts.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(
+        back.readings.iter().map(|x| x.ts.0).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
     assert!(s.has_backlog());
     assert_eq!(s.ack(back.id).unwrap(), 3);
     assert_eq!(s.ack(live.id).unwrap(), 2);
     assert_eq!(s.ack(live.id).unwrap(), 0, "a second ack deletes nothing");
     let rest = s.read_next(10).unwrap().unwrap();
-    assert_eq!(rest.readings.iter().map(|x| x.ts.0).collect::<Vec<_>>(), vec![3, 4]);
+    assert_eq!(
+        rest.readings.iter().map(|x| x.ts.0).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
     assert!(s.read_next(10).unwrap().is_none());
     // Unacked readings come back after the lanes restart.
     s.restart_lanes();
@@ -151,13 +169,22 @@ fn live_goes_first_and_backlog_follows_oldest_first() {
 fn eviction_takes_the_oldest_of_the_biggest_device_and_counts_it() {
     // Room for 100 readings.
     let (_d, mut s) = temp_store(100 * ROW_COST);
-    put(&mut s, &(0..20).map(|i| r("quiet", i, 0.0)).collect::<Vec<_>>());
+    put(
+        &mut s,
+        &(0..20).map(|i| r("quiet", i, 0.0)).collect::<Vec<_>>(),
+    );
     s.begin(1).unwrap();
     for i in 0..100 {
         s.insert(&r("flood", i, 0.0)).unwrap();
     }
     let ev = s.commit().unwrap();
-    assert_eq!(ev, vec![Eviction { device: "flood".into(), readings: 20 }]);
+    assert_eq!(
+        ev,
+        vec![Eviction {
+            device: "flood".into(),
+            readings: 20
+        }]
+    );
     assert_eq!(s.len(), 100);
     let st = stats(s.connection()).unwrap();
     let flood = st.per_device.iter().find(|d| d.device == "flood").unwrap();
@@ -175,8 +202,15 @@ fn dead_letters_are_kept_capped_and_listed() {
     let (_d, mut s) = temp_store(1 << 20);
     s.begin(1).unwrap();
     for i in 0..5 {
-        s.dead_letter(i, "mqtt", "plant/x", "malformed", "not JSON", &vec![b'x'; 10_000])
-            .unwrap();
+        s.dead_letter(
+            i,
+            "mqtt",
+            "plant/x",
+            "malformed",
+            "not JSON",
+            &vec![b'x'; 10_000],
+        )
+        .unwrap();
     }
     s.commit().unwrap();
     let dl = dead_letters(s.connection(), 10).unwrap();
@@ -208,9 +242,15 @@ fn a_newer_schema_is_refused_clearly() {
     let dir = tempdir::Dir::new();
     let s = Store::open(options(&dir, 1 << 20)).unwrap();
     s.connection()
-        .execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", [])
+        .execute(
+            "UPDATE meta SET value = 99 WHERE key = 'schema_version'",
+            [],
+        )
         .unwrap();
     drop(s);
     let err = Store::open(options(&dir, 1 << 20)).unwrap_err().to_string();
-    assert!(err.contains("schema version 99") && err.contains("upgrade"), "{err}");
+    assert!(
+        err.contains("schema version 99") && err.contains("upgrade"),
+        "{err}"
+    );
 }

@@ -9,12 +9,20 @@ use std::time::{Duration, Instant};
 
 /// A free TCP port on loopback.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A free UDP port on loopback.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A private temporary folder, removed on drop.
@@ -49,7 +57,10 @@ impl Drop for TempDir {
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -96,7 +107,11 @@ impl Broker {
         wait_for("mosquitto to listen", Duration::from_secs(10), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        Self { port, _proc: proc, _dir: dir }
+        Self {
+            port,
+            _proc: proc,
+            _dir: dir,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -105,7 +120,11 @@ impl Broker {
 }
 
 fn mosquitto_bin() -> PathBuf {
-    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"] {
+    for p in [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ] {
         if Path::new(p).exists() {
             return p.into();
         }
@@ -119,7 +138,10 @@ pub fn start_agent(config: &Path) -> Proc {
         Command::new(env!("CARGO_BIN_EXE_edge-agent"))
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", std::env::var("PLANTLINK_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("PLANTLINK_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -132,7 +154,8 @@ pub fn queued(db: &Path) -> u64 {
     if !db.exists() {
         return 0;
     }
-    let Ok(conn) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    let Ok(conn) =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
     else {
         return 0;
     };
@@ -143,8 +166,9 @@ pub fn queued(db: &Path) -> u64 {
 
 /// Every queued reading as (device, metric, ts, value, seq).
 pub fn all_readings(db: &Path) -> Vec<(String, String, i64, f64, Option<i64>)> {
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .unwrap();
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     let mut stmt = conn
         .prepare(
             "SELECT d.name, s.metric, r.ts, r.value, r.seq FROM readings r
