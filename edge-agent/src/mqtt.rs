@@ -75,6 +75,7 @@ pub async fn run(
         generation: 0,
     };
     let mut backoff = Duration::from_millis(200);
+    let mut connected_before = false;
     loop {
         let connected = tokio::select! {
             c = session.connect(&host, port) => c,
@@ -84,6 +85,13 @@ pub async fn run(
             Ok((stream, session_present, inbuf)) => {
                 gauge!("plantlink_edge_mqtt_connected").set(1.0);
                 tracing::info!(url = %session.cfg.url, session_present, "MQTT connected");
+                if connected_before && !session_present {
+                    counter!("plantlink_edge_mqtt_sessions_lost_total").increment(1);
+                    tracing::warn!(url = %session.cfg.url,
+                        "the broker forgot this agent's session: what was published while the agent \
+                         was away may be lost at the broker; enable persistence in mosquitto.conf");
+                }
+                connected_before = true;
                 backoff = Duration::from_millis(200);
                 session
                     .serve(stream, inbuf, &mut ack_rx, &mut shutdown)

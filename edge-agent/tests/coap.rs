@@ -86,26 +86,38 @@ fn code(p: &Packet) -> ResponseType {
     }
 }
 
-fn agent() -> (TempDir, u16, common::Proc) {
+fn agent() -> (TempDir, u16, u16, common::Proc) {
     let dir = TempDir::new("coap");
     let port = common::free_udp_port();
+    let metrics = common::free_tcp_port();
     let cfg = dir.path().join("agent.toml");
     std::fs::write(
         &cfg,
         format!(
             "[gateway]\nid = \"gw\"\n[store]\npath = \"{}\"\n[coap]\nbind = \"127.0.0.1:{port}\"\n\
-             [limits]\nmax_payload_bytes = 512\n",
+             [limits]\nmax_payload_bytes = 512\n[metrics]\nbind = \"127.0.0.1:{metrics}\"\n",
             dir.path().join("queue.db").display()
         ),
     )
     .unwrap();
     let proc = start_agent(&cfg);
-    (dir, port, proc)
+    (dir, port, metrics, proc)
+}
+
+/// GET /metrics from the agent.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
 }
 
 #[test]
 fn con_non_duplicates_and_errors() {
-    let (dir, port, _agent) = agent();
+    let (dir, port, metrics_port, _agent) = agent();
     let db = dir.path().join("queue.db");
     let c = Client::new(port);
 
@@ -216,4 +228,52 @@ fn con_non_duplicates_and_errors() {
         vec!["malformed", "wrong_type", "oversize", "unsupported_format"]
     );
     let _ = ContentFormat::ApplicationJSON; // the formats used above: 50 JSON, 60 CBOR, 0 text
+
+    // The Prometheus endpoint has every documented metric, with these counts.
+    let text = scrape(metrics_port);
+    for name in [
+        "plantlink_edge_readings_received_total{source=\"coap\"} 4",
+        "plantlink_edge_readings_stored_total 4",
+        "plantlink_edge_duplicates_dropped_total 0",
+        "plantlink_edge_rate_limited_total 0",
+        "plantlink_edge_dead_letters_total{reason=\"malformed\"} 1",
+        "plantlink_edge_dead_letters_total{reason=\"oversize\"} 1",
+        "plantlink_edge_evicted_total 0",
+        "plantlink_edge_queue_readings 4",
+        "plantlink_edge_queue_bytes 256",
+        "plantlink_edge_queue_oldest_age_seconds",
+        "plantlink_edge_coap_duplicates_total 2",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+
+    // `queue stats --json` reads the file while the agent runs.
+    let cfg = dir.path().join("agent.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["queue", "stats", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["readings"], 4);
+    assert_eq!(v["bytes"], 256);
+    assert_eq!(v["devices"], 3);
+    assert_eq!(v["dead_letters"], 4);
+    assert_eq!(v["oldest_ts"], 1_767_225_600_000_000i64);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["queue", "dead-letters", "--limit", "2", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(
+        text.contains("unsupported_format") && text.contains("oversize"),
+        "{text}"
+    );
 }

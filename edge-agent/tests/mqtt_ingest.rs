@@ -237,3 +237,37 @@ fn sigterm_commits_and_acknowledges_everything() {
     );
     assert_eq!(queued(&db), 2000);
 }
+
+#[test]
+fn survives_a_broker_restart_without_losing_what_it_held() {
+    let mut broker = Broker::start();
+    let dir = TempDir::new("restart");
+    let id = format!("restart-{}", std::process::id());
+    let cfg = config(&dir, &broker, &id, "per_device_per_sec = 1e9\nburst = 1e9");
+    create_session(broker.port, &id);
+    let db = dir.path().join("queue.db");
+    let _agent = start_agent(&cfg);
+
+    let batch = |from: u32| -> Vec<(&'static str, Vec<u8>)> {
+        (from..from + 500)
+            .map(|i| ("plant/s1/d1/temperature", format!("{i}").into_bytes()))
+            .collect()
+    };
+    publish(broker.port, &batch(0));
+    wait_for("the first 500", Duration::from_secs(30), || {
+        queued(&db) == 500
+    });
+
+    // The broker goes away and comes back; messages published right after it returns are
+    // held for the agent's session until the agent has reconnected by itself.
+    broker.restart();
+    publish(broker.port, &batch(500));
+    wait_for(
+        "all 1000 after the restart",
+        Duration::from_secs(60),
+        || queued(&db) >= 1000,
+    );
+    let mut values: Vec<u32> = all_readings(&db).iter().map(|r| r.3 as u32).collect();
+    values.sort();
+    assert_eq!(values, (0..1000).collect::<Vec<_>>());
+}

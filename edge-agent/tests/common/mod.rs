@@ -75,11 +75,12 @@ impl Drop for Proc {
     }
 }
 
-/// A private Mosquitto on a free port, tuned as the deploy docs advise.
+/// A private Mosquitto on a free port, tuned as the deploy docs advise, with persistence
+/// so that it can be restarted without losing its sessions.
 pub struct Broker {
     pub port: u16,
-    _proc: Proc,
-    _dir: TempDir,
+    proc: Proc,
+    dir: TempDir,
 }
 
 impl Broker {
@@ -87,18 +88,29 @@ impl Broker {
         let dir = TempDir::new("mosquitto");
         let port = free_tcp_port();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_inflight_messages 1000\nmax_queued_messages 1000000\n\
-                 log_dest stderr\nlog_type error\n"
-            ),
-        )
-        .unwrap();
+        let text = [
+            format!("listener {port} 127.0.0.1"),
+            "allow_anonymous true".into(),
+            "persistence true".into(),
+            format!("persistence_location {}/", dir.path().display()),
+            "autosave_interval 0".into(),
+            // As root, Mosquitto would switch to its own user and fail to write here.
+            "user root".into(),
+            "max_inflight_messages 1000".into(),
+            "max_queued_messages 1000000".into(),
+            "log_dest stderr".into(),
+            "log_type error".into(),
+        ]
+        .join("\n");
+        std::fs::write(&conf, text + "\n").unwrap();
+        let proc = Self::spawn(&conf, port);
+        Self { port, proc, dir }
+    }
+
+    fn spawn(conf: &Path, port: u16) -> Proc {
         let child = Command::new(mosquitto_bin())
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -107,11 +119,22 @@ impl Broker {
         wait_for("mosquitto to listen", Duration::from_secs(10), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        Self {
-            port,
-            _proc: proc,
-            _dir: dir,
-        }
+        proc
+    }
+
+    /// Stops the broker with SIGTERM (it saves its sessions and queues) and starts it again
+    /// on the same port.
+    pub fn restart(&mut self) {
+        let pid = self.proc.0.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        self.proc.0.wait().unwrap();
+        self.proc = Self::spawn(&self.dir.path().join("mosquitto.conf"), self.port);
     }
 
     pub fn url(&self) -> String {
