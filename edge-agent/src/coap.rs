@@ -32,10 +32,20 @@ pub const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
 /// Most exchanges remembered; the oldest are forgotten first beyond this.
 const CACHE_CAP: usize = 100_000;
 
-/// The deduplication cache: `None` while the first copy is in progress.
+/// An exchange: the peer and its message id.
+type ExchangeKey = (SocketAddr, u16);
+
+/// When an exchange began, and its response once there is one.
+#[derive(Debug)]
+struct CacheEntry {
+    at: Instant,
+    response: Option<Vec<u8>>,
+}
+
+/// The deduplication cache of recent exchanges.
 #[derive(Debug, Default)]
 pub struct MidCache {
-    entries: HashMap<(SocketAddr, u16), (Instant, Option<Vec<u8>>)>,
+    entries: HashMap<ExchangeKey, CacheEntry>,
 }
 
 /// What to do with a request, according to the cache.
@@ -54,22 +64,28 @@ impl MidCache {
     pub fn check(&mut self, peer: SocketAddr, mid: u16, now: Instant) -> Seen {
         if self.entries.len() >= CACHE_CAP {
             self.entries
-                .retain(|_, (t, _)| now.duration_since(*t) < EXCHANGE_LIFETIME);
+                .retain(|_, e| now.duration_since(e.at) < EXCHANGE_LIFETIME);
             if self.entries.len() >= CACHE_CAP {
                 // Still full of live exchanges: drop the oldest tenth.
-                let mut ages: Vec<Instant> = self.entries.values().map(|(t, _)| *t).collect();
+                let mut ages: Vec<Instant> = self.entries.values().map(|e| e.at).collect();
                 ages.sort();
                 let cut = ages[ages.len() / 10];
-                self.entries.retain(|_, (t, _)| *t > cut);
+                self.entries.retain(|_, e| e.at > cut);
             }
         }
         match self.entries.get(&(peer, mid)) {
-            Some((t, resp)) if now.duration_since(*t) < EXCHANGE_LIFETIME => match resp {
+            Some(e) if now.duration_since(e.at) < EXCHANGE_LIFETIME => match &e.response {
                 None => Seen::InProgress,
                 Some(r) => Seen::Answered(r.clone()),
             },
             _ => {
-                self.entries.insert((peer, mid), (now, None));
+                self.entries.insert(
+                    (peer, mid),
+                    CacheEntry {
+                        at: now,
+                        response: None,
+                    },
+                );
                 Seen::New
             }
         }
@@ -78,7 +94,7 @@ impl MidCache {
     /// Stores the response to an exchange.
     pub fn answer(&mut self, peer: SocketAddr, mid: u16, response: Vec<u8>) {
         if let Some(e) = self.entries.get_mut(&(peer, mid)) {
-            e.1 = Some(response);
+            e.response = Some(response);
         }
     }
 }

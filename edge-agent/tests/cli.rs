@@ -1,4 +1,5 @@
 //! The built binary answers --help and --version.
+#![allow(clippy::unwrap_used)] // tests may panic
 
 use std::process::Command;
 

@@ -1,5 +1,6 @@
 //! CoAP against the real agent: CON and NON requests, a retransmitted message id, bad input,
 //! oversize payloads and an unsupported Content-Format.
+#![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! every published reading exactly once.
 //!
 //! `PLANTLINK_CRASH_MESSAGES` scales the run (default 100000); `PLANTLINK_SEED` replays one.
+#![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! MQTT ingest against a real Mosquitto: payload shapes and firmware mappings end to end,
 //! one flooding device limited without touching its neighbours, and a clean SIGTERM that
 //! leaves nothing unacknowledged at the broker.
+#![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! mid-transaction, batch reads, acks, lane restarts and reopenings run against the SQLite
 //! queue and a plain in-memory model. No acked reading may come back, and no committed,
 //! unacked reading may be lost.
+#![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
 

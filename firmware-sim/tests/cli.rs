@@ -1,4 +1,5 @@
 //! The built `firmware-sim` binary answers --help and refuses bad arguments clearly.
+#![allow(clippy::unwrap_used)] // tests may panic
 
 use std::process::Command;
 

@@ -1,6 +1,6 @@
 //! Helpers for tests that run the real agent against a real Mosquitto: free ports, private
 //! brokers, temporary folders, and waiting for conditions instead of sleeping.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};

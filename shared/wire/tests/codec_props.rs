@@ -1,4 +1,5 @@
 //! Property tests: every batch round-trips bit-exactly, and no input makes a decoder panic.
+#![allow(clippy::unwrap_used)] // tests may panic
 
 use std::collections::BTreeMap;
 
