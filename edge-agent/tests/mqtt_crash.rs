@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{Broker, TempDir, queued, start_agent, wait_for};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const DEVICES: u64 = 100;
 const KILLS: usize = 3;
@@ -42,53 +41,9 @@ fn messages(n: u64) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// Connects as `client_id` with a persistent session and subscribes, so the broker keeps
-/// everything for the agent from now on, whether or not it is running.
-fn create_session(port: u16, client_id: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
-        o.set_clean_session(false);
-        let (c, mut el) = AsyncClient::new(o, 10);
-        c.subscribe("plant/#", QoS::AtLeastOnce).await.unwrap();
-        loop {
-            if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
-                break;
-            }
-        }
-        c.disconnect().await.unwrap();
-        while el.poll().await.is_ok() {}
-    });
-}
-
-/// Publishes everything at QoS 1 and returns once the broker has acknowledged all of it.
+/// Publishes in the background; the handle returns once the broker acknowledged all.
 fn publish(port: u16, msgs: Vec<(String, Vec<u8>)>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let mut o = MqttOptions::new("crash-test-publisher", "127.0.0.1", port);
-            o.set_inflight(500);
-            let (c, mut el) = AsyncClient::new(o, 1000);
-            let n = msgs.len();
-            tokio::spawn(async move {
-                for (t, p) in msgs {
-                    c.publish(t, QoS::AtLeastOnce, false, p).await.unwrap();
-                }
-            });
-            let mut acked = 0;
-            while acked < n {
-                if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
-                    acked += 1;
-                }
-            }
-        });
-    })
+    std::thread::spawn(move || common::publish(port, msgs))
 }
 
 #[test]
@@ -145,7 +100,7 @@ burst = 1e9
         ),
     )
     .unwrap();
-    create_session(broker.port, &client_id);
+    common::create_session(broker.port, &client_id, &["plant/#"]);
 
     let msgs = messages(n);
     let expected: u64 = msgs

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Broker, TempDir, all_readings, queued, start_agent, wait_for};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 
 fn config(dir: &TempDir, broker: &Broker, client_id: &str, limits: &str) -> std::path::PathBuf {
     let cfg = dir.path().join("agent.toml");
@@ -50,25 +50,6 @@ fields = {{ temp_c = "temperature" }}
     cfg
 }
 
-/// A persistent session for the agent's client id, so nothing published is missed.
-fn create_session(port: u16, client_id: &str) {
-    rt().block_on(async {
-        let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
-        o.set_clean_session(false);
-        let (c, mut el) = AsyncClient::new(o, 10);
-        c.subscribe("plant/#", QoS::AtLeastOnce).await.unwrap();
-        c.subscribe("fw/#", QoS::AtLeastOnce).await.unwrap();
-        let mut acks = 0;
-        while acks < 2 {
-            if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
-                acks += 1;
-            }
-        }
-        c.disconnect().await.unwrap();
-        while el.poll().await.is_ok() {}
-    });
-}
-
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -76,26 +57,17 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+fn create_session(port: u16, client_id: &str) {
+    common::create_session(port, client_id, &["plant/#", "fw/#"]);
+}
+
 fn publish(port: u16, msgs: &[(&str, Vec<u8>)]) {
-    let msgs: Vec<(String, Vec<u8>)> = msgs
-        .iter()
-        .map(|(t, p)| (t.to_string(), p.clone()))
-        .collect();
-    rt().block_on(async move {
-        let (c, mut el) = AsyncClient::new(MqttOptions::new("test-pub", "127.0.0.1", port), 100);
-        let n = msgs.len();
-        tokio::spawn(async move {
-            for (t, p) in msgs {
-                c.publish(t, QoS::AtLeastOnce, false, p).await.unwrap();
-            }
-        });
-        let mut acked = 0;
-        while acked < n {
-            if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
-                acked += 1;
-            }
-        }
-    });
+    common::publish(
+        port,
+        msgs.iter()
+            .map(|(t, p)| (t.to_string(), p.clone()))
+            .collect(),
+    );
 }
 
 #[test]

@@ -211,3 +211,58 @@ pub fn all_readings(db: &Path) -> Vec<(String, String, i64, f64, Option<i64>)> {
     .collect::<Result<_, _>>()
     .unwrap()
 }
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Connects as `client_id` with a persistent session and subscribes to `filters`, so the
+/// broker keeps everything for the agent from now on, whether or not it is running.
+pub fn create_session(port: u16, client_id: &str, filters: &[&str]) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    runtime().block_on(async {
+        let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+        o.set_clean_session(false);
+        let (c, mut el) = AsyncClient::new(o, 10);
+        for f in filters {
+            c.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
+        }
+        let mut acks = 0;
+        while acks < filters.len() {
+            if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
+                acks += 1;
+            }
+        }
+        c.disconnect().await.unwrap();
+        while el.poll().await.is_ok() {}
+    });
+}
+
+/// Publishes every (topic, payload) at QoS 1 and returns once the broker acknowledged all.
+pub fn publish(port: u16, msgs: Vec<(String, Vec<u8>)>) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    runtime().block_on(async move {
+        let mut o = MqttOptions::new(
+            format!("test-pub-{}", std::process::id()),
+            "127.0.0.1",
+            port,
+        );
+        o.set_inflight(500);
+        let (c, mut el) = AsyncClient::new(o, 1000);
+        let n = msgs.len();
+        tokio::spawn(async move {
+            for (t, p) in msgs {
+                c.publish(t, QoS::AtLeastOnce, false, p).await.unwrap();
+            }
+        });
+        let mut acked = 0;
+        while acked < n {
+            if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
+                acked += 1;
+            }
+        }
+    });
+}
