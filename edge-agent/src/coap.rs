@@ -107,6 +107,9 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let socket = Arc::new(socket);
     let cache = Arc::new(Mutex::new(MidCache::default()));
+    // Answers wait for their commit; they are awaited before returning, so a shutdown
+    // never drops an answer (the device would resend to a fresh cache and store twice).
+    let mut answers = tokio::task::JoinSet::new();
     let mut buf = vec![0u8; 65_536];
     loop {
         let (n, peer) = tokio::select! {
@@ -210,8 +213,11 @@ pub async fn serve(
             let (code, diag) = verdict(&outcome);
             exchange.reply(code, &diag).await;
         };
-        tokio::spawn(answer);
+        answers.spawn(answer);
+        while answers.try_join_next().is_some() {}
     }
+    drop(tx);
+    while answers.join_next().await.is_some() {}
     Ok(())
 }
 
@@ -272,7 +278,12 @@ impl Exchange {
         p.header.message_id = self.mid;
         p.header.code = MessageClass::Response(code);
         p.set_token(self.token);
-        p.payload = diag.as_bytes().to_vec();
+        // coap-lite caps a datagram at 1280 bytes: keep the diagnostic short.
+        let mut end = diag.len().min(200);
+        while !diag.is_char_boundary(end) {
+            end -= 1;
+        }
+        p.payload = diag.as_bytes()[..end].to_vec();
         let bytes = p.to_bytes().unwrap_or_default();
         self.cache
             .lock()

@@ -137,20 +137,13 @@ pub struct Mqtt {
     pub username: Option<String>,
     /// Optional password.
     pub password: Option<String>,
-    /// MQTT keep-alive in seconds.
+    /// MQTT keep-alive in seconds (5 to 65535).
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u64,
-    /// How many unacknowledged QoS 1 messages the agent accepts from the broker at once.
-    /// The broker's own `max_inflight_messages` must be at least as large for full speed.
-    #[serde(default = "default_inflight")]
-    pub inflight: u16,
 }
 
 fn default_keep_alive() -> u64 {
     30
-}
-fn default_inflight() -> u16 {
-    1000
 }
 
 /// `[[mqtt.topics]]`
@@ -408,8 +401,13 @@ impl Config {
                 Template::parse(&t.template)
                     .map_err(|e| (format!("mqtt.topics[{i}].template"), e))?;
             }
-            if m.inflight == 0 {
-                return bad("mqtt.inflight", "must be at least 1".into());
+            if m.topics.is_empty() {
+                return bad(
+                    "mqtt.topics",
+                    "is empty: every message would be refused as matching no template; add \
+                     [[mqtt.topics]] template = \"plant/{site}/{line}/{device}/{metric}\""
+                        .into(),
+                );
             }
         }
         let l = &self.limits;
@@ -422,11 +420,23 @@ impl Config {
         if !(l.burst.is_finite() && l.burst >= 1.0) {
             return bad("limits.burst", format!("{} must be at least 1", l.burst));
         }
-        if l.max_payload_bytes == 0 {
-            return bad("limits.max_payload_bytes", "must be at least 1".into());
+        if l.max_payload_bytes == 0 || l.max_payload_bytes > 16 << 20 {
+            return bad(
+                "limits.max_payload_bytes",
+                format!(
+                    "{} must be from 1 to 16777216 (16 MiB)",
+                    l.max_payload_bytes
+                ),
+            );
         }
-        if self.dedupe.window_secs == 0 {
-            return bad("dedupe.window_secs", "must be at least 1".into());
+        if self.dedupe.window_secs == 0 || self.dedupe.window_secs > 30 * 86_400 {
+            return bad(
+                "dedupe.window_secs",
+                format!(
+                    "{} must be from 1 to 2592000 (30 days)",
+                    self.dedupe.window_secs
+                ),
+            );
         }
         for (i, f) in self.firmware.iter().enumerate() {
             if f.fields.is_empty() && f.ignore.is_empty() {

@@ -152,6 +152,7 @@ struct Writer {
     opts: WriterOptions,
     started: Instant,
     last_gauges: Option<Instant>,
+    last_prune: Instant,
 }
 
 impl Writer {
@@ -163,6 +164,7 @@ impl Writer {
             opts,
             started: Instant::now(),
             last_gauges: None,
+            last_prune: Instant::now(),
         }
     }
 
@@ -203,7 +205,19 @@ impl Writer {
         self.store
     }
 
+    /// One transaction for the group. On any error the transaction is rolled back and the
+    /// rate limiter restored, so a retry starts from exactly the same state.
     fn commit_group(&mut self, group: &[Message]) -> Result<Vec<Outcome>, StoreError> {
+        let limiter = self.limiter.clone();
+        let result = self.try_commit_group(group);
+        if result.is_err() {
+            self.store.rollback();
+            self.limiter = limiter;
+        }
+        result
+    }
+
+    fn try_commit_group(&mut self, group: &[Message]) -> Result<Vec<Outcome>, StoreError> {
         self.store.begin(now_us())?;
         let mut outcomes = Vec::with_capacity(group.len());
         let (mut stored, mut dups, mut limited) = (0u64, 0u64, 0u64);
@@ -230,7 +244,7 @@ impl Writer {
                     .decode(ctx, m.format, &m.payload, m.received_us),
                 None => self
                     .decoder
-                    .decode_mqtt(&m.origin, &m.payload, m.received_us),
+                    .decode_topic(&m.origin, m.format, &m.payload, m.received_us),
             };
             received[m.source as usize] += decoded.readings.len() as u64;
             for r in &decoded.readings {
@@ -251,16 +265,32 @@ impl Writer {
                     }
                 }
             }
-            for rej in &decoded.rejects {
+            // One dead letter per message, however many fields were refused.
+            if let Some(first) = decoded.rejects.first() {
+                let mut detail: Vec<&str> = decoded
+                    .rejects
+                    .iter()
+                    .take(5)
+                    .map(|r| r.detail.as_str())
+                    .collect();
+                let more = decoded.rejects.len().saturating_sub(5);
+                let tail = format!("and {more} more");
+                if more > 0 {
+                    detail.push(&tail);
+                }
                 self.store.dead_letter(
                     m.received_us,
                     m.source.as_str(),
                     &m.origin,
-                    rej.reason.as_str(),
-                    &rej.detail,
+                    first.reason.as_str(),
+                    &detail.join("; "),
                     &m.payload,
+                    match m.format {
+                        crate::payload::Format::TooLarge(n) => n,
+                        _ => m.payload.len(),
+                    },
                 )?;
-                dead.push(rej.reason.as_str());
+                dead.push(first.reason.as_str());
             }
             outcome.rejects = decoded.rejects;
             outcomes.push(outcome);
@@ -288,9 +318,10 @@ impl Writer {
                 capacity = self.store.capacity(),
                 "queue full: evicted the device's oldest readings (store.max_bytes)");
         }
-        if limited > 0 && self.limiter.len() > 10_000 {
-            self.limiter
-                .prune(self.started.elapsed().as_micros() as i64);
+        if self.last_prune.elapsed() > Duration::from_secs(60) {
+            // Devices whose buckets are full again behave exactly like new ones: forget them.
+            self.limiter.prune(mono);
+            self.last_prune = Instant::now();
         }
         Ok(outcomes)
     }

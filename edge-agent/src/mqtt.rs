@@ -73,6 +73,7 @@ pub async fn run(
         tx: Some(tx),
         ack_tx: Some(ack_tx),
         generation: 0,
+        skipping: 0,
     };
     let mut backoff = Duration::from_millis(200);
     let mut connected_before = false;
@@ -128,6 +129,72 @@ struct Session {
     /// Our own sender, dropped when draining so the ack channel closes once the writer is done.
     ack_tx: Option<mpsc::UnboundedSender<(u64, u16)>>,
     generation: u64,
+    /// Bytes of an oversize packet still to be discarded.
+    skipping: usize,
+}
+
+/// Whether the packet at the start of a buffer is a PUBLISH too large to hold.
+#[derive(Debug, PartialEq, Eq)]
+enum Oversize {
+    No,
+    NeedMore,
+    Yes {
+        total: usize,
+        header: usize,
+        topic: String,
+        pkid: u16,
+        qos1: bool,
+    },
+}
+
+/// Reads just the fixed header, topic and packet id of the packet at the start of `buf`.
+fn oversize_publish(buf: &[u8], max_packet: usize) -> Oversize {
+    let Some(&first) = buf.first() else {
+        return Oversize::No;
+    };
+    let mut len = 0usize;
+    let mut i = 1;
+    loop {
+        let Some(&b) = buf.get(i) else {
+            return Oversize::NeedMore;
+        };
+        len |= usize::from(b & 0x7f) << (7 * (i - 1));
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return Oversize::No; // malformed; Packet::read reports it
+        }
+    }
+    let total = i + len;
+    if total <= max_packet || first >> 4 != 3 {
+        return Oversize::No;
+    }
+    let qos1 = (first >> 1) & 0b11 != 0;
+    let Some(tl) = buf
+        .get(i..i + 2)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    else {
+        return Oversize::NeedMore;
+    };
+    let id_end = i + 2 + tl + if qos1 { 2 } else { 0 };
+    let Some(head) = buf.get(..id_end) else {
+        return Oversize::NeedMore;
+    };
+    let topic = String::from_utf8_lossy(&head[i + 2..i + 2 + tl]).into_owned();
+    let pkid = if qos1 {
+        u16::from_be_bytes([head[id_end - 2], head[id_end - 1]])
+    } else {
+        0
+    };
+    Oversize::Yes {
+        total,
+        header: id_end,
+        topic,
+        pkid,
+        qos1,
+    }
 }
 
 impl Session {
@@ -201,6 +268,7 @@ impl Session {
             .await
             .map_err(|e| io("sending SUBSCRIBE", e))?;
         self.generation += 1;
+        self.skipping = 0;
         Ok((stream, ack.session_present, inbuf))
     }
 
@@ -283,6 +351,34 @@ impl Session {
     /// Handles every complete packet in `inbuf`, leaving a partial one for the next read.
     async fn handle_packets(&mut self, inbuf: &mut BytesMut) -> Result<(), String> {
         loop {
+            if self.skipping > 0 {
+                let n = self.skipping.min(inbuf.len());
+                let _ = inbuf.split_to(n);
+                self.skipping -= n;
+                if self.skipping > 0 {
+                    return Ok(());
+                }
+            }
+            match oversize_publish(inbuf, self.max_packet) {
+                Oversize::NeedMore => return Ok(()),
+                Oversize::No => {}
+                Oversize::Yes {
+                    total,
+                    header,
+                    topic,
+                    pkid,
+                    qos1,
+                } => {
+                    // Too large to hold: keep its first bytes as evidence, skip the rest,
+                    // and let the writer dead-letter it before it is acknowledged.
+                    let keep = inbuf.len().min(total).min(header + 4096);
+                    let evidence = inbuf.split_to(keep)[header..].to_vec();
+                    self.skipping = total - keep;
+                    self.forward_oversize(topic, pkid, qos1, total, evidence)
+                        .await?;
+                    continue;
+                }
+            }
             match Packet::read(inbuf, self.max_packet) {
                 Ok(Packet::Publish(p)) => self.forward(p).await?,
                 Ok(Packet::SubAck(s)) => {
@@ -299,12 +395,55 @@ impl Session {
         }
     }
 
+    async fn forward_oversize(
+        &mut self,
+        topic: String,
+        pkid: u16,
+        qos1: bool,
+        total: usize,
+        evidence: Vec<u8>,
+    ) -> Result<(), String> {
+        let (Some(tx), Some(ack_tx)) = (&self.tx, &self.ack_tx) else {
+            return Ok(());
+        };
+        let m = Message {
+            source: Source::Mqtt,
+            origin: topic,
+            context: None,
+            format: Format::TooLarge(total),
+            received_us: now_us(),
+            redelivery: None,
+            done: if qos1 {
+                Completion::Mqtt(AckHandle {
+                    generation: self.generation,
+                    pkid,
+                    tx: ack_tx.clone(),
+                })
+            } else {
+                Completion::None
+            },
+            payload: Payload::Owned(evidence),
+        };
+        tx.send(m)
+            .await
+            .map_err(|_| "the queue writer stopped".to_owned())
+    }
+
     /// Hands one PUBLISH to the writer (waiting while it is busy: backpressure).
     async fn forward(&mut self, p: rumqttc::Publish) -> Result<(), String> {
         let (Some(tx), Some(ack_tx)) = (&self.tx, &self.ack_tx) else {
             return Ok(()); // draining: left unacknowledged for redelivery
         };
         let qos1 = p.qos != QoS::AtMostOnce;
+        if p.retain {
+            // Sent because we (re)subscribed, not because a device just published: an old
+            // value without a time of its own would be stored again as new.
+            counter!("plantlink_edge_mqtt_retained_skipped_total").increment(1);
+            if qos1 {
+                let _ = ack_tx.send((self.generation, p.pkid));
+            }
+            return Ok(());
+        }
         let m = Message {
             source: Source::Mqtt,
             origin: p.topic.clone(),
@@ -326,5 +465,58 @@ impl Session {
         tx.send(m)
             .await
             .map_err(|_| "the queue writer stopped".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish_header(topic: &str, pkid: u16, payload_len: usize) -> Vec<u8> {
+        let remaining = 2 + topic.len() + 2 + payload_len;
+        let mut out = vec![0x32]; // PUBLISH, QoS 1
+        let mut r = remaining;
+        loop {
+            let mut b = (r & 0x7f) as u8;
+            r >>= 7;
+            if r > 0 {
+                b |= 0x80;
+            }
+            out.push(b);
+            if r == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        out.extend_from_slice(topic.as_bytes());
+        out.extend_from_slice(&pkid.to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn oversize_publish_is_recognised_from_its_header() {
+        let h = publish_header("plant/a/b", 7, 5_000_000);
+        match oversize_publish(&h, 1 << 20) {
+            Oversize::Yes {
+                total,
+                header,
+                topic,
+                pkid,
+                qos1,
+            } => {
+                assert_eq!(
+                    (topic.as_str(), pkid, qos1, header),
+                    ("plant/a/b", 7, true, h.len())
+                );
+                assert_eq!(total, h.len() + 5_000_000);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(oversize_publish(&h[..3], 1 << 20), Oversize::NeedMore);
+        assert_eq!(
+            oversize_publish(&publish_header("t", 1, 10), 1 << 20),
+            Oversize::No
+        );
+        assert_eq!(oversize_publish(&[], 1 << 20), Oversize::No);
     }
 }

@@ -103,6 +103,8 @@ pub enum Format {
     Text,
     /// A CoAP Content-Format this agent does not read; refused with its number.
     Unsupported(u32),
+    /// An MQTT message too large to hold, of this many bytes; only its first bytes are kept.
+    TooLarge(usize),
 }
 
 /// Earliest plausible timestamp: 2000-01-01T00:00:00Z.
@@ -273,10 +275,21 @@ impl Decoder {
         })
     }
 
-    /// Decodes one MQTT message.
+    /// Decodes one MQTT message (its format detected from the bytes).
     pub fn decode_mqtt(&mut self, topic: &str, payload: &[u8], received_us: i64) -> Decoded {
+        self.decode_topic(topic, Format::Auto, payload, received_us)
+    }
+
+    /// Decodes one MQTT message whose format the source already knows.
+    pub fn decode_topic(
+        &mut self,
+        topic: &str,
+        format: Format,
+        payload: &[u8],
+        received_us: i64,
+    ) -> Decoded {
         match self.topic_context(topic) {
-            Some(ctx) => self.decode(&ctx, Format::Auto, payload, received_us),
+            Some(ctx) => self.decode(&ctx, format, payload, received_us),
             None => {
                 let mut d = Decoded::default();
                 d.reject(
@@ -303,6 +316,16 @@ impl Decoder {
                 format!(
                     "payload of {} bytes is over limits.max_payload_bytes = {}",
                     payload.len(),
+                    self.max_payload
+                ),
+            );
+            return out;
+        }
+        if let Format::TooLarge(n) = format {
+            out.reject(
+                Reason::Oversize,
+                format!(
+                    "message of {n} bytes is over limits.max_payload_bytes = {}",
                     self.max_payload
                 ),
             );
@@ -506,9 +529,26 @@ impl Decoder {
                 );
                 return;
             };
+            // Extra text fields are labels; extra numbers are readings of their own (as tags
+            // they would make a new series for every value).
+            let mut extra = Vec::new();
             for (k, v) in rest {
-                if let Some(t) = v.text() {
-                    tags.insert(k, t);
+                match v {
+                    V::Str(t) => {
+                        tags.insert(k, t);
+                    }
+                    V::Int(_) | V::Float(_) | V::Bool(_) => {
+                        if let Some(x) = v.number() {
+                            extra.push((rename(&k), x));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for (name, x) in extra {
+                if let Some(name) = check_name(Some(&name), Reason::NoMetric, out) {
+                    let r = self.reading(&device, &name, ts, x, tags.clone(), seq);
+                    out.readings.push(r);
                 }
             }
             let r = self.reading(&device, &metric, ts, x, tags, seq);
@@ -602,6 +642,7 @@ fn parse(format: Format, payload: &[u8]) -> Result<V, String> {
         Format::Cbor => cbor(payload),
         Format::Text => text(payload),
         Format::Unsupported(cf) => Err(format!("Content-Format {cf} is not supported")),
+        Format::TooLarge(n) => Err(format!("message of {n} bytes is too large")),
         Format::Auto => {
             if payload.is_empty() {
                 return Err("payload is empty".into());
@@ -637,6 +678,7 @@ fn parse_ts(v: &V, received_us: i64) -> Result<Timestamp, String> {
     let us: i128 = match v {
         V::Int(i) => scale_epoch_int(*i),
         V::Float(f) if f.is_finite() => scale_epoch_float(*f),
+        V::Float(f) => return Err(format!("timestamp {f} is not a finite number")),
         V::Str(s) => {
             match time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
                 Ok(t) => t.unix_timestamp_nanos() / 1_000,

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 /// The buckets of all devices.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RateLimiter {
     rate_per_us: f64,
     burst: f64,

@@ -244,3 +244,94 @@ fn survives_a_broker_restart_without_losing_what_it_held() {
     values.sort();
     assert_eq!(values, (0..1000).collect::<Vec<_>>());
 }
+
+#[test]
+fn an_oversize_message_is_dead_lettered_without_stalling_and_retained_ones_skipped() {
+    let broker = Broker::start();
+    let dir = TempDir::new("oversize");
+    let id = format!("oversize-{}", std::process::id());
+    // Payloads over 1 MiB are refused; over 2 MiB the agent cannot even hold the packet.
+    let cfg = config(
+        &dir,
+        &broker,
+        &id,
+        "per_device_per_sec = 1e9\nburst = 1e9\nmax_payload_bytes = 1048576",
+    );
+    // A retained value published before the agent subscribes: it arrives with RETAIN set.
+    rt().block_on(async {
+        let (c, mut el) =
+            AsyncClient::new(MqttOptions::new("retainer", "127.0.0.1", broker.port), 10);
+        c.publish(
+            "plant/s1/old/temperature",
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            b"55.5".to_vec(),
+        )
+        .await
+        .unwrap();
+        loop {
+            if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
+                break;
+            }
+        }
+    });
+    let db = dir.path().join("queue.db");
+    let _agent = start_agent(&cfg);
+    // The agent subscribes on its own here (no pre-made session), so wait until it is in.
+    wait_for("the agent's subscription", Duration::from_secs(30), || {
+        publish(
+            broker.port,
+            &[("plant/s1/probe/temperature", b"0".to_vec())],
+        );
+        queued(&db) >= 1
+    });
+    let huge = vec![b'7'; 3 << 20];
+    let big = vec![b'8'; 1_500_000];
+    publish(
+        broker.port,
+        &[
+            ("plant/s1/d1/temperature", b"1".to_vec()),
+            ("plant/s1/d1/temperature", huge),
+            ("plant/s1/d1/temperature", big),
+            ("plant/s1/d1/temperature", b"2".to_vec()),
+        ],
+    );
+    let start = std::time::Instant::now();
+    while all_readings(&db).iter().filter(|r| r.0 == "d1").count() < 2 {
+        if start.elapsed() > Duration::from_secs(30) {
+            let conn = rusqlite::Connection::open(&db).unwrap();
+            let dl: Vec<(String, String, i64)> = conn
+                .prepare("SELECT reason, detail, size FROM dead_letters")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            panic!(
+                "timed out: readings {:?}, dead letters {dl:?}",
+                all_readings(&db)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let sizes: Vec<(String, i64)> = conn
+        .prepare("SELECT reason, size FROM dead_letters ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(sizes.len(), 2, "{sizes:?}");
+    assert!(
+        sizes.iter().all(|(reason, _)| reason == "oversize"),
+        "{sizes:?}"
+    );
+    assert_eq!(sizes[1].1, 1_500_000);
+    assert!(
+        sizes[0].1 >= 3 << 20,
+        "the skipped message's size is recorded: {sizes:?}"
+    );
+    // The retained value was acknowledged but not stored as a new reading.
+    assert!(all_readings(&db).iter().all(|r| r.0 != "old"));
+}

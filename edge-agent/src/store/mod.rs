@@ -449,6 +449,10 @@ impl Store {
     /// Starts a write transaction. `now_us` is wall-clock time, used to rotate the dedupe
     /// generations.
     pub fn begin(&mut self, now_us: i64) -> Result<(), StoreError> {
+        if self.in_txn || !self.conn.is_autocommit() {
+            // A transaction left open by an earlier error: undo it and reload.
+            self.rollback();
+        }
         self.conn
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(self.sql_err("beginning a transaction"))?;
@@ -585,7 +589,8 @@ impl Store {
         Ok(())
     }
 
-    /// Records a dead letter, inside a transaction.
+    /// Records a dead letter, inside a transaction. `size` is the whole message's size, which
+    /// is more than `payload` when only its first bytes were kept.
     #[allow(clippy::too_many_arguments)]
     pub fn dead_letter(
         &mut self,
@@ -595,6 +600,7 @@ impl Store {
         reason: &str,
         detail: &str,
         payload: &[u8],
+        size: usize,
     ) -> Result<(), StoreError> {
         let kept = &payload[..payload.len().min(DEAD_LETTER_PAYLOAD_CAP)];
         self.conn
@@ -609,7 +615,7 @@ impl Store {
                     origin,
                     reason,
                     detail,
-                    payload.len() as i64,
+                    size.max(payload.len()) as i64,
                     kept
                 ])
             })
@@ -659,7 +665,7 @@ impl Store {
 
     /// Abandons the open transaction and reloads the in-memory state from the file.
     pub fn rollback(&mut self) {
-        if self.in_txn {
+        if self.in_txn || !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
             self.in_txn = false;
         }

@@ -209,6 +209,7 @@ fn dead_letters_are_kept_capped_and_listed() {
             "malformed",
             "not JSON",
             &vec![b'x'; 10_000],
+            10_000,
         )
         .unwrap();
     }

@@ -250,7 +250,7 @@ pub fn publish(port: u16, msgs: Vec<(String, Vec<u8>)>) {
             "127.0.0.1",
             port,
         );
-        o.set_inflight(500);
+        o.set_inflight(500).set_max_packet_size(8 << 20, 8 << 20);
         let (c, mut el) = AsyncClient::new(o, 1000);
         let n = msgs.len();
         tokio::spawn(async move {
