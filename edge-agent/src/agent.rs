@@ -45,11 +45,13 @@ pub async fn run_until(
         capacity = store.capacity(), "queue open");
 
     let (tx, rx) = mpsc::channel(INTAKE_CAPACITY);
+    let (confirmed_tx, confirmed_rx) = mpsc::unbounded_channel();
     let writer = spawn_writer(
         store,
         Decoder::new(&config),
         RateLimiter::new(config.limits.per_device_per_sec, config.limits.burst),
         rx,
+        confirmed_rx,
         WriterOptions {
             commit_interval: Duration::from_millis(config.store.commit_interval_ms),
         },
@@ -68,6 +70,7 @@ pub async fn run_until(
             m,
             config.limits.max_payload_bytes,
             tx.clone(),
+            confirmed_tx,
             stop_rx.clone(),
         ));
     }

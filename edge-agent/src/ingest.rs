@@ -50,6 +50,8 @@ pub struct Outcome {
     pub rejects: Vec<Reject>,
     /// The message was a redelivery of one already committed.
     pub redelivery: bool,
+    /// The MQTT message record to forget once the broker confirms the PUBACK.
+    pub mqtt_record: Option<i64>,
 }
 
 /// How to acknowledge a message once its commit is durable.
@@ -131,17 +133,19 @@ pub struct WriterOptions {
 }
 
 /// Starts the writer thread. It runs until every sender of `rx` is dropped and all that
-/// was received is committed and completed, then returns the store.
+/// was received is committed and completed, then returns the store. `confirmed` carries
+/// the MQTT message records whose PUBACK the broker is known to have processed.
 pub fn spawn_writer(
     store: Store,
     decoder: Decoder,
     limiter: RateLimiter,
     rx: mpsc::Receiver<Message>,
+    confirmed: mpsc::UnboundedReceiver<Vec<i64>>,
     opts: WriterOptions,
 ) -> std::thread::JoinHandle<Store> {
     std::thread::Builder::new()
         .name("queue-writer".into())
-        .spawn(move || Writer::new(store, decoder, limiter, opts).run(rx))
+        .spawn(move || Writer::new(store, decoder, limiter, opts, confirmed).run(rx))
         .expect("spawning the writer thread")
 }
 
@@ -153,11 +157,19 @@ struct Writer {
     started: Instant,
     last_gauges: Option<Instant>,
     last_prune: Instant,
+    confirmed: mpsc::UnboundedReceiver<Vec<i64>>,
 }
 
 impl Writer {
-    fn new(store: Store, decoder: Decoder, limiter: RateLimiter, opts: WriterOptions) -> Self {
+    fn new(
+        store: Store,
+        decoder: Decoder,
+        limiter: RateLimiter,
+        opts: WriterOptions,
+        confirmed: mpsc::UnboundedReceiver<Vec<i64>>,
+    ) -> Self {
         Self {
+            confirmed,
             store,
             decoder,
             limiter,
@@ -219,6 +231,11 @@ impl Writer {
 
     fn try_commit_group(&mut self, group: &[Message]) -> Result<Vec<Outcome>, StoreError> {
         self.store.begin(now_us())?;
+        // Records of messages whose PUBACK the broker confirmed. If this group fails they are
+        // dropped from the channel and simply kept: a record too many is harmless.
+        while let Ok(ids) = self.confirmed.try_recv() {
+            self.store.mqtt_forget(&ids)?;
+        }
         let mut outcomes = Vec::with_capacity(group.len());
         let (mut stored, mut dups, mut limited) = (0u64, 0u64, 0u64);
         let mut received = [0u64; 2];
@@ -230,13 +247,19 @@ impl Writer {
             let mut outcome = Outcome::default();
             if let Some((pkid, dup)) = m.redelivery {
                 let h = message_hash(&m.origin, &m.payload);
-                if dup && self.store.mqtt_committed(pkid, h)? {
+                let known = if dup {
+                    self.store.mqtt_committed(pkid, h)?
+                } else {
+                    None
+                };
+                if let Some(record) = known {
                     outcome.redelivery = true;
+                    outcome.mqtt_record = Some(record);
                     redeliveries += 1;
                     outcomes.push(outcome);
                     continue;
                 }
-                self.store.mqtt_record(pkid, h)?;
+                outcome.mqtt_record = Some(self.store.mqtt_record(pkid, h)?);
             }
             let decoded = match &m.context {
                 Some(ctx) => self
@@ -357,7 +380,7 @@ fn message_hash(topic: &str, payload: &[u8]) -> i64 {
 
 fn complete(done: Completion, outcome: Outcome) {
     match done {
-        Completion::Mqtt(ack) => ack.ack(),
+        Completion::Mqtt(ack) => ack.ack(outcome.mqtt_record),
         Completion::Coap(reply) => {
             let _ = reply.send(outcome);
         }

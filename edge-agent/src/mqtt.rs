@@ -33,19 +33,23 @@ use crate::config::{Mqtt, parse_mqtt_url};
 use crate::ingest::{Completion, Message, Source, bytes_like::Payload, now_us};
 use crate::payload::Format;
 
+/// One PUBACK to send: connection generation, packet id, and the writer's record of the
+/// message (forgotten once the broker confirms the PUBACK).
+type Ack = (u64, u16, Option<i64>);
+
 /// Where a committed message's PUBACK goes: the connection generation and packet id.
 #[derive(Debug, Clone)]
 pub struct AckHandle {
     generation: u64,
     pkid: u16,
-    tx: mpsc::UnboundedSender<(u64, u16)>,
+    tx: mpsc::UnboundedSender<Ack>,
 }
 
 impl AckHandle {
     /// Queues the PUBACK. If the MQTT task is gone, the broker redelivers the message and
     /// the writer recognises it, so nothing is lost.
-    pub fn ack(self) {
-        let _ = self.tx.send((self.generation, self.pkid));
+    pub fn ack(self, record: Option<i64>) {
+        let _ = self.tx.send((self.generation, self.pkid, record));
     }
 }
 
@@ -63,10 +67,11 @@ pub async fn run(
     cfg: Mqtt,
     max_payload: usize,
     tx: mpsc::Sender<Message>,
+    confirmed: mpsc::UnboundedSender<Vec<i64>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (host, port) = parse_mqtt_url(&cfg.url).map_err(anyhow::Error::msg)?;
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(u64, u16)>();
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Ack>();
     let mut session = Session {
         cfg,
         max_packet: max_payload.max(1 << 20) * 2,
@@ -74,6 +79,9 @@ pub async fn run(
         ack_tx: Some(ack_tx),
         generation: 0,
         skipping: 0,
+        confirmed,
+        unconfirmed: Vec::new(),
+        pings: std::collections::VecDeque::new(),
     };
     let mut backoff = Duration::from_millis(200);
     let mut connected_before = false;
@@ -127,10 +135,17 @@ struct Session {
     /// `None` once draining: no new messages go to the writer.
     tx: Option<mpsc::Sender<Message>>,
     /// Our own sender, dropped when draining so the ack channel closes once the writer is done.
-    ack_tx: Option<mpsc::UnboundedSender<(u64, u16)>>,
+    ack_tx: Option<mpsc::UnboundedSender<Ack>>,
     generation: u64,
     /// Bytes of an oversize packet still to be discarded.
     skipping: usize,
+    /// Where records of messages whose PUBACK the broker processed go (to the writer).
+    confirmed: mpsc::UnboundedSender<Vec<i64>>,
+    /// Records of PUBACKs written since the last PINGREQ.
+    unconfirmed: Vec<i64>,
+    /// Per PINGREQ in flight, the records its PINGRESP confirms. The broker handles a
+    /// connection's packets in order, so a PINGRESP means every earlier PUBACK was processed.
+    pings: std::collections::VecDeque<Vec<i64>>,
 }
 
 /// Whether the packet at the start of a buffer is a PUBLISH too large to hold.
@@ -269,6 +284,9 @@ impl Session {
             .map_err(|e| io("sending SUBSCRIBE", e))?;
         self.generation += 1;
         self.skipping = 0;
+        // Unconfirmed records stay in the queue file: those messages may be redelivered.
+        self.unconfirmed.clear();
+        self.pings.clear();
         Ok((stream, ack.session_present, inbuf))
     }
 
@@ -276,7 +294,7 @@ impl Session {
         &mut self,
         mut stream: TcpStream,
         mut inbuf: BytesMut,
-        acks: &mut mpsc::UnboundedReceiver<(u64, u16)>,
+        acks: &mut mpsc::UnboundedReceiver<Ack>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
         let keep_alive = Duration::from_secs(self.cfg.keep_alive_secs.clamp(5, 65_535));
@@ -307,14 +325,16 @@ impl Session {
                         return End::Done;
                     };
                     let mut pending = Some(first);
-                    while let Some((generation, pkid)) = pending.take().or_else(|| acks.try_recv().ok()) {
+                    while let Some((generation, pkid, record)) = pending.take().or_else(|| acks.try_recv().ok()) {
                         if generation == self.generation {
                             let _ = PubAck::new(pkid).write(&mut out);
+                            self.unconfirmed.extend(record);
                         }
                         if out.len() > 60 * 1024 {
                             break;
                         }
                     }
+                    self.ping_if_unconfirmed(&mut out);
                     if !out.is_empty() {
                         if let Err(e) = stream.write_all(&out).await {
                             return End::Lost(format!("sending PUBACKs: {e}"));
@@ -331,6 +351,13 @@ impl Session {
                     if let Err(e) = self.handle_packets(&mut inbuf).await {
                         return End::Lost(e);
                     }
+                    self.ping_if_unconfirmed(&mut out);
+                    if !out.is_empty() {
+                        if let Err(e) = stream.write_all(&out).await {
+                            return End::Lost(format!("sending PINGREQ: {e}"));
+                        }
+                        last_out = Instant::now();
+                    }
                 }
                 _ = ping.tick() => {
                     if last_in.elapsed() > keep_alive * 3 / 2 {
@@ -338,6 +365,7 @@ impl Session {
                     }
                     if last_out.elapsed() >= keep_alive / 2 {
                         let _ = PingReq.write(&mut out);
+                        self.pings.push_back(std::mem::take(&mut self.unconfirmed));
                         if let Err(e) = stream.write_all(&out).await {
                             return End::Lost(format!("sending PINGREQ: {e}"));
                         }
@@ -345,6 +373,15 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// Asks for a PINGRESP to confirm the PUBACKs written since the last PINGREQ, unless a
+    /// PINGREQ is already in flight (its answer leads to the next one).
+    fn ping_if_unconfirmed(&mut self, out: &mut BytesMut) {
+        if self.pings.is_empty() && !self.unconfirmed.is_empty() {
+            let _ = PingReq.write(out);
+            self.pings.push_back(std::mem::take(&mut self.unconfirmed));
         }
     }
 
@@ -388,7 +425,14 @@ impl Session {
                         }
                     }
                 }
-                Ok(_) => {} // PINGRESP and the like
+                Ok(Packet::PingResp) => {
+                    if let Some(records) = self.pings.pop_front()
+                        && !records.is_empty()
+                    {
+                        let _ = self.confirmed.send(records);
+                    }
+                }
+                Ok(_) => {}
                 Err(CodecError::InsufficientBytes(_)) => return Ok(()),
                 Err(e) => return Err(format!("malformed packet from the broker: {e}")),
             }
@@ -440,7 +484,7 @@ impl Session {
             // value without a time of its own would be stored again as new.
             counter!("plantlink_edge_mqtt_retained_skipped_total").increment(1);
             if qos1 {
-                let _ = ack_tx.send((self.generation, p.pkid));
+                let _ = ack_tx.send((self.generation, p.pkid, None));
             }
             return Ok(());
         }

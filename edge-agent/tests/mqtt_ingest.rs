@@ -335,3 +335,44 @@ fn an_oversize_message_is_dead_lettered_without_stalling_and_retained_ones_skipp
     // The retained value was acknowledged but not stored as a new reading.
     assert!(all_readings(&db).iter().all(|r| r.0 != "old"));
 }
+
+#[test]
+fn records_of_confirmed_acks_are_forgotten() {
+    let broker = Broker::start();
+    let dir = TempDir::new("forget");
+    let id = format!("forget-{}", std::process::id());
+    let cfg = config(&dir, &broker, &id, "per_device_per_sec = 1e9\nburst = 1e9");
+    create_session(broker.port, &id);
+    let db = dir.path().join("queue.db");
+    let _agent = start_agent(&cfg);
+    let msgs: Vec<(&str, Vec<u8>)> = (0..1000)
+        .map(|i| ("plant/s1/d1/temperature", format!("{i}").into_bytes()))
+        .collect();
+    publish(broker.port, &msgs);
+    wait_for("1000 readings", Duration::from_secs(60), || {
+        queued(&db) == 1000
+    });
+    // Every message left a record for recognising its redelivery. Once the broker answers a
+    // PINGREQ sent after the PUBACKs, the writer forgets them in its next transaction.
+    let records = || -> i64 {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row("SELECT count(*) FROM mqtt_msgs", [], |r| r.get(0))
+            .unwrap()
+    };
+    let mut probe = 0;
+    wait_for(
+        "confirmed records to be forgotten",
+        Duration::from_secs(30),
+        || {
+            probe += 1;
+            publish(
+                broker.port,
+                &[(
+                    "plant/s1/probe/temperature",
+                    format!("{probe}").into_bytes(),
+                )],
+            );
+            records() < 100
+        },
+    );
+}

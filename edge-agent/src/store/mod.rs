@@ -23,7 +23,8 @@
 //!   the readings it carried, whatever was stored since.
 //! - Batches in flight live in memory only. After a restart every stored reading is unacked
 //!   and will be read again; the cloud's idempotent writes make the replay harmless.
-//! - Every committed MQTT message is remembered by (packet id, content hash) until
+//! - Every committed MQTT message is remembered by (packet id, content hash) until the
+//!   broker is known to have processed its PUBACK (a PINGRESP to a later PINGREQ), or
 //!   [`MQTT_MSGS_KEEP`] newer ones were. A redelivery (DUP set) that matches is acknowledged
 //!   without being stored again. Packet id alone is not enough: Mosquitto numbers messages
 //!   when it queues them, so behind a long queue two unacknowledged messages of one session
@@ -563,22 +564,36 @@ impl Store {
         Ok(Insert::Stored)
     }
 
-    /// Whether an MQTT redelivery of (packet id, payload hash) was already committed.
-    pub fn mqtt_committed(&mut self, pkid: u16, hash: i64) -> Result<bool, StoreError> {
+    /// The record of a committed MQTT message with this (packet id, payload hash), if any:
+    /// a redelivery that matches is acknowledged without being stored again.
+    pub fn mqtt_committed(&mut self, pkid: u16, hash: i64) -> Result<Option<i64>, StoreError> {
         self.conn
-            .prepare_cached("SELECT 1 FROM mqtt_msgs WHERE pkid = ?1 AND hash = ?2")
-            .and_then(|mut s| s.exists(params![pkid, hash]))
+            .prepare_cached("SELECT id FROM mqtt_msgs WHERE pkid = ?1 AND hash = ?2")
+            .and_then(|mut s| s.query_row(params![pkid, hash], |r| r.get(0)).optional())
             .map_err(self.sql_err("checking an MQTT redelivery"))
     }
 
     /// Records that the message with this packet id and payload hash is being committed
-    /// (again as the newest, if it was known).
-    pub fn mqtt_record(&mut self, pkid: u16, hash: i64) -> Result<(), StoreError> {
+    /// (again as the newest, if it was known); returns the record's id.
+    pub fn mqtt_record(&mut self, pkid: u16, hash: i64) -> Result<i64, StoreError> {
         self.conn
             .prepare_cached("INSERT OR REPLACE INTO mqtt_msgs (pkid, hash) VALUES (?1, ?2)")
             .and_then(|mut s| s.execute(params![pkid, hash]))
             .map_err(self.sql_err("recording an MQTT message"))?;
         self.mqtt_msgs_last = self.conn.last_insert_rowid();
+        Ok(self.mqtt_msgs_last)
+    }
+
+    /// Forgets MQTT message records whose PUBACK the broker is known to have processed:
+    /// those messages can no longer be redelivered, and a stale record could only make a
+    /// new message with the same packet id and content look like a redelivery.
+    pub fn mqtt_forget(&mut self, ids: &[i64]) -> Result<(), StoreError> {
+        for id in ids {
+            self.conn
+                .prepare_cached("DELETE FROM mqtt_msgs WHERE id = ?1")
+                .and_then(|mut s| s.execute([id]))
+                .map_err(self.sql_err("forgetting confirmed MQTT messages"))?;
+        }
         Ok(())
     }
 
