@@ -81,6 +81,7 @@ pub async fn run(
         skipping: 0,
         confirmed,
         unconfirmed: Vec::new(),
+        pending: std::collections::VecDeque::new(),
         pings: std::collections::VecDeque::new(),
     };
     let mut backoff = Duration::from_millis(200);
@@ -143,6 +144,9 @@ struct Session {
     confirmed: mpsc::UnboundedSender<Vec<i64>>,
     /// Records of PUBACKs written since the last PINGREQ.
     unconfirmed: Vec<i64>,
+    /// Messages read from the broker and not yet taken by the writer. While any wait, the
+    /// socket is not read (backpressure), but PUBACKs and PINGREQs still go out.
+    pending: std::collections::VecDeque<Message>,
     /// Per PINGREQ in flight, the records its PINGRESP confirms. The broker handles a
     /// connection's packets in order, so a PINGRESP means every earlier PUBACK was processed.
     pings: std::collections::VecDeque<Vec<i64>>,
@@ -286,6 +290,8 @@ impl Session {
         self.skipping = 0;
         // Unconfirmed records stay in the queue file: those messages may be redelivered.
         self.unconfirmed.clear();
+        // Never handed to the writer, so never acknowledged: the broker sends them again.
+        self.pending.clear();
         self.pings.clear();
         Ok((stream, ack.session_present, inbuf))
     }
@@ -298,7 +304,7 @@ impl Session {
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
         let keep_alive = Duration::from_secs(self.cfg.keep_alive_secs.clamp(5, 65_535));
-        if let Err(e) = self.handle_packets(&mut inbuf).await {
+        if let Err(e) = self.handle_packets(&mut inbuf) {
             return End::Lost(e);
         }
         let mut out = BytesMut::with_capacity(16 * 1024);
@@ -307,6 +313,7 @@ impl Session {
         let mut ping = tokio::time::interval(keep_alive / 2);
         loop {
             out.clear();
+            let writer = self.tx.clone();
             tokio::select! {
                 biased;
                 changed = shutdown.changed(), if self.tx.is_some() => {
@@ -314,6 +321,17 @@ impl Session {
                         tracing::info!("MQTT: stopping intake; acknowledging what was committed");
                         self.tx = None;
                         self.ack_tx = None;
+                        self.pending.clear(); // left unacknowledged for redelivery
+                    }
+                }
+                permit = async { writer.as_ref().expect("intake open").reserve().await },
+                    if writer.is_some() && !self.pending.is_empty() =>
+                {
+                    let Ok(permit) = permit else {
+                        return End::Lost("the queue writer stopped".into());
+                    };
+                    if let Some(m) = self.pending.pop_front() {
+                        permit.send(m);
                     }
                 }
                 first = acks.recv() => {
@@ -342,13 +360,13 @@ impl Session {
                         last_out = Instant::now();
                     }
                 }
-                read = stream.read_buf(&mut inbuf) => {
+                read = stream.read_buf(&mut inbuf), if self.pending.is_empty() => {
                     match read {
                         Ok(0) => return End::Lost("broker closed the connection".into()),
                         Err(e) => return End::Lost(format!("reading: {e}")),
                         Ok(_) => last_in = Instant::now(),
                     }
-                    if let Err(e) = self.handle_packets(&mut inbuf).await {
+                    if let Err(e) = self.handle_packets(&mut inbuf) {
                         return End::Lost(e);
                     }
                     self.ping_if_unconfirmed(&mut out);
@@ -386,7 +404,7 @@ impl Session {
     }
 
     /// Handles every complete packet in `inbuf`, leaving a partial one for the next read.
-    async fn handle_packets(&mut self, inbuf: &mut BytesMut) -> Result<(), String> {
+    fn handle_packets(&mut self, inbuf: &mut BytesMut) -> Result<(), String> {
         loop {
             if self.skipping > 0 {
                 let n = self.skipping.min(inbuf.len());
@@ -411,13 +429,12 @@ impl Session {
                     let keep = inbuf.len().min(total).min(header + 4096);
                     let evidence = inbuf.split_to(keep)[header..].to_vec();
                     self.skipping = total - keep;
-                    self.forward_oversize(topic, pkid, qos1, total, evidence)
-                        .await?;
+                    self.forward_oversize(topic, pkid, qos1, total, evidence);
                     continue;
                 }
             }
             match Packet::read(inbuf, self.max_packet) {
-                Ok(Packet::Publish(p)) => self.forward(p).await?,
+                Ok(Packet::Publish(p)) => self.forward(p),
                 Ok(Packet::SubAck(s)) => {
                     for (filter, code) in self.cfg.subscriptions.iter().zip(&s.return_codes) {
                         if *code == SubscribeReasonCode::Failure {
@@ -439,16 +456,16 @@ impl Session {
         }
     }
 
-    async fn forward_oversize(
+    fn forward_oversize(
         &mut self,
         topic: String,
         pkid: u16,
         qos1: bool,
         total: usize,
         evidence: Vec<u8>,
-    ) -> Result<(), String> {
-        let (Some(tx), Some(ack_tx)) = (&self.tx, &self.ack_tx) else {
-            return Ok(());
+    ) {
+        let (Some(_), Some(ack_tx)) = (&self.tx, &self.ack_tx) else {
+            return;
         };
         let m = Message {
             source: Source::Mqtt,
@@ -468,15 +485,13 @@ impl Session {
             },
             payload: Payload::Owned(evidence),
         };
-        tx.send(m)
-            .await
-            .map_err(|_| "the queue writer stopped".to_owned())
+        self.pending.push_back(m);
     }
 
-    /// Hands one PUBLISH to the writer (waiting while it is busy: backpressure).
-    async fn forward(&mut self, p: rumqttc::Publish) -> Result<(), String> {
-        let (Some(tx), Some(ack_tx)) = (&self.tx, &self.ack_tx) else {
-            return Ok(()); // draining: left unacknowledged for redelivery
+    /// Queues one PUBLISH for the writer.
+    fn forward(&mut self, p: rumqttc::Publish) {
+        let (Some(_), Some(ack_tx)) = (&self.tx, &self.ack_tx) else {
+            return; // draining: left unacknowledged for redelivery
         };
         let qos1 = p.qos != QoS::AtMostOnce;
         if p.retain {
@@ -486,7 +501,7 @@ impl Session {
             if qos1 {
                 let _ = ack_tx.send((self.generation, p.pkid, None));
             }
-            return Ok(());
+            return;
         }
         let m = Message {
             source: Source::Mqtt,
@@ -506,9 +521,7 @@ impl Session {
             },
             payload: Payload::Shared(p),
         };
-        tx.send(m)
-            .await
-            .map_err(|_| "the queue writer stopped".to_owned())
+        self.pending.push_back(m);
     }
 }
 
