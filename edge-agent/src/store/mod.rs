@@ -100,6 +100,16 @@ pub enum StoreError {
         /// SQLite's error.
         source: rusqlite::Error,
     },
+    /// A row refers to a series that is not in the file.
+    #[error("queue {path}: reading {id} refers to unknown series {series}; the file is damaged")]
+    Damaged {
+        /// The queue file.
+        path: PathBuf,
+        /// The reading's id.
+        id: i64,
+        /// The missing series.
+        series: i64,
+    },
     /// The file was written by a newer agent.
     #[error(
         "queue {path} has schema version {found}, newer than this agent's {SCHEMA_VERSION}; \
@@ -745,6 +755,7 @@ impl Store {
         lane: Lane,
         max: usize,
     ) -> Result<Option<QueuedBatch>, StoreError> {
+        assert!(!self.in_txn, "read_batch inside a write transaction");
         let (after, upto) = match lane {
             Lane::Live => (self.live_cursor, i64::MAX),
             Lane::Backlog => (self.backlog_cursor, self.boundary),
@@ -815,8 +826,14 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (id, series, ts, bits, seq) = row.map_err(self.sql_err("reading a batch"))?;
+            // Never skip a row: an ack covers the whole id range, so a skipped row would be
+            // deleted without ever having been sent.
             let Some((device, metric, tags)) = self.series.get(&series) else {
-                continue;
+                return Err(StoreError::Damaged {
+                    path: self.opts.path.clone(),
+                    id,
+                    series,
+                });
             };
             let device = self
                 .devices
@@ -842,6 +859,7 @@ impl Store {
     /// Deletes the readings of an acknowledged batch; returns how many were deleted
     /// (fewer than sent if some were evicted meanwhile). Unknown ids delete nothing.
     pub fn ack(&mut self, batch: u64) -> Result<u64, StoreError> {
+        assert!(!self.in_txn, "ack inside a write transaction");
         let Some(f) = self.in_flight.remove(&batch) else {
             return Ok(0);
         };
