@@ -9,6 +9,7 @@
 //! - [`ingest`]: the writer thread: group commit, then device acknowledgements.
 //! - [`mqtt`] and [`coap`]: the sources.
 //! - [`telemetry`]: logging and the Prometheus endpoint.
+//! - [`uplink`]: the uplink scheduler (sans-IO); the QUIC driver is still to come.
 //! - [`agent`]: wires it all together for `edge-agent run`.
 #![forbid(unsafe_code)]
 
@@ -22,3 +23,4 @@ pub mod ratelimit;
 pub mod store;
 pub mod telemetry;
 pub mod topic;
+pub mod uplink;
