@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`pki`]: the fleet CA, server and gateway certificates, and reading a gateway's identity
 //!   from its certificate.
+//! - [`quic`]: mutual TLS for the QUIC listener, revocation, and admitting a connection.
 #![forbid(unsafe_code)]
 
 pub mod pki;
+pub mod quic;

@@ -167,8 +167,25 @@ fn load_ca(dir: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
 fn issue(
     dir: &Path,
     stem: &str,
-    mut params: CertificateParams,
+    params: CertificateParams,
     days: i64,
+) -> Result<PathBuf, PkiError> {
+    let now = OffsetDateTime::now_utc();
+    issue_between(
+        dir,
+        stem,
+        params,
+        now - Duration::hours(1),
+        now + Duration::days(days),
+    )
+}
+
+fn issue_between(
+    dir: &Path,
+    stem: &str,
+    mut params: CertificateParams,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
 ) -> Result<PathBuf, PkiError> {
     let (cert_path, key_path) = (
         dir.join(format!("{stem}.pem")),
@@ -183,7 +200,8 @@ fn issue(
     let key = KeyPair::generate()?;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
-    validity(&mut params, days);
+    params.not_before = not_before;
+    params.not_after = not_after;
     let cert = params.signed_by(&key, &issuer)?;
     write_new(&key_path, &key.serialize_pem(), 0o600)?;
     write_new(&cert_path, &cert.pem(), 0o644)?;
@@ -209,6 +227,24 @@ pub fn server(dir: &Path, dns: &[String], ips: &[IpAddr], days: i64) -> Result<P
 
 /// Issues a gateway's client certificate, carrying its id and tenant.
 pub fn gateway(dir: &Path, gateway_id: &str, tenant: &str, days: i64) -> Result<PathBuf, PkiError> {
+    let now = OffsetDateTime::now_utc();
+    gateway_between(
+        dir,
+        gateway_id,
+        tenant,
+        now - Duration::hours(1),
+        now + Duration::days(days),
+    )
+}
+
+/// Issues a gateway certificate valid between two instants (tests use it for expired ones).
+pub fn gateway_between(
+    dir: &Path,
+    gateway_id: &str,
+    tenant: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<PathBuf, PkiError> {
     check_id("gateway id", gateway_id)?;
     check_id("tenant", tenant)?;
     if matches!(gateway_id, "ca" | "server") {
@@ -222,7 +258,7 @@ pub fn gateway(dir: &Path, gateway_id: &str, tenant: &str, days: i64) -> Result<
     let uri = format!("{IDENTITY_PREFIX}{tenant}:gateway:{gateway_id}");
     params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    issue(dir, gateway_id, params, days)
+    issue_between(dir, gateway_id, params, not_before, not_after)
 }
 
 /// The gateway identity in a (verified) certificate.
