@@ -3,8 +3,10 @@
 //! # Layout
 //! - [`pki`]: the fleet CA, server and gateway certificates, and reading a gateway's identity
 //!   from its certificate.
+//! - [`postgres`]: the schema and the idempotent batch writer.
 //! - [`quic`]: mutual TLS for the QUIC listener, revocation, and admitting a connection.
 #![forbid(unsafe_code)]
 
 pub mod pki;
+pub mod postgres;
 pub mod quic;
