@@ -1,12 +1,16 @@
 //! cloud-ingest: the Plantlink cloud service, as a library so that its parts can be tested.
 //!
 //! # Layout
+//! - [`config`]: the TOML configuration.
 //! - [`pki`]: the fleet CA, server and gateway certificates, and reading a gateway's identity
 //!   from its certificate.
 //! - [`postgres`]: the schema and the idempotent batch writer.
 //! - [`quic`]: mutual TLS for the QUIC listener, revocation, and admitting a connection.
+//! - [`server`]: `cloud-ingest run`: batches from admitted gateways into PostgreSQL.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod pki;
 pub mod postgres;
 pub mod quic;
+pub mod server;

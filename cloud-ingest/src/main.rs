@@ -14,7 +14,8 @@ use cloud_ingest::pki;
 /// hourly and daily rollups. It acknowledges a batch only when every sink has it, and
 /// serves a query API over what it stored.
 ///
-/// Today it manages the fleet PKI; ingest itself comes with the next releases.
+/// Today: the fleet PKI, the schema (`migrate`), and `run`, which admits gateways over QUIC
+/// and writes their batches to PostgreSQL. Kafka, rollups and alerting come next.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -22,8 +23,24 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// The service's TOML configuration (see deploy/cloud-ingest.example.toml).
+    #[arg(
+        long,
+        short,
+        env = "PLANTLINK_CLOUD_CONFIG",
+        default_value = "/etc/plantlink/cloud-ingest.toml"
+    )]
+    config: PathBuf,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Accepts gateways and writes their batches until SIGTERM or Ctrl-C.
+    Run(ConfigArg),
+    /// Creates or completes the database schema; safe to run again.
+    Migrate(ConfigArg),
     /// The fleet PKI: a CA, the server certificate, and one certificate per gateway.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -78,6 +95,38 @@ enum PkiCommand {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Run(c) => {
+            init_logging();
+            let config = cloud_ingest::config::Config::load(&c.config)?;
+            runtime()?.block_on(async {
+                if let Some(m) = &config.metrics {
+                    metrics_exporter_prometheus::PrometheusBuilder::new()
+                        .with_http_listener(m.bind)
+                        .install()
+                        .map_err(|e| anyhow::anyhow!("metrics.bind = {}: {e}", m.bind))?;
+                }
+                let server = cloud_ingest::server::Server::bind(config)?;
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    let _ = stop_tx.send(true);
+                });
+                server.serve(stop_rx).await
+            })?;
+        }
+        Command::Migrate(c) => {
+            let config = cloud_ingest::config::Config::load(&c.config)?;
+            runtime()?.block_on(async {
+                let (client, conn) =
+                    tokio_postgres::connect(&config.postgres.url, tokio_postgres::NoTls)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("postgres.url: cannot connect: {e}"))?;
+                tokio::spawn(conn);
+                cloud_ingest::postgres::migrate(&client).await?;
+                println!("schema is up to date");
+                anyhow::Ok(())
+            })?;
+        }
         Command::Pki(PkiCommand::Init { dir, days }) => {
             let p = pki::init(&dir, days)?;
             println!(
@@ -110,4 +159,35 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -2,75 +2,12 @@
 //! certificate from the fleet CA are admitted, and they are known by their certificate.
 #![allow(clippy::unwrap_used)] // tests may panic
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod common;
 
 use cloud_ingest::{pki, quic};
-use plantlink_wire::frame::{Frame, Hello};
-use quinn::crypto::rustls::QuicClientConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use common::{Dir, attempt, client};
+use plantlink_wire::frame::Frame;
 use time::{Duration, OffsetDateTime};
-
-struct Dir(PathBuf);
-impl Dir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("plantlink-quic-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A client presenting `dir/<id>.pem` (or no certificate) and trusting `ca`.
-fn client(ca: &Path, identity: Option<(&Path, &str)>) -> quinn::Endpoint {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(ca).unwrap())
-        .unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots);
-    let mut tls = match identity {
-        Some((dir, id)) => builder
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_file(dir.join(format!("{id}.pem"))).unwrap()],
-                PrivateKeyDer::from_pem_file(dir.join(format!("{id}.key"))).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![plantlink_wire::frame::ALPN.to_vec()];
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        QuicClientConfig::try_from(tls).unwrap(),
-    )));
-    ep
-}
-
-/// Connects, says Hello as `claimed`, and returns the answer (or why there was none).
-async fn attempt(ep: &quinn::Endpoint, server: SocketAddr, claimed: &str) -> Result<Frame, String> {
-    let conn = ep
-        .connect(server, "localhost")
-        .unwrap()
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let hello = Frame::Hello(Hello {
-        gateway_id: claimed.into(),
-        agent: "test".into(),
-        codec_version: 1,
-    });
-    quic::write_frame(&mut send, &hello).await?;
-    quic::read_frame(&mut recv, 1 << 16).await
-}
 
 #[tokio::test]
 async fn only_valid_unrevoked_fleet_gateways_are_admitted() {

@@ -1,0 +1,113 @@
+//! Helpers shared by cloud-ingest's integration tests.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cloud_ingest::quic;
+use plantlink_wire::frame::{Frame, Hello};
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+pub struct Dir(pub PathBuf);
+impl Dir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("plantlink-quic-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        Self(p)
+    }
+}
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A client presenting `dir/<id>.pem` (or no certificate) and trusting `ca`.
+pub fn client(ca: &Path, identity: Option<(&Path, &str)>) -> quinn::Endpoint {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(ca).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        Some((dir, id)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_file(dir.join(format!("{id}.pem"))).unwrap()],
+                PrivateKeyDer::from_pem_file(dir.join(format!("{id}.key"))).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![plantlink_wire::frame::ALPN.to_vec()];
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls).unwrap(),
+    )));
+    ep
+}
+
+/// Connects, says Hello as `claimed`, and returns the answer (or why there was none).
+pub async fn attempt(
+    ep: &quinn::Endpoint,
+    server: SocketAddr,
+    claimed: &str,
+) -> Result<Frame, String> {
+    let conn = ep
+        .connect(server, "localhost")
+        .unwrap()
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let hello = Frame::Hello(Hello {
+        gateway_id: claimed.into(),
+        agent: "test".into(),
+        codec_version: 1,
+    });
+    quic::write_frame(&mut send, &hello).await?;
+    quic::read_frame(&mut recv, 1 << 16).await
+}
+
+/// Connects and completes Hello/Welcome as `gateway`; returns the connection.
+pub async fn connect(ep: &quinn::Endpoint, server: SocketAddr, gateway: &str) -> quinn::Connection {
+    let conn = ep.connect(server, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = Frame::Hello(Hello {
+        gateway_id: gateway.into(),
+        agent: "test".into(),
+        codec_version: 1,
+    });
+    quic::write_frame(&mut send, &hello).await.unwrap();
+    match quic::read_frame(&mut recv, 1 << 16).await.unwrap() {
+        Frame::Welcome(_) => conn,
+        other => panic!("not welcomed: {other:?}"),
+    }
+}
+
+/// A PostgreSQL database of the test's own, dropped on `drop_db`.
+pub async fn pg(admin_dsn: &str, db: &str) -> tokio_postgres::Client {
+    let (admin, conn) = tokio_postgres::connect(admin_dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    admin
+}
+
+pub fn admin_dsn() -> String {
+    std::env::var("PLANTLINK_PG")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=postgres".into())
+}
