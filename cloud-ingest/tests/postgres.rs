@@ -2,13 +2,11 @@
 //! adds nothing, and values, timestamps, tags and sequence numbers come back exactly.
 #![allow(clippy::unwrap_used)] // tests may panic
 
-use cloud_ingest::postgres::{migrate, write_batch};
-use plantlink_model::{Reading, Timestamp};
+mod common;
 
-fn admin_url() -> String {
-    std::env::var("PLANTLINK_PG")
-        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=postgres".into())
-}
+use cloud_ingest::postgres::{migrate, write_batch};
+use common::{admin_dsn as admin_url, pg};
+use plantlink_model::{Reading, Timestamp};
 
 async fn connect(url: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -21,15 +19,7 @@ async fn connect(url: &str) -> tokio_postgres::Client {
 #[tokio::test]
 async fn replays_add_nothing_and_values_round_trip() {
     let db = format!("plantlink_test_pg_{}", std::process::id());
-    let admin = connect(&admin_url()).await;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap();
+    let admin = pg(&admin_url(), &db).await;
     let mut client = connect(&format!(
         "{} dbname={db}",
         admin_url().replace("dbname=postgres", "")
