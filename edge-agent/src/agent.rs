@@ -74,6 +74,16 @@ pub async fn run_until(
             stop_rx.clone(),
         ));
     }
+    if let Some(u) = config.uplink.clone() {
+        tasks.spawn(crate::uplink::driver::run(
+            u,
+            config.gateway.id.clone(),
+            tx.clone(),
+            stop_rx.clone(),
+        ));
+    } else {
+        tracing::info!("no [uplink]: collecting and storing only");
+    }
     drop(tx);
     if config.mqtt.is_none() && config.coap.is_none() {
         tracing::warn!("neither [mqtt] nor [coap] is configured: nothing will be collected");

@@ -23,7 +23,7 @@ use metrics::counter;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::ingest::{Completion, Message, Outcome, Source, bytes_like::Payload, now_us};
+use crate::ingest::{Command, Completion, Message, Outcome, Source, bytes_like::Payload, now_us};
 use crate::payload::{Context, Format, Reason};
 
 /// RFC 7252 EXCHANGE_LIFETIME.
@@ -102,7 +102,7 @@ impl MidCache {
 /// Serves CoAP on an already bound socket until `shutdown`.
 pub async fn serve(
     socket: UdpSocket,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Command>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let socket = Arc::new(socket);
@@ -205,7 +205,7 @@ pub async fn serve(
             payload: Payload::Owned(packet.payload.clone()),
             done: Completion::Coap(otx),
         };
-        if tx.send(m).await.is_err() {
+        if tx.send(Command::Ingest(m)).await.is_err() {
             break;
         }
         let answer = async move {

@@ -39,6 +39,49 @@ pub struct Config {
     /// Field mappings per device type and firmware version.
     #[serde(default)]
     pub firmware: Vec<Firmware>,
+    /// The uplink to cloud-ingest; absent means collect and store only.
+    pub uplink: Option<Uplink>,
+}
+
+/// `[uplink]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Uplink {
+    /// cloud-ingest's address, `host:port`.
+    pub server: String,
+    /// The name in the server's certificate (`cloud-ingest pki server --dns`).
+    pub server_name: String,
+    /// The fleet CA certificate.
+    pub ca: PathBuf,
+    /// This gateway's certificate (`cloud-ingest pki gateway`).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// Most readings in one batch.
+    #[serde(default = "default_batch_max")]
+    pub batch_max_readings: usize,
+    /// Longest a live reading waits for a fuller batch, in milliseconds.
+    #[serde(default = "default_linger")]
+    pub batch_linger_ms: u64,
+    /// Most unacknowledged batches.
+    #[serde(default = "default_uplink_in_flight")]
+    pub max_in_flight: usize,
+    /// Most backlog readings per second while draining after an outage.
+    #[serde(default = "default_backlog_rate")]
+    pub backlog_rate: f64,
+}
+
+fn default_batch_max() -> usize {
+    10_000
+}
+fn default_linger() -> u64 {
+    500
+}
+fn default_uplink_in_flight() -> usize {
+    8
+}
+fn default_backlog_rate() -> f64 {
+    50_000.0
 }
 
 /// `[gateway]`
@@ -437,6 +480,32 @@ impl Config {
                     self.dedupe.window_secs
                 ),
             );
+        }
+        if let Some(u) = &self.uplink {
+            if !(1..=100_000).contains(&u.batch_max_readings) {
+                return bad(
+                    "uplink.batch_max_readings",
+                    format!("{} must be from 1 to 100000", u.batch_max_readings),
+                );
+            }
+            if !(1..=1024).contains(&u.max_in_flight) {
+                return bad(
+                    "uplink.max_in_flight",
+                    format!("{} must be from 1 to 1024", u.max_in_flight),
+                );
+            }
+            if !(u.backlog_rate.is_finite() && u.backlog_rate > 0.0) {
+                return bad(
+                    "uplink.backlog_rate",
+                    format!("{} must be a positive number", u.backlog_rate),
+                );
+            }
+            if u.server
+                .rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+            {
+                return bad("uplink.server", format!("{:?} must be host:port", u.server));
+            }
         }
         for (i, f) in self.firmware.iter().enumerate() {
             if f.fields.is_empty() && f.ignore.is_empty() {

@@ -95,6 +95,52 @@ pub struct Message {
     pub done: Completion,
 }
 
+/// What the writer thread is asked to do. Everything that touches the queue goes through it,
+/// so the queue has one owner and needs no locks.
+#[derive(Debug)]
+// Nearly every command is Ingest; boxing it would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+pub enum Command {
+    /// Store a received message.
+    Ingest(Message),
+    /// A request of the uplink.
+    Uplink(UplinkRequest),
+}
+
+/// The uplink's requests to the queue.
+#[derive(Debug)]
+pub enum UplinkRequest {
+    /// How much is waiting in each lane.
+    View(oneshot::Sender<QueueView>),
+    /// Read up to `max` readings of `lane` and put them in flight.
+    Read {
+        /// The lane.
+        lane: plantlink_wire::frame::Lane,
+        /// Most readings.
+        max: usize,
+        /// The batch, if any, or the queue's error.
+        reply: oneshot::Sender<Result<Option<crate::store::QueuedBatch>, String>>,
+    },
+    /// The cloud acknowledged this queue batch: delete its readings.
+    Ack {
+        /// The queue batch id.
+        batch: u64,
+        /// How many readings were deleted, or the queue's error.
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    /// A connection (re)started: forget batches in flight; what is stored becomes backlog.
+    Restart(oneshot::Sender<QueueView>),
+}
+
+/// What waits in the queue, as the uplink sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueView {
+    /// Live readings not yet sent (an upper bound when some were evicted).
+    pub live_waiting: u64,
+    /// Whether backlog readings wait.
+    pub backlog_waiting: bool,
+}
+
 /// Payload bytes without copying MQTT's buffer.
 pub mod bytes_like {
     /// A payload: MQTT's shared buffer or an owned vector.
@@ -139,7 +185,7 @@ pub fn spawn_writer(
     store: Store,
     decoder: Decoder,
     limiter: RateLimiter,
-    rx: mpsc::Receiver<Message>,
+    rx: mpsc::Receiver<Command>,
     confirmed: mpsc::UnboundedReceiver<Vec<i64>>,
     opts: WriterOptions,
 ) -> std::thread::JoinHandle<Store> {
@@ -180,20 +226,31 @@ impl Writer {
         }
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Message>) -> Store {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Store {
         self.update_gauges(true);
         let mut group: Vec<Message> = Vec::with_capacity(MAX_GROUP);
+        let mut requests: Vec<UplinkRequest> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
-            group.push(first);
+            match first {
+                Command::Ingest(m) => group.push(m),
+                Command::Uplink(r) => requests.push(r),
+            }
             let deadline = Instant::now() + self.opts.commit_interval;
             'gather: while group.len() < MAX_GROUP && Instant::now() < deadline {
                 // Check the clock once per 64 messages, not per message.
                 for _ in 0..64 {
                     match rx.try_recv() {
-                        Ok(m) => group.push(m),
+                        Ok(Command::Ingest(m)) => group.push(m),
+                        Ok(Command::Uplink(r)) => requests.push(r),
                         Err(_) => break 'gather,
                     }
                 }
+            }
+            for r in requests.drain(..) {
+                self.serve_uplink(r);
+            }
+            if group.is_empty() {
+                continue;
             }
             let mut backoff = Duration::from_millis(100);
             let outcomes = loop {
@@ -215,6 +272,33 @@ impl Writer {
         }
         self.update_gauges(true);
         self.store
+    }
+
+    fn view(&self) -> QueueView {
+        QueueView {
+            live_waiting: self.store.live_waiting(),
+            backlog_waiting: self.store.has_backlog(),
+        }
+    }
+
+    fn serve_uplink(&mut self, r: UplinkRequest) {
+        match r {
+            UplinkRequest::View(reply) => {
+                let _ = reply.send(self.view());
+            }
+            UplinkRequest::Read { lane, max, reply } => {
+                let _ = reply.send(self.store.read_batch(lane, max).map_err(|e| e.to_string()));
+            }
+            UplinkRequest::Ack { batch, reply } => {
+                let r = self.store.ack(batch).map_err(|e| e.to_string());
+                self.update_gauges(false);
+                let _ = reply.send(r);
+            }
+            UplinkRequest::Restart(reply) => {
+                self.store.restart_lanes();
+                let _ = reply.send(self.view());
+            }
+        }
     }
 
     /// One transaction for the group. On any error the transaction is rolled back and the
@@ -391,12 +475,12 @@ fn complete(done: Completion, outcome: Outcome) {
 /// A blocking handle for tests and tools: sends messages and waits for their outcomes.
 #[derive(Debug)]
 pub struct SyncSender {
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Command>,
 }
 
 impl SyncSender {
     /// Wraps a sender.
-    pub fn new(tx: mpsc::Sender<Message>) -> Self {
+    pub fn new(tx: mpsc::Sender<Command>) -> Self {
         Self { tx }
     }
 
@@ -404,7 +488,7 @@ impl SyncSender {
     pub fn send_and_wait(&self, mut m: Message) -> Option<Outcome> {
         let (otx, orx) = oneshot::channel();
         m.done = Completion::Coap(otx);
-        self.tx.blocking_send(m).ok()?;
+        self.tx.blocking_send(Command::Ingest(m)).ok()?;
         orx.blocking_recv().ok()
     }
 }

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout};
 
 use crate::config::{Mqtt, parse_mqtt_url};
-use crate::ingest::{Completion, Message, Source, bytes_like::Payload, now_us};
+use crate::ingest::{Command, Completion, Message, Source, bytes_like::Payload, now_us};
 use crate::payload::Format;
 
 /// One PUBACK to send: connection generation, packet id, and the writer's record of the
@@ -66,7 +66,7 @@ enum End {
 pub async fn run(
     cfg: Mqtt,
     max_payload: usize,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Command>,
     confirmed: mpsc::UnboundedSender<Vec<i64>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -134,7 +134,7 @@ struct Session {
     cfg: Mqtt,
     max_packet: usize,
     /// `None` once draining: no new messages go to the writer.
-    tx: Option<mpsc::Sender<Message>>,
+    tx: Option<mpsc::Sender<Command>>,
     /// Our own sender, dropped when draining so the ack channel closes once the writer is done.
     ack_tx: Option<mpsc::UnboundedSender<Ack>>,
     generation: u64,
@@ -331,7 +331,7 @@ impl Session {
                         return End::Lost("the queue writer stopped".into());
                     };
                     if let Some(m) = self.pending.pop_front() {
-                        permit.send(m);
+                        permit.send(Command::Ingest(m));
                     }
                 }
                 first = acks.recv() => {

@@ -744,6 +744,13 @@ impl Store {
         self.backlog_cursor = 0;
     }
 
+    /// Live readings not yet read into a batch (an upper bound when some were evicted).
+    pub fn live_waiting(&self) -> u64 {
+        self.last_id
+            .saturating_sub(self.live_cursor.max(self.boundary))
+            .max(0) as u64
+    }
+
     /// Whether backlog readings are waiting to be read.
     pub fn has_backlog(&self) -> bool {
         self.backlog_cursor < self.boundary && self.total > 0

@@ -1,8 +1,10 @@
 //! The uplink to cloud-ingest.
 //!
 //! - [`schedule`]: the sans-IO scheduler that decides what to send and when to reconnect.
+//! - [`driver`]: the QUIC connection that carries out its decisions.
 //!
-//! The QUIC driver that feeds it (quinn, mutual TLS, one stream per lane) is not built yet;
-//! the queue side it needs is in [`crate::store`] (`read_batch`, `ack`, `restart_lanes`).
+//! The queue side is in [`crate::store`] (`read_batch`, `ack`, `restart_lanes`), reached
+//! through the writer thread's [`crate::ingest::UplinkRequest`]s.
 
+pub mod driver;
 pub mod schedule;

@@ -1,0 +1,224 @@
+//! The full path on one machine: readings published to a real Mosquitto are collected by the
+//! edge agent (real SQLite), shipped over QUIC with mutual TLS to cloud-ingest, and land in
+//! a real PostgreSQL exactly once. `PLANTLINK_FULL_PATH_MESSAGES` scales it (default 50000 messages, 100,000 readings).
+#![allow(clippy::unwrap_used)] // tests may panic
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cloud_ingest::config::{Config, Postgres, Quic};
+use cloud_ingest::pki;
+use cloud_ingest::server::Server;
+use common::{Dir, admin_dsn, pg};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+struct Mosquitto(Child, u16);
+impl Mosquitto {
+    fn start(dir: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n"
+        )).unwrap();
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "mosquitto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self(child, port)
+    }
+}
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_readings_reach_postgres_exactly_once() {
+    let n: i64 = std::env::var("PLANTLINK_FULL_PATH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let d = Dir::new("full");
+    std::fs::create_dir_all(&d.0).unwrap();
+    pki::init(&d.0, 3650).unwrap();
+    pki::server(&d.0, &["localhost".into()], &[], 365).unwrap();
+    pki::gateway(&d.0, "gw-full", "acme", 365).unwrap();
+    let db = format!("plantlink_test_full_{}", std::process::id());
+    let admin = pg(&admin_dsn(), &db).await;
+    let url = format!("{} dbname={db}", admin_dsn().replace("dbname=postgres", ""));
+    let (pgc, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    cloud_ingest::postgres::migrate(&pgc).await.unwrap();
+
+    let server = Server::bind(Config {
+        quic: Quic {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            cert: d.0.join("server.pem"),
+            key: d.0.join("server.key"),
+            client_ca: d.0.join("ca.pem"),
+            revoked: vec![],
+            max_in_flight: 8,
+            max_batch_bytes: 8 << 20,
+        },
+        postgres: Postgres { url },
+        metrics: None,
+    })
+    .unwrap();
+    let cloud_addr = server.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let cloud = tokio::spawn(server.serve(stop_rx.clone()));
+
+    let broker = Mosquitto::start(&d.0);
+    let client_id = format!("full-{}", std::process::id());
+    let agent_cfg = d.0.join("agent.toml");
+    std::fs::write(
+        &agent_cfg,
+        format!(
+            r#"
+[gateway]
+id = "gw-full"
+tenant = "acme"
+[store]
+path = "{dir}/queue.db"
+[mqtt]
+url = "mqtt://127.0.0.1:{port}"
+client_id = "{client_id}"
+subscriptions = ["plant/#"]
+[[mqtt.topics]]
+template = "plant/{{site}}/{{device}}"
+[limits]
+per_device_per_sec = 1e9
+burst = 1e9
+[uplink]
+server = "{cloud_addr}"
+server_name = "localhost"
+ca = "{dir}/ca.pem"
+cert = "{dir}/gw-full.pem"
+key = "{dir}/gw-full.key"
+batch_max_readings = 5000
+batch_linger_ms = 100
+"#,
+            dir = d.0.display(),
+            port = broker.1
+        ),
+    )
+    .unwrap();
+    let config = edge_agent::config::Config::load(&agent_cfg).unwrap();
+
+    // The agent's session exists before anything is published, so nothing is missed.
+    let (c, mut el) = {
+        let mut o = MqttOptions::new(client_id.clone(), "127.0.0.1", broker.1);
+        o.set_clean_session(false);
+        AsyncClient::new(o, 10)
+    };
+    c.subscribe("plant/#", QoS::AtLeastOnce).await.unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
+            break;
+        }
+    }
+    c.disconnect().await.unwrap();
+    while el.poll().await.is_ok() {}
+
+    let mut agent_stop = stop_rx.clone();
+    let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {
+        let _ = agent_stop.changed().await;
+    }));
+
+    // Publish: n messages from 50 devices, two metrics each, with time and sequence.
+    let mut o = MqttOptions::new("full-publisher", "127.0.0.1", broker.1);
+    o.set_inflight(500);
+    let (publisher, mut pel) = AsyncClient::new(o, 1000);
+    tokio::spawn(async move {
+        for i in 0..n {
+            let body = format!(
+                r#"{{"ts": {}, "seq": {i}, "temperature": {}.5, "pressure": 1013.{}}}"#,
+                1_767_225_600_000i64 + (i / 50) * 10,
+                i % 90,
+                i % 10
+            );
+            publisher
+                .publish(
+                    format!("plant/s1/dev-{}", i % 50),
+                    QoS::AtLeastOnce,
+                    false,
+                    body,
+                )
+                .await
+                .unwrap();
+        }
+    });
+    let mut acked = 0;
+    while acked < n {
+        if let Event::Incoming(Packet::PubAck(_)) = pel.poll().await.unwrap() {
+            acked += 1;
+        }
+    }
+
+    let want = 2 * n;
+    let start = Instant::now();
+    let count = loop {
+        let c: i64 = pgc
+            .query_one("SELECT count(*) FROM raw_metrics", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if c >= want || start.elapsed() > Duration::from_secs(120) {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        count,
+        want,
+        "readings in PostgreSQL after {:?}",
+        start.elapsed()
+    );
+    let row = pgc
+        .query_one("SELECT count(DISTINCT seq), min(seq), max(seq), count(*) FILTER (WHERE tenant_id <> 'acme') FROM raw_metrics", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, Option<i64>>(1),
+            row.get::<_, Option<i64>>(2),
+            row.get::<_, i64>(3)
+        ),
+        (n, Some(0), Some(n - 1), 0)
+    );
+
+    let _ = stop_tx.send(true);
+    agent.await.unwrap().unwrap();
+    cloud.await.unwrap().unwrap();
+    drop(pgc);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

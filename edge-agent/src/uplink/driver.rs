@@ -1,0 +1,248 @@
+//! The uplink's I/O: a QUIC connection to cloud-ingest with mutual TLS, one stream per lane,
+//! driven by the [`Scheduler`](super::schedule::Scheduler). Readings are deleted from the
+//! queue only when the cloud acknowledges their batch; a lost connection restarts the lanes,
+//! so whatever was unacknowledged is sent again (the cloud's writes are idempotent).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics::{counter, gauge};
+use plantlink_wire::BatchEncoder;
+use plantlink_wire::frame::{self, Batch, Frame, Hello, Lane};
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::schedule::{Decision, Live, Scheduler, Settings};
+use crate::config::Uplink;
+use crate::ingest::{Command, QueueView, UplinkRequest};
+
+const MAX_FRAME: usize = 64 << 20;
+
+fn tls(cfg: &Uplink) -> anyhow::Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = CertificateDer::from_pem_file(&cfg.ca)
+        .with_context(|| format!("uplink.ca = {}", cfg.ca.display()))?;
+    roots
+        .add(ca)
+        .with_context(|| format!("uplink.ca = {}", cfg.ca.display()))?;
+    let cert = CertificateDer::pem_file_iter(&cfg.cert)
+        .with_context(|| format!("uplink.cert = {}", cfg.cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("uplink.cert = {}", cfg.cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key)
+        .with_context(|| format!("uplink.key = {}", cfg.key.display()))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(cert, key)
+        .context("uplink.cert and uplink.key do not belong together")?;
+    tls.alpn_protocols = vec![frame::ALPN.to_vec()];
+    Ok(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls)?,
+    )))
+}
+
+async fn ask<T>(
+    tx: &mpsc::Sender<Command>,
+    make: impl FnOnce(oneshot::Sender<T>) -> UplinkRequest,
+) -> anyhow::Result<T> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(Command::Uplink(make(reply)))
+        .await
+        .map_err(|_| anyhow::anyhow!("the queue writer stopped"))?;
+    rx.await
+        .map_err(|_| anyhow::anyhow!("the queue writer stopped"))
+}
+
+/// Runs the uplink until `shutdown`.
+pub async fn run(
+    cfg: Uplink,
+    gateway_id: String,
+    queue: mpsc::Sender<Command>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let client = tls(&cfg)?;
+    let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
+    endpoint.set_default_client_config(client);
+    let start = Instant::now();
+    let mut sched = Scheduler::new(
+        Settings {
+            batch_max_readings: cfg.batch_max_readings,
+            linger: Duration::from_millis(cfg.batch_linger_ms),
+            max_in_flight: cfg.max_in_flight,
+            backlog_rate: cfg.backlog_rate,
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+        },
+        Duration::ZERO,
+    );
+    let mut jitter = (std::process::id() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    loop {
+        let result = tokio::select! {
+            r = session(&endpoint, &cfg, &gateway_id, &queue, &mut sched, start) => r,
+            _ = shutdown.changed() => break,
+        };
+        gauge!("plantlink_edge_uplink_connected").set(0.0);
+        if let Err(e) = result {
+            tracing::warn!(server = %cfg.server, error = %format!("{e:#}"), "uplink down");
+        }
+        counter!("plantlink_edge_uplink_reconnects_total").increment(1);
+        jitter = jitter
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        let delay = sched.on_disconnected((jitter >> 11) as f64 / (1u64 << 53) as f64);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    endpoint.close(0u32.into(), b"agent stopping");
+    Ok(())
+}
+
+async fn session(
+    endpoint: &quinn::Endpoint,
+    cfg: &Uplink,
+    gateway_id: &str,
+    queue: &mpsc::Sender<Command>,
+    sched: &mut Scheduler,
+    start: Instant,
+) -> anyhow::Result<()> {
+    let addr = tokio::net::lookup_host(&cfg.server)
+        .await
+        .with_context(|| format!("uplink.server = {}", cfg.server))?
+        .next()
+        .with_context(|| format!("uplink.server = {} resolves to nothing", cfg.server))?;
+    let conn = endpoint
+        .connect(addr, &cfg.server_name)?
+        .await
+        .context("QUIC/TLS handshake")?;
+    let (mut control, mut control_rx) = conn.open_bi().await?;
+    let hello = Frame::Hello(Hello {
+        gateway_id: gateway_id.to_owned(),
+        agent: format!("edge-agent/{}", env!("CARGO_PKG_VERSION")),
+        codec_version: plantlink_wire::batch::CODEC_VERSION,
+    });
+    write_frame(&mut control, &hello).await?;
+    match read_frame(&mut control_rx).await? {
+        Frame::Welcome(w) => {
+            tracing::info!(server = %cfg.server, tenant = %w.tenant, "uplink connected")
+        }
+        Frame::Error(e) => anyhow::bail!("cloud refused the gateway: {}", e.reason),
+        other => anyhow::bail!("unexpected answer to Hello: {other:?}"),
+    }
+    ask(queue, UplinkRequest::Restart).await?;
+    sched.on_connected();
+    gauge!("plantlink_edge_uplink_connected").set(1.0);
+
+    // One stream per lane; a task per stream forwards what the cloud answers.
+    let (answers_tx, mut answers) = mpsc::unbounded_channel::<anyhow::Result<Frame>>();
+    let mut lanes = Vec::new();
+    for _ in 0..2 {
+        let (send, mut recv) = conn.open_bi().await?;
+        let tx = answers_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let f = read_frame(&mut recv).await;
+                let stop = f.is_err();
+                if tx.send(f).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        lanes.push(send);
+    }
+    let mut encoder = BatchEncoder::default();
+    let mut live_since: Option<Instant> = None;
+    let mut wake = Instant::now();
+    loop {
+        tokio::select! {
+            answer = answers.recv() => {
+                match answer.context("answer streams closed")?? {
+                    Frame::Ack(a) => {
+                        if let Some((batch, _lane, n)) = sched.on_ack(a.seq) {
+                            let deleted = ask(queue, |reply| UplinkRequest::Ack { batch, reply }).await?.map_err(anyhow::Error::msg)?;
+                            counter!("plantlink_edge_batches_acked_total").increment(1);
+                            counter!("plantlink_edge_readings_acked_total").increment(deleted.min(n as u64));
+                        }
+                    }
+                    Frame::Error(e) => anyhow::bail!("cloud refused batch {:?}: {} (code {})", e.seq, e.reason, e.code.0),
+                    other => anyhow::bail!("unexpected frame from the cloud: {other:?}"),
+                }
+                counter!("plantlink_edge_uplink_bytes_sent_total").absolute(conn.stats().udp_tx.bytes);
+            }
+            _ = tokio::time::sleep_until(wake) => {}
+            reason = conn.closed() => anyhow::bail!("connection closed: {reason}"),
+        }
+        // Send whatever the scheduler allows now.
+        loop {
+            let view: QueueView = ask(queue, UplinkRequest::View).await?;
+            let now = Instant::now();
+            if view.live_waiting == 0 {
+                live_since = None;
+            } else if live_since.is_none() {
+                live_since = Some(now);
+            }
+            let live = Live {
+                waiting: view.live_waiting as usize,
+                oldest_wait: live_since.map_or(Duration::ZERO, |t| now - t),
+            };
+            match sched.next(now - start, live, view.backlog_waiting) {
+                Decision::Send { lane, max } => {
+                    let read = ask(queue, |reply| UplinkRequest::Read { lane, max, reply }).await?;
+                    let Some(batch) = read.map_err(anyhow::Error::msg)? else {
+                        // The estimate was high (evictions): nothing to send in this lane.
+                        wake = now + Duration::from_millis(50);
+                        break;
+                    };
+                    let seq = sched.on_sent(now - start, batch.id, lane, batch.readings.len());
+                    let f = Frame::Batch(Batch {
+                        seq,
+                        lane,
+                        readings: batch.readings.len() as u32,
+                        payload: encoder.encode(&batch.readings),
+                    });
+                    let stream = &mut lanes[if lane == Lane::Live { 0 } else { 1 }];
+                    write_frame(stream, &f).await?;
+                    if lane == Lane::Live {
+                        live_since = None;
+                    }
+                }
+                Decision::WaitUntil(t) => {
+                    wake = start + t;
+                    break;
+                }
+                Decision::Idle => {
+                    // New readings are not signalled: look again shortly.
+                    wake = now + Duration::from_millis(50);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    frame::encode_frame(f, &mut buf);
+    send.write_all(&buf).await.context("sending to the cloud")
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> anyhow::Result<Frame> {
+    let mut prefix = [0u8; frame::LENGTH_PREFIX];
+    recv.read_exact(&mut prefix)
+        .await
+        .context("reading from the cloud")?;
+    let total = frame::frame_len(&prefix, MAX_FRAME)?;
+    let mut buf = vec![0u8; total];
+    buf[..frame::LENGTH_PREFIX].copy_from_slice(&prefix);
+    recv.read_exact(&mut buf[frame::LENGTH_PREFIX..])
+        .await
+        .context("reading from the cloud")?;
+    Ok(frame::decode_frame(&buf, MAX_FRAME)?.0)
+}
