@@ -70,73 +70,6 @@ async fn a_lossy_reordering_link_loses_nothing_and_does_not_stall() {
     full_path(10_000, Some(0.05), "lossy").await;
 }
 
-/// A UDP relay in front of `upstream` that drops `loss` of the packets in each direction
-/// and holds back another 10% for 20 ms, so they arrive out of order.
-async fn lossy_proxy(upstream: std::net::SocketAddr, loss: f64) -> std::net::SocketAddr {
-    use std::sync::Arc;
-    use tokio::net::UdpSocket;
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    back.connect(upstream).await.unwrap();
-    let addr = front.local_addr().unwrap();
-    let client = Arc::new(std::sync::Mutex::new(None::<std::net::SocketAddr>));
-    // A small deterministic generator per direction.
-    fn next(state: &mut u64) -> f64 {
-        *state ^= *state << 13;
-        *state ^= *state >> 7;
-        *state ^= *state << 17;
-        (*state >> 11) as f64 / (1u64 << 53) as f64
-    }
-    {
-        let (front, back, client) = (front.clone(), back.clone(), client.clone());
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65_536];
-            let mut rng = 0x1234_5678_9abc_def1u64;
-            while let Ok((n, from)) = front.recv_from(&mut buf).await {
-                *client.lock().unwrap() = Some(from);
-                let r = next(&mut rng);
-                let data = buf[..n].to_vec();
-                if r < loss {
-                    continue;
-                }
-                if r < loss + 0.1 {
-                    let back = back.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        let _ = back.send(&data).await;
-                    });
-                } else {
-                    let _ = back.send(&data).await;
-                }
-            }
-        });
-    }
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        let mut rng = 0x0fed_cba9_8765_4321u64;
-        while let Ok(n) = back.recv(&mut buf).await {
-            let Some(to) = *client.lock().unwrap() else {
-                continue;
-            };
-            let r = next(&mut rng);
-            let data = buf[..n].to_vec();
-            if r < loss {
-                continue;
-            }
-            if r < loss + 0.1 {
-                let front = front.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    let _ = front.send_to(&data, to).await;
-                });
-            } else {
-                let _ = front.send_to(&data, to).await;
-            }
-        }
-    });
-    addr
-}
-
 async fn full_path(n: i64, loss: Option<f64>, tag: &str) {
     let d = Dir::new(tag);
     std::fs::create_dir_all(&d.0).unwrap();
@@ -168,7 +101,7 @@ async fn full_path(n: i64, loss: Option<f64>, tag: &str) {
     .unwrap();
     let mut cloud_addr = server.local_addr().unwrap();
     if let Some(loss) = loss {
-        cloud_addr = lossy_proxy(cloud_addr, loss).await;
+        cloud_addr = common::lossy_proxy(cloud_addr, loss).await.0;
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cloud = tokio::spawn(server.serve(stop_rx.clone()));

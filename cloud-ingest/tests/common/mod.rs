@@ -111,3 +111,84 @@ pub fn admin_dsn() -> String {
     std::env::var("PLANTLINK_PG")
         .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=postgres".into())
 }
+
+/// A UDP relay in front of `upstream` that drops `loss` of the packets in each direction
+/// and holds back another 10% for 20 ms, so they arrive out of order. Also counts the UDP
+/// payload bytes sent towards `upstream` (QUIC and TLS included).
+pub async fn lossy_proxy(
+    upstream: std::net::SocketAddr,
+    loss: f64,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::Arc;
+    use tokio::net::UdpSocket;
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    back.connect(upstream).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let client = Arc::new(std::sync::Mutex::new(None::<std::net::SocketAddr>));
+    let upstream_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // A small deterministic generator per direction.
+    fn next(state: &mut u64) -> f64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        (*state >> 11) as f64 / (1u64 << 53) as f64
+    }
+    {
+        let (front, back, client, counted) = (
+            front.clone(),
+            back.clone(),
+            client.clone(),
+            upstream_bytes.clone(),
+        );
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            let mut rng = 0x1234_5678_9abc_def1u64;
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                *client.lock().unwrap() = Some(from);
+                counted.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                let r = next(&mut rng);
+                let data = buf[..n].to_vec();
+                if r < loss {
+                    continue;
+                }
+                if r < loss + 0.1 {
+                    let back = back.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        let _ = back.send(&data).await;
+                    });
+                } else {
+                    let _ = back.send(&data).await;
+                }
+            }
+        });
+    }
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        let mut rng = 0x0fed_cba9_8765_4321u64;
+        while let Ok(n) = back.recv(&mut buf).await {
+            let Some(to) = *client.lock().unwrap() else {
+                continue;
+            };
+            let r = next(&mut rng);
+            let data = buf[..n].to_vec();
+            if r < loss {
+                continue;
+            }
+            if r < loss + 0.1 {
+                let front = front.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    let _ = front.send_to(&data, to).await;
+                });
+            } else {
+                let _ = front.send_to(&data, to).await;
+            }
+        }
+    });
+    (addr, upstream_bytes)
+}

@@ -1,0 +1,139 @@
+//! Benchmark (not run by default): a 1,000,000-reading reference backlog drained from the
+//! agent's queue over QUIC into PostgreSQL on loopback, with the UDP payload bytes counted by
+//! a relay in the path. Run it in release mode:
+//!
+//! `cargo test --release -p cloud-ingest --test bench_uplink -- --ignored --nocapture`
+#![allow(clippy::unwrap_used)] // tests may panic
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cloud_ingest::config::{Config, Postgres, Quic};
+use cloud_ingest::pki;
+use cloud_ingest::server::Server;
+use common::{Dir, admin_dsn, pg};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run with --release -- --ignored"]
+async fn backlog_drain_and_bytes_per_reading() {
+    let d = Dir::new("bench");
+    std::fs::create_dir_all(&d.0).unwrap();
+    pki::init(&d.0, 3650).unwrap();
+    pki::server(&d.0, &["localhost".into()], &[], 365).unwrap();
+    pki::gateway(&d.0, "gw-b", "acme", 365).unwrap();
+    let db = format!("plantlink_bench_{}", std::process::id());
+    let admin = pg(&admin_dsn(), &db).await;
+    let url = format!("{} dbname={db}", admin_dsn().replace("dbname=postgres", ""));
+    let (pgc, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    cloud_ingest::postgres::migrate(&pgc).await.unwrap();
+
+    // The reference dataset (seed 1, 1.2 M readings) trimmed to 1,000,000, queued as a backlog.
+    let mut readings =
+        firmware_sim::refdata::generate(&firmware_sim::refdata::RefSpec::reference(1));
+    readings.truncate(1_000_000);
+    let n = readings.len() as i64;
+    let t = Instant::now();
+    let opts = edge_agent::store::Options {
+        path: d.0.join("queue.db"),
+        max_bytes: 1 << 30,
+        synchronous: edge_agent::config::Synchronous::Normal,
+        dedupe_window_us: 600_000_000,
+        dead_letters_keep: 100,
+        tenant: "acme".into(),
+    };
+    let mut store = edge_agent::store::Store::open(opts).unwrap();
+    for chunk in readings.chunks(100_000) {
+        store.begin(1).unwrap();
+        for r in chunk {
+            store.insert(r).unwrap();
+        }
+        store.commit().unwrap();
+    }
+    drop(store);
+    eprintln!("queued {n} readings in {:.1} s", t.elapsed().as_secs_f64());
+
+    let server = Server::bind(Config {
+        quic: Quic {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            cert: d.0.join("server.pem"),
+            key: d.0.join("server.key"),
+            client_ca: d.0.join("ca.pem"),
+            revoked: vec![],
+            max_in_flight: 16,
+            max_batch_bytes: 8 << 20,
+        },
+        postgres: Postgres { url },
+        metrics: None,
+    })
+    .unwrap();
+    let (relay, bytes) = common::lossy_proxy(server.local_addr().unwrap(), 0.0).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let cloud = tokio::spawn(server.serve(stop_rx.clone()));
+
+    let cfg_path = d.0.join("agent.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            r#"
+[gateway]
+id = "gw-b"
+tenant = "acme"
+[store]
+path = "{dir}/queue.db"
+[uplink]
+server = "{relay}"
+server_name = "localhost"
+ca = "{dir}/ca.pem"
+cert = "{dir}/gw-b.pem"
+key = "{dir}/gw-b.key"
+batch_max_readings = 50000
+max_in_flight = 16
+backlog_rate = 10000000
+"#,
+            dir = d.0.display()
+        ),
+    )
+    .unwrap();
+    let config = edge_agent::config::Config::load(&cfg_path).unwrap();
+    let mut agent_stop = stop_rx.clone();
+    let start = Instant::now();
+    let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {
+        let _ = agent_stop.changed().await;
+    }));
+    loop {
+        let c: i64 = pgc
+            .query_one("SELECT count(*) FROM raw_metrics", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if c >= n {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "{c} of {n} after {:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let wire = bytes.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "backlog drain: {n} readings into PostgreSQL in {secs:.2} s ({:.0} readings/s); \
+         agent->cloud UDP payload {wire} bytes = {:.3} B/reading",
+        n as f64 / secs,
+        wire as f64 / n as f64
+    );
+    let _ = stop_tx.send(true);
+    agent.await.unwrap().unwrap();
+    cloud.await.unwrap().unwrap();
+    drop(pgc);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
