@@ -9,27 +9,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cloud_ingest::config::{Config, Postgres, Quic};
-use cloud_ingest::pki;
 use cloud_ingest::server::Server;
-use common::{Dir, admin_dsn, pg};
+use common::Dir;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: run with --release -- --ignored"]
 async fn backlog_drain_and_bytes_per_reading() {
     let d = Dir::new("bench");
-    std::fs::create_dir_all(&d.0).unwrap();
-    pki::init(&d.0, 3650).unwrap();
-    pki::server(&d.0, &["localhost".into()], &[], 365).unwrap();
-    pki::gateway(&d.0, "gw-b", "acme", 365).unwrap();
+    common::fleet(&d.0, "gw-b");
     let db = format!("plantlink_bench_{}", std::process::id());
-    let admin = pg(&admin_dsn(), &db).await;
-    let url = format!("{} dbname={db}", admin_dsn().replace("dbname=postgres", ""));
-    let (pgc, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    cloud_ingest::postgres::migrate(&pgc).await.unwrap();
+    let (admin, url, pgc) = common::database(&db).await;
 
     // The reference dataset (seed 1, 1.2 M readings) trimmed to 1,000,000, queued as a backlog.
     let mut readings =
@@ -56,20 +45,7 @@ async fn backlog_drain_and_bytes_per_reading() {
     drop(store);
     eprintln!("queued {n} readings in {:.1} s", t.elapsed().as_secs_f64());
 
-    let server = Server::bind(Config {
-        quic: Quic {
-            bind: "127.0.0.1:0".parse().unwrap(),
-            cert: d.0.join("server.pem"),
-            key: d.0.join("server.key"),
-            client_ca: d.0.join("ca.pem"),
-            revoked: vec![],
-            max_in_flight: 16,
-            max_batch_bytes: 8 << 20,
-        },
-        postgres: Postgres { url },
-        metrics: None,
-    })
-    .unwrap();
+    let server = Server::bind(common::cloud_config(&d.0, url, 16, 8 << 20)).unwrap();
     let (relay, bytes) = common::lossy_proxy(server.local_addr().unwrap(), 0.0).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cloud = tokio::spawn(server.serve(stop_rx.clone()));

@@ -5,55 +5,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cloud_ingest::config::{Config, Postgres, Quic};
-use cloud_ingest::pki;
 use cloud_ingest::server::Server;
-use common::{Dir, admin_dsn, pg};
+use common::Dir;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
-struct Mosquitto(Child, u16);
-impl Mosquitto {
-    fn start(dir: &std::path::Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(&conf, format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n"
-        )).unwrap();
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap_or("mosquitto");
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "mosquitto did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self(child, port)
-    }
-}
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_readings_reach_postgres_exactly_once() {
@@ -72,33 +28,11 @@ async fn a_lossy_reordering_link_loses_nothing_and_does_not_stall() {
 
 async fn full_path(n: i64, loss: Option<f64>, tag: &str) {
     let d = Dir::new(tag);
-    std::fs::create_dir_all(&d.0).unwrap();
-    pki::init(&d.0, 3650).unwrap();
-    pki::server(&d.0, &["localhost".into()], &[], 365).unwrap();
-    pki::gateway(&d.0, "gw-full", "acme", 365).unwrap();
+    common::fleet(&d.0, "gw-full");
     let db = format!("plantlink_test_{tag}_{}", std::process::id());
-    let admin = pg(&admin_dsn(), &db).await;
-    let url = format!("{} dbname={db}", admin_dsn().replace("dbname=postgres", ""));
-    let (pgc, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    cloud_ingest::postgres::migrate(&pgc).await.unwrap();
+    let (admin, url, pgc) = common::database(&db).await;
 
-    let server = Server::bind(Config {
-        quic: Quic {
-            bind: "127.0.0.1:0".parse().unwrap(),
-            cert: d.0.join("server.pem"),
-            key: d.0.join("server.key"),
-            client_ca: d.0.join("ca.pem"),
-            revoked: vec![],
-            max_in_flight: 8,
-            max_batch_bytes: 8 << 20,
-        },
-        postgres: Postgres { url },
-        metrics: None,
-    })
-    .unwrap();
+    let server = Server::bind(common::cloud_config(&d.0, url, 8, 8 << 20)).unwrap();
     let mut cloud_addr = server.local_addr().unwrap();
     if let Some(loss) = loss {
         cloud_addr = common::lossy_proxy(cloud_addr, loss).await.0;
@@ -106,7 +40,7 @@ async fn full_path(n: i64, loss: Option<f64>, tag: &str) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cloud = tokio::spawn(server.serve(stop_rx.clone()));
 
-    let broker = Mosquitto::start(&d.0);
+    let broker = common::Mosquitto::start(&d.0);
     let client_id = format!("{tag}-{}", std::process::id());
     let agent_cfg = d.0.join("agent.toml");
     std::fs::write(
@@ -137,26 +71,13 @@ batch_max_readings = 5000
 batch_linger_ms = 100
 "#,
             dir = d.0.display(),
-            port = broker.1
+            port = broker.port
         ),
     )
     .unwrap();
     let config = edge_agent::config::Config::load(&agent_cfg).unwrap();
 
-    // The agent's session exists before anything is published, so nothing is missed.
-    let (c, mut el) = {
-        let mut o = MqttOptions::new(client_id.clone(), "127.0.0.1", broker.1);
-        o.set_clean_session(false);
-        AsyncClient::new(o, 10)
-    };
-    c.subscribe("plant/#", QoS::AtLeastOnce).await.unwrap();
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
-            break;
-        }
-    }
-    c.disconnect().await.unwrap();
-    while el.poll().await.is_ok() {}
+    common::create_session(broker.port, &client_id).await;
 
     let mut agent_stop = stop_rx.clone();
     let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {
@@ -164,7 +85,7 @@ batch_linger_ms = 100
     }));
 
     // Publish: n messages from 50 devices, two metrics each, with time and sequence.
-    let mut o = MqttOptions::new("full-publisher", "127.0.0.1", broker.1);
+    let mut o = MqttOptions::new("full-publisher", "127.0.0.1", broker.port);
     o.set_inflight(500);
     let (publisher, mut pel) = AsyncClient::new(o, 1000);
     tokio::spawn(async move {

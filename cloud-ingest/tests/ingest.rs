@@ -5,10 +5,9 @@
 
 mod common;
 
-use cloud_ingest::config::{Config, Postgres, Quic};
+use cloud_ingest::quic;
 use cloud_ingest::server::Server;
-use cloud_ingest::{pki, quic};
-use common::{Dir, admin_dsn, client, connect, pg};
+use common::{Dir, client, connect};
 use plantlink_model::{Reading, Timestamp};
 use plantlink_wire::BatchEncoder;
 use plantlink_wire::frame::{Batch, ErrorCode, Frame, Lane};
@@ -25,31 +24,11 @@ fn batch(seq: u64, readings: &[Reading]) -> Frame {
 #[tokio::test]
 async fn batches_are_stored_once_and_acked_after_commit() {
     let d = Dir::new("ingest");
-    pki::init(&d.0, 3650).unwrap();
-    pki::server(&d.0, &["localhost".into()], &[], 365).unwrap();
-    pki::gateway(&d.0, "gw-1", "acme", 365).unwrap();
+    common::fleet(&d.0, "gw-1");
     let db = format!("plantlink_test_ingest_{}", std::process::id());
-    let admin = pg(&admin_dsn(), &db).await;
-    let url = format!("{} dbname={db}", admin_dsn().replace("dbname=postgres", ""));
-    let (pgc, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    cloud_ingest::postgres::migrate(&pgc).await.unwrap();
+    let (admin, url, pgc) = common::database(&db).await;
 
-    let config = Config {
-        quic: Quic {
-            bind: "127.0.0.1:0".parse().unwrap(),
-            cert: d.0.join("server.pem"),
-            key: d.0.join("server.key"),
-            client_ca: d.0.join("ca.pem"),
-            revoked: vec![],
-            max_in_flight: 8,
-            max_batch_bytes: 1 << 20,
-        },
-        postgres: Postgres { url },
-        metrics: None,
-    };
+    let config = common::cloud_config(&d.0, url, 8, 1 << 20);
     let server = Server::bind(config).unwrap();
     let addr = server.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

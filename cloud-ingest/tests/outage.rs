@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use cloud_ingest::pki;
-use common::{Dir, admin_dsn, pg};
+use common::Dir;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 struct Proc(Child);
@@ -44,37 +43,6 @@ fn start_cloud(config: &std::path::Path) -> Proc {
     )
 }
 
-fn mosquitto(dir: &std::path::Path) -> (Proc, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(&conf, format!(
-        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n"
-    )).unwrap();
-    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("mosquitto");
-    let p = Proc(
-        Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (p, port)
-}
-
 async fn rows(pgc: &tokio_postgres::Client, filter: &str) -> i64 {
     pgc.query_one(
         &format!("SELECT count(*) FROM raw_metrics WHERE {filter}"),
@@ -92,18 +60,9 @@ async fn crashes_and_an_outage_lose_nothing_and_live_goes_first() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
     let d = Dir::new("outage");
-    std::fs::create_dir_all(&d.0).unwrap();
-    pki::init(&d.0, 3650).unwrap();
-    pki::server(&d.0, &["localhost".into()], &[], 365).unwrap();
-    pki::gateway(&d.0, "gw-o", "acme", 365).unwrap();
+    common::fleet(&d.0, "gw-o");
     let db = format!("plantlink_test_outage_{}", std::process::id());
-    let admin = pg(&admin_dsn(), &db).await;
-    let url = format!("{} dbname={db}", admin_dsn().replace("dbname=postgres", ""));
-    let (pgc, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    cloud_ingest::postgres::migrate(&pgc).await.unwrap();
+    let (admin, url, pgc) = common::database(&db).await;
 
     let cloud_port = free_port();
     let cloud_cfg = d.0.join("cloud.toml");
@@ -112,7 +71,8 @@ async fn crashes_and_an_outage_lose_nothing_and_live_goes_first() {
     )).unwrap();
     let mut cloud = start_cloud(&cloud_cfg);
 
-    let (_broker, mport) = mosquitto(&d.0);
+    let broker = common::Mosquitto::start(&d.0);
+    let mport = broker.port;
     let client_id = format!("outage-{}", std::process::id());
     let agent_cfg = d.0.join("agent.toml");
     std::fs::write(
@@ -147,20 +107,7 @@ backlog_rate = 4000
         ),
     )
     .unwrap();
-    // The agent's session exists before anything is published, so nothing is missed.
-    {
-        let mut o = MqttOptions::new(client_id.clone(), "127.0.0.1", mport);
-        o.set_clean_session(false);
-        let (c, mut el) = AsyncClient::new(o, 10);
-        c.subscribe("plant/#", QoS::AtLeastOnce).await.unwrap();
-        loop {
-            if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
-                break;
-            }
-        }
-        c.disconnect().await.unwrap();
-        while el.poll().await.is_ok() {}
-    }
+    common::create_session(mport, &client_id).await;
     let config = edge_agent::config::Config::load(&agent_cfg).unwrap();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {

@@ -192,3 +192,117 @@ pub async fn lossy_proxy(
     });
     (addr, upstream_bytes)
 }
+
+/// A fleet PKI in `dir`: the CA, a server certificate for `localhost`, and one gateway
+/// certificate of tenant `acme`.
+pub fn fleet(dir: &Path, gateway: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    cloud_ingest::pki::init(dir, 3650).unwrap();
+    cloud_ingest::pki::server(dir, &["localhost".into()], &[], 365).unwrap();
+    cloud_ingest::pki::gateway(dir, gateway, "acme", 365).unwrap();
+}
+
+/// A migrated database of the test's own: the admin client (to drop it with), its URL, and
+/// a client connected to it.
+pub async fn database(db: &str) -> (tokio_postgres::Client, String, tokio_postgres::Client) {
+    let admin = pg(&admin_dsn(), db).await;
+    let url = format!("{} dbname={db}", admin_dsn().replace("dbname=postgres", ""));
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    cloud_ingest::postgres::migrate(&client).await.unwrap();
+    (admin, url, client)
+}
+
+/// A private Mosquitto on a free port, tuned as the deploy docs advise; killed on drop.
+pub struct Mosquitto {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Self {
+        use std::time::{Duration, Instant};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_inflight_messages 1000\nmax_queued_messages 1000000\n"
+            ),
+        )
+        .unwrap();
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "mosquitto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Creates the agent's persistent session before anything is published, so nothing is missed.
+pub async fn create_session(port: u16, client_id: &str) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+    o.set_clean_session(false);
+    let (c, mut el) = AsyncClient::new(o, 10);
+    c.subscribe("plant/#", QoS::AtLeastOnce).await.unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
+            break;
+        }
+    }
+    c.disconnect().await.unwrap();
+    while el.poll().await.is_ok() {}
+}
+
+/// A cloud-ingest configuration on a free loopback port, with the PKI in `dir`.
+pub fn cloud_config(
+    dir: &Path,
+    url: String,
+    max_in_flight: u32,
+    max_batch_bytes: u32,
+) -> cloud_ingest::config::Config {
+    use cloud_ingest::config::{Config, Postgres, Quic};
+    Config {
+        quic: Quic {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            client_ca: dir.join("ca.pem"),
+            revoked: vec![],
+            max_in_flight,
+            max_batch_bytes,
+        },
+        postgres: Postgres { url },
+        metrics: None,
+    }
+}
