@@ -471,24 +471,3 @@ fn complete(done: Completion, outcome: Outcome) {
         Completion::None => {}
     }
 }
-
-/// A blocking handle for tests and tools: sends messages and waits for their outcomes.
-#[derive(Debug)]
-pub struct SyncSender {
-    tx: mpsc::Sender<Command>,
-}
-
-impl SyncSender {
-    /// Wraps a sender.
-    pub fn new(tx: mpsc::Sender<Command>) -> Self {
-        Self { tx }
-    }
-
-    /// Sends one message and waits until it is committed.
-    pub fn send_and_wait(&self, mut m: Message) -> Option<Outcome> {
-        let (otx, orx) = oneshot::channel();
-        m.done = Completion::Coap(otx);
-        self.tx.blocking_send(Command::Ingest(m)).ok()?;
-        orx.blocking_recv().ok()
-    }
-}
