@@ -55,6 +55,115 @@ fn default_batch_bytes() -> u32 {
 pub struct Postgres {
     /// Connection string, `postgres://user@host/db` or `host=... user=... dbname=...`.
     pub url: String,
+    /// Whether to use the TimescaleDB extension: `auto` (when the server offers it), `on`
+    /// (fail without it) or `off` (plain PostgreSQL with range partitions).
+    #[serde(default)]
+    pub timescaledb: Timescale,
+    /// Connections writing batches in parallel.
+    #[serde(default = "default_writers")]
+    pub writers: usize,
+    /// Readings received but not yet committed, across all gateways; beyond it the service
+    /// stops reading from gateways (QUIC flow control pushes back on them).
+    #[serde(default = "default_pending")]
+    pub max_pending_readings: usize,
+    /// Most readings written in one transaction; waiting batches are merged up to it.
+    #[serde(default = "default_flush")]
+    pub flush_max_readings: usize,
+    /// How often the rollups are brought up to date on plain PostgreSQL, in milliseconds.
+    #[serde(default = "default_rollup_ms")]
+    pub rollup_interval_ms: u64,
+    /// Daily partitions of `raw_metrics` created ahead of time on plain PostgreSQL.
+    #[serde(default = "default_ahead")]
+    pub partitions_ahead_days: u32,
+    /// On TimescaleDB: raw chunks older than this are compressed.
+    #[serde(default = "default_compress")]
+    pub compress_after_days: u32,
+    /// How long each table keeps its data.
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+impl Postgres {
+    /// The defaults, with `url`.
+    pub fn with_url(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            timescaledb: Timescale::default(),
+            writers: default_writers(),
+            max_pending_readings: default_pending(),
+            flush_max_readings: default_flush(),
+            rollup_interval_ms: default_rollup_ms(),
+            partitions_ahead_days: default_ahead(),
+            compress_after_days: default_compress(),
+            retention: Retention::default(),
+        }
+    }
+}
+
+/// `[postgres] timescaledb`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Timescale {
+    /// Use TimescaleDB when `pg_available_extensions` lists it.
+    #[default]
+    Auto,
+    /// Require it.
+    On,
+    /// Plain PostgreSQL.
+    Off,
+}
+
+/// `[postgres.retention]`, in days.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// `raw_metrics`.
+    #[serde(default = "default_raw_days")]
+    pub raw_days: u32,
+    /// `downsampled_metrics_1h`.
+    #[serde(default = "default_hourly_days")]
+    pub hourly_days: u32,
+    /// `downsampled_metrics_1d`.
+    #[serde(default = "default_daily_days")]
+    pub daily_days: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            raw_days: default_raw_days(),
+            hourly_days: default_hourly_days(),
+            daily_days: default_daily_days(),
+        }
+    }
+}
+
+fn default_writers() -> usize {
+    2
+}
+fn default_pending() -> usize {
+    200_000
+}
+fn default_flush() -> usize {
+    50_000
+}
+fn default_rollup_ms() -> u64 {
+    5_000
+}
+fn default_ahead() -> u32 {
+    3
+}
+fn default_compress() -> u32 {
+    2
+}
+fn default_raw_days() -> u32 {
+    7
+}
+fn default_hourly_days() -> u32 {
+    730
+}
+fn default_daily_days() -> u32 {
+    3650
 }
 
 /// `[metrics]`
@@ -83,6 +192,36 @@ impl Config {
             .url
             .parse::<tokio_postgres::Config>()
             .map_err(|e| anyhow::anyhow!("config {}: postgres.url: {e}", path.display()))?;
+        let pg = &c.postgres;
+        anyhow::ensure!(
+            (1..=64).contains(&pg.writers),
+            "config {}: postgres.writers = {} must be from 1 to 64",
+            path.display(),
+            pg.writers
+        );
+        anyhow::ensure!(
+            pg.flush_max_readings >= 1 && pg.max_pending_readings >= pg.flush_max_readings,
+            "config {}: postgres.max_pending_readings = {} must be at least postgres.flush_max_readings = {} (and both above 0)",
+            path.display(),
+            pg.max_pending_readings,
+            pg.flush_max_readings
+        );
+        let r = &pg.retention;
+        anyhow::ensure!(
+            r.raw_days >= 4 && r.hourly_days >= r.raw_days && r.daily_days >= r.hourly_days,
+            "config {}: postgres.retention raw_days = {}, hourly_days = {}, daily_days = {}: \
+             keep raw at least 4 days, and each rollup at least as long as what it summarises",
+            path.display(),
+            r.raw_days,
+            r.hourly_days,
+            r.daily_days
+        );
+        anyhow::ensure!(
+            c.postgres.rollup_interval_ms >= 100,
+            "config {}: postgres.rollup_interval_ms = {} is below 100",
+            path.display(),
+            c.postgres.rollup_interval_ms
+        );
         anyhow::ensure!(
             (1..=1024).contains(&c.quic.max_in_flight),
             "config {}: quic.max_in_flight = {} must be from 1 to 1024",

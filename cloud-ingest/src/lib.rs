@@ -4,9 +4,13 @@
 //! - [`config`]: the TOML configuration.
 //! - [`pki`]: the fleet CA, server and gateway certificates, and reading a gateway's identity
 //!   from its certificate.
-//! - [`postgres`]: the schema and the idempotent batch writer.
+//! - [`postgres`]: the schema (TimescaleDB or plain partitions), the idempotent batch
+//!   writer, and upkeep (partitions, rollups, retention).
 //! - [`quic`]: mutual TLS for the QUIC listener, revocation, and admitting a connection.
-//! - [`server`]: `cloud-ingest run`: batches from admitted gateways into PostgreSQL.
+//! - [`server`]: `cloud-ingest run`: batches from admitted gateways into the sink.
+//! - [`sink`]: the bounded write pipeline: merged batches, parallel writers, acks after
+//!   commit.
+//! - [`telemetry`]: the Prometheus endpoint and the metrics it serves.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -14,3 +18,5 @@ pub mod pki;
 pub mod postgres;
 pub mod quic;
 pub mod server;
+pub mod sink;
+pub mod telemetry;

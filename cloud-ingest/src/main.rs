@@ -100,10 +100,7 @@ fn main() -> anyhow::Result<()> {
             let config = cloud_ingest::config::Config::load(&c.config)?;
             runtime()?.block_on(async {
                 if let Some(m) = &config.metrics {
-                    metrics_exporter_prometheus::PrometheusBuilder::new()
-                        .with_http_listener(m.bind)
-                        .install()
-                        .map_err(|e| anyhow::anyhow!("metrics.bind = {}: {e}", m.bind))?;
+                    cloud_ingest::telemetry::install(m.bind)?;
                 }
                 let server = cloud_ingest::server::Server::bind(config)?;
                 let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -117,13 +114,20 @@ fn main() -> anyhow::Result<()> {
         Command::Migrate(c) => {
             let config = cloud_ingest::config::Config::load(&c.config)?;
             runtime()?.block_on(async {
-                let (client, conn) =
-                    tokio_postgres::connect(&config.postgres.url, tokio_postgres::NoTls)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("postgres.url: cannot connect: {e}"))?;
-                tokio::spawn(conn);
-                cloud_ingest::postgres::migrate(&client).await?;
-                println!("schema is up to date");
+                let client = cloud_ingest::postgres::connect(&config.postgres.url)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("postgres.url: cannot connect: {e}"))?;
+                let flavor = cloud_ingest::postgres::migrate(&client, &config.postgres).await?;
+                match flavor {
+                    cloud_ingest::postgres::Flavor::Timescale => println!(
+                        "schema is up to date (TimescaleDB: hypertable, continuous aggregates, \
+                         compression and retention policies)"
+                    ),
+                    cloud_ingest::postgres::Flavor::Plain => println!(
+                        "schema is up to date (plain PostgreSQL: daily partitions and rollups \
+                         kept by `cloud-ingest run`)"
+                    ),
+                }
                 anyhow::Ok(())
             })?;
         }

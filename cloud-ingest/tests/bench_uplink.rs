@@ -2,7 +2,11 @@
 //! agent's queue over QUIC into PostgreSQL on loopback, with the UDP payload bytes counted by
 //! a relay in the path. Run it in release mode:
 //!
-//! `cargo test --release -p cloud-ingest --test bench_uplink -- --ignored --nocapture`
+//! `cargo test --release -p cloud-ingest --test bench_uplink -- --ignored --nocapture --test-threads 1`
+//!
+//! `PLANTLINK_BENCH_BATCH` sets the agent's `batch_max_readings` for the drain (default
+//! 50000). The live-rate benchmark publishes `PLANTLINK_BENCH_LIVE_MESSAGES` (default
+//! 200000) MQTT messages of two readings each through the whole path.
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
@@ -50,6 +54,10 @@ async fn backlog_drain_and_bytes_per_reading() {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cloud = tokio::spawn(server.serve(stop_rx.clone()));
 
+    let batch: usize = std::env::var("PLANTLINK_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
     let cfg_path = d.0.join("agent.toml");
     std::fs::write(
         &cfg_path,
@@ -66,7 +74,7 @@ server_name = "localhost"
 ca = "{dir}/ca.pem"
 cert = "{dir}/gw-b.pem"
 key = "{dir}/gw-b.key"
-batch_max_readings = 50000
+batch_max_readings = {batch}
 max_in_flight = 16
 backlog_rate = 10000000
 "#,
@@ -99,8 +107,8 @@ backlog_rate = 10000000
     let secs = start.elapsed().as_secs_f64();
     let wire = bytes.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "backlog drain: {n} readings into PostgreSQL in {secs:.2} s ({:.0} readings/s); \
-         agent->cloud UDP payload {wire} bytes = {:.3} B/reading",
+        "backlog drain ({batch}-reading batches): {n} readings into PostgreSQL in {secs:.2} s \
+         ({:.0} readings/s); agent->cloud UDP payload {wire} bytes = {:.3} B/reading",
         n as f64 / secs,
         wire as f64 / n as f64
     );
@@ -112,4 +120,23 @@ backlog_rate = 10000000
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
         .await
         .unwrap();
+}
+
+/// Live rate: MQTT messages published as fast as Mosquitto takes them, through the agent's
+/// queue and the live lane into PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run with --release -- --ignored"]
+async fn live_rate() {
+    let n: i64 = std::env::var("PLANTLINK_BENCH_LIVE_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let took = common::full_path::full_path(n, None, "live").await;
+    println!(
+        "live rate: {n} MQTT messages ({} readings) from first publish to the last row in \
+         PostgreSQL in {:.2} s = {:.0} readings/s",
+        2 * n,
+        took.as_secs_f64(),
+        (2 * n) as f64 / took.as_secs_f64()
+    );
 }

@@ -124,6 +124,12 @@ backlog_rate = 4000
     );
     // What counts as published is what the broker acknowledged.
     let acked = Arc::new(AtomicI64::new(0));
+    // Current timestamps: readings older than the raw retention (7 days) would be dropped
+    // with their partition when the restarted cloud-ingest does its upkeep.
+    let base_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     let publisher = {
         let (phase, published) = (phase.clone(), published.clone());
         tokio::spawn(async move {
@@ -139,7 +145,7 @@ backlog_rate = 4000
                     let name = if p == 1 { "after" } else { "before" };
                     let body = format!(
                         r#"{{"ts": {}, "seq": {i}, "temperature": 1.5, "flow": 2.5}}"#,
-                        1_767_225_600_000i64 + i
+                        base_ms + i
                     );
                     pubc.publish(
                         format!("plant/{name}/dev-{}", i % 20),

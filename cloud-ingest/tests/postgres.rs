@@ -4,30 +4,42 @@
 
 mod common;
 
-use cloud_ingest::postgres::{migrate, write_batch};
+use std::collections::BTreeSet;
+
+use cloud_ingest::config::Postgres;
+use cloud_ingest::postgres::maintain::{Partitions, day_of};
+use cloud_ingest::postgres::{Flavor, Part, STAGING, connect, migrate, write};
 use common::{admin_dsn as admin_url, pg};
 use plantlink_model::{Reading, Timestamp};
 
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
+/// Writes one gateway's batch as the sink does: partitions first, then the write.
+async fn write_batch(
+    client: &mut tokio_postgres::Client,
+    tenant: &str,
+    gateway: &str,
+    readings: &[Reading],
+) -> Result<u64, tokio_postgres::Error> {
+    let days: BTreeSet<i64> = readings.iter().map(|r| day_of(r.ts.0)).collect();
+    Partitions::default().ensure(client, &days).await?;
+    let part = Part {
+        tenant,
+        gateway,
+        readings,
+    };
+    write(client, Flavor::Plain, &[part]).await
 }
 
 #[tokio::test]
 async fn replays_add_nothing_and_values_round_trip() {
     let db = format!("plantlink_test_pg_{}", std::process::id());
     let admin = pg(&admin_url(), &db).await;
-    let mut client = connect(&format!(
-        "{} dbname={db}",
-        admin_url().replace("dbname=postgres", "")
-    ))
-    .await;
-
-    migrate(&client).await.unwrap();
-    migrate(&client).await.unwrap(); // idempotent
+    let url = format!("{} dbname={db}", admin_url().replace("dbname=postgres", ""));
+    let mut client = connect(&url).await.unwrap();
+    let mut cfg = Postgres::with_url(&url);
+    cfg.timescaledb = cloud_ingest::config::Timescale::Off;
+    assert_eq!(migrate(&client, &cfg).await.unwrap(), Flavor::Plain);
+    assert_eq!(migrate(&client, &cfg).await.unwrap(), Flavor::Plain); // idempotent
+    client.batch_execute(STAGING).await.unwrap();
 
     let mut readings: Vec<Reading> = (0..1000)
         .map(|i| {

@@ -77,6 +77,22 @@ fn describe() {
             "plantlink_edge_commit_failures_total",
             "Queue commits that failed and were retried.",
         ),
+        (
+            "plantlink_edge_readings_acked_total",
+            "Readings the cloud acknowledged (and the queue then deleted).",
+        ),
+        (
+            "plantlink_edge_batches_acked_total",
+            "Batches the cloud acknowledged.",
+        ),
+        (
+            "plantlink_edge_uplink_reconnects_total",
+            "Uplink connections lost or refused.",
+        ),
+        (
+            "plantlink_edge_uplink_bytes_sent_total",
+            "UDP payload bytes sent to the cloud, QUIC and TLS included.",
+        ),
     ];
     for (name, help) in counters {
         describe_counter!(name, Unit::Count, help);
@@ -112,4 +128,9 @@ fn describe() {
         "1 while connected to the plant broker."
     );
     gauge!("plantlink_edge_mqtt_connected").set(0.0);
+    describe_gauge!(
+        "plantlink_edge_uplink_connected",
+        "1 while connected to cloud-ingest."
+    );
+    gauge!("plantlink_edge_uplink_connected").set(0.0);
 }

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub mod full_path;
+
 use cloud_ingest::quic;
 use plantlink_wire::frame::{Frame, Hello};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -207,11 +209,10 @@ pub fn fleet(dir: &Path, gateway: &str) {
 pub async fn database(db: &str) -> (tokio_postgres::Client, String, tokio_postgres::Client) {
     let admin = pg(&admin_dsn(), db).await;
     let url = format!("{} dbname={db}", admin_dsn().replace("dbname=postgres", ""));
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+    let client = cloud_ingest::postgres::connect(&url).await.unwrap();
+    cloud_ingest::postgres::migrate(&client, &cloud_ingest::config::Postgres::with_url(&url))
         .await
         .unwrap();
-    tokio::spawn(conn);
-    cloud_ingest::postgres::migrate(&client).await.unwrap();
     (admin, url, client)
 }
 
@@ -302,7 +303,7 @@ pub fn cloud_config(
             max_in_flight,
             max_batch_bytes,
         },
-        postgres: Postgres { url },
+        postgres: Postgres::with_url(url),
         metrics: None,
     }
 }

@@ -1,0 +1,306 @@
+//! Upkeep on plain PostgreSQL: daily partitions of `raw_metrics` (created ahead, created on
+//! demand for late or early readings, dropped past retention), rollups re-rolled from the
+//! buckets that new readings touched, and rollup retention. On TimescaleDB its policies do
+//! all of this and these functions are not called.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use time::{Date, OffsetDateTime};
+use tokio_postgres::{Client, Error};
+
+use crate::config::Postgres;
+
+const DAY_US: i64 = 86_400_000_000;
+/// Serialises partition creation and dropping between writers and replicas.
+const PARTITION_LOCK: i64 = 0x706c_7061_7274_6e73; // "plpartns"
+
+/// The UTC day number (days since 1970-01-01) of a µs timestamp.
+pub fn day_of(ts_us: i64) -> i64 {
+    ts_us.div_euclid(DAY_US)
+}
+
+fn date_of(day: i64) -> Option<Date> {
+    // 2440588 is the Julian day number of 1970-01-01.
+    let jd = i32::try_from(day.checked_add(2_440_588)?).ok()?;
+    Date::from_julian_day(jd).ok()
+}
+
+/// The partition holding `day`, e.g. `raw_metrics_p20261121`; `None` outside years 1-9999.
+pub fn partition_name(day: i64) -> Option<String> {
+    let d = date_of(day)?;
+    (1..=9999).contains(&d.year()).then(|| {
+        format!(
+            "raw_metrics_p{:04}{:02}{:02}",
+            d.year(),
+            u8::from(d.month()),
+            d.day()
+        )
+    })
+}
+
+fn day_of_name(name: &str) -> Option<i64> {
+    let digits = name.strip_prefix("raw_metrics_p")?;
+    if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let y: i32 = digits[..4].parse().ok()?;
+    let m: u8 = digits[4..6].parse().ok()?;
+    let d: u8 = digits[6..].parse().ok()?;
+    let date = Date::from_calendar_date(y, time::Month::try_from(m).ok()?, d).ok()?;
+    Some(i64::from(date.to_julian_day()) - 2_440_588)
+}
+
+/// Whether a µs timestamp can be stored (it falls in a year from 1 to 9999).
+pub fn storable(ts_us: i64) -> bool {
+    partition_name(day_of(ts_us)).is_some()
+}
+
+fn literal(day: i64) -> String {
+    let d = date_of(day).unwrap_or(Date::MIN);
+    format!(
+        "{:04}-{:02}-{:02} 00:00:00+00",
+        d.year(),
+        u8::from(d.month()),
+        d.day()
+    )
+}
+
+/// The days that have a partition, as far as this process knows.
+#[derive(Debug, Default)]
+pub struct Partitions {
+    known: Mutex<BTreeSet<i64>>,
+}
+
+impl Partitions {
+    fn missing(&self, days: &BTreeSet<i64>) -> Vec<i64> {
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        days.iter()
+            .filter(|d| !known.contains(d))
+            .copied()
+            .collect()
+    }
+
+    /// Makes sure every day in `days` has a partition, creating the missing ones.
+    pub async fn ensure(&self, client: &mut Client, days: &BTreeSet<i64>) -> Result<(), Error> {
+        let missing = self.missing(days);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
+            .await?;
+        for day in &missing {
+            if let Some(name) = partition_name(*day) {
+                tx.batch_execute(&create(&name, *day)).await?;
+            }
+        }
+        tx.commit().await?;
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known.extend(missing);
+        Ok(())
+    }
+
+    /// Forgets what it knows, after a write found a partition missing.
+    pub fn forget(&self) {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+fn create(name: &str, day: i64) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {name} PARTITION OF raw_metrics \
+         FOR VALUES FROM ('{}') TO ('{}')",
+        literal(day),
+        literal(day + 1)
+    )
+}
+
+fn today() -> i64 {
+    day_of(OffsetDateTime::now_utc().unix_timestamp() * 1_000_000)
+}
+
+/// What one round of upkeep did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Upkeep {
+    /// Partitions created ahead.
+    pub created: Vec<String>,
+    /// Partitions dropped past retention.
+    pub dropped: Vec<String>,
+    /// Rollup rows deleted past retention.
+    pub rollups_deleted: u64,
+}
+
+/// Creates the partitions from yesterday to `partitions_ahead_days` ahead, drops the ones
+/// wholly older than the raw retention, and deletes rollup rows past theirs.
+pub async fn partitions(client: &Client, cfg: &Postgres) -> Result<Upkeep, Error> {
+    partitions_at(client, cfg, today()).await
+}
+
+/// [`partitions`] as if today were `today` (a UTC day number); for tests.
+pub async fn partitions_at(client: &Client, cfg: &Postgres, today: i64) -> Result<Upkeep, Error> {
+    let mut up = Upkeep::default();
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&PARTITION_LOCK])
+        .await?;
+    let result = async {
+        let existing: BTreeSet<i64> = client
+            .query(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = 'raw_metrics'::regclass",
+                &[],
+            )
+            .await?
+            .iter()
+            .filter_map(|r| day_of_name(r.get::<_, &str>(0)))
+            .collect();
+        for day in today - 1..=today + i64::from(cfg.partitions_ahead_days) {
+            if let Some(name) = partition_name(day).filter(|_| !existing.contains(&day)) {
+                client.batch_execute(&create(&name, day)).await?;
+                up.created.push(name);
+            }
+        }
+        // A partition goes when its whole day is older than the retention.
+        let keep_from = today - i64::from(cfg.retention.raw_days);
+        for day in existing.range(..keep_from) {
+            if let Some(name) = partition_name(*day) {
+                client
+                    .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+                    .await?;
+                up.dropped.push(name);
+            }
+        }
+        let now_us = today * DAY_US;
+        for (table, days) in [
+            ("downsampled_metrics_1h", cfg.retention.hourly_days),
+            ("downsampled_metrics_1d", cfg.retention.daily_days),
+        ] {
+            let cutoff = super::system_time(now_us - i64::from(days) * DAY_US);
+            up.rollups_deleted += client
+                .execute(
+                    &format!("DELETE FROM {table} WHERE bucket < $1"),
+                    &[&cutoff],
+                )
+                .await?;
+        }
+        Ok::<_, Error>(())
+    }
+    .await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&PARTITION_LOCK])
+        .await?;
+    result.map(|()| up)
+}
+
+/// Keys taken from `rollup_dirty` per transaction.
+const ROLL_CHUNK: i64 = 20_000;
+
+const ROLL: &str = "
+CREATE TEMP TABLE IF NOT EXISTS roll_keys (
+    device_id text, metric_name text, bucket timestamptz) ON COMMIT DELETE ROWS;
+WITH taken AS (
+    DELETE FROM rollup_dirty d
+    USING (SELECT device_id, metric_name, bucket FROM rollup_dirty
+           ORDER BY device_id, metric_name, bucket
+           LIMIT $LIMIT FOR UPDATE SKIP LOCKED) k
+    WHERE d.device_id = k.device_id AND d.metric_name = k.metric_name AND d.bucket = k.bucket
+    RETURNING d.device_id, d.metric_name, d.bucket
+)
+INSERT INTO roll_keys SELECT * FROM taken;
+INSERT INTO downsampled_metrics_1h AS h
+    (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
+SELECT r.tenant_id, r.device_id, r.metric_name, k.bucket,
+       min(r.value), max(r.value), avg(r.value), sum(r.value), count(*)
+FROM roll_keys k
+JOIN raw_metrics r ON r.device_id = k.device_id AND r.metric_name = k.metric_name
+                  AND r.ts >= k.bucket AND r.ts < k.bucket + INTERVAL '1 hour'
+GROUP BY r.tenant_id, r.device_id, r.metric_name, k.bucket
+ORDER BY r.device_id, r.metric_name, k.bucket
+ON CONFLICT (device_id, metric_name, bucket) DO UPDATE SET
+    tenant_id = EXCLUDED.tenant_id, min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
+    avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count;
+INSERT INTO downsampled_metrics_1d AS d
+    (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
+SELECT min(h.tenant_id), h.device_id, h.metric_name, k.day,
+       min(h.min_val), max(h.max_val), sum(h.sum_val) / sum(h.count), sum(h.sum_val),
+       sum(h.count)::bigint
+FROM (SELECT DISTINCT device_id, metric_name, date_trunc('day', bucket) AS day
+      FROM roll_keys) k
+JOIN downsampled_metrics_1h h ON h.device_id = k.device_id AND h.metric_name = k.metric_name
+                             AND h.bucket >= k.day AND h.bucket < k.day + INTERVAL '1 day'
+GROUP BY h.device_id, h.metric_name, k.day
+ORDER BY h.device_id, h.metric_name, k.day
+ON CONFLICT (device_id, metric_name, bucket) DO UPDATE SET
+    tenant_id = EXCLUDED.tenant_id, min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
+    avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count;
+SELECT count(*) FROM roll_keys;
+";
+
+/// Re-rolls every bucket that new readings touched, hourly from raw and daily from hourly,
+/// until none is left; returns how many hourly buckets it re-rolled. Idempotent, and safe to
+/// run from several replicas at once (each takes different keys).
+pub async fn roll(client: &mut Client) -> Result<u64, Error> {
+    let sql = ROLL.replace("$LIMIT", &ROLL_CHUNK.to_string());
+    let mut total = 0;
+    loop {
+        let tx = client.transaction().await?;
+        let msgs = tx.simple_query(&sql).await?;
+        tx.commit().await?;
+        let n = msgs
+            .iter()
+            .rev()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse::<u64>().ok(),
+                _ => None,
+            })
+            .unwrap_or(0);
+        total += n;
+        if n < ROLL_CHUNK as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Records the newest reading time of each device, in one statement.
+pub async fn last_seen(client: &Client, seen: &[(String, String, i64)]) -> Result<(), Error> {
+    if seen.is_empty() {
+        return Ok(());
+    }
+    let mut sorted: Vec<&(String, String, i64)> = seen.iter().collect();
+    sorted.sort();
+    let devices: Vec<&str> = sorted.iter().map(|s| s.1.as_str()).collect();
+    let tenants: Vec<&str> = sorted.iter().map(|s| s.0.as_str()).collect();
+    let times: Vec<std::time::SystemTime> =
+        sorted.iter().map(|s| super::system_time(s.2)).collect();
+    client
+        .execute(
+            "INSERT INTO devices AS d (device_id, tenant_id, last_seen_at)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+             ON CONFLICT (device_id) DO UPDATE
+             SET last_seen_at = GREATEST(d.last_seen_at, EXCLUDED.last_seen_at)",
+            &[&devices, &tenants, &times],
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_round_trip() {
+        let day = day_of(1_795_000_000_000_000); // 2026-11-18
+        let name = partition_name(day).unwrap();
+        assert_eq!(name, "raw_metrics_p20261118");
+        assert_eq!(day_of_name(&name), Some(day));
+        assert_eq!(literal(day), "2026-11-18 00:00:00+00");
+        assert_eq!(day_of(-1), -1);
+        assert_eq!(partition_name(-1).unwrap(), "raw_metrics_p19691231");
+        assert!(!storable(i64::MAX));
+        assert!(!storable(i64::MIN));
+        assert!(storable(0));
+        assert_eq!(day_of_name("raw_metrics_p2026111"), None);
+        assert_eq!(day_of_name("raw_metrics_default"), None);
+    }
+}

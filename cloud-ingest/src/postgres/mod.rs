@@ -1,0 +1,245 @@
+//! PostgreSQL and TimescaleDB: the schema, the idempotent batch writer, and upkeep.
+//!
+//! A flush (one or more gateways' batches) is written in one transaction: binary COPY into
+//! a temporary staging table, then `INSERT ... SELECT ... ORDER BY key ON CONFLICT DO
+//! NOTHING` into `raw_metrics`, keyed by the reading identity (device, metric, ts). A
+//! replayed batch (after a lost ack, a reconnect or a crash) therefore adds nothing, and a
+//! batch is acknowledged to the gateway only after the commit. Rows go in key order, so two
+//! writers inserting overlapping replays take their locks in the same order and cannot
+//! deadlock each other.
+//!
+//! On plain PostgreSQL the same statement records the (device, metric, hour) buckets that
+//! the new rows touched in `rollup_dirty`, in the same transaction, so a crash cannot lose
+//! the news that a rollup is stale; [`maintain::roll`] re-rolls exactly those buckets.
+
+pub mod maintain;
+pub mod schema;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use plantlink_model::Reading;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Error};
+
+pub use schema::Flavor;
+
+use crate::config::{Postgres, Timescale};
+
+/// Connects, with the session in UTC so that date arithmetic is on UTC days.
+pub async fn connect(url: &str) -> Result<Client, Error> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    client.batch_execute("SET TIME ZONE 'UTC'").await?;
+    Ok(client)
+}
+
+/// Advisory-lock key that serialises schema changes between replicas.
+const MIGRATE_LOCK: i64 = 0x706c_616e_746c_6e6b; // "plantlnk"
+
+/// Creates or completes the schema and returns its flavour; safe to run again, and from
+/// several replicas at once. `[postgres] timescaledb` chooses the flavour of a new
+/// database; an existing `raw_metrics` keeps its own.
+pub async fn migrate(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .await?;
+    let result = migrate_locked(client, cfg).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
+        .await?;
+    result
+}
+
+async fn migrate_locked(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> {
+    let available: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
+            &[],
+        )
+        .await?
+        .get(0);
+    let flavor = match (existing_flavor(client).await?, cfg.timescaledb) {
+        (Some(Flavor::Plain), Timescale::On) => anyhow::bail!(
+            "postgres.timescaledb = \"on\", but raw_metrics already exists as plain partitions; \
+             set timescaledb = \"off\" (or \"auto\") to keep it, or migrate into a new database"
+        ),
+        (Some(f), _) => f,
+        (None, Timescale::Off) => Flavor::Plain,
+        (None, Timescale::Auto) if available => Flavor::Timescale,
+        (None, Timescale::Auto) => Flavor::Plain,
+        (None, Timescale::On) if available => Flavor::Timescale,
+        (None, Timescale::On) => anyhow::bail!(
+            "postgres.timescaledb = \"on\", but this server does not offer the timescaledb \
+             extension (not in pg_available_extensions); install it, or set timescaledb = \"auto\""
+        ),
+    };
+    client.batch_execute(schema::COMMON).await?;
+    match flavor {
+        Flavor::Plain => client.batch_execute(&schema::plain()).await?,
+        Flavor::Timescale => {
+            client
+                .batch_execute(&schema::timescale(&cfg.retention, cfg.compress_after_days))
+                .await?
+        }
+    }
+    if flavor == Flavor::Plain {
+        maintain::partitions(client, cfg).await?;
+    }
+    Ok(flavor)
+}
+
+/// The flavour of an existing `raw_metrics`, or `None` when there is none yet.
+pub async fn existing_flavor(client: &Client) -> anyhow::Result<Option<Flavor>> {
+    let row = client
+        .query_opt(
+            "SELECT c.relkind::text FROM pg_class c
+             WHERE c.oid = to_regclass('raw_metrics')",
+            &[],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let kind: String = row.get(0);
+    if kind == "p" {
+        return Ok(Some(Flavor::Plain));
+    }
+    let hyper: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if hyper {
+        let is: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables
+                 WHERE hypertable_name = 'raw_metrics')",
+                &[],
+            )
+            .await?
+            .get(0);
+        if is {
+            return Ok(Some(Flavor::Timescale));
+        }
+    }
+    anyhow::bail!(
+        "raw_metrics exists but is neither partitioned nor a hypertable (an earlier Plantlink \
+         made it); rename it with ALTER TABLE raw_metrics RENAME TO raw_metrics_old, run \
+         `cloud-ingest migrate` again, then copy the rows across with INSERT INTO raw_metrics \
+         SELECT * FROM raw_metrics_old ON CONFLICT DO NOTHING"
+    )
+}
+
+/// The staging table, one per connection; rows vanish at each commit.
+pub const STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS staging_readings (
+    tenant_id text, device_id text, metric_name text, value float8, tags text, ts timestamptz,
+    seq int8, gateway_id text) ON COMMIT DELETE ROWS";
+
+const COLUMNS: [Type; 8] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::FLOAT8,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::INT8,
+    Type::TEXT,
+];
+
+fn system_time(us: i64) -> SystemTime {
+    if us >= 0 {
+        UNIX_EPOCH + Duration::from_micros(us as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_micros(us.unsigned_abs())
+    }
+}
+
+const INSERT_TIMESCALE: &str = "
+INSERT INTO raw_metrics (tenant_id, device_id, metric_name, value, tags, ts, seq, gateway_id)
+SELECT tenant_id, device_id, metric_name, value, tags::jsonb, ts, seq, gateway_id
+FROM staging_readings
+ORDER BY device_id, metric_name, ts
+ON CONFLICT (device_id, metric_name, ts) DO NOTHING";
+
+const INSERT_PLAIN: &str = "
+WITH ins AS (
+    INSERT INTO raw_metrics (tenant_id, device_id, metric_name, value, tags, ts, seq, gateway_id)
+    SELECT tenant_id, device_id, metric_name, value, tags::jsonb, ts, seq, gateway_id
+    FROM staging_readings
+    ORDER BY device_id, metric_name, ts
+    ON CONFLICT (device_id, metric_name, ts) DO NOTHING
+    RETURNING device_id, metric_name, ts
+), dirty AS (
+    INSERT INTO rollup_dirty (device_id, metric_name, bucket)
+    SELECT DISTINCT device_id, metric_name, date_trunc('hour', ts) FROM ins
+    ORDER BY 1, 2, 3
+    ON CONFLICT DO NOTHING
+)
+SELECT count(*) FROM ins";
+
+/// A gateway's readings, with the identity its certificate proved.
+#[derive(Debug, Clone, Copy)]
+pub struct Part<'a> {
+    /// The tenant, from the certificate.
+    pub tenant: &'a str,
+    /// The gateway, from the certificate.
+    pub gateway: &'a str,
+    /// The readings.
+    pub readings: &'a [Reading],
+}
+
+/// Writes several gateways' readings in one transaction; returns how many were new. The
+/// staging table must exist on `client` ([`STAGING`]); on plain PostgreSQL the partitions
+/// for the readings' days must exist too ([`maintain::Partitions::ensure`]).
+pub async fn write(client: &mut Client, flavor: Flavor, parts: &[Part<'_>]) -> Result<u64, Error> {
+    let tx = client.transaction().await?;
+    let sink = tx
+        .copy_in("COPY staging_readings FROM STDIN (FORMAT binary)")
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &COLUMNS);
+    let mut writer = std::pin::pin!(writer);
+    for p in parts {
+        for r in p.readings {
+            let tags =
+                (!r.tags.is_empty()).then(|| serde_json::to_string(&r.tags).unwrap_or_default());
+            let ts = system_time(r.ts.0);
+            // Sequence numbers above i64::MAX keep their bits (documented on the column).
+            let seq = r.seq.map(|s| s as i64);
+            let row: [&(dyn ToSql + Sync); 8] = [
+                &p.tenant, &r.device, &r.metric, &r.value, &tags, &ts, &seq, &p.gateway,
+            ];
+            writer.as_mut().write(&row).await?;
+        }
+    }
+    writer.finish().await?;
+    let inserted = match flavor {
+        Flavor::Timescale => tx.execute(INSERT_TIMESCALE, &[]).await?,
+        Flavor::Plain => {
+            let n: i64 = tx.query_one(INSERT_PLAIN, &[]).await?.get(0);
+            n as u64
+        }
+    };
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+/// Whether a failed write may succeed if tried again (connection lost, server restarting,
+/// deadlock, out of resources), as opposed to data the database will always refuse.
+pub fn transient(e: &Error) -> bool {
+    let Some(code) = e.code() else {
+        return true; // I/O, closed connection, timeouts
+    };
+    let c = code.code();
+    // 08 connection, 40 rollback (deadlock, serialisation), 53 resources, 55 lock not
+    // available, 57 operator intervention (shutdown), 58 system error; 23514 is a row with
+    // no partition, after upkeep dropped or has not yet made one: re-ensured and retried.
+    ["08", "40", "53", "55", "57", "58"]
+        .iter()
+        .any(|p| c.starts_with(p))
+        || c == "23514"
+}

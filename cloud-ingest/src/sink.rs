@@ -1,0 +1,333 @@
+//! The write pipeline between the gateways' streams and the database.
+//!
+//! A stream hands each decoded batch to [`Sink::submit`] and gets back a receiver that
+//! resolves once the batch is committed. Writers (`[postgres] writers` connections) take
+//! waiting batches, merge them up to `flush_max_readings` into one transaction, and resolve
+//! them all after the commit. While one writer commits, another copies, so the database is
+//! never idle waiting for a round trip.
+//!
+//! **Memory is bounded.** Every reading in the pipeline holds a permit from a budget of
+//! `max_pending_readings`; `submit` waits for permits, the stream stops reading while it
+//! waits, and QUIC flow control pushes back on the gateway. A slow database therefore slows
+//! the gateways instead of filling the heap.
+//!
+//! **Nothing is lost.** A write that fails for a reason that may pass (connection lost,
+//! server restarting, deadlock) is retried with backoff on a fresh connection, for as long as
+//! it takes: the acks wait. A write the database refuses for good is retried batch by batch,
+//! so one bad batch cannot fail the others merged with it, and only that batch gets an error.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use plantlink_model::Reading;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::config::Postgres;
+use crate::postgres::maintain::{self, Partitions};
+use crate::postgres::{self, Flavor, Part};
+
+/// What became of a batch: committed, or refused and why.
+pub type Outcome = Result<(), String>;
+
+/// A gateway's decoded batch.
+#[derive(Debug)]
+pub struct Batch {
+    /// Tenant, from the certificate.
+    pub tenant: Arc<str>,
+    /// Gateway, from the certificate.
+    pub gateway: Arc<str>,
+    /// The readings.
+    pub readings: Vec<Reading>,
+}
+
+#[derive(Debug)]
+struct Job {
+    batch: Batch,
+    done: oneshot::Sender<Outcome>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Newest reading time per (tenant, device), written to `devices.last_seen_at` now and
+/// then instead of once per reading.
+type LastSeen = Mutex<HashMap<(Arc<str>, String), i64>>;
+
+/// The handle streams submit batches to; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    tx: mpsc::Sender<Job>,
+    /// Closed when the last clone is dropped, which tells the upkeep to do its last round.
+    _alive: mpsc::Sender<()>,
+    budget: Arc<Semaphore>,
+    max_permits: usize,
+}
+
+/// State the writers and upkeep share.
+#[derive(Debug)]
+struct Shared {
+    budget: Arc<Semaphore>,
+    cfg: Postgres,
+    flavor: Flavor,
+    partitions: Partitions,
+    last_seen: LastSeen,
+}
+
+impl Sink {
+    /// Starts the writers and, on plain PostgreSQL, the upkeep (partitions, rollups,
+    /// retention); all run on `tasks` until every `Sink` clone is dropped.
+    pub fn start(cfg: Postgres, flavor: Flavor, tasks: &mut JoinSet<()>) -> Self {
+        let (tx, rx) = mpsc::channel(4096);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let budget = Arc::new(Semaphore::new(cfg.max_pending_readings));
+        let shared = Arc::new(Shared {
+            budget: budget.clone(),
+            flavor,
+            partitions: Partitions::default(),
+            last_seen: Mutex::new(HashMap::new()),
+            cfg,
+        });
+        for w in 0..shared.cfg.writers {
+            tasks.spawn(writer(w, rx.clone(), shared.clone()));
+        }
+        let (alive, gone) = mpsc::channel(1);
+        tasks.spawn(upkeep(shared.clone(), gone));
+        let max_permits = shared.cfg.max_pending_readings;
+        Self {
+            tx,
+            _alive: alive,
+            budget,
+            max_permits,
+        }
+    }
+
+    /// Queues a batch; waits while the pipeline holds `max_pending_readings`. The receiver
+    /// resolves after the commit.
+    pub async fn submit(&self, batch: Batch) -> oneshot::Receiver<Outcome> {
+        let (done, rx) = oneshot::channel();
+        let want = batch.readings.len().clamp(1, self.max_permits) as u32;
+        let Ok(permit) = self.budget.clone().acquire_many_owned(want).await else {
+            let _ = done.send(Err("shutting down".into()));
+            return rx;
+        };
+        pending_gauge(&self.budget, self.max_permits);
+        let job = Job {
+            batch,
+            done,
+            _permit: permit,
+        };
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(job).await {
+            let _ = job.done.send(Err("shutting down".into()));
+        }
+        rx
+    }
+}
+
+fn pending_gauge(budget: &Semaphore, max: usize) {
+    gauge!("plantlink_cloud_pending_readings")
+        .set(max.saturating_sub(budget.available_permits()) as f64);
+}
+
+async fn take(rx: &tokio::sync::Mutex<mpsc::Receiver<Job>>, max: usize) -> Option<Vec<Job>> {
+    let mut rx = rx.lock().await;
+    let first = rx.recv().await?;
+    let mut n = first.batch.readings.len();
+    let mut jobs = vec![first];
+    while n < max {
+        match rx.try_recv() {
+            Ok(j) => {
+                n += j.batch.readings.len();
+                jobs.push(j);
+            }
+            Err(_) => break,
+        }
+    }
+    Some(jobs)
+}
+
+async fn writer(id: usize, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, shared: Arc<Shared>) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    while let Some(jobs) = take(&rx, shared.cfg.flush_max_readings).await {
+        let started = std::time::Instant::now();
+        let outcomes = match flush(&shared, &mut client, &jobs, id).await {
+            Ok(n) => {
+                let mut out = vec![Ok(0); jobs.len()];
+                if let Some(first) = out.first_mut() {
+                    *first = Ok(n);
+                }
+                out
+            }
+            Err(e) if jobs.len() > 1 => {
+                tracing::warn!(writer = id, error = %e, "a merged write was refused; writing its batches one by one");
+                let mut out = Vec::with_capacity(jobs.len());
+                for j in &jobs {
+                    out.push(flush(&shared, &mut client, std::slice::from_ref(j), id).await);
+                }
+                out
+            }
+            Err(e) => vec![Err(e)],
+        };
+        histogram!("plantlink_cloud_flush_seconds").record(started.elapsed().as_secs_f64());
+        counter!("plantlink_cloud_flushes_total").increment(1);
+        let mut written = 0;
+        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            if let Ok(n) = outcome {
+                written += n;
+                note_last_seen(&shared.last_seen, &job.batch);
+            }
+            let _ = job.done.send(outcome.map(|_| ()));
+        }
+        counter!("plantlink_cloud_readings_written_total", "sink" => "postgres").increment(written);
+        pending_gauge(&shared.budget, shared.cfg.max_pending_readings);
+    }
+}
+
+fn note_last_seen(seen: &LastSeen, b: &Batch) {
+    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    let mut last: Option<(&str, i64)> = None;
+    let mut put = |device: &str, ts: i64| {
+        let e = seen
+            .entry((b.tenant.clone(), device.to_owned()))
+            .or_insert(ts);
+        *e = (*e).max(ts);
+    };
+    for r in &b.readings {
+        match &mut last {
+            Some((d, t)) if *d == r.device => *t = (*t).max(r.ts.0),
+            _ => {
+                if let Some((d, t)) = last {
+                    put(d, t);
+                }
+                last = Some((&r.device, r.ts.0));
+            }
+        }
+    }
+    if let Some((d, t)) = last {
+        put(d, t);
+    }
+}
+
+/// Writes `jobs` in one transaction, retrying what may pass; `Err` only for a refusal.
+async fn flush(
+    shared: &Shared,
+    client: &mut Option<tokio_postgres::Client>,
+    jobs: &[Job],
+    id: usize,
+) -> Result<u64, String> {
+    let parts: Vec<Part<'_>> = jobs
+        .iter()
+        .map(|j| Part {
+            tenant: &j.batch.tenant,
+            gateway: &j.batch.gateway,
+            readings: &j.batch.readings,
+        })
+        .collect();
+    let days: BTreeSet<i64> = if shared.flavor == Flavor::Plain {
+        parts
+            .iter()
+            .flat_map(|p| p.readings.iter().map(|r| maintain::day_of(r.ts.0)))
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let result = async {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                let c = postgres::connect(&shared.cfg.url).await?;
+                c.batch_execute(postgres::STAGING).await?;
+                *client = Some(c);
+            }
+            let Some(c) = client.as_mut() else {
+                unreachable!("connected above")
+            };
+            if !days.is_empty() {
+                shared.partitions.ensure(c, &days).await?;
+            }
+            postgres::write(c, shared.flavor, &parts).await
+        }
+        .await;
+        match result {
+            Ok(n) => return Ok(n),
+            Err(e) if postgres::transient(&e) => {
+                counter!("plantlink_cloud_write_retries_total").increment(1);
+                if e.code().map(|c| c.code()) == Some("23514") {
+                    shared.partitions.forget();
+                }
+                tracing::warn!(writer = id, error = %e, retry_in = ?backoff, "PostgreSQL write failed; retrying (acks wait)");
+                if client.as_ref().is_some_and(|c| c.is_closed()) || e.code().is_none() {
+                    *client = None;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(writer = id, error = %e, "PostgreSQL refused a write");
+                return Err(format!("storage refused the batch: {e}"));
+            }
+        }
+    }
+}
+
+/// Periodic upkeep: `devices.last_seen_at` every `rollup_interval_ms`, and on plain
+/// PostgreSQL the rollups as often, and partitions and retention every ten minutes. When the
+/// sink is dropped it does one last round at once and ends.
+async fn upkeep(shared: Arc<Shared>, mut gone: mpsc::Receiver<()>) {
+    let tick = Duration::from_millis(shared.cfg.rollup_interval_ms);
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut last_partitions = std::time::Instant::now();
+    loop {
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(tick) => false,
+            _ = gone.recv() => true,
+        };
+        if let Err(e) = upkeep_once(&shared, &mut client, &mut last_partitions).await {
+            tracing::warn!(error = %e, "upkeep failed; trying again next round");
+            client = None;
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+async fn upkeep_once(
+    shared: &Shared,
+    client: &mut Option<tokio_postgres::Client>,
+    last_partitions: &mut std::time::Instant,
+) -> Result<(), tokio_postgres::Error> {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        *client = Some(postgres::connect(&shared.cfg.url).await?);
+    }
+    let Some(c) = client.as_mut() else {
+        unreachable!("connected above")
+    };
+    let seen: Vec<(String, String, i64)> = {
+        let mut m = shared.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        m.drain()
+            .map(|((t, d), ts)| (t.to_string(), d, ts))
+            .collect()
+    };
+    if let Err(e) = maintain::last_seen(c, &seen).await {
+        // Put them back for the next round.
+        let mut m = shared.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (t, d, ts) in seen {
+            let e = m.entry((Arc::from(t), d)).or_insert(ts);
+            *e = (*e).max(ts);
+        }
+        return Err(e);
+    }
+    if shared.flavor == Flavor::Plain {
+        let rolled = maintain::roll(c).await?;
+        counter!("plantlink_cloud_rollup_buckets_total").increment(rolled);
+        if last_partitions.elapsed() >= Duration::from_secs(600) {
+            let up = maintain::partitions(c, &shared.cfg).await?;
+            if !up.created.is_empty() || !up.dropped.is_empty() {
+                tracing::info!(created = ?up.created, dropped = ?up.dropped, rollup_rows_deleted = up.rollups_deleted, "partition upkeep");
+            }
+            *last_partitions = std::time::Instant::now();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! The Prometheus endpoint and the service's metrics, registered at zero so that dashboards
+//! and alerts see every series before the first event.
+
+use std::net::SocketAddr;
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+/// Serves `/metrics` on `bind` (inside a tokio runtime) and registers the metrics.
+pub fn install(bind: SocketAddr) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(bind)
+        .install()
+        .map_err(|e| anyhow::anyhow!("metrics.bind = {bind}: cannot serve /metrics: {e}"))?;
+    describe();
+    Ok(())
+}
+
+/// Describes every metric and sets the unlabelled ones (and the known labels) to zero.
+pub fn describe() {
+    let counters = [
+        (
+            "plantlink_cloud_readings_received_total",
+            "Readings decoded from gateways' batches.",
+        ),
+        (
+            "plantlink_cloud_readings_written_total",
+            "Readings newly stored, by sink (replays are not counted).",
+        ),
+        (
+            "plantlink_cloud_batches_rejected_total",
+            "Batches answered with an error, by reason.",
+        ),
+        (
+            "plantlink_cloud_readings_rejected_total",
+            "Readings left out of their batch because no database can hold them, by reason.",
+        ),
+        (
+            "plantlink_cloud_handshakes_refused_total",
+            "Connections refused at the TLS handshake (unknown CA, expired, revoked).",
+        ),
+        (
+            "plantlink_cloud_flushes_total",
+            "Write transactions committed or refused.",
+        ),
+        (
+            "plantlink_cloud_write_retries_total",
+            "Writes retried after a failure that may pass (connection, restart, deadlock).",
+        ),
+        (
+            "plantlink_cloud_rollup_buckets_total",
+            "Hourly rollup buckets re-rolled on plain PostgreSQL.",
+        ),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, Unit::Count, help);
+    }
+    for name in [
+        "plantlink_cloud_readings_received_total",
+        "plantlink_cloud_handshakes_refused_total",
+        "plantlink_cloud_flushes_total",
+        "plantlink_cloud_write_retries_total",
+        "plantlink_cloud_rollup_buckets_total",
+    ] {
+        counter!(name).increment(0);
+    }
+    counter!("plantlink_cloud_readings_written_total", "sink" => "postgres").increment(0);
+    for reason in [
+        "malformed",
+        "unsupported_version",
+        "too_large",
+        "protocol",
+        "storage",
+    ] {
+        counter!("plantlink_cloud_batches_rejected_total", "reason" => reason).increment(0);
+    }
+    describe_gauge!(
+        "plantlink_cloud_connections",
+        Unit::Count,
+        "Gateways connected."
+    );
+    gauge!("plantlink_cloud_connections").set(0.0);
+    describe_gauge!(
+        "plantlink_cloud_pending_readings",
+        Unit::Count,
+        "Readings received and not yet committed (bounded by postgres.max_pending_readings)."
+    );
+    gauge!("plantlink_cloud_pending_readings").set(0.0);
+    describe_histogram!(
+        "plantlink_cloud_flush_seconds",
+        Unit::Seconds,
+        "Time to write one transaction of merged batches."
+    );
+}

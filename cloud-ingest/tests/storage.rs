@@ -1,0 +1,225 @@
+//! Plain-PostgreSQL storage against a real server: readings written through the sink (merged
+//! flushes, two writers) roll up into `downsampled_metrics_1h` and `_1d` exactly as a SQL
+//! `GROUP BY` over raw says, also after late and replayed readings; retention drops old raw
+//! partitions and keeps the rollups; `devices.last_seen_at` follows the newest reading.
+#![allow(clippy::unwrap_used)] // tests may panic
+
+mod common;
+
+use std::sync::Arc;
+
+use cloud_ingest::config::{Postgres, Timescale};
+use cloud_ingest::postgres::{self, Flavor, maintain};
+use cloud_ingest::sink::{Batch, Sink};
+use plantlink_model::{Reading, Timestamp};
+
+const HOUR_US: i64 = 3_600_000_000;
+const DAY_US: i64 = 24 * HOUR_US;
+
+/// A small deterministic generator (SplitMix64).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// `n` random readings of 6 devices x 3 metrics, spread over `days` days from `start_us`.
+fn random(rng: &mut Rng, n: usize, start_us: i64, days: i64) -> Vec<Reading> {
+    (0..n)
+        .map(|_| {
+            let ts = start_us + rng.below((days * DAY_US) as u64) as i64;
+            let value = (rng.below(2_000_001) as f64 - 1_000_000.0) / 1000.0;
+            Reading::new(
+                "ignored",
+                format!("dev-{}", rng.below(6)),
+                ["temperature", "pressure", "flow"][rng.below(3) as usize],
+                Timestamp(ts),
+                value,
+            )
+        })
+        .collect()
+}
+
+async fn submit_all(sink: &Sink, readings: &[Reading], chunk: usize) {
+    let mut waits = Vec::new();
+    for c in readings.chunks(chunk) {
+        let b = Batch {
+            tenant: Arc::from("acme"),
+            gateway: Arc::from("gw-s"),
+            readings: c.to_vec(),
+        };
+        waits.push(sink.submit(b).await);
+    }
+    for w in waits {
+        w.await.unwrap().unwrap();
+    }
+}
+
+/// Rows where a rollup and the `GROUP BY` over raw disagree (or one side is missing).
+async fn mismatches(pgc: &tokio_postgres::Client, table: &str, unit: &str) -> Vec<String> {
+    let sql = format!(
+        "WITH truth AS (
+             SELECT tenant_id, device_id, metric_name, date_trunc('{unit}', ts) AS bucket,
+                    min(value) AS min_val, max(value) AS max_val, avg(value) AS avg_val,
+                    count(*) AS count
+             FROM raw_metrics GROUP BY 1, 2, 3, 4)
+         SELECT coalesce(t.device_id, r.device_id) || ' ' || coalesce(t.metric_name, r.metric_name)
+                || ' ' || coalesce(t.bucket, r.bucket)::text
+                || ' truth ' || coalesce(t.count::text, '-') || ' rollup ' || coalesce(r.count::text, '-')
+         FROM truth t FULL JOIN {table} r
+           ON t.device_id = r.device_id AND t.metric_name = r.metric_name AND t.bucket = r.bucket
+         WHERE t.device_id IS NULL OR r.device_id IS NULL OR t.tenant_id <> r.tenant_id
+            OR t.min_val <> r.min_val OR t.max_val <> r.max_val OR t.count <> r.count
+            OR abs(t.avg_val - r.avg_val) > 1e-9 * greatest(1, abs(t.avg_val))
+            OR abs(r.sum_val / r.count - r.avg_val) > 1e-9 * greatest(1, abs(r.avg_val))
+         LIMIT 10"
+    );
+    pgc.query(&sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn count(pgc: &tokio_postgres::Client, sql: &str) -> i64 {
+    pgc.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_match_group_by_and_retention_keeps_them() {
+    let db = format!("plantlink_test_storage_{}", std::process::id());
+    let (admin, url, pgc) = common::database(&db).await;
+    let mut cfg = Postgres::with_url(&url);
+    cfg.timescaledb = Timescale::Off;
+    cfg.flush_max_readings = 3_000;
+    // The test rolls up itself; the upkeep task only runs its last round when the sink goes.
+    cfg.rollup_interval_ms = 3_600_000;
+    let mut roller = postgres::connect(&url).await.unwrap();
+    assert_eq!(
+        postgres::migrate(&roller, &cfg).await.unwrap(),
+        Flavor::Plain
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let sink = Sink::start(cfg.clone(), Flavor::Plain, &mut tasks);
+
+    // Three days of random readings, ending an hour ago.
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    let start = now_us - 3 * DAY_US - HOUR_US;
+    let mut rng = Rng(42);
+    let first = random(&mut rng, 20_000, start, 3);
+    submit_all(&sink, &first, 1_000).await;
+    let rolled = maintain::roll(&mut roller).await.unwrap();
+    assert!(rolled > 0);
+    let stored = count(&pgc, "SELECT count(*) FROM raw_metrics").await;
+    assert!(stored > 19_000, "{stored}"); // random timestamps may collide
+    assert_eq!(
+        mismatches(&pgc, "downsampled_metrics_1h", "hour").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        mismatches(&pgc, "downsampled_metrics_1d", "day").await,
+        Vec::<String>::new()
+    );
+    // Nothing left to roll: rolling again touches nothing.
+    assert_eq!(maintain::roll(&mut roller).await.unwrap(), 0);
+    assert_eq!(count(&pgc, "SELECT count(*) FROM rollup_dirty").await, 0);
+
+    // Late readings into old hours, and a replay of a slice of the first ones.
+    let late = random(&mut rng, 2_000, start, 1);
+    let mut again = late.clone();
+    again.extend_from_slice(&first[5_000..8_000]);
+    submit_all(&sink, &again, 700).await;
+    let dirty = count(&pgc, "SELECT count(*) FROM rollup_dirty").await;
+    assert!(dirty > 0);
+    // Only the buckets the new readings touched were marked: the replay marks nothing.
+    let touched = count(
+        &pgc,
+        "SELECT count(*) FROM (SELECT DISTINCT device_id, metric_name, date_trunc('hour', ts)
+         FROM raw_metrics WHERE ts < (SELECT min(ts) FROM raw_metrics) + interval '1 day') s",
+    )
+    .await;
+    assert!(
+        dirty <= touched,
+        "{dirty} dirty of {touched} buckets in the late day"
+    );
+    assert_eq!(maintain::roll(&mut roller).await.unwrap(), dirty as u64);
+    assert_eq!(
+        mismatches(&pgc, "downsampled_metrics_1h", "hour").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        mismatches(&pgc, "downsampled_metrics_1d", "day").await,
+        Vec::<String>::new()
+    );
+
+    // devices.last_seen_at: written by the upkeep task (here, its last round when the sink
+    // goes), with the newest reading time of each device.
+    drop(sink);
+    while tasks.join_next().await.is_some() {}
+    let seen = count(
+        &pgc,
+        "SELECT count(*) FROM devices d WHERE tenant_id = 'acme' AND last_seen_at =
+         (SELECT max(ts) FROM raw_metrics r WHERE r.device_id = d.device_id)",
+    )
+    .await;
+    assert_eq!(seen, 6);
+
+    // Retention, as seen ten days from now: the raw partitions of these days go, the rollups
+    // stay, and partitions for the days ahead are made.
+    let hourly_before = count(&pgc, "SELECT count(*) FROM downsampled_metrics_1h").await;
+    let daily_before = count(&pgc, "SELECT count(*) FROM downsampled_metrics_1d").await;
+    let today = maintain::day_of(now_us);
+    let up = maintain::partitions_at(&pgc, &cfg, today + 10)
+        .await
+        .unwrap();
+    assert!(
+        up.dropped
+            .contains(&maintain::partition_name(maintain::day_of(start)).unwrap()),
+        "{up:?}"
+    );
+    assert!(
+        up.created
+            .contains(&maintain::partition_name(today + 13).unwrap())
+    );
+    assert_eq!(count(&pgc, "SELECT count(*) FROM raw_metrics").await, 0);
+    assert_eq!(
+        count(&pgc, "SELECT count(*) FROM downsampled_metrics_1h").await,
+        hourly_before
+    );
+    assert_eq!(
+        count(&pgc, "SELECT count(*) FROM downsampled_metrics_1d").await,
+        daily_before
+    );
+    // Rollups go when they pass their own retention: 800 days on, the hourly ones are gone
+    // (730 days) and the daily ones stay (3650).
+    maintain::partitions_at(&pgc, &cfg, today + 800)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&pgc, "SELECT count(*) FROM downsampled_metrics_1h").await,
+        0
+    );
+    assert_eq!(
+        count(&pgc, "SELECT count(*) FROM downsampled_metrics_1d").await,
+        daily_before
+    );
+
+    drop((pgc, roller));
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
