@@ -17,6 +17,67 @@ pub struct Config {
     pub postgres: Postgres,
     /// The Prometheus endpoint; absent means none.
     pub metrics: Option<Metrics>,
+    /// The Kafka sink; absent (or no brokers) means off.
+    pub kafka: Option<Kafka>,
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kafka {
+    /// Bootstrap brokers, `host:port[,host:port...]`; empty turns the sink off.
+    #[serde(default)]
+    pub brokers: String,
+    /// One JSON record per reading, keyed by device id.
+    #[serde(default = "default_readings_topic")]
+    pub readings_topic: String,
+    /// Alert events.
+    #[serde(default = "default_alerts_topic")]
+    pub alerts_topic: String,
+    /// What the cloud refused, with the reason.
+    #[serde(default = "default_dlq_topic")]
+    pub dlq_topic: String,
+    /// Partitions of the topics cloud-ingest creates when they are missing.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor of the topics it creates (3 on a production cluster).
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// librdkafka producer properties, overriding Plantlink's defaults (idempotent,
+    /// `acks=all`, lz4, `linger.ms=20`, no local timeout), e.g. `"linger.ms" = "50"`.
+    #[serde(default)]
+    pub producer: std::collections::BTreeMap<String, String>,
+}
+
+impl Kafka {
+    /// Defaults with `brokers`.
+    pub fn with_brokers(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            readings_topic: default_readings_topic(),
+            alerts_topic: default_alerts_topic(),
+            dlq_topic: default_dlq_topic(),
+            partitions: default_partitions(),
+            replication_factor: default_replication(),
+            producer: Default::default(),
+        }
+    }
+}
+
+fn default_readings_topic() -> String {
+    "telemetry.readings".into()
+}
+fn default_alerts_topic() -> String {
+    "telemetry.alerts".into()
+}
+fn default_dlq_topic() -> String {
+    "telemetry.dlq".into()
+}
+fn default_partitions() -> i32 {
+    6
+}
+fn default_replication() -> i32 {
+    1
 }
 
 /// `[quic]`
@@ -192,6 +253,29 @@ impl Config {
             .url
             .parse::<tokio_postgres::Config>()
             .map_err(|e| anyhow::anyhow!("config {}: postgres.url: {e}", path.display()))?;
+        if c.kafka
+            .as_ref()
+            .is_some_and(|k| k.brokers.trim().is_empty())
+        {
+            c.kafka = None;
+        }
+        if let Some(k) = &c.kafka {
+            anyhow::ensure!(
+                k.partitions >= 1 && k.replication_factor >= 1,
+                "config {}: kafka.partitions = {} and kafka.replication_factor = {} must be at least 1",
+                path.display(),
+                k.partitions,
+                k.replication_factor
+            );
+            for key in ["bootstrap.servers", "enable.idempotence", "acks"] {
+                anyhow::ensure!(
+                    !k.producer.contains_key(key),
+                    "config {}: kafka.producer.\"{key}\" cannot be set there: Plantlink's delivery \
+                     promise depends on it (set kafka.brokers for the servers)",
+                    path.display()
+                );
+            }
+        }
         let pg = &c.postgres;
         anyhow::ensure!(
             (1..=64).contains(&pg.writers),

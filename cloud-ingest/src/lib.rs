@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML configuration.
+//! - [`kafka`]: the Kafka sink: reading records, dead letters, alerts.
 //! - [`pki`]: the fleet CA, server and gateway certificates, and reading a gateway's identity
 //!   from its certificate.
 //! - [`postgres`]: the schema (TimescaleDB or plain partitions), the idempotent batch
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod kafka;
 pub mod pki;
 pub mod postgres;
 pub mod quic;

@@ -23,9 +23,10 @@ use plantlink_wire::frame::{Ack, ErrorCode, ErrorFrame, Frame};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
+use crate::kafka::{self, DeadLetter, Deliveries, Kafka};
 use crate::pki::GatewayIdentity;
 use crate::postgres::maintain;
-use crate::sink::{Batch, Outcome, Sink};
+use crate::sink::{Batch, Outcome, Sink, Ticket};
 use crate::{postgres, quic};
 
 /// Batches of one stream in the pipeline at once.
@@ -73,18 +74,39 @@ impl Server {
         };
         let mut tasks = tokio::task::JoinSet::new();
         let sink = Sink::start(self.config.postgres.clone(), flavor, &mut tasks);
-        tracing::info!(bind = %self.config.quic.bind, ?flavor, "accepting gateways");
+        let kafka = match &self.config.kafka {
+            Some(k) => {
+                let kafka = Kafka::new(k, self.config.postgres.max_pending_readings)?;
+                let creator = kafka.clone();
+                // Topics are made in the background: an unreachable cluster must not keep
+                // the service from starting; records wait in the producer meanwhile.
+                tokio::spawn(async move {
+                    let mut wait = std::time::Duration::from_secs(1);
+                    while let Err(e) = creator.ensure_topics().await {
+                        tracing::warn!(error = %e, retry_in = ?wait, "Kafka topics not checked yet");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(60));
+                    }
+                });
+                Some(kafka)
+            }
+            None => None,
+        };
+        tracing::info!(bind = %self.config.quic.bind, ?flavor, kafka = kafka.is_some(), "accepting gateways");
         loop {
             let incoming = tokio::select! {
                 i = self.endpoint.accept() => match i { Some(i) => i, None => break },
                 _ = shutdown.changed() => break,
             };
             let config = self.config.clone();
-            let sink = sink.clone();
+            let sinks = Sinks {
+                postgres: sink.clone(),
+                kafka: kafka.clone(),
+            };
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 match incoming.await {
-                    Ok(conn) => connection(conn, config, sink).await,
+                    Ok(conn) => connection(conn, config, sinks).await,
                     Err(e) => {
                         counter!("plantlink_cloud_handshakes_refused_total").increment(1);
                         tracing::warn!(%remote, error = %e, "gateway refused at the TLS handshake");
@@ -96,11 +118,30 @@ impl Server {
         self.endpoint.wait_idle().await;
         drop(sink);
         while tasks.join_next().await.is_some() {}
+        if let Some(k) = kafka {
+            tokio::task::spawn_blocking(move || k.flush(std::time::Duration::from_secs(5))).await?;
+        }
         Ok(())
     }
 }
 
-async fn connection(conn: quinn::Connection, config: Arc<Config>, sink: Sink) {
+/// Where a stream's batches go.
+#[derive(Debug, Clone)]
+struct Sinks {
+    postgres: Sink,
+    kafka: Option<Kafka>,
+}
+
+/// What a stream's reader and acker share.
+#[derive(Debug)]
+struct Ctx {
+    id: GatewayIdentity,
+    tenant: Arc<str>,
+    gateway: Arc<str>,
+    sinks: Sinks,
+}
+
+async fn connection(conn: quinn::Connection, config: Arc<Config>, sinks: Sinks) {
     let q = &config.quic;
     let (id, _control_send, _control_recv) =
         match quic::admit(&conn, q.max_batch_bytes, q.max_in_flight).await {
@@ -113,59 +154,85 @@ async fn connection(conn: quinn::Connection, config: Arc<Config>, sink: Sink) {
         };
     gauge!("plantlink_cloud_connections").increment(1.0);
     tracing::info!(gateway = %id.gateway, tenant = %id.tenant, remote = %conn.remote_address(), "gateway connected");
-    let id = Arc::new(id);
+    let ctx = Arc::new(Ctx {
+        tenant: Arc::from(id.tenant.as_str()),
+        gateway: Arc::from(id.gateway.as_str()),
+        id,
+        sinks,
+    });
     while let Ok((send, recv)) = conn.accept_bi().await {
         let (replies, pending) = mpsc::channel(STREAM_WINDOW);
-        tokio::spawn(acker(send, pending, id.clone()));
+        tokio::spawn(acker(send, pending, ctx.clone()));
         tokio::spawn(stream(
             recv,
             replies,
-            id.clone(),
-            sink.clone(),
+            ctx.clone(),
             q.max_batch_bytes as usize,
         ));
     }
     gauge!("plantlink_cloud_connections").decrement(1.0);
-    tracing::info!(gateway = %id.gateway, "gateway disconnected");
+    tracing::info!(gateway = %ctx.id.gateway, "gateway disconnected");
 }
 
 /// What the acker sends for a batch, in the order the batches came.
 enum Reply {
     /// An answer known at once (a rejection).
     Now(Frame),
-    /// The answer for batch `seq`, once the sink has it.
-    Later(u64, oneshot::Receiver<Outcome>),
+    /// The answer for a batch once every sink has it.
+    Later {
+        seq: u64,
+        readings: u64,
+        postgres: oneshot::Receiver<Outcome>,
+        kafka: Option<Deliveries>,
+        /// Holds the batch's share of the budget until both are done.
+        _ticket: Ticket,
+    },
 }
 
-async fn acker(
-    mut send: quinn::SendStream,
-    mut pending: mpsc::Receiver<Reply>,
-    id: Arc<GatewayIdentity>,
-) {
+async fn acker(mut send: quinn::SendStream, mut pending: mpsc::Receiver<Reply>, ctx: Arc<Ctx>) {
     while let Some(reply) = pending.recv().await {
         let frame = match reply {
             Reply::Now(f) => f,
-            Reply::Later(seq, rx) => match rx.await {
-                Ok(Ok(())) => Frame::Ack(Ack { seq }),
-                Ok(Err(why)) => {
-                    counter!("plantlink_cloud_batches_rejected_total", "reason" => "storage")
-                        .increment(1);
-                    tracing::error!(gateway = %id.gateway, seq, %why, "batch not stored");
-                    error(ErrorCode::UNAVAILABLE, Some(seq), why)
+            Reply::Later {
+                seq,
+                readings,
+                postgres,
+                kafka,
+                _ticket,
+            } => {
+                let stored = match postgres.await {
+                    Ok(r) => r,
+                    Err(_) => Err("shutting down; retry".into()),
+                };
+                let delivered = match kafka {
+                    Some(d) => {
+                        let r = d.wait().await;
+                        if r.is_ok() {
+                            counter!("plantlink_cloud_readings_written_total", "sink" => "kafka")
+                                .increment(readings);
+                        }
+                        r.map_err(|e| format!("Kafka did not take the batch: {e}; retry"))
+                    }
+                    None => Ok(()),
+                };
+                drop(_ticket);
+                ctx.sinks.postgres.update_gauge();
+                match stored.and(delivered) {
+                    Ok(()) => Frame::Ack(Ack { seq }),
+                    Err(why) => {
+                        counter!("plantlink_cloud_batches_rejected_total", "reason" => "storage")
+                            .increment(1);
+                        tracing::error!(gateway = %ctx.id.gateway, seq, %why, "batch not stored");
+                        error(ErrorCode::UNAVAILABLE, Some(seq), why)
+                    }
                 }
-                Err(_) => error(
-                    ErrorCode::UNAVAILABLE,
-                    Some(seq),
-                    "shutting down; retry".into(),
-                ),
-            },
+            }
         };
         if quic::write_frame(&mut send, &frame).await.is_err() {
             return;
         }
     }
 }
-
 /// Why no database can hold a reading, if that is so.
 fn unstorable(r: &Reading) -> Option<&'static str> {
     if !maintain::storable(r.ts.0) {
@@ -191,16 +258,14 @@ fn reject_reason(e: &DecodeError) -> (&'static str, ErrorCode) {
 async fn stream(
     mut recv: quinn::RecvStream,
     replies: mpsc::Sender<Reply>,
-    id: Arc<GatewayIdentity>,
-    sink: Sink,
+    ctx: Arc<Ctx>,
     max_frame: usize,
 ) {
+    let id = &ctx.id;
     let mut decoder = BatchDecoder::new(Limits {
         max_payload_bytes: max_frame,
         ..Limits::default()
     });
-    let tenant: Arc<str> = Arc::from(id.tenant.as_str());
-    let gateway: Arc<str> = Arc::from(id.gateway.as_str());
     loop {
         let frame = match quic::read_frame(&mut recv, max_frame + 1024).await {
             Ok(f) => f,
@@ -209,6 +274,7 @@ async fn stream(
                     counter!("plantlink_cloud_batches_rejected_total", "reason" => "protocol")
                         .increment(1);
                     tracing::warn!(gateway = %id.gateway, error = %e, "unreadable frame; closing the stream");
+                    dead_letter(&ctx, "protocol", e.clone(), None, None).await;
                     let _ = replies
                         .send(Reply::Now(error(ErrorCode::PROTOCOL, None, e)))
                         .await;
@@ -218,74 +284,146 @@ async fn stream(
         };
         let Frame::Batch(b) = frame else {
             counter!("plantlink_cloud_batches_rejected_total", "reason" => "protocol").increment(1);
-            let reply = error(ErrorCode::PROTOCOL, None, "expected a Batch frame".into());
-            if replies.send(Reply::Now(reply)).await.is_err() {
+            let why = "expected a Batch frame".to_owned();
+            dead_letter(&ctx, "protocol", why.clone(), None, None).await;
+            if replies
+                .send(Reply::Now(error(ErrorCode::PROTOCOL, None, why)))
+                .await
+                .is_err()
+            {
                 return;
             }
             continue;
         };
-        let mut readings = match decoder.decode(&b.payload) {
-            Ok(r) if r.len() == b.readings as usize => r,
-            Ok(r) => {
-                let why = format!(
+        let (reason, code, why) = match decoder.decode(&b.payload) {
+            Ok(readings) if readings.len() == b.readings as usize => {
+                if !accept(&ctx, &replies, b.seq, readings).await {
+                    return;
+                }
+                continue;
+            }
+            Ok(r) => (
+                "malformed",
+                ErrorCode::MALFORMED,
+                format!(
                     "batch {} says {} readings but holds {}",
                     b.seq,
                     b.readings,
                     r.len()
-                );
-                if !reject(&id, &replies, "malformed", ErrorCode::MALFORMED, b.seq, why).await {
-                    return;
-                }
-                continue;
-            }
+                ),
+            ),
             Err(e) => {
                 let (reason, code) = reject_reason(&e);
-                if !reject(&id, &replies, reason, code, b.seq, e.to_string()).await {
-                    return;
-                }
-                continue;
+                (reason, code, e.to_string())
             }
         };
-        counter!("plantlink_cloud_readings_received_total").increment(readings.len() as u64);
-        readings.retain(|r| match unstorable(r) {
-            None => true,
-            Some(reason) => {
-                counter!("plantlink_cloud_readings_rejected_total", "reason" => reason)
-                    .increment(1);
-                tracing::warn!(gateway = %id.gateway, device = %r.device.escape_debug(), metric = %r.metric.escape_debug(), ts_us = r.ts.0, reason, "reading left out");
-                false
-            }
-        });
-        let done = sink
-            .submit(Batch {
-                tenant: tenant.clone(),
-                gateway: gateway.clone(),
-                readings,
-            })
-            .await;
-        if replies.send(Reply::Later(b.seq, done)).await.is_err() {
+        counter!("plantlink_cloud_batches_rejected_total", "reason" => reason).increment(1);
+        tracing::warn!(gateway = %id.gateway, tenant = %id.tenant, seq = b.seq, %why, "batch rejected");
+        dead_letter(&ctx, reason, why.clone(), Some(b.seq), Some(&b.payload)).await;
+        if replies
+            .send(Reply::Now(error(code, Some(b.seq), why)))
+            .await
+            .is_err()
+        {
             return;
         }
     }
 }
 
-fn error(code: ErrorCode, seq: Option<u64>, reason: String) -> Frame {
-    Frame::Error(ErrorFrame { code, seq, reason })
-}
-
-/// Counts, logs and answers a rejected batch; false when the stream is gone.
-async fn reject(
-    id: &GatewayIdentity,
+/// Hands a decoded batch to the sinks: its share of the budget first (waiting here is what
+/// pushes back on the gateway), then Kafka (enqueued in stream order), then PostgreSQL.
+/// False when the stream is gone.
+async fn accept(
+    ctx: &Ctx,
     replies: &mpsc::Sender<Reply>,
-    reason: &'static str,
-    code: ErrorCode,
     seq: u64,
-    why: String,
+    mut readings: Vec<Reading>,
 ) -> bool {
-    counter!("plantlink_cloud_batches_rejected_total", "reason" => reason).increment(1);
-    tracing::warn!(gateway = %id.gateway, tenant = %id.tenant, seq, %why, "batch rejected");
+    counter!("plantlink_cloud_readings_received_total").increment(readings.len() as u64);
+    let mut refused = Vec::new();
+    readings.retain(|r| match unstorable(r) {
+        None => true,
+        Some(reason) => {
+            refused.push((reason, r.clone()));
+            false
+        }
+    });
+    for (reason, r) in refused {
+        counter!("plantlink_cloud_readings_rejected_total", "reason" => reason).increment(1);
+        tracing::warn!(gateway = %ctx.id.gateway, device = %r.device.escape_debug(), metric = %r.metric.escape_debug(), ts_us = r.ts.0, reason, "reading left out");
+        let reading =
+            serde_json::from_slice(&kafka::record_json(&ctx.tenant, &ctx.gateway, &r)).ok();
+        if let Some(k) = &ctx.sinks.kafka {
+            let letter = DeadLetter {
+                reason,
+                detail: format!(
+                    "reading of {} left out of batch {seq}",
+                    r.device.escape_debug()
+                ),
+                tenant: &ctx.tenant,
+                gateway: &ctx.gateway,
+                seq: Some(seq),
+                reading,
+                payload_hex: None,
+                payload_bytes: None,
+            };
+            k.send_dlq(&ctx.gateway, &letter).await;
+        }
+    }
+    let Some(ticket) = ctx.sinks.postgres.reserve(readings.len()).await else {
+        return false;
+    };
+    let kafka = match &ctx.sinks.kafka {
+        Some(k) => Some(k.send_readings(&ctx.tenant, &ctx.gateway, &readings).await),
+        None => None,
+    };
+    let n = readings.len() as u64;
+    let postgres = ctx
+        .sinks
+        .postgres
+        .submit_reserved(
+            Batch {
+                tenant: ctx.tenant.clone(),
+                gateway: ctx.gateway.clone(),
+                readings,
+            },
+            ticket.clone(),
+        )
+        .await;
     replies
-        .send(Reply::Now(error(code, Some(seq), why)))
+        .send(Reply::Later {
+            seq,
+            readings: n,
+            postgres,
+            kafka,
+            _ticket: ticket,
+        })
         .await
         .is_ok()
+}
+
+/// Sends what the cloud refused to the dead-letter topic, when Kafka is on.
+async fn dead_letter(
+    ctx: &Ctx,
+    reason: &str,
+    detail: String,
+    seq: Option<u64>,
+    payload: Option<&[u8]>,
+) {
+    let Some(k) = &ctx.sinks.kafka else { return };
+    let letter = DeadLetter {
+        reason,
+        detail,
+        tenant: &ctx.tenant,
+        gateway: &ctx.gateway,
+        seq,
+        reading: None,
+        payload_hex: payload.map(kafka::hex_prefix),
+        payload_bytes: payload.map(<[u8]>::len),
+    };
+    k.send_dlq(&ctx.gateway, &letter).await;
+}
+
+fn error(code: ErrorCode, seq: Option<u64>, reason: String) -> Frame {
+    Frame::Error(ErrorFrame { code, seq, reason })
 }

@@ -47,8 +47,13 @@ pub struct Batch {
 struct Job {
     batch: Batch,
     done: oneshot::Sender<Outcome>,
-    _permit: OwnedSemaphorePermit,
+    _ticket: Ticket,
 }
+
+/// A batch's share of the reading budget. Its clones travel with the batch (to the writer,
+/// and to whoever waits for other sinks); the share returns when the last one is dropped.
+#[derive(Debug, Clone)]
+pub struct Ticket(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
 /// Newest reading time per (tenant, device), written to `devices.last_seen_at` now and
 /// then instead of once per reading.
@@ -102,20 +107,44 @@ impl Sink {
         }
     }
 
+    /// Sets `plantlink_cloud_pending_readings` to what the budget holds now.
+    pub fn update_gauge(&self) {
+        pending_gauge(&self.budget, self.max_permits);
+    }
+
+    /// Takes `readings` permits from the budget, waiting while the pipeline holds
+    /// `max_pending_readings`; `None` when shutting down.
+    pub async fn reserve(&self, readings: usize) -> Option<Ticket> {
+        let want = readings.clamp(1, self.max_permits) as u32;
+        let permit = self.budget.clone().acquire_many_owned(want).await.ok()?;
+        pending_gauge(&self.budget, self.max_permits);
+        Some(Ticket(Arc::new(permit)))
+    }
+
     /// Queues a batch; waits while the pipeline holds `max_pending_readings`. The receiver
     /// resolves after the commit.
     pub async fn submit(&self, batch: Batch) -> oneshot::Receiver<Outcome> {
+        match self.reserve(batch.readings.len()).await {
+            Some(ticket) => self.submit_reserved(batch, ticket).await,
+            None => {
+                let (done, rx) = oneshot::channel();
+                let _ = done.send(Err("shutting down".into()));
+                rx
+            }
+        }
+    }
+
+    /// Queues a batch whose share of the budget is already taken.
+    pub async fn submit_reserved(
+        &self,
+        batch: Batch,
+        ticket: Ticket,
+    ) -> oneshot::Receiver<Outcome> {
         let (done, rx) = oneshot::channel();
-        let want = batch.readings.len().clamp(1, self.max_permits) as u32;
-        let Ok(permit) = self.budget.clone().acquire_many_owned(want).await else {
-            let _ = done.send(Err("shutting down".into()));
-            return rx;
-        };
-        pending_gauge(&self.budget, self.max_permits);
         let job = Job {
             batch,
             done,
-            _permit: permit,
+            _ticket: ticket,
         };
         if let Err(mpsc::error::SendError(job)) = self.tx.send(job).await {
             let _ = job.done.send(Err("shutting down".into()));

