@@ -17,8 +17,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use cloud_ingest::quic;
 use cloud_ingest::server::Server;
 use common::Dir;
+use plantlink_model::{Reading, Timestamp};
+use plantlink_wire::BatchEncoder;
+use plantlink_wire::frame::{Ack, Batch, Frame, Lane};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -125,7 +129,7 @@ fn consume_all(brokers: &str, topic: &str, want: usize, limit: Duration) -> Seen
                 );
             }
         }
-        seen.push((key, v["seq"].as_i64().unwrap(), v, headers));
+        seen.push((key, v["seq"].as_i64().unwrap_or(-1), v, headers));
     }
     seen
 }
@@ -244,7 +248,27 @@ batch_linger_ms = 50
         }
     };
 
-    // 1. Readings land in PostgreSQL and Kafka, keyed by device, in per-device order.
+    // 1. Readings land in PostgreSQL and Kafka, keyed by device, in per-device order. Order
+    // holds within a lane: readings stored before the uplink first connects travel as backlog
+    // behind live ones (live first), so the test waits for the uplink with one warm-up message.
+    publisher
+        .publish(
+            "plant/warmup",
+            QoS::AtLeastOnce,
+            false,
+            format!(r#"{{"ts": {base_ms}, "seq": 0, "temperature": 1}}"#),
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while rows(&pgc).await < 1 || queued(&d.0.join("queue.db")) > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the uplink did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pgc.batch_execute("DELETE FROM raw_metrics").await.unwrap();
     const FIRST: i64 = 3_000;
     publish(0, FIRST).await;
     let start = Instant::now();
@@ -259,14 +283,14 @@ batch_linger_ms = 50
     let seen = {
         let (b, t) = (relay.to_string(), topic.clone());
         tokio::task::spawn_blocking(move || {
-            consume_all(&b, &t, FIRST as usize, Duration::from_secs(30))
+            consume_all(&b, &t, FIRST as usize + 1, Duration::from_secs(30))
         })
         .await
         .unwrap()
     };
-    assert_eq!(seen.len(), FIRST as usize, "records on {topic}");
+    assert_eq!(seen.len(), FIRST as usize + 1, "records on {topic}");
     let mut last: HashMap<String, i64> = HashMap::new();
-    for (key, seq, v, headers) in &seen {
+    for (key, seq, v, headers) in seen.iter().filter(|(k, ..)| k != "warmup") {
         assert_eq!(v["device_id"].as_str(), Some(key.as_str()));
         assert_eq!(v["tenant"], "acme");
         assert_eq!(v["gateway"], "gw-k");
@@ -320,10 +344,11 @@ batch_linger_ms = 50
     let total = (FIRST + SECOND) as usize;
     let seen = {
         let (b, t) = (relay.to_string(), topic.clone());
-        tokio::task::spawn_blocking(move || consume_all(&b, &t, total, Duration::from_secs(60)))
+        tokio::task::spawn_blocking(move || consume_all(&b, &t, total + 1, Duration::from_secs(60)))
             .await
             .unwrap()
     };
+    let seen: Seen = seen.into_iter().filter(|(k, ..)| k != "warmup").collect();
     let mut ids: Vec<(String, i64)> = seen.iter().map(|(k, s, _, _)| (k.clone(), *s)).collect();
     ids.sort();
     ids.dedup();
@@ -344,6 +369,73 @@ batch_linger_ms = 50
         seen.len(),
         seen.len() - total
     );
+
+    // 4. What the cloud refuses goes to the dead-letter topic with the reason: a batch that
+    // does not decode (its first byte claims codec version 9), and a reading no database can hold (the rest of its batch is stored).
+    cloud_ingest::pki::gateway(&d.0, "gw-bad", "acme", 365).unwrap();
+    let ep = common::client(&d.0.join("ca.pem"), Some((&d.0, "gw-bad")));
+    let conn = common::connect(&ep, cloud_addr, "gw-bad").await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let garbage = Frame::Batch(Batch {
+        seq: 1,
+        lane: Lane::Live,
+        readings: 3,
+        payload: vec![9, 9, 9],
+    });
+    quic::write_frame(&mut send, &garbage).await.unwrap();
+    assert!(matches!(
+        quic::read_frame(&mut recv, 1 << 16).await.unwrap(),
+        Frame::Error(e) if e.seq == Some(1)
+    ));
+    let odd = vec![
+        Reading::new("x", "dev-odd", "temperature", Timestamp(i64::MAX), 1.0),
+        Reading::new(
+            "x",
+            "dev-odd",
+            "temperature",
+            Timestamp(base_ms * 1000),
+            2.0,
+        ),
+    ];
+    let good = Frame::Batch(Batch {
+        seq: 2,
+        lane: Lane::Live,
+        readings: 2,
+        payload: BatchEncoder::default().encode(&odd),
+    });
+    quic::write_frame(&mut send, &good).await.unwrap();
+    assert_eq!(
+        quic::read_frame(&mut recv, 1 << 16).await.unwrap(),
+        Frame::Ack(Ack { seq: 2 })
+    );
+    let dlq = {
+        let (b, t) = (
+            relay.to_string(),
+            format!("test.dlq.{}", std::process::id()),
+        );
+        tokio::task::spawn_blocking(move || consume_all(&b, &t, 2, Duration::from_secs(30)))
+            .await
+            .unwrap()
+    };
+    let reasons: Vec<&str> = dlq
+        .iter()
+        .map(|(_, _, v, _)| v["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{dlq:?}");
+    assert!(
+        reasons.contains(&"unsupported_version") && reasons.contains(&"timestamp_out_of_range"),
+        "{reasons:?}"
+    );
+    for (key, _, v, _) in &dlq {
+        assert_eq!(key, "gw-bad");
+        assert_eq!(v["gateway"], "gw-bad");
+        if v["reason"] == "unsupported_version" {
+            assert_eq!(v["payload_hex"], "090909");
+        } else {
+            assert_eq!(v["reading"]["device_id"], "dev-odd");
+        }
+    }
+    conn.close(0u32.into(), b"done");
 
     let _ = stop_tx.send(true);
     agent.await.unwrap().unwrap();
