@@ -19,6 +19,19 @@ pub struct Config {
     pub metrics: Option<Metrics>,
     /// The Kafka sink; absent (or no brokers) means off.
     pub kafka: Option<Kafka>,
+    /// The query API; absent means none.
+    pub api: Option<Api>,
+}
+
+/// `[api]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Api {
+    /// Address of the HTTP API, e.g. `0.0.0.0:8080`.
+    pub bind: SocketAddr,
+    /// Bearer token of each tenant: `acme = "..."`.
+    #[serde(default)]
+    pub tokens: std::collections::BTreeMap<String, String>,
 }
 
 /// `[kafka]`
@@ -272,6 +285,24 @@ impl Config {
                     !k.producer.contains_key(key),
                     "config {}: kafka.producer.\"{key}\" cannot be set there: Plantlink's delivery \
                      promise depends on it (set kafka.brokers for the servers)",
+                    path.display()
+                );
+            }
+        }
+        if let Some(api) = &c.api {
+            for (tenant, token) in &api.tokens {
+                anyhow::ensure!(
+                    token.len() >= 16 && token.is_ascii() && !token.contains(char::is_whitespace),
+                    "config {}: api.tokens.{tenant} must be at least 16 printable ASCII characters \
+                     without spaces (e.g. from `openssl rand -hex 24`)",
+                    path.display()
+                );
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for (tenant, token) in &api.tokens {
+                anyhow::ensure!(
+                    seen.insert(token),
+                    "config {}: api.tokens.{tenant} is the same token as another tenant's",
                     path.display()
                 );
             }

@@ -1,6 +1,7 @@
 //! cloud-ingest: the Plantlink cloud service, as a library so that its parts can be tested.
 //!
 //! # Layout
+//! - [`api`]: the query API (axum): device series, latest values, fleet aggregates, lag.
 //! - [`config`]: the TOML configuration.
 //! - [`kafka`]: the Kafka sink: reading records, dead letters, alerts.
 //! - [`pki`]: the fleet CA, server and gateway certificates, and reading a gateway's identity
@@ -11,9 +12,11 @@
 //! - [`server`]: `cloud-ingest run`: batches from admitted gateways into the sink.
 //! - [`sink`]: the bounded write pipeline: merged batches, parallel writers, acks after
 //!   commit.
+//! - [`status`]: each gateway's uplink as this replica sees it.
 //! - [`telemetry`]: the Prometheus endpoint and the metrics it serves.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod config;
 pub mod kafka;
 pub mod pki;
@@ -21,4 +24,5 @@ pub mod postgres;
 pub mod quic;
 pub mod server;
 pub mod sink;
+pub mod status;
 pub mod telemetry;

@@ -22,11 +22,13 @@ use plantlink_wire::batch::{BatchDecoder, DecodeError, Limits};
 use plantlink_wire::frame::{Ack, ErrorCode, ErrorFrame, Frame};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::api::App;
 use crate::config::Config;
 use crate::kafka::{self, DeadLetter, Deliveries, Kafka};
 use crate::pki::GatewayIdentity;
 use crate::postgres::maintain;
 use crate::sink::{Batch, Outcome, Sink, Ticket};
+use crate::status::Gateways;
 use crate::{postgres, quic};
 
 /// Batches of one stream in the pipeline at once.
@@ -92,6 +94,31 @@ impl Server {
             }
             None => None,
         };
+        let gateways = Gateways::default();
+        if let Some(api) = &self.config.api {
+            let listener = tokio::net::TcpListener::bind(api.bind)
+                .await
+                .map_err(|e| anyhow::anyhow!("api.bind = {}: cannot listen: {e}", api.bind))?;
+            let app = App::new(
+                &self.config.postgres.url,
+                &api.tokens,
+                gateways.clone(),
+                kafka.clone(),
+                Some(sink.clone()),
+            );
+            let mut stop = shutdown.clone();
+            tracing::info!(bind = %api.bind, "query API listening");
+            tasks.spawn(async move {
+                let served = axum::serve(listener, app.router())
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "query API stopped");
+                }
+            });
+        }
         tracing::info!(bind = %self.config.quic.bind, ?flavor, kafka = kafka.is_some(), "accepting gateways");
         loop {
             let incoming = tokio::select! {
@@ -102,6 +129,7 @@ impl Server {
             let sinks = Sinks {
                 postgres: sink.clone(),
                 kafka: kafka.clone(),
+                gateways: gateways.clone(),
             };
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
@@ -130,6 +158,7 @@ impl Server {
 struct Sinks {
     postgres: Sink,
     kafka: Option<Kafka>,
+    gateways: Gateways,
 }
 
 /// What a stream's reader and acker share.
@@ -153,6 +182,7 @@ async fn connection(conn: quinn::Connection, config: Arc<Config>, sinks: Sinks) 
             }
         };
     gauge!("plantlink_cloud_connections").increment(1.0);
+    sinks.gateways.connected(&id.gateway, &id.tenant);
     tracing::info!(gateway = %id.gateway, tenant = %id.tenant, remote = %conn.remote_address(), "gateway connected");
     let ctx = Arc::new(Ctx {
         tenant: Arc::from(id.tenant.as_str()),
@@ -171,6 +201,7 @@ async fn connection(conn: quinn::Connection, config: Arc<Config>, sinks: Sinks) 
         ));
     }
     gauge!("plantlink_cloud_connections").decrement(1.0);
+    ctx.sinks.gateways.disconnected(&ctx.id.gateway);
     tracing::info!(gateway = %ctx.id.gateway, "gateway disconnected");
 }
 
@@ -217,7 +248,11 @@ async fn acker(mut send: quinn::SendStream, mut pending: mpsc::Receiver<Reply>, 
                 };
                 drop(_ticket);
                 ctx.sinks.postgres.update_gauge();
-                match stored.and(delivered) {
+                let outcome = stored.and(delivered);
+                ctx.sinks
+                    .gateways
+                    .answered(&ctx.id.gateway, readings, outcome.is_ok());
+                match outcome {
                     Ok(()) => Frame::Ack(Ack { seq }),
                     Err(why) => {
                         counter!("plantlink_cloud_batches_rejected_total", "reason" => "storage")
@@ -378,6 +413,7 @@ async fn accept(
         None => None,
     };
     let n = readings.len() as u64;
+    ctx.sinks.gateways.received(&ctx.gateway, n);
     let postgres = ctx
         .sinks
         .postgres

@@ -107,6 +107,12 @@ impl Sink {
         }
     }
 
+    /// Readings received and not yet through every sink.
+    pub fn pending(&self) -> usize {
+        self.max_permits
+            .saturating_sub(self.budget.available_permits())
+    }
+
     /// Sets `plantlink_cloud_pending_readings` to what the budget holds now.
     pub fn update_gauge(&self) {
         pending_gauge(&self.budget, self.max_permits);

@@ -306,5 +306,6 @@ pub fn cloud_config(
         postgres: Postgres::with_url(url),
         metrics: None,
         kafka: None,
+        api: None,
     }
 }

@@ -1,0 +1,538 @@
+//! The query API (axum) on `[api] bind`, documented in `deploy/openapi.yaml`.
+//!
+//! Every `/v1` request carries `Authorization: Bearer <token>`; `[api.tokens]` maps each
+//! tenant to its token, and a tenant sees only its own devices: another tenant's device is
+//! answered exactly like a device that does not exist (404), so ids do not leak. Errors are
+//! JSON `{"error": "..."}`; a bad parameter gets a 400 that names it and says what is expected.
+//!
+//! Long ranges are routed to the rollups: `resolution=auto` reads raw up to 2 days,
+//! `downsampled_metrics_1h` up to 90 days and `downsampled_metrics_1d` beyond.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio_postgres::Client;
+
+use crate::kafka::{Kafka, rfc3339};
+use crate::sink::Sink;
+use crate::status::Gateways;
+
+/// The routes the API serves, as written in `deploy/openapi.yaml`.
+pub const ROUTES: [&str; 6] = [
+    "/healthz",
+    "/readyz",
+    "/v1/devices/{id}/metrics",
+    "/v1/devices/{id}/metrics/latest",
+    "/v1/tenants/{id}/metrics/aggregate",
+    "/v1/pipeline/lag",
+];
+
+/// Most points one request returns; more sets `truncated`.
+const MAX_LIMIT: i64 = 100_000;
+const DAY_US: i64 = 86_400_000_000;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad(param: &str, why: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, format!("parameter {param}: {why}"))
+}
+
+fn storage(e: tokio_postgres::Error) -> ApiError {
+    tracing::warn!(error = %e, "API query failed");
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the database is unavailable; retry".into(),
+    )
+}
+
+/// One PostgreSQL connection for queries (tokio-postgres pipelines concurrent ones),
+/// reconnected when lost.
+#[derive(Debug, Clone)]
+struct Db {
+    url: Arc<str>,
+    client: Arc<tokio::sync::Mutex<Option<Arc<Client>>>>,
+}
+
+impl Db {
+    async fn get(&self) -> Result<Arc<Client>, ApiError> {
+        let mut c = self.client.lock().await;
+        if let Some(client) = c.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(client.clone());
+        }
+        let client = Arc::new(crate::postgres::connect(&self.url).await.map_err(storage)?);
+        *c = Some(client.clone());
+        Ok(client)
+    }
+}
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct App {
+    db: Db,
+    /// token -> tenant
+    tokens: Arc<Vec<(String, String)>>,
+    gateways: Gateways,
+    kafka: Option<Kafka>,
+    sink: Option<Sink>,
+}
+
+impl App {
+    /// An API over the database at `url`, for the tenants and tokens of `[api.tokens]`.
+    pub fn new(
+        url: &str,
+        tokens: &BTreeMap<String, String>,
+        gateways: Gateways,
+        kafka: Option<Kafka>,
+        sink: Option<Sink>,
+    ) -> Self {
+        Self {
+            db: Db {
+                url: Arc::from(url),
+                client: Arc::default(),
+            },
+            tokens: Arc::new(
+                tokens
+                    .iter()
+                    .map(|(tenant, token)| (token.clone(), tenant.clone()))
+                    .collect(),
+            ),
+            gateways,
+            kafka,
+            sink,
+        }
+    }
+
+    /// The router.
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/v1/devices/{id}/metrics", get(device_metrics))
+            .route("/v1/devices/{id}/metrics/latest", get(latest))
+            .route("/v1/tenants/{id}/metrics/aggregate", get(aggregate))
+            .route("/v1/pipeline/lag", get(lag))
+            .fallback(|| async {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    "no such endpoint; see deploy/openapi.yaml".into(),
+                )
+            })
+            .with_state(self)
+    }
+
+    /// The tenant whose token the request carries.
+    fn tenant(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        let unauthorized = |m: &str| ApiError(StatusCode::UNAUTHORIZED, m.to_owned());
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("missing Authorization: Bearer <token>"))?
+            .to_str()
+            .map_err(|_| unauthorized("unreadable Authorization header"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| unauthorized("Authorization must be: Bearer <token>"))?
+            .trim();
+        // Compare against every token without stopping early.
+        let mut found = None;
+        for (t, tenant) in self.tokens.iter() {
+            if constant_time_eq(t.as_bytes(), token.as_bytes()) {
+                found = Some(tenant.clone());
+            }
+        }
+        found.ok_or_else(|| unauthorized("unknown token"))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(app): State<App>) -> Result<Json<Value>, ApiError> {
+    let check = async {
+        let c = app.db.get().await?;
+        c.simple_query("SELECT 1").await.map_err(storage)?;
+        Ok::<_, ApiError>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(())) => Ok(Json(json!({"status": "ready"}))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the database did not answer within 2 s".into(),
+        )),
+    }
+}
+
+/// A time parameter: RFC 3339, or integer milliseconds since the epoch.
+fn parse_time(param: &str, v: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return ms
+            .checked_mul(1000)
+            .ok_or_else(|| bad(param, format!("{v} is out of range")));
+    }
+    let t = OffsetDateTime::parse(v, &Rfc3339).map_err(|_| {
+        bad(
+            param,
+            format!(
+                "{v:?} is not a time; give RFC 3339 (2026-11-21T08:00:00Z) or epoch milliseconds"
+            ),
+        )
+    })?;
+    i64::try_from(t.unix_timestamp_nanos() / 1000).map_err(|_| bad(param, "out of range"))
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+fn to_system(us: i64) -> SystemTime {
+    if us >= 0 {
+        UNIX_EPOCH + Duration::from_micros(us as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_micros(us.unsigned_abs())
+    }
+}
+
+fn from_system(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_micros() as i64,
+        Err(e) => -(e.duration().as_micros() as i64),
+    }
+}
+
+/// The time range of a request: `from` and `to`, defaulting to the last hour.
+fn range(q: &HashMap<String, String>) -> Result<(i64, i64), ApiError> {
+    let to = match q.get("to") {
+        Some(v) => parse_time("to", v)?,
+        None => now_us(),
+    };
+    let from = match q.get("from") {
+        Some(v) => parse_time("from", v)?,
+        None => to - 3_600_000_000,
+    };
+    if from >= to {
+        return Err(bad("from", "must be before to"));
+    }
+    Ok((from, to))
+}
+
+/// Which table answers a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolution {
+    Raw,
+    Hour,
+    Day,
+}
+
+impl Resolution {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Hour => "1h",
+            Self::Day => "1d",
+        }
+    }
+    fn table(self) -> &'static str {
+        match self {
+            Self::Raw => "raw_metrics",
+            Self::Hour => "downsampled_metrics_1h",
+            Self::Day => "downsampled_metrics_1d",
+        }
+    }
+    fn unit(self) -> &'static str {
+        match self {
+            Self::Raw | Self::Hour => "hour",
+            Self::Day => "day",
+        }
+    }
+}
+
+/// `resolution`: raw, 1h, 1d, or auto (raw up to 2 days, 1h up to 90 days, 1d beyond).
+fn resolution(q: &HashMap<String, String>, from: i64, to: i64) -> Result<Resolution, ApiError> {
+    match q.get("resolution").map(String::as_str).unwrap_or("auto") {
+        "raw" => Ok(Resolution::Raw),
+        "1h" => Ok(Resolution::Hour),
+        "1d" => Ok(Resolution::Day),
+        "auto" => Ok(if to - from <= 2 * DAY_US {
+            Resolution::Raw
+        } else if to - from <= 90 * DAY_US {
+            Resolution::Hour
+        } else {
+            Resolution::Day
+        }),
+        other => Err(bad(
+            "resolution",
+            format!("{other:?} is not one of raw, 1h, 1d, auto"),
+        )),
+    }
+}
+
+fn known_params(q: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+    match q.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(bad(
+            k,
+            format!("unknown; expected one of {}", known.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether `device` belongs to `tenant` (it has readings of the tenant, or a devices row).
+async fn device_known(c: &Client, tenant: &str, device: &str) -> Result<bool, ApiError> {
+    let row = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM devices WHERE device_id = $1 AND tenant_id = $2)
+                 OR EXISTS (SELECT 1 FROM raw_metrics WHERE device_id = $1 AND tenant_id = $2)
+                 OR EXISTS (SELECT 1 FROM downsampled_metrics_1d WHERE device_id = $1 AND tenant_id = $2)",
+            &[&device, &tenant],
+        )
+        .await
+        .map_err(storage)?;
+    Ok(row.get(0))
+}
+
+fn not_found(device: &str) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("device {device:?} not found for this tenant"),
+    )
+}
+
+async fn device_metrics(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(device): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = app.tenant(&headers)?;
+    known_params(&q, &["metric", "from", "to", "resolution", "limit"])?;
+    let (from, to) = range(&q)?;
+    let res = resolution(&q, from, to)?;
+    let limit = match q.get("limit") {
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=MAX_LIMIT).contains(l))
+            .ok_or_else(|| {
+                bad(
+                    "limit",
+                    format!("{v:?} is not a number from 1 to {MAX_LIMIT}"),
+                )
+            })?,
+        None => 10_000,
+    };
+    let metric = q.get("metric").filter(|m| !m.is_empty());
+    let c = app.db.get().await?;
+    let (from_t, to_t) = (to_system(from), to_system(to));
+    let rows = if res == Resolution::Raw {
+        c.query(
+            "SELECT metric_name, ts, value, NULL::float8, NULL::float8, NULL::bigint
+             FROM raw_metrics
+             WHERE tenant_id = $1 AND device_id = $2 AND ($3::text IS NULL OR metric_name = $3)
+               AND ts >= $4 AND ts < $5
+             ORDER BY metric_name, ts LIMIT $6",
+            &[&tenant, &device, &metric, &from_t, &to_t, &(limit + 1)],
+        )
+        .await
+    } else {
+        c.query(
+            &format!(
+                "SELECT metric_name, bucket, avg_val, min_val, max_val, count
+                 FROM {}
+                 WHERE tenant_id = $1 AND device_id = $2 AND ($3::text IS NULL OR metric_name = $3)
+                   AND bucket >= date_trunc('{}', $4::timestamptz) AND bucket < $5
+                 ORDER BY metric_name, bucket LIMIT $6",
+                res.table(),
+                res.unit()
+            ),
+            &[&tenant, &device, &metric, &from_t, &to_t, &(limit + 1)],
+        )
+        .await
+    }
+    .map_err(storage)?;
+    if rows.is_empty() && !device_known(&c, &tenant, &device).await? {
+        return Err(not_found(&device));
+    }
+    let truncated = rows.len() as i64 > limit;
+    let mut series: Vec<(String, Vec<Value>)> = Vec::new();
+    for r in rows.iter().take(limit as usize) {
+        let m: String = r.get(0);
+        let ts = rfc3339(from_system(r.get(1)));
+        let point = if res == Resolution::Raw {
+            json!({"ts": ts, "value": json_number(r.get(2))})
+        } else {
+            json!({"ts": ts, "avg": json_number(r.get(2)), "min": json_number(r.get::<_, Option<f64>>(3).unwrap_or(f64::NAN)),
+                   "max": json_number(r.get::<_, Option<f64>>(4).unwrap_or(f64::NAN)), "count": r.get::<_, Option<i64>>(5)})
+        };
+        match series.last_mut() {
+            Some((name, points)) if *name == m => points.push(point),
+            _ => series.push((m, vec![point])),
+        }
+    }
+    Ok(Json(json!({
+        "device_id": device,
+        "resolution": res.name(),
+        "from": rfc3339(from),
+        "to": rfc3339(to),
+        "truncated": truncated,
+        "series": series.into_iter().map(|(metric, points)| json!({"metric": metric, "points": points})).collect::<Vec<_>>(),
+    })))
+}
+
+/// A number as JSON, or "NaN", "Infinity", "-Infinity".
+fn json_number(v: f64) -> Value {
+    if v.is_finite() {
+        json!(v)
+    } else if v.is_nan() {
+        json!("NaN")
+    } else if v > 0.0 {
+        json!("Infinity")
+    } else {
+        json!("-Infinity")
+    }
+}
+
+async fn latest(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(device): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = app.tenant(&headers)?;
+    let c = app.db.get().await?;
+    let rows = c
+        .query(
+            "SELECT DISTINCT ON (metric_name) metric_name, ts, value FROM raw_metrics
+             WHERE tenant_id = $1 AND device_id = $2
+             ORDER BY metric_name, ts DESC",
+            &[&tenant, &device],
+        )
+        .await
+        .map_err(storage)?;
+    if rows.is_empty() {
+        return Err(not_found(&device));
+    }
+    let metrics: serde_json::Map<String, Value> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                json!({"ts": rfc3339(from_system(r.get(1))), "value": json_number(r.get(2))}),
+            )
+        })
+        .collect();
+    Ok(Json(json!({"device_id": device, "metrics": metrics})))
+}
+
+async fn aggregate(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(tenant_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = app.tenant(&headers)?;
+    if tenant != tenant_id {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("this token is not allowed to read tenant {tenant_id:?}"),
+        ));
+    }
+    known_params(&q, &["metric", "from", "to", "agg", "resolution"])?;
+    let metric = q
+        .get("metric")
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| bad("metric", "required, e.g. metric=temperature"))?;
+    let agg = q.get("agg").map(String::as_str).unwrap_or("avg");
+    let (from, to) = range(&q)?;
+    let res = resolution(&q, from, to)?;
+    let expr = match (agg, res) {
+        ("avg", Resolution::Raw) => "avg(value)",
+        ("min", Resolution::Raw) => "min(value)",
+        ("max", Resolution::Raw) => "max(value)",
+        ("count", Resolution::Raw) => "count(*)::float8",
+        ("avg", _) => "sum(sum_val) / nullif(sum(count), 0)",
+        ("min", _) => "min(min_val)",
+        ("max", _) => "max(max_val)",
+        ("count", _) => "coalesce(sum(count), 0)::float8",
+        (other, _) => {
+            return Err(bad(
+                "agg",
+                format!("{other:?} is not one of avg, min, max, count"),
+            ));
+        }
+    };
+    let time_col = if res == Resolution::Raw {
+        "ts"
+    } else {
+        "bucket"
+    };
+    let start = if res == Resolution::Raw {
+        "$3".to_owned()
+    } else {
+        format!("date_trunc('{}', $3::timestamptz)", res.unit())
+    };
+    let c = app.db.get().await?;
+    let row = c
+        .query_one(
+            &format!(
+                "SELECT {expr}, count(DISTINCT device_id) FROM {}
+                 WHERE tenant_id = $1 AND metric_name = $2 AND {time_col} >= {start} AND {time_col} < $4",
+                res.table()
+            ),
+            &[&tenant, metric, &to_system(from), &to_system(to)],
+        )
+        .await
+        .map_err(storage)?;
+    let value: Option<f64> = row.get(0);
+    Ok(Json(json!({
+        "tenant": tenant,
+        "metric": metric,
+        "agg": agg,
+        "resolution": res.name(),
+        "from": rfc3339(from),
+        "to": rfc3339(to),
+        "value": value.map(json_number),
+        "devices": row.get::<_, i64>(1),
+    })))
+}
+
+async fn lag(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let tenant = app.tenant(&headers)?;
+    Ok(Json(json!({
+        "tenant": tenant,
+        "gateways": app.gateways.of_tenant(&tenant),
+        "kafka": {
+            "enabled": app.kafka.is_some(),
+            "producer_queue": app.kafka.as_ref().map(Kafka::in_flight),
+        },
+        "postgres": {
+            "pending_readings": app.sink.as_ref().map(Sink::pending),
+        },
+    })))
+}

@@ -1,0 +1,93 @@
+//! What this replica knows of each gateway's uplink, for `GET /v1/pipeline/lag`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+/// One gateway, as this replica has seen it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Gateway {
+    /// Tenant, from its certificate.
+    pub tenant: String,
+    /// Connections open now.
+    pub connections: u32,
+    /// When it last connected (RFC 3339).
+    pub last_connected_at: Option<String>,
+    /// When a batch of it was last acknowledged (RFC 3339).
+    pub last_ack_at: Option<String>,
+    /// Batches acknowledged since this replica started.
+    pub batches_acked: u64,
+    /// Readings in those batches.
+    pub readings_acked: u64,
+    /// Batches received and not yet answered.
+    pub batches_in_flight: u64,
+    /// Readings in those batches.
+    pub readings_in_flight: u64,
+    /// Batches answered with an error.
+    pub batches_refused: u64,
+}
+
+/// The table of gateways; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Gateways(Arc<Mutex<BTreeMap<String, Gateway>>>);
+
+fn now() -> String {
+    crate::kafka::rfc3339(
+        (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000).clamp(0, i64::MAX as i128) as i64,
+    )
+}
+
+impl Gateways {
+    fn with(&self, gateway: &str, f: impl FnOnce(&mut Gateway)) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(m.entry(gateway.to_owned()).or_default());
+    }
+
+    /// A connection was admitted.
+    pub fn connected(&self, gateway: &str, tenant: &str) {
+        self.with(gateway, |g| {
+            g.tenant = tenant.to_owned();
+            g.connections += 1;
+            g.last_connected_at = Some(now());
+        });
+    }
+
+    /// A connection ended.
+    pub fn disconnected(&self, gateway: &str) {
+        self.with(gateway, |g| g.connections = g.connections.saturating_sub(1));
+    }
+
+    /// A batch of `readings` entered the pipeline.
+    pub fn received(&self, gateway: &str, readings: u64) {
+        self.with(gateway, |g| {
+            g.batches_in_flight += 1;
+            g.readings_in_flight += readings;
+        });
+    }
+
+    /// A batch that entered the pipeline was answered.
+    pub fn answered(&self, gateway: &str, readings: u64, acked: bool) {
+        self.with(gateway, |g| {
+            g.batches_in_flight = g.batches_in_flight.saturating_sub(1);
+            g.readings_in_flight = g.readings_in_flight.saturating_sub(readings);
+            if acked {
+                g.batches_acked += 1;
+                g.readings_acked += readings;
+                g.last_ack_at = Some(now());
+            } else {
+                g.batches_refused += 1;
+            }
+        });
+    }
+
+    /// The gateways of `tenant`.
+    pub fn of_tenant(&self, tenant: &str) -> BTreeMap<String, Gateway> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter(|(_, g)| g.tenant == tenant)
+            .map(|(k, g)| (k.clone(), g.clone()))
+            .collect()
+    }
+}
