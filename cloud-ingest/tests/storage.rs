@@ -109,6 +109,28 @@ async fn rollups_match_group_by_and_retention_keeps_them() {
         Flavor::Plain
     );
 
+    // `timescaledb = "on"` names what is missing instead of falling back.
+    let mut on = cfg.clone();
+    on.timescaledb = Timescale::On;
+    let available: bool = pgc
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if !available {
+        let err = postgres::migrate(&roller, &on)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("timescaledb") && err.contains("already exists as plain partitions"),
+            "{err}"
+        );
+    }
+
     let mut tasks = tokio::task::JoinSet::new();
     let sink = Sink::start(cfg.clone(), Flavor::Plain, &mut tasks);
 
@@ -218,6 +240,54 @@ async fn rollups_match_group_by_and_retention_keeps_them() {
     );
 
     drop((pgc, roller));
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+/// `timescaledb = "on"` on a server without the extension fails, naming it and the fix;
+/// `"off"` and `"auto"` give plain partitions.
+#[tokio::test]
+async fn timescaledb_on_without_the_extension_fails_clearly() {
+    let db = format!("plantlink_test_tsdb_{}", std::process::id());
+    let admin = common::pg(&common::admin_dsn(), &db).await;
+    let url = format!(
+        "{} dbname={db}",
+        common::admin_dsn().replace("dbname=postgres", "")
+    );
+    let c = postgres::connect(&url).await.unwrap();
+    let available: bool = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut cfg = Postgres::with_url(&url);
+    if !available {
+        cfg.timescaledb = Timescale::On;
+        let err = postgres::migrate(&c, &cfg).await.unwrap_err().to_string();
+        assert!(
+            err.contains("postgres.timescaledb = \"on\"")
+                && err.contains("pg_available_extensions"),
+            "{err}"
+        );
+        // Nothing was created.
+        let tables: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(tables, 0);
+        cfg.timescaledb = Timescale::Auto;
+        assert_eq!(postgres::migrate(&c, &cfg).await.unwrap(), Flavor::Plain);
+    }
+    drop(c);
     admin
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
         .await

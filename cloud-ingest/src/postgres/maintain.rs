@@ -195,30 +195,45 @@ pub async fn partitions_at(client: &Client, cfg: &Postgres, today: i64) -> Resul
 /// Keys taken from `rollup_dirty` per transaction.
 const ROLL_CHUNK: i64 = 20_000;
 
-const ROLL: &str = "
-CREATE TEMP TABLE IF NOT EXISTS roll_keys (
-    device_id text, metric_name text, bucket timestamptz) ON COMMIT DELETE ROWS;
+const ROLL_KEYS: &str = "CREATE TEMP TABLE IF NOT EXISTS roll_keys (
+    device_id text, metric_name text, bucket timestamptz) ON COMMIT DELETE ROWS";
+
+/// Takes up to [`ROLL_CHUNK`] dirty keys, oldest hour first (so a chunk covers a narrow
+/// time range), and reports how many and which hours they span.
+const TAKE: &str = "
 WITH taken AS (
     DELETE FROM rollup_dirty d
     USING (SELECT device_id, metric_name, bucket FROM rollup_dirty
-           ORDER BY device_id, metric_name, bucket
-           LIMIT $LIMIT FOR UPDATE SKIP LOCKED) k
+           ORDER BY bucket, device_id, metric_name
+           LIMIT $1 FOR UPDATE SKIP LOCKED) k
     WHERE d.device_id = k.device_id AND d.metric_name = k.metric_name AND d.bucket = k.bucket
     RETURNING d.device_id, d.metric_name, d.bucket
+), kept AS (
+    INSERT INTO roll_keys SELECT * FROM taken RETURNING bucket
 )
-INSERT INTO roll_keys SELECT * FROM taken;
+SELECT count(*), min(bucket), max(bucket) + INTERVAL '1 hour' FROM kept";
+
+/// Hourly buckets from raw. The time bounds ($1, $2) let PostgreSQL prune partitions and
+/// estimate the scan, and both join forms are given so that it can pick a hash join over one
+/// scan of the range (many keys) or index lookups per key (a few late readings).
+const HOURLY: &str = "
 INSERT INTO downsampled_metrics_1h AS h
     (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
 SELECT r.tenant_id, r.device_id, r.metric_name, k.bucket,
        min(r.value), max(r.value), avg(r.value), sum(r.value), count(*)
 FROM roll_keys k
 JOIN raw_metrics r ON r.device_id = k.device_id AND r.metric_name = k.metric_name
+                  AND date_trunc('hour', r.ts) = k.bucket
                   AND r.ts >= k.bucket AND r.ts < k.bucket + INTERVAL '1 hour'
+WHERE r.ts >= $1 AND r.ts < $2
 GROUP BY r.tenant_id, r.device_id, r.metric_name, k.bucket
 ORDER BY r.device_id, r.metric_name, k.bucket
 ON CONFLICT (device_id, metric_name, bucket) DO UPDATE SET
     tenant_id = EXCLUDED.tenant_id, min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
-    avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count;
+    avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count";
+
+/// Daily buckets from the hourly ones (exact: `sum_val` and `count` add up).
+const DAILY: &str = "
 INSERT INTO downsampled_metrics_1d AS d
     (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
 SELECT min(h.tenant_id), h.device_id, h.metric_name, k.day,
@@ -232,30 +247,28 @@ GROUP BY h.device_id, h.metric_name, k.day
 ORDER BY h.device_id, h.metric_name, k.day
 ON CONFLICT (device_id, metric_name, bucket) DO UPDATE SET
     tenant_id = EXCLUDED.tenant_id, min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
-    avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count;
-SELECT count(*) FROM roll_keys;
-";
+    avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count";
 
 /// Re-rolls every bucket that new readings touched, hourly from raw and daily from hourly,
 /// until none is left; returns how many hourly buckets it re-rolled. Idempotent, and safe to
 /// run from several replicas at once (each takes different keys).
 pub async fn roll(client: &mut Client) -> Result<u64, Error> {
-    let sql = ROLL.replace("$LIMIT", &ROLL_CHUNK.to_string());
+    client.batch_execute(ROLL_KEYS).await?;
     let mut total = 0;
     loop {
         let tx = client.transaction().await?;
-        let msgs = tx.simple_query(&sql).await?;
+        let row = tx.query_one(TAKE, &[&ROLL_CHUNK]).await?;
+        let n: i64 = row.get(0);
+        if n > 0 {
+            let (from, to): (std::time::SystemTime, std::time::SystemTime) =
+                (row.get(1), row.get(2));
+            tx.batch_execute("ANALYZE roll_keys").await?;
+            tx.execute(HOURLY, &[&from, &to]).await?;
+            tx.execute(DAILY, &[]).await?;
+        }
         tx.commit().await?;
-        let n = msgs
-            .iter()
-            .rev()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse::<u64>().ok(),
-                _ => None,
-            })
-            .unwrap_or(0);
-        total += n;
-        if n < ROLL_CHUNK as u64 {
+        total += n as u64;
+        if n < ROLL_CHUNK {
             return Ok(total);
         }
     }

