@@ -159,6 +159,30 @@ async fn rollups_match_group_by_and_retention_keeps_them() {
     assert_eq!(maintain::roll(&mut roller).await.unwrap(), 0);
     assert_eq!(count(&pgc, "SELECT count(*) FROM rollup_dirty").await, 0);
 
+    // Many series in one hour (as live ingest makes): the one-scan path of the roll-up.
+    let hour = (now_us - 2 * HOUR_US) / HOUR_US * HOUR_US;
+    let dense: Vec<Reading> = (0..300 * 20)
+        .map(|i| {
+            Reading::new(
+                "x",
+                format!("line-{}", i % 300),
+                "speed",
+                Timestamp(hour + (i / 300) as i64 * 60_000_000 + i as i64),
+                (rng.below(1000) as f64) / 8.0,
+            )
+        })
+        .collect();
+    submit_all(&sink, &dense, 2_000).await;
+    assert_eq!(maintain::roll(&mut roller).await.unwrap(), 300);
+    assert_eq!(
+        mismatches(&pgc, "downsampled_metrics_1h", "hour").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        mismatches(&pgc, "downsampled_metrics_1d", "day").await,
+        Vec::<String>::new()
+    );
+
     // Late readings into old hours, and a replay of a slice of the first ones.
     let late = random(&mut rng, 2_000, start, 1);
     let mut again = late.clone();
@@ -197,7 +221,7 @@ async fn rollups_match_group_by_and_retention_keeps_them() {
          (SELECT max(ts) FROM raw_metrics r WHERE r.device_id = d.device_id)",
     )
     .await;
-    assert_eq!(seen, 6);
+    assert_eq!(seen, 6 + 300);
 
     // Retention, as seen ten days from now: the raw partitions of these days go, the rollups
     // stay, and partitions for the days ahead are made.

@@ -211,26 +211,45 @@ WITH taken AS (
 ), kept AS (
     INSERT INTO roll_keys SELECT * FROM taken RETURNING bucket
 )
-SELECT count(*), min(bucket), max(bucket) + INTERVAL '1 hour' FROM kept";
+SELECT count(*), min(bucket), max(bucket) + INTERVAL '1 hour', count(DISTINCT bucket) FROM kept";
 
-/// Hourly buckets from raw. The time bounds ($1, $2) let PostgreSQL prune partitions and
-/// estimate the scan, and both join forms are given so that it can pick a hash join over one
-/// scan of the range (many keys) or index lookups per key (a few late readings).
-const HOURLY: &str = "
+/// Hourly buckets from raw, for dirty keys that are few per hour (late readings of some
+/// devices): index lookups per key within the chunk's time bounds ($1, $2).
+const HOURLY_SPARSE: &str = "
 INSERT INTO downsampled_metrics_1h AS h
     (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
-SELECT r.tenant_id, r.device_id, r.metric_name, k.bucket,
+SELECT r.tenant_id, r.device_id, r.metric_name, date_trunc('hour', r.ts),
        min(r.value), max(r.value), avg(r.value), sum(r.value), count(*)
-FROM roll_keys k
-JOIN raw_metrics r ON r.device_id = k.device_id AND r.metric_name = k.metric_name
-                  AND date_trunc('hour', r.ts) = k.bucket
-                  AND r.ts >= k.bucket AND r.ts < k.bucket + INTERVAL '1 hour'
+FROM raw_metrics r
 WHERE r.ts >= $1 AND r.ts < $2
-GROUP BY r.tenant_id, r.device_id, r.metric_name, k.bucket
-ORDER BY r.device_id, r.metric_name, k.bucket
+  AND (r.device_id, r.metric_name, date_trunc('hour', r.ts)) IN
+      (SELECT device_id, metric_name, bucket FROM roll_keys)
+GROUP BY 1, 2, 3, 4
+ORDER BY 2, 3, 4
 ON CONFLICT (device_id, metric_name, bucket) DO UPDATE SET
     tenant_id = EXCLUDED.tenant_id, min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
     avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count";
+
+/// The same when most series of the hours are dirty (live ingest): one scan of the time
+/// range grouped like a hand-written `GROUP BY`, keeping the groups that are dirty.
+const HOURLY_DENSE: &str = "
+INSERT INTO downsampled_metrics_1h AS h
+    (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
+SELECT a.* FROM (
+    SELECT tenant_id, device_id, metric_name, date_trunc('hour', ts) AS bucket,
+           min(value), max(value), avg(value), sum(value), count(*)
+    FROM raw_metrics
+    WHERE ts >= $1 AND ts < $2
+    GROUP BY 1, 2, 3, 4) a
+WHERE (a.device_id, a.metric_name, a.bucket) IN
+      (SELECT device_id, metric_name, bucket FROM roll_keys)
+ORDER BY 2, 3, 4
+ON CONFLICT (device_id, metric_name, bucket) DO UPDATE SET
+    tenant_id = EXCLUDED.tenant_id, min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
+    avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count";
+
+/// Dirty keys per dirty hour from which one scan of the range beats lookups per key.
+const DENSE_KEYS_PER_HOUR: i64 = 256;
 
 /// Daily buckets from the hourly ones (exact: `sum_val` and `count` add up).
 const DAILY: &str = "
@@ -262,8 +281,14 @@ pub async fn roll(client: &mut Client) -> Result<u64, Error> {
         if n > 0 {
             let (from, to): (std::time::SystemTime, std::time::SystemTime) =
                 (row.get(1), row.get(2));
+            let hours: i64 = row.get(3);
             tx.batch_execute("ANALYZE roll_keys").await?;
-            tx.execute(HOURLY, &[&from, &to]).await?;
+            let hourly = if n >= DENSE_KEYS_PER_HOUR * hours {
+                HOURLY_DENSE
+            } else {
+                HOURLY_SPARSE
+            };
+            tx.execute(hourly, &[&from, &to]).await?;
             tx.execute(DAILY, &[]).await?;
         }
         tx.commit().await?;
