@@ -172,7 +172,7 @@ struct Ctx {
 
 async fn connection(conn: quinn::Connection, config: Arc<Config>, sinks: Sinks) {
     let q = &config.quic;
-    let (id, _control_send, _control_recv) =
+    let (id, control_send, mut control_recv) =
         match quic::admit(&conn, q.max_batch_bytes, q.max_in_flight).await {
             Ok(x) => x,
             Err(e) => {
@@ -190,6 +190,21 @@ async fn connection(conn: quinn::Connection, config: Arc<Config>, sinks: Sinks) 
         id,
         sinks,
     });
+    // The first stream carries the gateway's queue reports after Hello/Welcome.
+    {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _keep = control_send;
+            while let Ok(f) = quic::read_frame(&mut control_recv, 1 << 16).await {
+                match f {
+                    Frame::Status(s) => ctx.sinks.gateways.reported(&ctx.id.gateway, &s),
+                    other => {
+                        tracing::debug!(gateway = %ctx.id.gateway, frame = ?other, "ignored on the control stream")
+                    }
+                }
+            }
+        });
+    }
     while let Ok((send, recv)) = conn.accept_bi().await {
         let (replies, pending) = mpsc::channel(STREAM_WINDOW);
         tokio::spawn(acker(send, pending, ctx.clone()));

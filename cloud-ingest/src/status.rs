@@ -27,6 +27,23 @@ pub struct Gateway {
     pub readings_in_flight: u64,
     /// Batches answered with an error.
     pub batches_refused: u64,
+    /// What the gateway last reported of its own queue.
+    pub queue: Option<Reported>,
+}
+
+/// A gateway's report of its queue ([`plantlink_wire::frame::Status`]).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Reported {
+    /// When it arrived (RFC 3339).
+    pub at: String,
+    /// Readings in the gateway's queue, not yet acknowledged.
+    pub queued_readings: u64,
+    /// Live readings not yet sent.
+    pub live_waiting: u64,
+    /// Whether a backlog is being drained.
+    pub backlog: bool,
+    /// Batches sent and not yet acknowledged.
+    pub in_flight: u32,
 }
 
 /// The table of gateways; cheap to clone.
@@ -51,6 +68,19 @@ impl Gateways {
             g.tenant = tenant.to_owned();
             g.connections += 1;
             g.last_connected_at = Some(now());
+        });
+    }
+
+    /// The gateway reported its queue.
+    pub fn reported(&self, gateway: &str, s: &plantlink_wire::frame::Status) {
+        self.with(gateway, |g| {
+            g.queue = Some(Reported {
+                at: now(),
+                queued_readings: s.queued_readings,
+                live_waiting: s.live_waiting,
+                backlog: s.backlog,
+                in_flight: s.in_flight,
+            });
         });
     }
 

@@ -31,14 +31,33 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `GET /metrics`, or `None` while the endpoint is not up.
-fn scrape(addr: SocketAddr) -> Option<String> {
+/// `GET path` (with a bearer token when given): the whole response, or `None` while the
+/// endpoint is not up.
+fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<String> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").as_bytes())
         .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     Some(body)
+}
+
+/// `GET /metrics`, or `None` while the endpoint is not up.
+fn scrape(addr: SocketAddr) -> Option<String> {
+    http_get(addr, "/metrics", None)
+}
+
+const TOKEN: &str = "acme-token-0123456789abcdef";
+
+/// `GET /v1/pipeline/lag` as tenant acme: gateway gw-bp's entry.
+fn lag(api: SocketAddr) -> serde_json::Value {
+    let text = http_get(api, "/v1/pipeline/lag", Some(TOKEN)).unwrap();
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    v["gateways"]["gw-bp"].clone()
 }
 
 /// The value of a series (`name` or `name{labels}`) in a scrape.
@@ -105,13 +124,15 @@ async fn a_locked_table_holds_memory_bounded_and_metrics_add_up() {
 
     let cloud_port = free_port();
     let cloud_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let cloud_cfg = d.0.join("cloud.toml");
     std::fs::write(
         &cloud_cfg,
         format!(
             "[quic]\nbind = \"127.0.0.1:{cloud_port}\"\ncert = \"server.pem\"\nkey = \"server.key\"\n\
              client_ca = \"ca.pem\"\n[postgres]\nurl = \"{url}\"\nmax_pending_readings = {BUDGET}\n\
-             flush_max_readings = {BATCH}\n[metrics]\nbind = \"{cloud_metrics}\"\n"
+             flush_max_readings = {BATCH}\n[metrics]\nbind = \"{cloud_metrics}\"\n\
+             [api]\nbind = \"{api}\"\n[api.tokens]\nacme = \"{TOKEN}\"\n"
         ),
     )
     .unwrap();
@@ -215,6 +236,23 @@ backlog_rate = 10000000
     }
     eprintln!("cloud-ingest peak RSS while blocked: {peak_rss} KiB");
     // 300,000 readings decoded would take well over 100 MiB; the budget keeps it small.
+    // The API shows the stall: the gateway's own report of its queue, nothing acked.
+    let start = Instant::now();
+    let g = loop {
+        let g = lag(api);
+        if !g["queue"].is_null() {
+            break g;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no queue report: {g}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(g["queue"]["queued_readings"], BACKLOG as u64, "{g}");
+    assert_eq!(g["connections"], 1);
+    assert_eq!(g["batches_acked"], 0);
+    assert!(g["readings_in_flight"].as_u64().unwrap() > 0, "{g}");
     assert!(
         peak_rss < 56 * 1024,
         "cloud-ingest RSS {peak_rss} KiB while PostgreSQL was blocked"
@@ -245,6 +283,15 @@ backlog_rate = 10000000
         },
     )
     .await;
+    // The next queue report says it is empty.
+    let start = Instant::now();
+    while lag(api)["queue"]["queued_readings"] != 0 {
+        assert!(start.elapsed() < Duration::from_secs(15), "{}", lag(api));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let g = lag(api);
+    assert_eq!(g["readings_acked"], BACKLOG as u64, "{g}");
+    assert_eq!(g["readings_in_flight"], 0, "{g}");
     let c = scrape(cloud_metrics).unwrap();
     let a = scrape(agent_metrics).unwrap();
     let n = BACKLOG as f64;

@@ -28,10 +28,7 @@ async fn backlog_drain_and_bytes_per_reading() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: run with --release -- --ignored"]
 async fn sustained_write_into_postgres_and_kafka() {
-    let port = common::free_tcp_port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (_tansu, tansu) = common::start_tansu(addr);
-    assert_eq!(tansu, addr);
+    let (_tansu, tansu) = common::start_tansu(None);
     let with = drain("bench-kafka", Some(tansu.to_string())).await;
     let without = drain("bench-pg", None).await;
     println!(

@@ -100,7 +100,7 @@ async fn readings_reach_kafka_in_device_order_and_survive_a_kafka_outage() {
     // The relay's address is what Tansu advertises, so every connection goes through it.
     let relay_port = common::free_tcp_port();
     let relay_addr: SocketAddr = format!("127.0.0.1:{relay_port}").parse().unwrap();
-    let (_tansu, tansu_addr) = common::start_tansu(relay_addr);
+    let (_tansu, tansu_addr) = common::start_tansu(Some(relay_addr));
     switchable_relay(relay_addr, tansu_addr, up.clone()).await;
     let relay = relay_addr;
     let topic = format!("test.readings.{}", std::process::id());

@@ -139,6 +139,8 @@ pub struct QueueView {
     pub live_waiting: u64,
     /// Whether backlog readings wait.
     pub backlog_waiting: bool,
+    /// Readings in the queue, sent or not.
+    pub queued: u64,
 }
 
 /// Payload bytes without copying MQTT's buffer.
@@ -278,6 +280,7 @@ impl Writer {
         QueueView {
             live_waiting: self.store.live_waiting(),
             backlog_waiting: self.store.has_backlog(),
+            queued: self.store.len(),
         }
     }
 

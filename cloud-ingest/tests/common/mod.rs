@@ -348,9 +348,11 @@ impl Drop for Proc {
     }
 }
 
-/// A Tansu broker listening on a port of its own and advertising `advertised`.
-pub fn start_tansu(advertised: std::net::SocketAddr) -> (Proc, std::net::SocketAddr) {
+/// A Tansu broker listening on a port of its own and advertising `advertised` (a relay in
+/// front of it), or itself.
+pub fn start_tansu(advertised: Option<std::net::SocketAddr>) -> (Proc, std::net::SocketAddr) {
     let port = free_tcp_port();
+    let advertised = advertised.unwrap_or_else(|| format!("127.0.0.1:{port}").parse().unwrap());
     let child = std::process::Command::new(tansu_binary())
         .arg("broker")
         .arg("--listener-url")

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use metrics::{counter, gauge};
 use plantlink_wire::BatchEncoder;
-use plantlink_wire::frame::{self, Batch, Frame, Hello, Lane};
+use plantlink_wire::frame::{self, Batch, Frame, Hello, Lane, Status};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -21,6 +21,8 @@ use crate::config::Uplink;
 use crate::ingest::{Command, QueueView, UplinkRequest};
 
 const MAX_FRAME: usize = 64 << 20;
+/// How often the agent tells the cloud about its queue.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 fn tls(cfg: &Uplink) -> anyhow::Result<quinn::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -160,8 +162,21 @@ async fn session(
     let mut encoder = BatchEncoder::default();
     let mut live_since: Option<Instant> = None;
     let mut wake = Instant::now();
+    // The queue's state goes to the cloud on the first stream every few seconds, for its
+    // `/v1/pipeline/lag`.
+    let mut report = tokio::time::interval(STATUS_EVERY);
     loop {
         tokio::select! {
+            _ = report.tick() => {
+                let view: QueueView = ask(queue, UplinkRequest::View).await?;
+                let status = Frame::Status(Status {
+                    queued_readings: view.queued,
+                    live_waiting: view.live_waiting,
+                    backlog: view.backlog_waiting,
+                    in_flight: sched.in_flight() as u32,
+                });
+                write_frame(&mut control, &status).await?;
+            }
             answer = answers.recv() => {
                 match answer.context("answer streams closed")?? {
                     Frame::Ack(a) => {

@@ -9,7 +9,8 @@
 //! [`Frame::Welcome`] (or [`Frame::Error`] and closes). Then the agent sends
 //! [`Frame::Batch`] frames, each with a gateway-assigned sequence number, and the cloud
 //! answers [`Frame::Ack`] once the batch is durable in every sink. A batch the cloud
-//! refuses gets a [`Frame::Error`] naming its sequence number.
+//! refuses gets a [`Frame::Error`] naming its sequence number. On the first stream the
+//! agent reports its queue now and then with [`Frame::Status`].
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,22 @@ pub enum Frame {
     Ack(Ack),
     /// Either way: something was refused.
     Error(ErrorFrame),
+    /// Agent to cloud, on the first stream now and then: the gateway's queue. Added after
+    /// the first release at the end of the enum, so older peers decode everything else.
+    Status(Status),
+}
+
+/// What a gateway reports of its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Readings waiting in the gateway's queue (sent or not, not yet acknowledged).
+    pub queued_readings: u64,
+    /// Live readings not yet sent.
+    pub live_waiting: u64,
+    /// Whether a backlog is still being drained.
+    pub backlog: bool,
+    /// Batches sent and not yet acknowledged.
+    pub in_flight: u32,
 }
 
 /// The agent's greeting. The gateway's identity is taken from its certificate; the id
@@ -245,6 +262,12 @@ mod tests {
                 code: ErrorCode::MALFORMED,
                 seq: Some(7),
                 reason: "bad".into(),
+            }),
+            Frame::Status(Status {
+                queued_readings: 1_000_000,
+                live_waiting: 12,
+                backlog: true,
+                in_flight: 16,
             }),
         ]
     }
