@@ -1,6 +1,7 @@
 //! cloud-ingest: the Plantlink cloud service, as a library so that its parts can be tested.
 //!
 //! # Layout
+//! - [`alerting`]: alert rules and the stream evaluator.
 //! - [`api`]: the query API (axum): device series, latest values, fleet aggregates, lag.
 //! - [`config`]: the TOML configuration.
 //! - [`kafka`]: the Kafka sink: reading records, dead letters, alerts.
@@ -16,6 +17,7 @@
 //! - [`telemetry`]: the Prometheus endpoint and the metrics it serves.
 #![forbid(unsafe_code)]
 
+pub mod alerting;
 pub mod api;
 pub mod config;
 pub mod kafka;
