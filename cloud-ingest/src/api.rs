@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -22,18 +23,23 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio_postgres::Client;
 
-use crate::kafka::{Kafka, rfc3339};
+use crate::alerting::rule::RuleBody;
+use crate::alerting::service::Alerts;
+use crate::kafka::{Kafka, json_number, rfc3339};
 use crate::sink::Sink;
 use crate::status::Gateways;
 
 /// The routes the API serves, as written in `deploy/openapi.yaml`.
-pub const ROUTES: [&str; 6] = [
+pub const ROUTES: [&str; 9] = [
     "/healthz",
     "/readyz",
     "/v1/devices/{id}/metrics",
     "/v1/devices/{id}/metrics/latest",
     "/v1/tenants/{id}/metrics/aggregate",
     "/v1/pipeline/lag",
+    "/v1/alert-rules",
+    "/v1/alert-rules/{id}",
+    "/v1/alerts",
 ];
 
 /// Most points one request returns; more sets `truncated`.
@@ -91,9 +97,16 @@ pub struct App {
     gateways: Gateways,
     kafka: Option<Kafka>,
     sink: Option<Sink>,
+    alerts: Option<Alerts>,
 }
 
 impl App {
+    /// Rule changes made through the API reach this alerting service at once.
+    pub fn with_alerts(mut self, alerts: Option<Alerts>) -> Self {
+        self.alerts = alerts;
+        self
+    }
+
     /// An API over the database at `url`, for the tenants and tokens of `[api.tokens]`.
     pub fn new(
         url: &str,
@@ -116,6 +129,7 @@ impl App {
             gateways,
             kafka,
             sink,
+            alerts: None,
         }
     }
 
@@ -128,6 +142,12 @@ impl App {
             .route("/v1/devices/{id}/metrics/latest", get(latest))
             .route("/v1/tenants/{id}/metrics/aggregate", get(aggregate))
             .route("/v1/pipeline/lag", get(lag))
+            .route("/v1/alert-rules", get(list_rules).post(create_rule))
+            .route(
+                "/v1/alert-rules/{id}",
+                get(get_rule).put(update_rule).delete(delete_rule),
+            )
+            .route("/v1/alerts", get(list_alerts))
             .fallback(|| async {
                 ApiError(
                     StatusCode::NOT_FOUND,
@@ -406,19 +426,6 @@ async fn device_metrics(
     })))
 }
 
-/// A number as JSON, or "NaN", "Infinity", "-Infinity".
-fn json_number(v: f64) -> Value {
-    if v.is_finite() {
-        json!(v)
-    } else if v.is_nan() {
-        json!("NaN")
-    } else if v > 0.0 {
-        json!("Infinity")
-    } else {
-        json!("-Infinity")
-    }
-}
-
 async fn latest(
     State(app): State<App>,
     headers: HeaderMap,
@@ -535,4 +542,256 @@ async fn lag(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, 
             "pending_readings": app.sink.as_ref().map(Sink::pending),
         },
     })))
+}
+
+/// A rule body from JSON; a 400 names the field that is wrong.
+fn rule_body(bytes: &[u8], tenant: &str) -> Result<RuleBody, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let body: RuleBody = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path.is_empty() || path == "." {
+            "body".to_owned()
+        } else {
+            path
+        };
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("field {field}: {}", e.into_inner()),
+        )
+    })?;
+    body.to_rule(0, tenant)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(body)
+}
+
+fn rule_json(id: i64, mut body: RuleBody) -> Value {
+    body.id = Some(id);
+    serde_json::to_value(body).unwrap_or(Value::Null)
+}
+
+fn rule_not_found(id: i64) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("alert rule {id} not found for this tenant"),
+    )
+}
+
+fn window_seconds(b: &RuleBody) -> Option<i32> {
+    use crate::alerting::rule::Window;
+    match (b.window, b.seconds) {
+        (Some(Window::Tumbling { seconds } | Window::Sliding { seconds, .. }), _) => {
+            i32::try_from(seconds).ok()
+        }
+        (None, Some(s)) => i32::try_from(s).ok(),
+        (None, None) => None,
+    }
+}
+
+impl App {
+    fn rules_changed(&self) {
+        if let Some(a) = &self.alerts {
+            a.rules_changed();
+        }
+    }
+}
+
+async fn create_rule(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let tenant = app.tenant(&headers)?;
+    let mut rule = rule_body(&body, &tenant)?;
+    rule.id = None;
+    let c = app.db.get().await?;
+    let json = serde_json::to_string(&rule).unwrap_or_default();
+    let row = c
+        .query_one(
+            "INSERT INTO alert_rules (tenant_id, name, metric_name, condition_expr, threshold,
+                                      window_seconds, severity, description)
+             VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7, $8) RETURNING rule_id",
+            &[
+                &tenant,
+                &rule.name,
+                &rule.metric,
+                &json,
+                &rule.threshold,
+                &window_seconds(&rule),
+                &rule.severity,
+                &rule.description,
+            ],
+        )
+        .await
+        .map_err(storage)?;
+    app.rules_changed();
+    Ok((StatusCode::CREATED, Json(rule_json(row.get(0), rule))))
+}
+
+async fn list_rules(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let tenant = app.tenant(&headers)?;
+    let c = app.db.get().await?;
+    let rows = c
+        .query(
+            "SELECT rule_id, condition_expr::text FROM alert_rules WHERE tenant_id = $1 ORDER BY rule_id",
+            &[&tenant],
+        )
+        .await
+        .map_err(storage)?;
+    let rules: Vec<Value> = rows
+        .iter()
+        .filter_map(|r| {
+            let body: RuleBody = serde_json::from_str(r.get::<_, &str>(1)).ok()?;
+            Some(rule_json(r.get(0), body))
+        })
+        .collect();
+    Ok(Json(json!({ "rules": rules })))
+}
+
+async fn get_rule(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = app.tenant(&headers)?;
+    let c = app.db.get().await?;
+    let row = c
+        .query_opt(
+            "SELECT condition_expr::text FROM alert_rules WHERE rule_id = $1 AND tenant_id = $2",
+            &[&id, &tenant],
+        )
+        .await
+        .map_err(storage)?
+        .ok_or_else(|| rule_not_found(id))?;
+    let body: RuleBody = serde_json::from_str(row.get::<_, &str>(0)).map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("stored rule {id}: {e}"),
+        )
+    })?;
+    Ok(Json(rule_json(id, body)))
+}
+
+async fn update_rule(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = app.tenant(&headers)?;
+    let mut rule = rule_body(&body, &tenant)?;
+    rule.id = None;
+    let c = app.db.get().await?;
+    let json = serde_json::to_string(&rule).unwrap_or_default();
+    let n = c
+        .execute(
+            "UPDATE alert_rules SET name = $3, metric_name = $4, condition_expr = $5::text::jsonb,
+                    threshold = $6, window_seconds = $7, severity = $8, description = $9, updated_at = now()
+             WHERE rule_id = $1 AND tenant_id = $2",
+            &[&id, &tenant, &rule.name, &rule.metric, &json, &rule.threshold, &window_seconds(&rule), &rule.severity, &rule.description],
+        )
+        .await
+        .map_err(storage)?;
+    if n == 0 {
+        return Err(rule_not_found(id));
+    }
+    app.rules_changed();
+    Ok(Json(rule_json(id, rule)))
+}
+
+async fn delete_rule(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = app.tenant(&headers)?;
+    let c = app.db.get().await?;
+    let n = c
+        .execute(
+            "DELETE FROM alert_rules WHERE rule_id = $1 AND tenant_id = $2",
+            &[&id, &tenant],
+        )
+        .await
+        .map_err(storage)?;
+    if n == 0 {
+        return Err(rule_not_found(id));
+    }
+    app.rules_changed();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_alerts(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = app.tenant(&headers)?;
+    known_params(&q, &["state", "from", "to", "limit", "backfill"])?;
+    let state = match q.get("state").map(String::as_str) {
+        None | Some("") => None,
+        Some(s @ ("firing" | "resolved")) => Some(s.to_owned()),
+        Some(other) => {
+            return Err(bad(
+                "state",
+                format!("{other:?} is not one of firing, resolved"),
+            ));
+        }
+    };
+    let backfill = match q.get("backfill").map(String::as_str) {
+        None | Some("") => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => return Err(bad("backfill", format!("{other:?} is not true or false"))),
+    };
+    let to = match q.get("to") {
+        Some(v) => parse_time("to", v)?,
+        None => now_us() + DAY_US,
+    };
+    let from = match q.get("from") {
+        Some(v) => parse_time("from", v)?,
+        None => i64::MIN / 2,
+    };
+    let limit = match q.get("limit") {
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=10_000).contains(l))
+            .ok_or_else(|| bad("limit", format!("{v:?} is not a number from 1 to 10000")))?,
+        None => 1_000,
+    };
+    let c = app.db.get().await?;
+    let rows = c
+        .query(
+            "SELECT alert_id, rule_id, device_id, state, severity, value, threshold, window_start,
+                    window_end, backfill, created_at, resolved_value, resolved_window_end, resolved_at
+             FROM alerts
+             WHERE tenant_id = $1 AND ($2::text IS NULL OR state = $2) AND ($3::bool IS NULL OR backfill = $3)
+               AND window_end >= $4 AND window_end < $5
+             ORDER BY window_end DESC, alert_id DESC LIMIT $6",
+            &[&tenant, &state, &backfill, &to_system(from.max(-(1i64 << 50))), &to_system(to), &limit],
+        )
+        .await
+        .map_err(storage)?;
+    let t = |v: Option<SystemTime>| v.map(|t| rfc3339(from_system(t)));
+    let alerts: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "alert_id": r.get::<_, i64>(0),
+                "rule_id": r.get::<_, i64>(1),
+                "device_id": r.get::<_, String>(2),
+                "state": r.get::<_, String>(3),
+                "severity": r.get::<_, String>(4),
+                "value": r.get::<_, Option<f64>>(5).map(json_number),
+                "threshold": r.get::<_, Option<f64>>(6),
+                "window_start": t(r.get(7)),
+                "window_end": t(r.get(8)),
+                "backfill": r.get::<_, bool>(9),
+                "created_at": t(r.get(10)),
+                "resolved_value": r.get::<_, Option<f64>>(11).map(json_number),
+                "resolved_window_end": t(r.get(12)),
+                "resolved_at": t(r.get(13)),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "alerts": alerts })))
 }

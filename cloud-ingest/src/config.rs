@@ -21,6 +21,99 @@ pub struct Config {
     pub kafka: Option<Kafka>,
     /// The query API; absent means none.
     pub api: Option<Api>,
+    /// Stream alerting; on with defaults when absent.
+    #[serde(default)]
+    pub alerting: Alerting,
+}
+
+/// `[alerting]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alerting {
+    /// Evaluate alert rules at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The watermark trails each device's newest event time by this much.
+    #[serde(default = "default_ooo")]
+    pub out_of_orderness_ms: u64,
+    /// A window still takes readings this long after the watermark passed its end.
+    #[serde(default = "default_lateness")]
+    pub allowed_lateness_ms: u64,
+    /// A quiet device's windows are closed after `out_of_orderness_ms` plus this much.
+    #[serde(default = "default_grace")]
+    pub idle_grace_ms: u64,
+    /// How often processing time is checked (quiet devices, absence rules).
+    #[serde(default = "default_tick")]
+    pub tick_ms: u64,
+    /// How often rules are re-read from `alert_rules` (changes made through this
+    /// replica's API apply at once).
+    #[serde(default = "default_reload")]
+    pub rules_reload_ms: u64,
+    /// Most (rule, device) series evaluated at once.
+    #[serde(default = "default_series")]
+    pub max_series: usize,
+    /// Batches and alert events waiting for the engine or for delivery.
+    #[serde(default = "default_alert_queue")]
+    pub queue: usize,
+    /// Events waiting per webhook; more are counted as failures.
+    #[serde(default = "default_webhook_queue")]
+    pub webhook_queue: usize,
+    /// Live alert events are POSTed to each.
+    #[serde(default)]
+    pub webhooks: Vec<Webhook>,
+}
+
+/// `[[alerting.webhooks]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    /// `http://host:port/path`; the event JSON is POSTed there.
+    pub url: String,
+}
+
+impl Default for Alerting {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            out_of_orderness_ms: default_ooo(),
+            allowed_lateness_ms: default_lateness(),
+            idle_grace_ms: default_grace(),
+            tick_ms: default_tick(),
+            rules_reload_ms: default_reload(),
+            max_series: default_series(),
+            queue: default_alert_queue(),
+            webhook_queue: default_webhook_queue(),
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_ooo() -> u64 {
+    1_000
+}
+fn default_lateness() -> u64 {
+    30_000
+}
+fn default_grace() -> u64 {
+    5_000
+}
+fn default_tick() -> u64 {
+    500
+}
+fn default_reload() -> u64 {
+    10_000
+}
+fn default_series() -> usize {
+    1_000_000
+}
+fn default_alert_queue() -> usize {
+    1_024
+}
+fn default_webhook_queue() -> usize {
+    1_000
 }
 
 /// `[api]`
@@ -307,6 +400,21 @@ impl Config {
                 );
             }
         }
+        for w in &c.alerting.webhooks {
+            anyhow::ensure!(
+                crate::alerting::service::split_http_url(&w.url).is_some(),
+                "config {}: alerting.webhooks url = {:?}: give http://host[:port]/path (https is \
+                 not supported yet; put a TLS-terminating proxy in front of the receiver)",
+                path.display(),
+                w.url
+            );
+        }
+        let a = &c.alerting;
+        anyhow::ensure!(
+            a.tick_ms >= 10 && a.rules_reload_ms >= 100 && a.queue >= 1 && a.webhook_queue >= 1,
+            "config {}: alerting.tick_ms must be >= 10, rules_reload_ms >= 100, queue and webhook_queue >= 1",
+            path.display()
+        );
         let pg = &c.postgres;
         anyhow::ensure!(
             (1..=64).contains(&pg.writers),

@@ -269,6 +269,14 @@ fn json_value(v: f64) -> Value {
     }
 }
 
+/// A number as JSON, or `"NaN"`, `"Infinity"`, `"-Infinity"` for those JSON has none for.
+pub fn json_number(v: f64) -> serde_json::Value {
+    match json_value(v) {
+        Value::Number(n) => serde_json::json!(n),
+        Value::Text(t) => serde_json::json!(t),
+    }
+}
+
 /// RFC 3339 in UTC, with milliseconds, or microseconds when the time has them.
 pub fn rfc3339(ts_us: i64) -> String {
     let Ok(t) = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts_us) * 1000) else {

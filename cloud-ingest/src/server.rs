@@ -19,9 +19,10 @@ use std::sync::Arc;
 use metrics::{counter, gauge};
 use plantlink_model::Reading;
 use plantlink_wire::batch::{BatchDecoder, DecodeError, Limits};
-use plantlink_wire::frame::{Ack, ErrorCode, ErrorFrame, Frame};
+use plantlink_wire::frame::{Ack, ErrorCode, ErrorFrame, Frame, Lane};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::alerting::service::{Alerts, Feed};
 use crate::api::App;
 use crate::config::Config;
 use crate::kafka::{self, DeadLetter, Deliveries, Kafka};
@@ -94,6 +95,17 @@ impl Server {
             }
             None => None,
         };
+        let alerts = self.config.alerting.enabled.then(|| {
+            crate::alerting::service::start(
+                self.config.alerting.clone(),
+                self.config.postgres.url.clone(),
+                kafka.clone(),
+                &mut tasks,
+            )
+        });
+        if let Some(a) = &alerts {
+            a.ready(std::time::Duration::from_secs(5)).await;
+        }
         let gateways = Gateways::default();
         if let Some(api) = &self.config.api {
             let listener = tokio::net::TcpListener::bind(api.bind)
@@ -105,7 +117,8 @@ impl Server {
                 gateways.clone(),
                 kafka.clone(),
                 Some(sink.clone()),
-            );
+            )
+            .with_alerts(alerts.clone());
             let mut stop = shutdown.clone();
             tracing::info!(bind = %api.bind, "query API listening");
             tasks.spawn(async move {
@@ -130,6 +143,7 @@ impl Server {
                 postgres: sink.clone(),
                 kafka: kafka.clone(),
                 gateways: gateways.clone(),
+                alerts: alerts.clone(),
             };
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
@@ -145,6 +159,7 @@ impl Server {
         self.endpoint.close(0u32.into(), b"shutting down");
         self.endpoint.wait_idle().await;
         drop(sink);
+        drop(alerts);
         while tasks.join_next().await.is_some() {}
         if let Some(k) = kafka {
             tokio::task::spawn_blocking(move || k.flush(std::time::Duration::from_secs(5))).await?;
@@ -159,6 +174,7 @@ struct Sinks {
     postgres: Sink,
     kafka: Option<Kafka>,
     gateways: Gateways,
+    alerts: Option<Alerts>,
 }
 
 /// What a stream's reader and acker share.
@@ -347,7 +363,8 @@ async fn stream(
         };
         let (reason, code, why) = match decoder.decode(&b.payload) {
             Ok(readings) if readings.len() == b.readings as usize => {
-                if !accept(&ctx, &replies, b.seq, readings).await {
+                let backfill = b.lane == Lane::Backlog;
+                if !accept(&ctx, &replies, b.seq, backfill, readings).await {
                     return;
                 }
                 continue;
@@ -387,6 +404,7 @@ async fn accept(
     ctx: &Ctx,
     replies: &mpsc::Sender<Reply>,
     seq: u64,
+    backfill: bool,
     mut readings: Vec<Reading>,
 ) -> bool {
     counter!("plantlink_cloud_readings_received_total").increment(readings.len() as u64);
@@ -419,6 +437,14 @@ async fn accept(
             };
             k.send_dlq(&ctx.gateway, &letter).await;
         }
+    }
+    if let Some(a) = ctx.sinks.alerts.as_ref().filter(|a| a.watches(&ctx.tenant)) {
+        a.feed(Feed {
+            tenant: ctx.tenant.clone(),
+            readings: readings.clone(),
+            backfill,
+        })
+        .await;
     }
     let Some(ticket) = ctx.sinks.postgres.reserve(readings.len()).await else {
         return false;

@@ -51,11 +51,41 @@ pub fn describe() {
             "plantlink_cloud_rollup_buckets_total",
             "Hourly rollup buckets re-rolled on plain PostgreSQL.",
         ),
+        (
+            "plantlink_cloud_alerts_total",
+            "Alert transitions, by severity and state (firing, resolved).",
+        ),
+        (
+            "plantlink_cloud_late_readings_total",
+            "Readings too late for their alert window (stored, not re-alerted).",
+        ),
+        (
+            "plantlink_cloud_webhook_failures_total",
+            "Webhook deliveries that failed, by reason (delivery, gave_up, queue_full).",
+        ),
     ];
     for (name, help) in counters {
         describe_counter!(name, Unit::Count, help);
     }
+    for severity in ["critical", "warning", "info"] {
+        for state in ["firing", "resolved"] {
+            counter!("plantlink_cloud_alerts_total", "severity" => severity, "state" => state)
+                .increment(0);
+        }
+    }
+    describe_gauge!(
+        "plantlink_cloud_alert_eval_lag_seconds",
+        Unit::Seconds,
+        "Processing time minus the newest event time of the last live batch evaluated."
+    );
+    gauge!("plantlink_cloud_alert_eval_lag_seconds").set(0.0);
+    describe_gauge!(
+        "plantlink_cloud_alert_series",
+        Unit::Count,
+        "(rule, device) series the alerting engine tracks."
+    );
     for name in [
+        "plantlink_cloud_late_readings_total",
         "plantlink_cloud_readings_received_total",
         "plantlink_cloud_handshakes_refused_total",
         "plantlink_cloud_flushes_total",

@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -23,59 +23,8 @@ use common::Dir;
 use plantlink_model::{Reading, Timestamp};
 use plantlink_wire::BatchEncoder;
 use plantlink_wire::frame::{Ack, Batch, Frame, Lane};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use tokio::net::{TcpListener, TcpStream};
-
-/// Every record on `topic` so far: (key, seq, JSON, headers).
-type Seen = Vec<(String, i64, serde_json::Value, BTreeMap<String, String>)>;
-
-fn consume_all(brokers: &str, topic: &str, want: usize, limit: Duration) -> Seen {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("plantlink-test-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    // Created by cloud-ingest with the configured partition count.
-    assert_eq!(
-        md.topics()[0].partitions().len(),
-        3,
-        "partitions of {topic}"
-    );
-    let mut tpl = TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut seen = Seen::new();
-    let start = Instant::now();
-    while seen.len() < want && start.elapsed() < limit {
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let m = m.unwrap();
-        let key = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-        let mut headers = BTreeMap::new();
-        if let Some(h) = m.headers() {
-            for h in h.iter() {
-                headers.insert(
-                    h.key.to_owned(),
-                    String::from_utf8(h.value.unwrap_or_default().to_vec()).unwrap(),
-                );
-            }
-        }
-        seen.push((key, v["seq"].as_i64().unwrap_or(-1), v, headers));
-    }
-    seen
-}
 
 async fn rows(pgc: &tokio_postgres::Client) -> i64 {
     pgc.query_one("SELECT count(*) FROM raw_metrics", &[])
@@ -226,11 +175,14 @@ batch_linger_ms = 50
     let seen = {
         let (b, t) = (relay.to_string(), topic.clone());
         tokio::task::spawn_blocking(move || {
-            consume_all(&b, &t, FIRST as usize + 1, Duration::from_secs(30))
+            common::consume_all(&b, &t, FIRST as usize + 1, Duration::from_secs(30))
         })
         .await
         .unwrap()
     };
+    let (seen, partitions) = seen;
+    // Created by cloud-ingest with the configured partition count.
+    assert_eq!(partitions, 3, "partitions of {topic}");
     assert_eq!(seen.len(), FIRST as usize + 1, "records on {topic}");
     let mut last: HashMap<String, i64> = HashMap::new();
     for (key, seq, v, headers) in seen.iter().filter(|(k, ..)| k != "warmup") {
@@ -287,11 +239,13 @@ batch_linger_ms = 50
     let total = (FIRST + SECOND) as usize;
     let seen = {
         let (b, t) = (relay.to_string(), topic.clone());
-        tokio::task::spawn_blocking(move || consume_all(&b, &t, total + 1, Duration::from_secs(60)))
-            .await
-            .unwrap()
+        tokio::task::spawn_blocking(move || {
+            common::consume_all(&b, &t, total + 1, Duration::from_secs(60))
+        })
+        .await
+        .unwrap()
     };
-    let seen: Seen = seen.into_iter().filter(|(k, ..)| k != "warmup").collect();
+    let seen: common::Seen = seen.0.into_iter().filter(|(k, ..)| k != "warmup").collect();
     let mut ids: Vec<(String, i64)> = seen.iter().map(|(k, s, _, _)| (k.clone(), *s)).collect();
     ids.sort();
     ids.dedup();
@@ -356,9 +310,10 @@ batch_linger_ms = 50
             relay.to_string(),
             format!("test.dlq.{}", std::process::id()),
         );
-        tokio::task::spawn_blocking(move || consume_all(&b, &t, 2, Duration::from_secs(30)))
+        tokio::task::spawn_blocking(move || common::consume_all(&b, &t, 2, Duration::from_secs(30)))
             .await
             .unwrap()
+            .0
     };
     let reasons: Vec<&str> = dlq
         .iter()

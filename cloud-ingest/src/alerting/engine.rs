@@ -246,6 +246,43 @@ impl Engine {
         self.rules = new;
     }
 
+    /// Marks a live alert as open (read back from the `alerts` table after a restart), so
+    /// that it is resolved, not fired again.
+    pub fn restore_open(&mut self, rule_id: i64, tenant: &str, device: &str) {
+        let Some(rule) = self.rules.get(&rule_id) else {
+            return;
+        };
+        if rule.tenant != tenant {
+            return;
+        }
+        match rule.condition {
+            Condition::Threshold { for_windows, .. } => {
+                let key: SeriesKey = (rule_id, device.to_owned(), Lane(false));
+                let s = self.series.entry(key).or_default();
+                s.firing = true;
+                s.streak = for_windows;
+                self.clocks
+                    .entry((tenant.to_owned(), device.to_owned(), Lane(false)))
+                    .or_default()
+                    .series
+                    .insert(rule_id);
+            }
+            Condition::Absence { .. } => {
+                let now = i64::MIN / 4;
+                self.devices
+                    .entry((tenant.to_owned(), device.to_owned()))
+                    .or_insert_with(|| Seen {
+                        last_arrival: now,
+                        last_ts: now,
+                        tags: BTreeMap::new(),
+                        absent: HashSet::new(),
+                    })
+                    .absent
+                    .insert(rule_id);
+            }
+        }
+    }
+
     /// Series tracked now (for a gauge and for tests of boundedness).
     pub fn series_count(&self) -> usize {
         self.series.len()

@@ -151,7 +151,8 @@ const COLUMNS: [Type; 8] = [
     Type::TEXT,
 ];
 
-fn system_time(us: i64) -> SystemTime {
+/// A µs timestamp as a `SystemTime` (for timestamptz parameters).
+pub fn system_time(us: i64) -> SystemTime {
     if us >= 0 {
         UNIX_EPOCH + Duration::from_micros(us as u64)
     } else {

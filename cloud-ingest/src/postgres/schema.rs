@@ -83,6 +83,12 @@ CREATE TABLE IF NOT EXISTS alerts (
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS alerts_tenant_created ON alerts (tenant_id, created_at);
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS resolved_value double precision;
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS resolved_window_start timestamptz;
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS resolved_window_end timestamptz;
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS resolved_at timestamptz;
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_open ON alerts (rule_id, device_id)
+    WHERE state = 'firing' AND NOT backfill;
 ";
 
 /// The raw table's columns and key, shared by both flavours.

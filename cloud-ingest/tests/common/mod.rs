@@ -307,6 +307,7 @@ pub fn cloud_config(
         metrics: None,
         kafka: None,
         api: None,
+        alerting: Default::default(),
     }
 }
 
@@ -375,4 +376,62 @@ pub fn start_tansu(advertised: Option<std::net::SocketAddr>) -> (Proc, std::net:
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     (Proc(child), addr)
+}
+
+/// Every record on `topic` so far: (key, seq, JSON, headers).
+pub type Seen = Vec<(
+    String,
+    i64,
+    serde_json::Value,
+    std::collections::BTreeMap<String, String>,
+)>;
+
+/// Reads `topic` from the beginning until `want` records or `limit`; also returns how many
+/// partitions it has.
+pub fn consume_all(
+    brokers: &str,
+    topic: &str,
+    want: usize,
+    limit: std::time::Duration,
+) -> (Seen, usize) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("plantlink-test-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut seen = Seen::new();
+    let start = std::time::Instant::now();
+    while seen.len() < want && start.elapsed() < limit {
+        let Some(m) = consumer.poll(std::time::Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.unwrap();
+        let key = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        let mut headers = std::collections::BTreeMap::new();
+        if let Some(h) = m.headers() {
+            for h in h.iter() {
+                headers.insert(
+                    h.key.to_owned(),
+                    String::from_utf8(h.value.unwrap_or_default().to_vec()).unwrap(),
+                );
+            }
+        }
+        seen.push((key, v["seq"].as_i64().unwrap_or(-1), v, headers));
+    }
+    let partitions = md.topics()[0].partitions().len();
+    (seen, partitions)
 }
