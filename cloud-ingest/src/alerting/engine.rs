@@ -21,6 +21,7 @@
 //!   idle series go; at most `max_series` series exist (more are counted, not tracked).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use plantlink_model::Reading;
 
@@ -171,24 +172,34 @@ impl Acc {
 #[derive(Debug, Clone, Default)]
 struct Series {
     windows: BTreeMap<i64, Acc>,
-    /// Start of the latest window evaluated, the streak before it and after it.
+    /// Start of the latest window evaluated, and the streak before it.
     latest: Option<(i64, u32)>,
     streak: u32,
     firing: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct Lane(bool);
-
-type DeviceKey = (String, String, Lane); // tenant, device, backfill
-type SeriesKey = (i64, String, Lane); // rule, device, backfill
-
-#[derive(Debug, Clone, Default)]
-struct Clock {
+/// One device on one lane (live or backfill): its clock and its series, by rule.
+#[derive(Debug, Clone)]
+struct Track {
     max_ts: Option<i64>,
     last_arrival: i64,
     idle: bool,
-    series: HashSet<i64>, // rule ids with a series for this device and lane
+    /// The earliest end of a window not yet evaluated (`i64::MAX` when none): nothing is
+    /// due before the watermark reaches it.
+    next_due: i64,
+    series: HashMap<i64, Series>,
+}
+
+impl Default for Track {
+    fn default() -> Self {
+        Self {
+            max_ts: None,
+            last_arrival: 0,
+            idle: false,
+            next_due: i64::MAX,
+            series: HashMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -199,18 +210,33 @@ struct Seen {
     absent: HashSet<i64>, // absence rules firing for it
 }
 
+/// A device: live and backfill tracks, and what absence rules need.
+#[derive(Debug, Clone, Default)]
+struct Device {
+    lanes: [Track; 2],
+    seen: Option<Seen>,
+}
+
+/// The threshold rules of one (tenant, metric).
+type ByMetric = HashMap<String, HashMap<String, Vec<Arc<Rule>>>>;
+
 /// The engine. Feed it with [`Engine::on_reading`] and [`Engine::on_tick`]; it returns
 /// what happened.
 #[derive(Debug, Default)]
 pub struct Engine {
     s: Settings,
-    rules: HashMap<i64, Rule>,
-    by_tenant: HashMap<String, Vec<i64>>,
-    clocks: HashMap<DeviceKey, Clock>,
-    series: HashMap<SeriesKey, Series>,
-    devices: HashMap<(String, String), Seen>,
+    rules: HashMap<i64, Arc<Rule>>,
+    by_metric: ByMetric,
+    /// Tenants with absence rules: their live readings are all noted.
+    absence: HashSet<String>,
+    devices: HashMap<String, HashMap<String, Device>>,
+    series: usize,
     /// Series not tracked because `max_series` was reached.
     pub untracked: u64,
+}
+
+fn lane(backfill: bool) -> usize {
+    usize::from(backfill)
 }
 
 impl Engine {
@@ -225,23 +251,39 @@ impl Engine {
     /// Replaces the rules. Series of rules that are gone or changed are dropped (an open
     /// alert of a changed rule starts over).
     pub fn set_rules(&mut self, rules: Vec<Rule>) {
-        let new: HashMap<i64, Rule> = rules.into_iter().map(|r| (r.id, r)).collect();
-        self.series
-            .retain(|(id, _, _), _| new.get(id).is_some_and(|r| self.rules.get(id) == Some(r)));
-        for c in self.clocks.values_mut() {
-            c.series
-                .retain(|id| new.get(id).is_some_and(|r| self.rules.get(id) == Some(r)));
+        let new: HashMap<i64, Arc<Rule>> = rules.into_iter().map(|r| (r.id, Arc::new(r))).collect();
+        let same = |id: &i64| {
+            new.get(id)
+                .is_some_and(|r| self.rules.get(id).is_some_and(|o| **o == **r))
+        };
+        let mut kept = 0;
+        for devices in self.devices.values_mut() {
+            for d in devices.values_mut() {
+                for t in &mut d.lanes {
+                    t.series.retain(|id, _| same(id));
+                    kept += t.series.len();
+                }
+                if let Some(seen) = &mut d.seen {
+                    seen.absent.retain(|id| same(id));
+                }
+            }
         }
-        for d in self.devices.values_mut() {
-            d.absent
-                .retain(|id| new.get(id).is_some_and(|r| self.rules.get(id) == Some(r)));
-        }
-        self.by_tenant.clear();
+        self.series = kept;
+        self.by_metric.clear();
+        self.absence.clear();
         for r in new.values() {
-            self.by_tenant
-                .entry(r.tenant.clone())
-                .or_default()
-                .push(r.id);
+            match &r.condition {
+                Condition::Threshold { metric, .. } => self
+                    .by_metric
+                    .entry(r.tenant.clone())
+                    .or_default()
+                    .entry(metric.clone())
+                    .or_default()
+                    .push(r.clone()),
+                Condition::Absence { .. } => {
+                    self.absence.insert(r.tenant.clone());
+                }
+            }
         }
         self.rules = new;
     }
@@ -249,31 +291,33 @@ impl Engine {
     /// Marks a live alert as open (read back from the `alerts` table after a restart), so
     /// that it is resolved, not fired again.
     pub fn restore_open(&mut self, rule_id: i64, tenant: &str, device: &str) {
-        let Some(rule) = self.rules.get(&rule_id) else {
+        let Some(rule) = self.rules.get(&rule_id).cloned() else {
             return;
         };
         if rule.tenant != tenant {
             return;
         }
+        let d = self
+            .devices
+            .entry(tenant.to_owned())
+            .or_default()
+            .entry(device.to_owned())
+            .or_default();
         match rule.condition {
             Condition::Threshold { for_windows, .. } => {
-                let key: SeriesKey = (rule_id, device.to_owned(), Lane(false));
-                let s = self.series.entry(key).or_default();
+                let s = d.lanes[0].series.entry(rule_id).or_insert_with(|| {
+                    self.series += 1;
+                    Series::default()
+                });
                 s.firing = true;
                 s.streak = for_windows;
-                self.clocks
-                    .entry((tenant.to_owned(), device.to_owned(), Lane(false)))
-                    .or_default()
-                    .series
-                    .insert(rule_id);
             }
             Condition::Absence { .. } => {
-                let now = i64::MIN / 4;
-                self.devices
-                    .entry((tenant.to_owned(), device.to_owned()))
-                    .or_insert_with(|| Seen {
-                        last_arrival: now,
-                        last_ts: now,
+                let long_ago = i64::MIN / 4;
+                d.seen
+                    .get_or_insert_with(|| Seen {
+                        last_arrival: long_ago,
+                        last_ts: long_ago,
                         tags: BTreeMap::new(),
                         absent: HashSet::new(),
                     })
@@ -285,167 +329,107 @@ impl Engine {
 
     /// Series tracked now (for a gauge and for tests of boundedness).
     pub fn series_count(&self) -> usize {
-        self.series.len()
+        self.series
     }
 
     /// Windows held now.
     pub fn window_count(&self) -> usize {
-        self.series.values().map(|s| s.windows.len()).sum()
+        self.devices
+            .values()
+            .flat_map(|m| m.values())
+            .flat_map(|d| d.lanes.iter())
+            .flat_map(|t| t.series.values())
+            .map(|s| s.windows.len())
+            .sum()
     }
 
     /// One reading, at processing time `now_us`.
     pub fn on_reading(&mut self, input: Input<'_>, now_us: i64, out: &mut Vec<Output>) {
         let r = input.reading;
-        let lane = Lane(input.backfill);
-        if !input.backfill {
-            self.heard_from(input.tenant, r, now_us, out);
-        }
-        let dkey: DeviceKey = (input.tenant.to_owned(), r.device.clone(), lane);
-        let clock = self.clocks.entry(dkey.clone()).or_default();
-        let old_wm = clock.max_ts.map(|m| m - self.s.out_of_orderness_us);
-        clock.max_ts = Some(clock.max_ts.map_or(r.ts.0, |m| m.max(r.ts.0)));
-        clock.last_arrival = now_us;
-        clock.idle = false;
-        let wm = clock
-            .max_ts
-            .map_or(i64::MIN, |m| m - self.s.out_of_orderness_us);
-        let rule_ids = self
-            .by_tenant
+        let backfill = input.backfill;
+        let s = self.s;
+        let rules: &[Arc<Rule>] = self
+            .by_metric
             .get(input.tenant)
-            .cloned()
-            .unwrap_or_default();
-        for id in rule_ids {
-            let Some(rule) = self.rules.get(&id) else {
+            .and_then(|m| m.get(&r.metric))
+            .map_or(&[], Vec::as_slice);
+        let has_absence = !backfill && self.absence.contains(input.tenant);
+        if rules.is_empty() && !has_absence {
+            return;
+        }
+        let tenant_devices = match self.devices.get_mut(input.tenant) {
+            Some(m) => m,
+            None => self.devices.entry(input.tenant.to_owned()).or_default(),
+        };
+        let device = match tenant_devices.get_mut(&r.device) {
+            Some(d) => d,
+            None => tenant_devices.entry(r.device.clone()).or_default(),
+        };
+        if has_absence {
+            heard_from(device, &self.rules, input.tenant, r, now_us, out);
+        }
+        let track = &mut device.lanes[lane(backfill)];
+        let old_wm = track.max_ts.map(|m| m - s.out_of_orderness_us);
+        track.max_ts = Some(track.max_ts.map_or(r.ts.0, |m| m.max(r.ts.0)));
+        track.last_arrival = now_us;
+        track.idle = false;
+        let wm = track.max_ts.map_or(i64::MIN, |m| m - s.out_of_orderness_us);
+        for rule in rules {
+            let Condition::Threshold { window, .. } = &rule.condition else {
                 continue;
             };
-            let Condition::Threshold { metric, window, .. } = &rule.condition else {
-                continue;
-            };
-            if *metric != r.metric || !rule.selector.matches(&r.device, &r.tags) {
+            if !rule.selector.matches(&r.device, &r.tags) {
                 continue;
             }
             let (span, step) = window.span_step_us();
-            let skey: SeriesKey = (id, r.device.clone(), lane);
-            if !self.series.contains_key(&skey) {
-                if self.series.len() >= self.s.max_series {
-                    self.untracked += 1;
-                    continue;
+            let series = match track.series.get_mut(&rule.id) {
+                Some(x) => x,
+                None => {
+                    if self.series >= s.max_series {
+                        self.untracked += 1;
+                        continue;
+                    }
+                    self.series += 1;
+                    track.series.entry(rule.id).or_default()
                 }
-                self.series.insert(skey.clone(), Series::default());
-                if let Some(c) = self.clocks.get_mut(&dkey) {
-                    c.series.insert(id);
-                }
-            }
+            };
             let first = (r.ts.0 - span).div_euclid(step) + 1;
             let last = r.ts.0.div_euclid(step);
             let mut late = false;
             for k in first..=last {
                 let start = k * step;
                 let end = start + span;
-                if old_wm.is_some_and(|w| end + self.s.allowed_lateness_us <= w) {
+                if old_wm.is_some_and(|w| end + s.allowed_lateness_us <= w) {
                     late = true;
                     continue;
                 }
-                let rule = rule.clone();
-                let Some(series) = self.series.get_mut(&skey) else {
-                    continue;
-                };
                 let acc = series.windows.entry(start).or_default();
+                if acc.evaluated.is_none() {
+                    track.next_due = track.next_due.min(end);
+                }
                 if acc.add(r.ts.0, r.value) && acc.evaluated.is_some() {
                     // A late reading changed a window already evaluated: correct it.
-                    evaluate(
-                        series,
-                        &rule,
-                        &r.device,
-                        start,
-                        span,
-                        input.backfill,
-                        true,
-                        out,
-                    );
+                    evaluate(series, rule, &r.device, start, span, backfill, true, out);
                 }
             }
             if late {
                 out.push(Output::Late {
-                    rule_id: id,
+                    rule_id: rule.id,
                     device_id: r.device.clone(),
                     ts_us: r.ts.0,
                 });
             }
         }
-        self.advance(&dkey, wm, out);
-    }
-
-    /// Evaluates the windows of a device's series that end at or before `wm`, and drops
-    /// those past the lateness.
-    fn advance(&mut self, dkey: &DeviceKey, wm: i64, out: &mut Vec<Output>) {
-        let Some(clock) = self.clocks.get(dkey) else {
-            return;
-        };
-        let ids: Vec<i64> = clock.series.iter().copied().collect();
-        for id in ids {
-            let Some(rule) = self.rules.get(&id).cloned() else {
-                continue;
-            };
-            let Condition::Threshold { window, .. } = rule.condition else {
-                continue;
-            };
-            let (span, _) = window.span_step_us();
-            let skey: SeriesKey = (id, dkey.1.clone(), dkey.2);
-            let Some(series) = self.series.get_mut(&skey) else {
-                continue;
-            };
-            let due: Vec<i64> = series
-                .windows
-                .iter()
-                .filter(|(start, acc)| acc.evaluated.is_none() && *start + span <= wm)
-                .map(|(s, _)| *s)
-                .collect();
-            for start in due {
-                evaluate(series, &rule, &dkey.1, start, span, dkey.2.0, false, out);
-            }
-            let lateness = self.s.allowed_lateness_us;
-            series
-                .windows
-                .retain(|start, acc| acc.evaluated.is_none() || start + span + lateness > wm);
-        }
-    }
-
-    fn heard_from(&mut self, tenant: &str, r: &Reading, now_us: i64, out: &mut Vec<Output>) {
-        let seen = self
-            .devices
-            .entry((tenant.to_owned(), r.device.clone()))
-            .or_insert_with(|| Seen {
-                last_arrival: now_us,
-                last_ts: r.ts.0,
-                tags: r.tags.clone(),
-                absent: HashSet::new(),
-            });
-        seen.last_arrival = now_us;
-        seen.last_ts = seen.last_ts.max(r.ts.0);
-        if seen.tags != r.tags {
-            seen.tags = r.tags.clone();
-        }
-        for id in std::mem::take(&mut seen.absent) {
-            if let Some(rule) = self.rules.get(&id) {
-                let seconds = match rule.condition {
-                    Condition::Absence { seconds } => f64::from(seconds),
-                    Condition::Threshold { .. } => 0.0,
-                };
-                out.push(Output::Alert(AlertEvent {
-                    rule_id: id,
-                    tenant: tenant.to_owned(),
-                    device_id: r.device.clone(),
-                    metric: None,
-                    state: AlertState::Resolved,
-                    severity: rule.severity.clone(),
-                    value: 0.0,
-                    threshold: seconds,
-                    window_start_us: r.ts.0,
-                    window_end_us: r.ts.0,
-                    backfill: false,
-                }));
-            }
+        if wm >= track.next_due {
+            advance(
+                track,
+                &self.rules,
+                &r.device,
+                backfill,
+                wm,
+                s.allowed_lateness_us,
+                out,
+            );
         }
     }
 
@@ -453,74 +437,144 @@ impl Engine {
     /// goes.
     pub fn on_tick(&mut self, now_us: i64, out: &mut Vec<Output>) {
         let quiet_after = self.s.out_of_orderness_us + self.s.idle_grace_us;
-        let quiet: Vec<DeviceKey> = self
-            .clocks
-            .iter()
-            .filter(|(_, c)| !c.idle && now_us - c.last_arrival >= quiet_after)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in quiet {
-            // As if the watermark had passed every window.
-            self.advance(&k, i64::MAX / 2, out);
-            if let Some(c) = self.clocks.get_mut(&k) {
-                c.idle = true;
-                let series = &mut self.series;
-                c.series.retain(|id| {
-                    let key = (*id, k.1.clone(), k.2);
-                    let keep = series
-                        .get(&key)
-                        .is_some_and(|s| s.firing || !s.windows.is_empty());
-                    if !keep {
-                        series.remove(&key);
-                    }
-                    keep
-                });
-            }
-        }
-        // Idle clocks with no series left carry nothing but their watermark; a device back
-        // after the lateness starts afresh.
         let lateness = self.s.allowed_lateness_us;
-        self.clocks.retain(|_, c| {
-            !(c.idle && c.series.is_empty() && now_us - c.last_arrival > quiet_after + lateness)
-        });
-
-        let absence: Vec<(i64, u32)> = self
-            .rules
-            .values()
-            .filter_map(|r| match r.condition {
-                Condition::Absence { seconds } => Some((r.id, seconds)),
-                Condition::Threshold { .. } => None,
-            })
-            .collect();
-        for (id, seconds) in absence {
-            let Some(rule) = self.rules.get(&id) else {
-                continue;
-            };
-            for ((tenant, device), seen) in self.devices.iter_mut() {
-                if *tenant != rule.tenant
-                    || seen.absent.contains(&id)
-                    || !rule.selector.matches(device, &seen.tags)
-                {
-                    continue;
+        let mut removed = 0;
+        for (tenant, devices) in self.devices.iter_mut() {
+            for (name, d) in devices.iter_mut() {
+                for (i, t) in d.lanes.iter_mut().enumerate() {
+                    if t.idle || t.max_ts.is_none() || now_us - t.last_arrival < quiet_after {
+                        continue;
+                    }
+                    // As if the watermark had passed every window.
+                    advance(t, &self.rules, name, i == 1, i64::MAX / 2, lateness, out);
+                    t.idle = true;
+                    let before = t.series.len();
+                    t.series.retain(|_, s| s.firing || !s.windows.is_empty());
+                    removed += before - t.series.len();
                 }
-                let silent_us = now_us - seen.last_arrival;
-                if silent_us >= i64::from(seconds) * 1_000_000 {
-                    seen.absent.insert(id);
-                    out.push(Output::Alert(AlertEvent {
-                        rule_id: id,
-                        tenant: tenant.clone(),
-                        device_id: device.clone(),
-                        metric: None,
-                        state: AlertState::Firing,
-                        severity: rule.severity.clone(),
-                        value: silent_us as f64 / 1e6,
-                        threshold: f64::from(seconds),
-                        window_start_us: seen.last_ts,
-                        window_end_us: now_us,
-                        backfill: false,
-                    }));
+                // Absence rules of this tenant.
+                let Some(seen) = &mut d.seen else { continue };
+                for rule in self.rules.values() {
+                    let Condition::Absence { seconds } = rule.condition else {
+                        continue;
+                    };
+                    if rule.tenant != *tenant
+                        || seen.absent.contains(&rule.id)
+                        || !rule.selector.matches(name, &seen.tags)
+                    {
+                        continue;
+                    }
+                    let silent_us = now_us - seen.last_arrival;
+                    if silent_us >= i64::from(seconds) * 1_000_000 {
+                        seen.absent.insert(rule.id);
+                        out.push(Output::Alert(AlertEvent {
+                            rule_id: rule.id,
+                            tenant: tenant.clone(),
+                            device_id: name.clone(),
+                            metric: None,
+                            state: AlertState::Firing,
+                            severity: rule.severity.clone(),
+                            value: silent_us as f64 / 1e6,
+                            threshold: f64::from(seconds),
+                            window_start_us: seen.last_ts,
+                            window_end_us: now_us,
+                            backfill: false,
+                        }));
+                    }
                 }
             }
+            // Devices with nothing left to track go (one back later starts afresh); absence
+            // rules need every device their tenant has been heard from.
+            let watch_absence = self.absence.contains(tenant);
+            devices.retain(|_, d| {
+                (watch_absence && d.seen.is_some())
+                    || d.lanes.iter().any(|t| {
+                        !t.series.is_empty() || now_us - t.last_arrival <= quiet_after + lateness
+                    })
+            });
+        }
+        self.series -= removed;
+    }
+}
+
+/// Evaluates a track's windows that end at or before `wm`, and drops those past the
+/// lateness.
+fn advance(
+    t: &mut Track,
+    rules: &HashMap<i64, Arc<Rule>>,
+    device: &str,
+    backfill: bool,
+    wm: i64,
+    lateness: i64,
+    out: &mut Vec<Output>,
+) {
+    let mut next_due = i64::MAX;
+    for (id, series) in t.series.iter_mut() {
+        let Some(rule) = rules.get(id) else { continue };
+        let Condition::Threshold { window, .. } = rule.condition else {
+            continue;
+        };
+        let (span, _) = window.span_step_us();
+        let due: Vec<i64> = series
+            .windows
+            .iter()
+            .filter(|(start, acc)| acc.evaluated.is_none() && *start + span <= wm)
+            .map(|(s, _)| *s)
+            .collect();
+        for start in due {
+            evaluate(series, rule, device, start, span, backfill, false, out);
+        }
+        series
+            .windows
+            .retain(|start, acc| acc.evaluated.is_none() || start + span + lateness > wm);
+        if let Some((start, _)) = series.windows.iter().find(|(_, a)| a.evaluated.is_none()) {
+            next_due = next_due.min(start + span);
+        }
+    }
+    t.next_due = next_due;
+}
+
+fn heard_from(
+    d: &mut Device,
+    rules: &HashMap<i64, Arc<Rule>>,
+    tenant: &str,
+    r: &Reading,
+    now_us: i64,
+    out: &mut Vec<Output>,
+) {
+    let seen = d.seen.get_or_insert_with(|| Seen {
+        last_arrival: now_us,
+        last_ts: r.ts.0,
+        tags: r.tags.clone(),
+        absent: HashSet::new(),
+    });
+    seen.last_arrival = now_us;
+    seen.last_ts = seen.last_ts.max(r.ts.0);
+    if seen.tags != r.tags {
+        seen.tags = r.tags.clone();
+    }
+    if seen.absent.is_empty() {
+        return;
+    }
+    for id in std::mem::take(&mut seen.absent) {
+        if let Some(rule) = rules.get(&id) {
+            let seconds = match rule.condition {
+                Condition::Absence { seconds } => f64::from(seconds),
+                Condition::Threshold { .. } => 0.0,
+            };
+            out.push(Output::Alert(AlertEvent {
+                rule_id: id,
+                tenant: tenant.to_owned(),
+                device_id: r.device.clone(),
+                metric: None,
+                state: AlertState::Resolved,
+                severity: rule.severity.clone(),
+                value: 0.0,
+                threshold: seconds,
+                window_start_us: r.ts.0,
+                window_end_us: r.ts.0,
+                backfill: false,
+            }));
         }
     }
 }

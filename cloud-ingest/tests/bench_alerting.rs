@@ -1,0 +1,344 @@
+//! Alerting benchmarks (not run by default):
+//!
+//! - **Evaluation throughput**: the engine alone on one core, 100 rules over 1,000 devices x
+//!   4 metrics at 1 Hz of event time (each reading updates the windows of 25 rules).
+//! - **Alert latency**: the whole pipeline (Mosquitto, agent, QUIC, cloud-ingest with
+//!   PostgreSQL and Kafka on a local Tansu) carrying `PLANTLINK_BENCH_ALERT_RATE` (default
+//!   50,000) readings/s of background load that 100 rules evaluate, while one device
+//!   crosses a threshold every other second. Latency is from the moment the reading that
+//!   closes the window could first be published (window end plus the out-of-orderness
+//!   bound) to the alert record's arrival on the Kafka alerts topic.
+//!
+//! `cargo test --release -p cloud-ingest --test bench_alerting -- --ignored --nocapture --test-threads 1`
+#![allow(clippy::unwrap_used)] // benchmarks may panic
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cloud_ingest::alerting::engine::{Engine, Input, Output, Settings};
+use cloud_ingest::alerting::rule::{Aggregate, Condition, Op, Rule, Selector, Window};
+use plantlink_model::{Reading, Timestamp};
+
+const METRICS: [&str; 4] = ["temperature", "pressure", "flow", "vibration"];
+
+fn rules() -> Vec<Rule> {
+    (0..100)
+        .map(|i| Rule {
+            id: i,
+            tenant: "acme".into(),
+            selector: Selector::default(),
+            condition: Condition::Threshold {
+                metric: METRICS[(i % 4) as usize].into(),
+                aggregate: [
+                    Aggregate::Avg,
+                    Aggregate::Max,
+                    Aggregate::Min,
+                    Aggregate::Rate,
+                ][(i / 4 % 4) as usize],
+                op: Op::Gt,
+                threshold: 1e9,
+                window: if i % 2 == 0 {
+                    Window::Tumbling { seconds: 10 }
+                } else {
+                    Window::Sliding {
+                        seconds: 30,
+                        every: 10,
+                    }
+                },
+                for_windows: 1,
+            },
+            severity: "warning".into(),
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "a benchmark: run with --release -- --ignored"]
+fn engine_throughput_on_one_core() {
+    let mut e = Engine::new(Settings::default());
+    e.set_rules(rules());
+    let seconds = 120;
+    let readings: Vec<Reading> = (0..seconds)
+        .flat_map(|s| {
+            (0..1000).flat_map(move |d| {
+                METRICS.iter().map(move |m| {
+                    Reading::new(
+                        "acme",
+                        format!("dev-{d}"),
+                        *m,
+                        Timestamp(s * 1_000_000 + d),
+                        (d % 50) as f64,
+                    )
+                })
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    let start = Instant::now();
+    for r in &readings {
+        e.on_reading(
+            Input {
+                tenant: "acme",
+                reading: r,
+                backfill: false,
+            },
+            r.ts.0,
+            &mut out,
+        );
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert!(out.iter().all(|o| matches!(o, Output::Late { .. })));
+    println!(
+        "engine: {} readings x 25 matching rules each in {secs:.2} s = {:.0} readings/s on one core \
+         ({} series, {} windows held at the end)",
+        readings.len(),
+        readings.len() as f64 / secs,
+        e.series_count(),
+        e.window_count()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run with --release -- --ignored"]
+async fn alert_latency_under_load() {
+    use cloud_ingest::config::Alerting;
+    use cloud_ingest::server::Server;
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+
+    let rate: u64 = std::env::var("PLANTLINK_BENCH_ALERT_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let run_secs: u64 = 40;
+    let d = common::Dir::new("bench-alert");
+    common::fleet(&d.0, "gw-bench");
+    let db = format!("plantlink_bench_alert_{}", std::process::id());
+    let (admin, url, pgc) = common::database(&db).await;
+    let (_tansu, tansu) = common::start_tansu(None);
+    let alerts_topic = format!("bench.alerts.{}", std::process::id());
+
+    // 100 rules over the load (never true), and one over the trigger device.
+    let mut all = rules();
+    all.push(Rule {
+        id: 1000,
+        tenant: "acme".into(),
+        selector: Selector {
+            device_id: Some("trigger".into()),
+            ..Selector::default()
+        },
+        condition: Condition::Threshold {
+            metric: "temperature".into(),
+            aggregate: Aggregate::Max,
+            op: Op::Gt,
+            threshold: 80.0,
+            window: Window::Tumbling { seconds: 1 },
+            for_windows: 1,
+        },
+        severity: "critical".into(),
+    });
+    for r in &all {
+        let Condition::Threshold {
+            metric,
+            aggregate,
+            threshold,
+            window,
+            ..
+        } = &r.condition
+        else {
+            unreachable!()
+        };
+        let body = serde_json::json!({
+            "name": format!("rule {}", r.id), "metric": metric, "selector": r.selector,
+            "aggregate": aggregate, "op": ">", "threshold": threshold, "window": window,
+            "severity": r.severity,
+        });
+        pgc.execute(
+            "INSERT INTO alert_rules (rule_id, tenant_id, name, condition_expr, severity) VALUES ($1, 'acme', $2, $3::text::jsonb, $4)",
+            &[&r.id, &format!("rule {}", r.id), &body.to_string(), &r.severity],
+        )
+        .await
+        .unwrap();
+    }
+
+    let mut cfg = common::cloud_config(&d.0, url, 32, 8 << 20);
+    let mut k = cloud_ingest::config::Kafka::with_brokers(tansu.to_string());
+    k.alerts_topic = alerts_topic.clone();
+    k.partitions = 1;
+    cfg.kafka = Some(k);
+    cfg.alerting = Alerting {
+        tick_ms: 100,
+        ..Alerting::default()
+    };
+    let server = Server::bind(cfg).unwrap();
+    let cloud_addr = server.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let cloud = tokio::spawn(server.serve(stop_rx.clone()));
+
+    let broker = common::Mosquitto::start(&d.0);
+    let client_id = format!("bench-alert-{}", std::process::id());
+    let agent_cfg = d.0.join("agent.toml");
+    std::fs::write(
+        &agent_cfg,
+        format!(
+            r#"
+[gateway]
+id = "gw-bench"
+tenant = "acme"
+[store]
+path = "{dir}/queue.db"
+synchronous = "normal"
+[mqtt]
+url = "mqtt://127.0.0.1:{port}"
+client_id = "{client_id}"
+subscriptions = ["plant/#"]
+[[mqtt.topics]]
+template = "plant/{{device}}"
+[limits]
+per_device_per_sec = 1e9
+burst = 1e9
+[uplink]
+server = "{cloud_addr}"
+server_name = "localhost"
+ca = "{dir}/ca.pem"
+cert = "{dir}/gw-bench.pem"
+key = "{dir}/gw-bench.key"
+batch_max_readings = 5000
+batch_linger_ms = 50
+"#,
+            dir = d.0.display(),
+            port = broker.port
+        ),
+    )
+    .unwrap();
+    common::create_session(broker.port, &client_id).await;
+    let config = edge_agent::config::Config::load(&agent_cfg).unwrap();
+    let mut agent_stop = stop_rx.clone();
+    let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {
+        let _ = agent_stop.changed().await;
+    }));
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+
+    // Background load: 1,000 devices, each message two metrics, paced per 10 ms tick.
+    let mut o = MqttOptions::new("bench-alert-load", "127.0.0.1", broker.port);
+    o.set_inflight(1000);
+    let (load, mut lel) = AsyncClient::new(o, 10_000);
+    tokio::spawn(async move { while lel.poll().await.is_ok() {} });
+    let per_tick = (rate / 2 / 100).max(1);
+    let loader = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let end = Instant::now() + Duration::from_secs(run_secs);
+        let mut i = 0u64;
+        while Instant::now() < end {
+            tick.tick().await;
+            let ts = now_ms();
+            for _ in 0..per_tick {
+                let body = format!(
+                    r#"{{"ts": {ts}, "temperature": {}, "pressure": 1013.{}}}"#,
+                    i % 50,
+                    i % 10
+                );
+                load.publish(
+                    format!("plant/dev-{}", i % 1000),
+                    QoS::AtLeastOnce,
+                    false,
+                    body,
+                )
+                .await
+                .unwrap();
+                i += 1;
+            }
+        }
+        i
+    });
+    // The trigger: every 50 ms, hot in even seconds and cool in odd ones.
+    let mut o = MqttOptions::new("bench-alert-trigger", "127.0.0.1", broker.port);
+    o.set_inflight(100);
+    let (trig, mut tel) = AsyncClient::new(o, 100);
+    tokio::spawn(async move { while tel.poll().await.is_ok() {} });
+    let trigger = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let end = Instant::now() + Duration::from_secs(run_secs);
+        while Instant::now() < end {
+            tick.tick().await;
+            let ts = now_ms();
+            let v = if (ts / 1000) % 2 == 0 { 99.0 } else { 20.0 };
+            trig.publish(
+                "plant/trigger",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"ts": {ts}, "temperature": {v}}}"#),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    // Alert records as they arrive on Kafka, with their arrival time.
+    let consumer_topic = alerts_topic.clone();
+    let brokers = tansu.to_string();
+    let watcher = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::Message;
+        use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "bench-alert")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&consumer_topic, 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let end = Instant::now() + Duration::from_secs(run_secs + 10);
+        let mut lat = Vec::new();
+        while Instant::now() < end {
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else {
+                continue;
+            };
+            let arrived = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros() as i64;
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            let end_us = time::OffsetDateTime::parse(
+                v["window_end"].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+            .unix_timestamp_nanos() as i64
+                / 1000;
+            // The first reading past window end + 1 s (the bound) could be published then.
+            lat.push((arrived - (end_us + 1_000_000)) as f64 / 1e6);
+        }
+        lat
+    });
+    let sent = loader.await.unwrap();
+    trigger.await.unwrap();
+    let mut lat = watcher.await.unwrap();
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "alert latency at {} readings/s offered ({} sent in {run_secs} s), 101 rules: {} alerts, p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+        rate,
+        sent * 2,
+        lat.len(),
+        pct(0.5),
+        pct(0.99),
+        lat[lat.len() - 1]
+    );
+    let _ = stop_tx.send(true);
+    agent.await.unwrap().unwrap();
+    cloud.await.unwrap().unwrap();
+    drop(pgc);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
