@@ -124,14 +124,19 @@ struct Acc {
     max: f64,
     first: (i64, f64),
     last: (i64, f64),
-    seen: HashSet<i64>,
+    /// Event times taken, sorted (readings mostly come in order, so mostly a push).
+    seen: Vec<i64>,
     evaluated: Option<bool>,
 }
 
 impl Acc {
     fn add(&mut self, ts: i64, v: f64) -> bool {
-        if !self.seen.insert(ts) {
-            return false; // a replay of a reading this window has
+        match self.seen.last() {
+            Some(&newest) if ts <= newest => match self.seen.binary_search(&ts) {
+                Ok(_) => return false, // a replay of a reading this window has
+                Err(at) => self.seen.insert(at, ts),
+            },
+            _ => self.seen.push(ts),
         }
         if self.count == 0 {
             (self.min, self.max, self.first, self.last) = (v, v, (ts, v), (ts, v));
@@ -178,6 +183,29 @@ struct Series {
     firing: bool,
 }
 
+/// A hasher for rule ids: one multiply, instead of SipHash on the hottest lookup (the ids
+/// are ours, not an attacker's).
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_i64(&mut self, n: i64) {
+        self.0 = (n as u64)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+    }
+}
+
+type ById<V> = HashMap<i64, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// One device on one lane (live or backfill): its clock and its series, by rule.
 #[derive(Debug, Clone)]
 struct Track {
@@ -187,7 +215,7 @@ struct Track {
     /// The earliest end of a window not yet evaluated (`i64::MAX` when none): nothing is
     /// due before the watermark reaches it.
     next_due: i64,
-    series: HashMap<i64, Series>,
+    series: ById<Series>,
 }
 
 impl Default for Track {
@@ -197,7 +225,7 @@ impl Default for Track {
             last_arrival: 0,
             idle: false,
             next_due: i64::MAX,
-            series: HashMap::new(),
+            series: ById::default(),
         }
     }
 }
