@@ -1,0 +1,270 @@
+//! A simulated fleet: device types with their firmware's payload shapes, and plant-like
+//! signals. Pure: given a seed, the same messages every time.
+//!
+//! Each message knows the readings the agent will make of it ([`Message::expect`]), so the
+//! ledger can record identities, and the shapes are exactly those the agent decodes out of
+//! the box or with the `[[firmware]]` mappings of `deploy/edge-agent.example.toml`.
+
+use std::fmt;
+
+use crate::rng::Rng;
+
+/// A device type: its payload shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `21.5` on `<prefix>/<device>/temperature`; no time, so the agent stamps it.
+    Bare,
+    /// The plant shape `{"sensor_id", "measurement", "value", "unit", "ts"}`.
+    PlantJson,
+    /// `{"ts", "seq", "temperature", "humidity", "vibration", "counter", "run_state"}`.
+    MultiJson,
+    /// The same object in CBOR.
+    Cbor,
+    /// th-100 firmware 1.x: `{"type": "th-100", "fw": "1.4.2", "ts", "t", "h", "rssi"}`.
+    Th100V1,
+    /// th-100 firmware 2.x: `{"type": "th-100", "fw": "2.0.1", "ts", "temp_c", "rh"}`.
+    Th100V2,
+}
+
+impl Kind {
+    /// Every kind, in `--device-types` order.
+    pub const ALL: [Kind; 6] = [
+        Kind::Bare,
+        Kind::PlantJson,
+        Kind::MultiJson,
+        Kind::Cbor,
+        Kind::Th100V1,
+        Kind::Th100V2,
+    ];
+
+    /// The name used on the command line and in device ids.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Bare => "bare",
+            Kind::PlantJson => "plant-json",
+            Kind::MultiJson => "multi-json",
+            Kind::Cbor => "cbor",
+            Kind::Th100V1 => "th100-v1",
+            Kind::Th100V2 => "th100-v2",
+        }
+    }
+
+    /// The kind of a name.
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `--device-types`: `kind=weight,...`, e.g. `multi-json=3,th100-v1=1`.
+pub fn parse_mix(s: &str) -> Result<Vec<(Kind, u32)>, String> {
+    let mut mix = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, weight) = part.split_once('=').unwrap_or((part, "1"));
+        let kind = Kind::parse(name).ok_or_else(|| {
+            format!(
+                "--device-types: {name:?} is not one of {}",
+                Kind::ALL.map(Kind::name).join(", ")
+            )
+        })?;
+        let w: u32 = weight.parse().map_err(|_| {
+            format!("--device-types: weight {weight:?} of {name} is not a whole number")
+        })?;
+        mix.push((kind, w));
+    }
+    if mix.iter().map(|m| m.1).sum::<u32>() == 0 {
+        return Err("--device-types: give at least one kind with a weight above 0".into());
+    }
+    Ok(mix)
+}
+
+/// One simulated device.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// Its id, `<run>-<kind>-<n>`.
+    pub id: String,
+    /// Its payload shape.
+    pub kind: Kind,
+    temperature: f64,
+    counter: u64,
+    seq: u64,
+    phase: f64,
+    status: u8,
+}
+
+/// A reading the agent will store for a message: (metric, event time in µs or `None` when
+/// the agent stamps it, value).
+pub type Expect = (&'static str, Option<i64>, f64);
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// MQTT topic.
+    pub topic: String,
+    /// Payload bytes.
+    pub payload: Vec<u8>,
+    /// What the agent makes of it.
+    pub expect: Vec<Expect>,
+}
+
+/// The devices of a run: `n` of them, kinds drawn by weight.
+pub fn devices(run: &str, n: u32, mix: &[(Kind, u32)], rng: &mut Rng) -> Vec<Device> {
+    let total: u32 = mix.iter().map(|m| m.1).sum();
+    (0..n)
+        .map(|i| {
+            let mut pick = (i as u64 * 7919 % total as u64) as u32;
+            let kind = mix
+                .iter()
+                .find(|(_, w)| {
+                    if pick < *w {
+                        true
+                    } else {
+                        pick -= w;
+                        false
+                    }
+                })
+                .map_or(Kind::MultiJson, |m| m.0);
+            Device {
+                id: format!("{run}-{}-{i:05}", kind.name()),
+                kind,
+                temperature: 20.0 + rng.unit() * 40.0,
+                counter: rng.range(0, 1_000_000) as u64,
+                seq: 0,
+                phase: rng.unit() * std::f64::consts::TAU,
+                status: 1,
+            }
+        })
+        .collect()
+}
+
+/// Rounds to 2 decimals, as sensors report.
+fn r2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+impl Device {
+    /// The next message at event time `ts_us`: temperature a random walk, humidity a daily
+    /// cycle, vibration with rare bursts, a monotonic counter and a run state that rarely
+    /// changes (not called `status`, which the agent takes as a tag).
+    pub fn next(&mut self, prefix: &str, ts_us: i64, rng: &mut Rng) -> Message {
+        self.temperature = (self.temperature + rng.normal(0.05)).clamp(-40.0, 150.0);
+        let day = (ts_us as f64 / 86_400e6) * std::f64::consts::TAU;
+        let humidity = r2(50.0 + 20.0 * (day + self.phase).sin());
+        let vibration = r2(if rng.chance(0.01) {
+            5.0 + rng.unit() * 20.0
+        } else {
+            0.2 + rng.unit() * 0.3
+        });
+        self.counter += rng.range(0, 5) as u64;
+        if rng.chance(0.001) {
+            self.status = if self.status == 1 { 2 } else { 1 };
+        }
+        self.seq += 1;
+        let t = r2(self.temperature);
+        let ms = ts_us.div_euclid(1000);
+        let ts = Some(ms * 1000);
+        let topic = format!("{prefix}/{}", self.id);
+        match self.kind {
+            Kind::Bare => Message {
+                topic: format!("{topic}/temperature"),
+                payload: format!("{t}").into_bytes(),
+                expect: vec![("temperature", None, t)],
+            },
+            Kind::PlantJson => Message {
+                topic,
+                payload: serde_json::json!({"sensor_id": self.id, "measurement": "temperature",
+                    "value": t, "unit": "C", "ts": ms})
+                .to_string()
+                .into_bytes(),
+                expect: vec![("temperature", ts, t)],
+            },
+            Kind::MultiJson | Kind::Cbor => {
+                let v = serde_json::json!({"ts": ms, "seq": self.seq, "temperature": t,
+                    "humidity": humidity, "vibration": vibration, "counter": self.counter,
+                    "run_state": self.status});
+                let payload = if self.kind == Kind::Cbor {
+                    let mut out = Vec::new();
+                    let _ = ciborium::into_writer(&v, &mut out);
+                    out
+                } else {
+                    v.to_string().into_bytes()
+                };
+                Message {
+                    topic,
+                    payload,
+                    expect: vec![
+                        ("temperature", ts, t),
+                        ("humidity", ts, humidity),
+                        ("vibration", ts, vibration),
+                        ("counter", ts, self.counter as f64),
+                        ("run_state", ts, f64::from(self.status)),
+                    ],
+                }
+            }
+            Kind::Th100V1 => Message {
+                topic,
+                payload: serde_json::json!({"type": "th-100", "fw": "1.4.2", "ts": ms, "t": t,
+                    "h": humidity, "rssi": -60})
+                .to_string()
+                .into_bytes(),
+                expect: vec![("temperature", ts, t), ("humidity", ts, humidity)],
+            },
+            Kind::Th100V2 => Message {
+                topic,
+                payload: serde_json::json!({"type": "th-100", "fw": "2.0.1", "ts": ms,
+                    "temp_c": t, "rh": humidity})
+                .to_string()
+                .into_bytes(),
+                expect: vec![("temperature", ts, t), ("humidity", ts, humidity)],
+            },
+        }
+    }
+}
+
+/// A payload no firmware sends: the agent dead-letters it (`malformed`).
+pub fn malformed(prefix: &str, device: &str) -> Message {
+    Message {
+        topic: format!("{prefix}/{device}"),
+        payload: b"{\"ts\": 17, \"temperature\": ".to_vec(),
+        expect: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixes_parse_and_name_what_is_wrong() {
+        assert_eq!(
+            parse_mix("multi-json=3,cbor").unwrap(),
+            vec![(Kind::MultiJson, 3), (Kind::Cbor, 1)]
+        );
+        assert!(parse_mix("toaster=1").unwrap_err().contains("toaster"));
+        assert!(parse_mix("cbor=x").unwrap_err().contains("\"x\""));
+        assert!(parse_mix("cbor=0").is_err());
+    }
+
+    #[test]
+    fn every_kind_is_drawn_and_messages_carry_their_readings() {
+        let mut rng = Rng::new(1);
+        let mix: Vec<(Kind, u32)> = Kind::ALL.iter().map(|k| (*k, 1)).collect();
+        let mut devs = devices("r1", 60, &mix, &mut rng);
+        for k in Kind::ALL {
+            assert!(devs.iter().any(|d| d.kind == k), "{k}");
+        }
+        for d in &mut devs {
+            let m = d.next("plant", 1_795_000_000_123_456, &mut rng);
+            assert!(!m.expect.is_empty());
+            assert!(m.topic.starts_with(&format!("plant/{}", d.id)));
+            if d.kind != Kind::Bare {
+                assert!(m.expect.iter().all(|e| e.1 == Some(1_795_000_000_123_000)));
+            }
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! `firmware-sim run`: a fleet publishing over MQTT at a steady rate, with faults on demand,
+//! a ledger of what the broker acknowledged, and a load-test report.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use serde::Serialize;
+
+use crate::fleet::{self, Expect, Kind};
+use crate::ledger::Ledger;
+use crate::rng::Rng;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `mqtt://host:port`.
+    pub mqtt: String,
+    /// Devices.
+    pub devices: u32,
+    /// Kinds and weights.
+    pub mix: Vec<(Kind, u32)>,
+    /// Messages per second per device.
+    pub rate: f64,
+    /// Seconds to run.
+    pub duration: f64,
+    /// Seed.
+    pub seed: u64,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    /// Topic prefix.
+    pub prefix: String,
+    /// Run name; device ids start with it.
+    pub run: String,
+    /// The ledger file.
+    pub ledger: Option<PathBuf>,
+    /// Share of messages published twice (duplicate bursts).
+    pub duplicate_rate: f64,
+    /// Share of messages replaced by a malformed payload.
+    pub malformed_rate: f64,
+    /// Share of messages stamped up to 5 s in the past (out of order).
+    pub out_of_order_rate: f64,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// The report of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Run name (device ids start with it; `verify --run`).
+    pub run: String,
+    /// Messages handed to the client.
+    pub sent: u64,
+    /// Messages the broker acknowledged (QoS 0: written to the socket).
+    pub acked: u64,
+    /// Readings the ledger expects the pipeline to store.
+    pub readings: u64,
+    /// Acknowledged messages per second.
+    pub rate_per_sec: f64,
+    /// Publish-to-acknowledgement latency.
+    pub latency_ms: Latency,
+    /// Errors by kind (and the faults planted, by kind).
+    pub errors: BTreeMap<String, u64>,
+    /// Seconds.
+    pub elapsed_s: f64,
+}
+
+struct Pending {
+    at: Instant,
+    device: String,
+    expect: Vec<Expect>,
+    rejected: Option<&'static str>,
+}
+
+fn broker(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .ok_or_else(|| anyhow::anyhow!("--mqtt {url:?}: write mqtt://host:port"))?;
+    Ok(match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h.to_owned(),
+            p.parse()
+                .map_err(|_| anyhow::anyhow!("--mqtt {url:?}: {p:?} is not a port"))?,
+        ),
+        None => (rest.to_owned(), 1883),
+    })
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs the fleet until `duration` has passed and every acknowledgement is in.
+pub async fn run(o: Options) -> anyhow::Result<Report> {
+    let qos = match o.qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        q => bail!("--qos {q}: use 0, 1 or 2"),
+    };
+    if !(o.rate > 0.0 && o.duration > 0.0 && o.devices > 0) {
+        bail!("--devices, --rate and --duration must be above 0");
+    }
+    let (host, port) = broker(&o.mqtt)?;
+    let mut ledger = match &o.ledger {
+        Some(p) => Some(Ledger::create(p, &o.run, &format!("{o:?}"), now_us())?),
+        None => None,
+    };
+    let mut rng = Rng::new(o.seed);
+    let mut devices = fleet::devices(&o.run, o.devices, &o.mix, &mut rng);
+    let mut mo = MqttOptions::new(format!("firmware-sim-{}", o.run), host, port);
+    mo.set_inflight(1000)
+        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = AsyncClient::new(mo, 10_000);
+    let bar = o.progress.then(|| {
+        let b = indicatif::ProgressBar::new((o.duration * 1000.0) as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut report = Report {
+        run: o.run.clone(),
+        ..Report::default()
+    };
+    let mut queued: VecDeque<Pending> = VecDeque::new();
+    let mut inflight: HashMap<u16, Pending> = HashMap::new();
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(o.duration);
+    let per_sec = o.rate * f64::from(o.devices);
+    let mut due = 0.0f64;
+    let mut next_device = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut last_draw = Instant::now();
+    let mut acked_batch: Vec<Pending> = Vec::new();
+    loop {
+        let sending = Instant::now() < end;
+        if !sending && queued.is_empty() && inflight.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = tick.tick(), if sending => {
+                due += per_sec / 100.0;
+                while due >= 1.0 {
+                    due -= 1.0;
+                    let n = devices.len();
+                    let d = &mut devices[next_device % n];
+                    next_device += 1;
+                    let mut ts = now_us();
+                    if rng.chance(o.out_of_order_rate) {
+                        ts -= rng.range(1_000_000, 5_000_000);
+                        *report.errors.entry("planted_out_of_order".into()).or_default() += 1;
+                    }
+                    let (msg, rejected) = if rng.chance(o.malformed_rate) {
+                        *report.errors.entry("planted_malformed".into()).or_default() += 1;
+                        (fleet::malformed(&o.prefix, &d.id), Some("malformed"))
+                    } else {
+                        (d.next(&o.prefix, ts, &mut rng), None)
+                    };
+                    let copies = if d.kind != Kind::Bare && rejected.is_none() && rng.chance(o.duplicate_rate) {
+                        *report.errors.entry("planted_duplicate".into()).or_default() += 1;
+                        2
+                    } else {
+                        1
+                    };
+                    for _ in 0..copies {
+                        if let Err(e) = client.try_publish(msg.topic.clone(), qos, false, msg.payload.clone()) {
+                            *report.errors.entry("client_queue_full".into()).or_default() += 1;
+                            tracing_free_log(&e.to_string());
+                            continue;
+                        }
+                        report.sent += 1;
+                        queued.push_back(Pending { at: Instant::now(), device: d.id.clone(), expect: msg.expect.clone(), rejected });
+                    }
+                }
+            }
+            ev = el.poll() => {
+                match ev {
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(p) = queued.pop_front() {
+                            if qos == QoS::AtMostOnce {
+                                acked_batch.push(p);
+                            } else {
+                                inflight.insert(pkid, p);
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) if qos == QoS::AtLeastOnce => {
+                        if let Some(p) = inflight.remove(&a.pkid) { acked_batch.push(p); }
+                    }
+                    Ok(Event::Incoming(Packet::PubComp(a))) if qos == QoS::ExactlyOnce => {
+                        if let Some(p) = inflight.remove(&a.pkid) { acked_batch.push(p); }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        *report.errors.entry("connection".into()).or_default() += 1;
+                        tracing_free_log(&format!("MQTT: {e}; reconnecting"));
+                        // Unacknowledged messages are resent by the client after reconnecting
+                        // (QoS 1/2); QoS 0 ones are lost and stay out of the ledger.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        if Instant::now() > end + Duration::from_secs(30) {
+                            bail!("the broker at {} is unreachable: {e}", o.mqtt);
+                        }
+                    }
+                }
+            }
+        }
+        if acked_batch.len() >= 500
+            || (!acked_batch.is_empty() && !sending)
+            || last_draw.elapsed() > Duration::from_millis(200)
+        {
+            for p in acked_batch.drain(..) {
+                report.acked += 1;
+                let _ = hist.record(p.at.elapsed().as_micros().max(1) as u64);
+                if p.rejected.is_none() {
+                    report.readings += p.expect.len() as u64;
+                }
+                if let Some(l) = ledger.as_mut() {
+                    l.record(&p.device, &p.expect, p.rejected)?;
+                }
+            }
+        }
+        if last_draw.elapsed() > Duration::from_millis(200) {
+            last_draw = Instant::now();
+            if let Some(b) = &bar {
+                b.set_position(start.elapsed().as_millis().min(u128::from(u64::MAX)) as u64);
+                b.set_message(format!(
+                    "sent {} acked {} ({:.0}/s) errors {}",
+                    report.sent,
+                    report.acked,
+                    report.acked as f64 / start.elapsed().as_secs_f64().max(1e-3),
+                    report
+                        .errors
+                        .iter()
+                        .filter(|(k, _)| !k.starts_with("planted"))
+                        .map(|(_, v)| v)
+                        .sum::<u64>()
+                ));
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let _ = client.disconnect().await;
+    report.elapsed_s = start.elapsed().as_secs_f64();
+    report.rate_per_sec = report.acked as f64 / o.duration.min(report.elapsed_s).max(1e-3);
+    let ms = |v: u64| v as f64 / 1000.0;
+    report.latency_ms = Latency {
+        p50: ms(hist.value_at_quantile(0.5)),
+        p90: ms(hist.value_at_quantile(0.9)),
+        p99: ms(hist.value_at_quantile(0.99)),
+        max: ms(hist.max()),
+    };
+    Ok(report)
+}
+
+fn tracing_free_log(msg: &str) {
+    eprintln!("firmware-sim: {msg}");
+}

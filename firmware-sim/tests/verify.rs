@@ -1,0 +1,309 @@
+//! The verifier catches what it exists to catch, each fault planted on purpose against a real
+//! PostgreSQL (a database of the test's own) and a real Kafka-API broker (Tansu): a deleted
+//! row, a duplicated row, and a missing Kafka record. And `run` fills the ledger with what a
+//! real Mosquitto acknowledged.
+#![allow(clippy::unwrap_used)] // tests may panic
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use firmware_sim::ledger::Ledger;
+use firmware_sim::verify::verify;
+
+struct Dir(PathBuf);
+impl Dir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("plantlink-fsim-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn admin_dsn() -> String {
+    std::env::var("PLANTLINK_PG_ADMIN")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=postgres".into())
+}
+
+async fn connect(dsn: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+fn ts(us: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(us as u64)
+}
+
+#[tokio::test]
+async fn planted_faults_are_caught() {
+    let d = Dir::new("verify");
+    let ledger = d.0.join("ledger.db");
+    let run = "vtest";
+    let base = 1_795_000_000_000_000i64;
+    let mut l = Ledger::create(&ledger, run, "test", base).unwrap();
+    for i in 0..100 {
+        l.record(
+            &format!("{run}-multi-json-{:05}", i % 10),
+            &[("temperature", Some(base + i * 1000), 1.5)],
+            None,
+        )
+        .unwrap();
+    }
+    l.record(
+        &format!("{run}-bare-00001"),
+        &[("temperature", None, 2.0)],
+        None,
+    )
+    .unwrap();
+    l.record(
+        &format!("{run}-bare-00001"),
+        &[("temperature", None, 2.5)],
+        None,
+    )
+    .unwrap();
+    l.record(&format!("{run}-cbor-00002"), &[], Some("malformed"))
+        .unwrap();
+    drop(l);
+
+    let db = format!("plantlink_test_fsim_{}", std::process::id());
+    let admin = connect(&admin_dsn()).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let url = format!("{} dbname={db}", admin_dsn().replace("dbname=postgres", ""));
+    let pg = connect(&url).await;
+    pg.batch_execute(
+        "CREATE TABLE raw_metrics (tenant_id text NOT NULL, device_id text NOT NULL, metric_name text NOT NULL,
+         value double precision NOT NULL, tags jsonb, ts timestamptz NOT NULL, seq bigint, gateway_id text NOT NULL,
+         PRIMARY KEY (device_id, metric_name, ts))",
+    )
+    .await
+    .unwrap();
+    for i in 0..100i64 {
+        pg.execute(
+            "INSERT INTO raw_metrics VALUES ('demo', $1, 'temperature', 1.5, NULL, $2, NULL, 'gw')",
+            &[
+                &format!("{run}-multi-json-{:05}", i % 10),
+                &ts(base + i * 1000),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    for k in 0..2i64 {
+        pg.execute(
+            "INSERT INTO raw_metrics VALUES ('demo', $1, 'temperature', 2.0, NULL, $2, NULL, 'gw')",
+            &[&format!("{run}-bare-00001"), &ts(base + 7 + k)],
+        )
+        .await
+        .unwrap();
+    }
+    // Someone else's run in the same table is not this run's business.
+    pg.execute(
+        "INSERT INTO raw_metrics VALUES ('demo', 'other-multi-json-00001', 'temperature', 1, NULL, now(), NULL, 'gw')",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let r = verify(&ledger, None, &url, None).await.unwrap();
+    assert_eq!(
+        (r.expected, r.found, r.lost, r.duplicated, r.unexpected),
+        (102, 102, 0, 0, 0),
+        "{r:?}"
+    );
+    assert!(r.ok(false));
+    assert_eq!(r.expected_rejections.get("malformed"), Some(&1));
+
+    // A deleted row.
+    pg.execute(
+        "DELETE FROM raw_metrics WHERE device_id = $1 AND ts = $2",
+        &[&format!("{run}-multi-json-00003"), &ts(base + 3 * 1000)],
+    )
+    .await
+    .unwrap();
+    let r = verify(&ledger, Some(run), &url, None).await.unwrap();
+    assert_eq!((r.lost, r.duplicated), (1, 0), "{r:?}");
+    assert!(!r.ok(false));
+    assert!(
+        r.examples
+            .iter()
+            .any(|e| e.contains("lost") && e.contains("multi-json-00003")),
+        "{:?}",
+        r.examples
+    );
+    assert_eq!(
+        r.devices.get(&format!("{run}-multi-json-00003")),
+        Some(&(1, 0, 0))
+    );
+
+    // A duplicated row (a store without the identity key would allow it).
+    pg.batch_execute("ALTER TABLE raw_metrics DROP CONSTRAINT raw_metrics_pkey")
+        .await
+        .unwrap();
+    pg.execute(
+        "INSERT INTO raw_metrics SELECT * FROM raw_metrics WHERE device_id = $1 AND ts = $2",
+        &[&format!("{run}-multi-json-00004"), &ts(base + 4 * 1000)],
+    )
+    .await
+    .unwrap();
+    let r = verify(&ledger, Some(run), &url, None).await.unwrap();
+    assert_eq!((r.lost, r.duplicated), (1, 1), "{r:?}");
+    assert!(
+        r.examples.iter().any(|e| e.contains("stored 2 times")),
+        "{:?}",
+        r.examples
+    );
+
+    // A missing Kafka record: every expected reading but one is on the topic.
+    if let Some(tansu) = tansu() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = std::process::Command::new(tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{port}"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let brokers = format!("127.0.0.1:{port}");
+        let topic = "verify.readings";
+        {
+            use rdkafka::ClientConfig;
+            use rdkafka::message::{Header, OwnedHeaders};
+            use rdkafka::producer::{FutureProducer, FutureRecord};
+            let p: FutureProducer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .unwrap();
+            for i in 0..100i64 {
+                if i == 42 {
+                    continue; // the missing one
+                }
+                let dev = format!("{run}-multi-json-{:05}", i % 10);
+                let t = (base + i * 1000).to_string();
+                let h = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "plantlink-device",
+                        value: Some(dev.as_str()),
+                    })
+                    .insert(Header {
+                        key: "plantlink-metric",
+                        value: Some("temperature"),
+                    })
+                    .insert(Header {
+                        key: "plantlink-ts-us",
+                        value: Some(t.as_str()),
+                    });
+                p.send(
+                    FutureRecord::to(topic).key(&dev).payload("{}").headers(h),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+            }
+        }
+        let r = verify(&ledger, Some(run), &url, Some((&brokers, topic)))
+            .await
+            .unwrap();
+        let k = r.kafka.clone().unwrap();
+        assert_eq!((k.records, k.lost, k.duplicated), (99, 1, 0), "{r:?}");
+        assert!(
+            r.examples
+                .iter()
+                .any(|e| e.contains("not on Kafka") && e.contains("multi-json-00002")),
+            "{:?}",
+            r.examples
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    } else {
+        eprintln!("PLANTLINK_TANSU not set: the Kafka half of this test needs tests/run.sh");
+        assert!(std::env::var("CI").is_err(), "CI must run the Kafka half");
+    }
+
+    drop(pg);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+fn tansu() -> Option<PathBuf> {
+    std::env::var("PLANTLINK_TANSU").ok().map(PathBuf::from)
+}
+
+/// `run` against the local Mosquitto (its own topic prefix): every message is acknowledged
+/// at QoS 1 and 2, the planted faults are counted, and the ledger holds the readings and
+/// the planted refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_fills_the_ledger_with_what_the_broker_acknowledged() {
+    use firmware_sim::fleet::{Kind, parse_mix};
+    use firmware_sim::run::{Options, run};
+    for qos in [1u8, 2] {
+        let d = Dir::new(&format!("run{qos}"));
+        let ledger = d.0.join("ledger.db");
+        let name = format!("fsimtest{}q{qos}", std::process::id());
+        let report = run(Options {
+            mqtt: "mqtt://127.0.0.1:1883".into(),
+            devices: 30,
+            mix: parse_mix("multi-json=2,bare=1,th100-v1=1").unwrap(),
+            rate: 10.0,
+            duration: 1.5,
+            seed: 7,
+            qos,
+            prefix: format!("fsimtest/{}", std::process::id()),
+            run: name.clone(),
+            ledger: Some(ledger.clone()),
+            duplicate_rate: 0.05,
+            malformed_rate: 0.05,
+            out_of_order_rate: 0.05,
+            progress: false,
+        })
+        .await
+        .unwrap();
+        assert!(report.sent >= 400, "{report:?}");
+        assert_eq!(report.acked, report.sent, "{report:?}");
+        assert!(report.latency_ms.p50 > 0.0 && report.latency_ms.max >= report.latency_ms.p99);
+        let planted = |k: &str| report.errors.get(k).copied().unwrap_or(0);
+        assert!(
+            planted("planted_malformed") > 0 && planted("planted_duplicate") > 0,
+            "{report:?}"
+        );
+        let e = Ledger::expected(&ledger, &name).unwrap();
+        let rejected: i64 = e.rejected.iter().map(|r| r.1).sum();
+        assert_eq!(rejected as u64, planted("planted_malformed"));
+        let stamped: i64 = e.stamped.iter().map(|s| s.2).sum();
+        // Duplicates are one identity in the ledger; every other reading is there.
+        assert!(e.timed.len() as u64 + stamped as u64 <= report.readings);
+        assert!(e.timed.iter().all(|t| t.0.starts_with(&name)));
+        assert!(e.timed.iter().any(|t| t.0.contains(Kind::Th100V1.name())));
+        assert_eq!(Ledger::runs(&ledger).unwrap(), vec![name]);
+    }
+}
