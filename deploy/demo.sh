@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The local demo of Plantlink. On a fresh Debian machine it installs what is missing, builds the
-# programs, and runs what exists so far, each part on a free port in a temporary folder:
-#   1. a private Mosquitto and the edge agent; readings of several firmware shapes are published,
-#      and the demo shows what the agent queued, what it refused and why, and its metrics;
-#   2. the batch codec on the reference dataset (bytes per reading against zstd over JSON lines).
-# The cloud half (QUIC uplink, cloud-ingest, PostgreSQL, Kafka) joins as it lands.
+# The local demo of the whole Plantlink pipeline. On a fresh Debian machine it installs what is
+# missing and builds the programs, then starts, each on a free port, in a temporary folder:
+#   a private Mosquitto, a database of its own on the local PostgreSQL, the Tansu Kafka-API
+#   broker, cloud-ingest (with a fresh fleet PKI, Kafka, alerting and the query API) and one
+#   edge agent. firmware-sim then drives a small plant for a minute (device types with different
+#   firmware payloads, a few duplicates, malformed and out-of-order messages), one device
+#   overheats so that an alert fires, and the demo shows rows per table, an API query with its
+#   curl command, the alerts, and the verifier's result (every acknowledged reading stored
+#   exactly once in PostgreSQL and present on Kafka).
 #
-#   ./deploy/demo.sh          run the demo
-#   ./deploy/demo.sh --ci     a shorter run for CI
-#   ./deploy/demo.sh --keep   leave Mosquitto and the agent running at the end
+#   ./deploy/demo.sh          run the demo (about a minute after the build)
+#   ./deploy/demo.sh --ci     a short run (about 20 s) that fails unless verify passes
+#   ./deploy/demo.sh --keep   leave everything running at the end (it prints how to stop it)
+#
+# Ctrl-C stops everything and removes what the demo made.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . tests/lib/services.sh
@@ -18,101 +23,166 @@ for a in "$@"; do
   case "$a" in
     --ci) ci=1 ;;
     --keep) keep=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "error: unknown option $a (try --help)" >&2; exit 2 ;;
   esac
 done
 
-ensure_toolchain
-ensure_mosquitto
-log "building the programs (release)"
-cargo build --locked --release -p edge-agent -p cloud-ingest -p firmware-sim
-bin="${CARGO_TARGET_DIR:-target}/release"
+ensure_all_services
+profile=release; [ "$ci" -eq 1 ] && profile=dev
+log "building edge-agent, cloud-ingest and firmware-sim ($profile)"
+cargo build --locked --profile "$profile" -p edge-agent -p cloud-ingest -p firmware-sim
+bin="${CARGO_TARGET_DIR:-target}/$([ "$profile" = dev ] && echo debug || echo release)"
 
 work=$(mktemp -d /tmp/plantlink-demo.XXXXXX)
+db="plantlink_demo_$$"
 pids=()
 cleanup() {
   if [ "$keep" -eq 1 ]; then
-    log "left running (pids ${pids[*]}); files in $work"
+    log "left running: pids ${pids[*]}; files in $work; database $db"
+    log "stop with: kill ${pids[*]}; psql -h 127.0.0.1 -U postgres -c 'DROP DATABASE $db WITH (FORCE)'; rm -rf $work"
     return
   fi
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" postgres 2>/dev/null || true
   rm -rf "$work"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-mport=$(free_port); metrics=$(free_port)
-cat > "$work/mosquitto.conf" <<EOC
-listener $mport 127.0.0.1
-allow_anonymous true
-max_inflight_messages 1000
-max_queued_messages 1000000
-EOC
+free_udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { # what, command...
+  local what=$1; shift
+  for _ in $(seq 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "error: $what did not come up; logs in $work" >&2; exit 1
+}
+
+# Mosquitto.
+mport=$(free_port)
+printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n' "$mport" > "$work/mosquitto.conf"
 mosquitto -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 50); do port_open 127.0.0.1 "$mport" && break; sleep 0.1; done
+wait_for Mosquitto port_open 127.0.0.1 "$mport"
 log "Mosquitto on 127.0.0.1:$mport"
 
-cat > "$work/edge-agent.toml" <<EOA
-[gateway]
-id = "gw-demo-01"
-tenant = "acme"
-[store]
-path = "$work/queue.db"
-[mqtt]
-url = "mqtt://127.0.0.1:$mport"
-client_id = "plantlink-gw-demo-01"
-subscriptions = ["plant/#"]
-[[mqtt.topics]]
-template = "plant/{site}/{line}/{device}/{metric}"
-[[mqtt.topics]]
-template = "plant/{site}/{line}/{device}"
-[metrics]
-bind = "127.0.0.1:$metrics"
-[limits]
-per_device_per_sec = 1000
-burst = 2000
-[[firmware]]
-device_type = "th-100"
-version = "1.x"
-fields = { t = "temperature", h = "humidity" }
-EOA
-"$bin/edge-agent" check-config --config "$work/edge-agent.toml"
-"$bin/edge-agent" run --config "$work/edge-agent.toml" 2>"$work/edge-agent.log" &
+# Tansu (Kafka API).
+kport=$(free_port)
+"$PLANTLINK_TANSU" broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" >"$work/tansu.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do
-  curl -sf "http://127.0.0.1:$metrics/metrics" 2>/dev/null | grep -q '^plantlink_edge_mqtt_connected 1' && break
-  sleep 0.1
-done
-log "edge-agent running; metrics on http://127.0.0.1:$metrics/metrics"
+wait_for Tansu port_open 127.0.0.1 "$kport"
+log "Tansu (Kafka API) on 127.0.0.1:$kport"
 
-n=200; [ "$ci" -eq 1 ] && n=50
-pub() { "$bin/firmware-sim" publish --mqtt "mqtt://127.0.0.1:$mport" --topic "$1"; }
-log "publishing: bare numbers, the plant JSON shape, multi-metric JSON, firmware 1.x fields, bad input"
-seq 1 "$n" | awk '{printf "%.1f\n", 80 + ($1 % 50) / 10}' | pub plant/p1/l3/press01/temperature
-seq 1 "$n" | awk '{printf "{\"sensor_id\": \"press02\", \"measurement\": \"pressure\", \"value\": %.1f, \"unit\": \"hPa\", \"ts\": %d}\n", 1013 + ($1 % 10) / 10, 1767225600 + $1}' | pub plant/p1/l3/press02
-seq 1 "$n" | awk '{printf "{\"ts\": %d, \"seq\": %d, \"temperature\": %.2f, \"humidity\": %.1f}\n", 1767225600000 + $1 * 1000, $1, 21 + ($1 % 7) / 100, 40 + ($1 % 9) / 10}' | pub plant/p1/l4/th-0001
-seq 1 "$n" | awk '{printf "{\"type\": \"th-100\", \"fw\": \"1.4\", \"ts\": %d, \"t\": 20.5, \"h\": 41}\n", 1767225600000 + $1 * 1000}' | pub plant/p1/l4/th-0002
-printf '{"temperature": "hot"}\n{not json\n' | pub plant/p1/l4/th-0003
+# PostgreSQL: a database of the demo's own.
+psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db" postgres
+pg="postgres://postgres@127.0.0.1/$db"
+log "PostgreSQL database $db"
 
-want=$((n * 6))
-for _ in $(seq 200); do
-  have=$("$bin/edge-agent" queue stats --json --config "$work/edge-agent.toml" | python3 -c 'import json,sys; print(json.load(sys.stdin)["readings"])')
-  [ "$have" -ge "$want" ] && break
-  sleep 0.1
-done
+# The fleet PKI and cloud-ingest.
+"$bin/cloud-ingest" pki init --dir "$work/pki" >/dev/null
+"$bin/cloud-ingest" pki server --dir "$work/pki" --dns localhost >/dev/null
+"$bin/cloud-ingest" pki gateway --dir "$work/pki" --gateway-id gw-demo --tenant demo >/dev/null
+qport=$(free_udp); aport=$(free_port); cmetrics=$(free_port); hook=$(free_port)
+token="demo-token-$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
+cat > "$work/cloud-ingest.toml" <<EOC
+[quic]
+bind = "127.0.0.1:$qport"
+cert = "pki/server.pem"
+key = "pki/server.key"
+client_ca = "pki/ca.pem"
+[postgres]
+url = "$pg"
+rollup_interval_ms = 1000
+[metrics]
+bind = "127.0.0.1:$cmetrics"
+[kafka]
+brokers = "127.0.0.1:$kport"
+partitions = 3
+[api]
+bind = "127.0.0.1:$aport"
+[api.tokens]
+demo = "$token"
+[alerting]
+tick_ms = 200
+EOC
+RUST_LOG=warn "$bin/cloud-ingest" run --config "$work/cloud-ingest.toml" 2>"$work/cloud-ingest.log" &
+pids+=($!)
+wait_for cloud-ingest curl -sf "http://127.0.0.1:$aport/readyz"
+log "cloud-ingest: QUIC on 127.0.0.1:$qport, API on http://127.0.0.1:$aport, metrics on http://127.0.0.1:$cmetrics/metrics"
 
-log "edge-agent queue stats: what waits for the cloud"
-"$bin/edge-agent" queue stats --config "$work/edge-agent.toml"
-log "edge-agent queue dead-letters: what was refused, and why"
-"$bin/edge-agent" queue dead-letters --config "$work/edge-agent.toml"
-log "a few of the agent's metrics"
-curl -s "http://127.0.0.1:$metrics/metrics" | grep -E '^plantlink_edge_(readings|dead|queue_readings|duplicates)' || true
+api() { curl -sf -H "Authorization: Bearer $token" "$@"; }
+rule=$(api -X POST "http://127.0.0.1:$aport/v1/alert-rules" -H 'Content-Type: application/json' -d '{
+  "name": "press overheating", "metric": "temperature", "selector": {"device_id": "demo-press01"},
+  "aggregate": "avg", "op": ">", "threshold": 80.0, "window": {"kind": "tumbling", "seconds": 2},
+  "for_windows": 1, "severity": "critical"}')
+log "alert rule created: $rule"
 
-rounds=3
-[ "$ci" -eq 1 ] && rounds=1
-log "the batch codec on the reference dataset"
-"$bin/firmware-sim" bench-codec --rounds "$rounds"
-log "demo finished"
+# The edge agent.
+ametrics=$(free_port)
+sed -e "s#@DIR@#$work#g" -e "s#@MQTT_PORT@#$mport#g" -e "s#@CLOUD@#127.0.0.1:$qport#g" \
+  deploy/demo/edge-agent.toml > "$work/edge-agent.toml"
+printf '\n[metrics]\nbind = "127.0.0.1:%s"\n' "$ametrics" >> "$work/edge-agent.toml"
+"$bin/edge-agent" check-config --config "$work/edge-agent.toml" >/dev/null
+RUST_LOG=warn "$bin/edge-agent" run --config "$work/edge-agent.toml" 2>"$work/edge-agent.log" &
+pids+=($!)
+uplink_up() { curl -sf "http://127.0.0.1:$ametrics/metrics" | grep -q '^plantlink_edge_uplink_connected 1'; }
+wait_for "the agent's uplink" uplink_up
+log "edge-agent connected to Mosquitto and cloud-ingest; metrics on http://127.0.0.1:$ametrics/metrics"
+
+# The plant: a fleet from firmware-sim, and one press that overheats for a few seconds.
+devices=200; rate=1; duration=60
+[ "$ci" -eq 1 ] && { devices=50; rate=2; duration=12; }
+run="demo$$"
+log "firmware-sim: $devices devices x $rate msg/s for $duration s (QoS 1), 1% duplicates, 0.5% malformed, 1% out of order"
+( now=$(date +%s%3N)
+  for i in $(seq 0 59); do
+    t=$((now + i * 100)); v=95; [ "$i" -ge 30 ] && v=40
+    printf '{"ts": %d, "temperature": %d}\n' "$t" "$v"
+  done | "$bin/firmware-sim" publish --mqtt "mqtt://127.0.0.1:$mport" --topic plant/demo-press01 >/dev/null 2>&1 ) &
+press=$!
+"$bin/firmware-sim" run --mqtt "mqtt://127.0.0.1:$mport" --devices "$devices" --rate "$rate" \
+  --duration "$duration" --run "$run" --ledger "$work/ledger.db" \
+  --duplicate-rate 0.01 --malformed-rate 0.005 --out-of-order-rate 0.01
+wait "$press"
+
+queued() { "$bin/edge-agent" queue stats --json --config "$work/edge-agent.toml" | python3 -c 'import json,sys; print(json.load(sys.stdin)["readings"])'; }
+for _ in $(seq 300); do [ "$(queued)" -eq 0 ] && break; sleep 0.1; done
+sleep 1.5 # one rollup round (rollup_interval_ms = 1000)
+
+log "rows per table"
+psql -h 127.0.0.1 -U postgres -d "$db" -c "
+  SELECT 'raw_metrics' AS table, count(*) FROM raw_metrics
+  UNION ALL SELECT 'downsampled_metrics_1h', count(*) FROM downsampled_metrics_1h
+  UNION ALL SELECT 'downsampled_metrics_1d', count(*) FROM downsampled_metrics_1d
+  UNION ALL SELECT 'devices', count(*) FROM devices
+  UNION ALL SELECT 'alerts', count(*) FROM alerts"
+
+device=$(psql -h 127.0.0.1 -U postgres -d "$db" -tAc "SELECT device_id FROM raw_metrics WHERE device_id LIKE '$run-multi-json-%' LIMIT 1")
+log "a query through the API:"
+echo "  curl -H 'Authorization: Bearer $token' 'http://127.0.0.1:$aport/v1/devices/$device/metrics/latest'"
+api "http://127.0.0.1:$aport/v1/devices/$device/metrics/latest"; echo
+
+log "alerts (GET /v1/alerts):"
+alerts=$(api "http://127.0.0.1:$aport/v1/alerts")
+echo "$alerts" | python3 -c 'import json,sys
+for a in json.load(sys.stdin)["alerts"]:
+    print("  rule %s %s %s: value %s > threshold %s in [%s, %s)" % (a["rule_id"], a["device_id"], a["state"], a["value"], a["threshold"], a["window_start"], a["window_end"]))'
+fired=$(echo "$alerts" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["alerts"]))')
+
+log "firmware-sim verify: the ledger against PostgreSQL and Kafka"
+status=0
+"$bin/firmware-sim" verify --ledger "$work/ledger.db" --postgres "$pg" \
+  --kafka "127.0.0.1:$kport" --topic telemetry.readings || status=$?
+
+log "the cloud's counters"
+curl -s "http://127.0.0.1:$cmetrics/metrics" | grep -E '^plantlink_cloud_(readings_written_total|batches_rejected_total\{reason="malformed"\}|alerts_total\{severity="critical")' || true
+
+show_logs() { for f in "$work"/*.log; do echo "--- $f (last lines)"; tail -n 20 "$f"; done; }
+if [ "$status" -ne 0 ]; then
+  show_logs; echo "error: verify failed" >&2; exit 1
+fi
+if [ "$fired" -lt 1 ]; then
+  show_logs; echo "error: the overheating press raised no alert" >&2; exit 1
+fi
+log "demo finished: every acknowledged reading is stored once, and the alert fired"

@@ -2,8 +2,8 @@
 # Runs every Plantlink test. On a fresh Debian machine it first installs and starts what the
 # tests need (build tools, Mosquitto, PostgreSQL, the Tansu Kafka-API broker).
 #
-#   ./tests/run.sh               all tests
-#   ./tests/run.sh -- FILTER     pass arguments on to `cargo test`
+#   ./tests/run.sh               all tests, then the demo in its short mode (./deploy/demo.sh --ci)
+#   ./tests/run.sh -- FILTER     pass arguments on to `cargo test` (and skip the demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . tests/lib/services.sh
@@ -11,9 +11,15 @@ cd "$(dirname "$0")/.."
 ensure_all_services
 log "Mosquitto on 127.0.0.1:1883, PostgreSQL on 127.0.0.1:5432, Tansu at $PLANTLINK_TANSU"
 
-[ "${1:-}" = "--" ] && shift
+filtered=0
+[ "${1:-}" = "--" ] && { shift; filtered=1; }
 log "cargo test"
 cargo test --locked "$@"
+
+if [ "$filtered" -eq 0 ]; then
+  log "the demo, short mode (fails unless firmware-sim verify passes and the alert fires)"
+  ./deploy/demo.sh --ci
+fi
 
 log "building the fuzz targets (run them with: cargo fuzz run decode_batch, in shared/)"
 cargo build --locked -p plantlink-fuzz --bins

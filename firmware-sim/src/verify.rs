@@ -219,33 +219,26 @@ fn read_topic(
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .map_err(|e| anyhow::anyhow!("--kafka {brokers}: {e}"))?;
     let mut tpl = TopicPartitionList::new();
-    let mut ends = HashMap::new();
     for p in md
         .topics()
         .first()
         .map(|t| t.partitions())
         .unwrap_or_default()
     {
-        let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-        ends.insert(p.id(), high);
         tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
     let mut seen = HashMap::new();
-    let mut done: HashSet<i32> = ends
-        .iter()
-        .filter(|(_, h)| **h == 0)
-        .map(|(p, _)| *p)
-        .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while done.len() < ends.len() && std::time::Instant::now() < deadline {
+    // Read until the topic has been quiet for a while: high watermarks are not reported
+    // alike by every Kafka-API broker.
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let mut last = std::time::Instant::now();
+    while last.elapsed() < Duration::from_secs(3) && std::time::Instant::now() < deadline {
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
         let m = m?;
-        if m.offset() + 1 >= ends.get(&m.partition()).copied().unwrap_or(0) {
-            done.insert(m.partition());
-        }
+        last = std::time::Instant::now();
         let Some(h) = m.headers() else { continue };
         let mut id = (String::new(), String::new(), 0i64);
         for h in h.iter() {
