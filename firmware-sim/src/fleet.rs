@@ -95,6 +95,8 @@ pub struct Device {
     seq: u64,
     phase: f64,
     status: u8,
+    /// Running 60 degrees hot (a threshold crossing the run planted).
+    pub hot: bool,
 }
 
 /// A reading the agent will store for a message: (metric, event time in µs or `None` when
@@ -137,6 +139,7 @@ pub fn devices(run: &str, n: u32, mix: &[(Kind, u32)], rng: &mut Rng) -> Vec<Dev
                 seq: 0,
                 phase: rng.unit() * std::f64::consts::TAU,
                 status: 1,
+                hot: false,
             }
         })
         .collect()
@@ -165,7 +168,7 @@ impl Device {
             self.status = if self.status == 1 { 2 } else { 1 };
         }
         self.seq += 1;
-        let t = r2(self.temperature);
+        let t = r2(self.temperature + if self.hot { 60.0 } else { 0.0 });
         let ms = ts_us.div_euclid(1000);
         let ts = Some(ms * 1000);
         let topic = format!("{prefix}/{}", self.id);
@@ -231,6 +234,16 @@ pub fn malformed(prefix: &str, device: &str) -> Message {
     Message {
         topic: format!("{prefix}/{device}"),
         payload: b"{\"ts\": 17, \"temperature\": ".to_vec(),
+        expect: Vec::new(),
+    }
+}
+
+/// A payload over the agent's default 64 KiB limit: dead-lettered (`oversize`).
+pub fn oversize(prefix: &str, device: &str) -> Message {
+    let pad = "x".repeat(70_000);
+    Message {
+        topic: format!("{prefix}/{device}"),
+        payload: format!("{{\"ts\": 17, \"temperature\": 1, \"note\": \"{pad}\"}}").into_bytes(),
         expect: Vec::new(),
     }
 }

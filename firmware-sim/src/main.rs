@@ -70,6 +70,19 @@ enum Command {
         /// Share of messages stamped 1 to 5 s in the past (0 to 1).
         #[arg(long, default_value_t = 0.0)]
         out_of_order_rate: f64,
+        /// Share of messages replaced by a payload over 64 KiB (0 to 1).
+        #[arg(long, default_value_t = 0.0)]
+        oversize_rate: f64,
+        /// Share of devices whose clock is 30 s to 5 min off (0 to 1).
+        #[arg(long, default_value_t = 0.0)]
+        skewed_devices: f64,
+        /// Devices (the last ones) that fall silent halfway through, for absence alerts.
+        #[arg(long, default_value_t = 0)]
+        silent_devices: u32,
+        /// Devices (the first ones) that run 60 degrees hot from 40% to 60% of the run,
+        /// for threshold alerts at known times.
+        #[arg(long, default_value_t = 0)]
+        hot_devices: u32,
         /// Print one JSON object instead of a report, and no progress bar.
         #[arg(long)]
         json: bool,
@@ -156,6 +169,10 @@ fn main() -> Result<()> {
             duplicate_rate,
             malformed_rate,
             out_of_order_rate,
+            oversize_rate,
+            skewed_devices,
+            silent_devices,
+            hot_devices,
             json,
         } => {
             let mix = firmware_sim::fleet::parse_mix(&device_types).map_err(anyhow::Error::msg)?;
@@ -163,6 +180,8 @@ fn main() -> Result<()> {
                 ("--duplicate-rate", duplicate_rate),
                 ("--malformed-rate", malformed_rate),
                 ("--out-of-order-rate", out_of_order_rate),
+                ("--oversize-rate", oversize_rate),
+                ("--skewed-devices", skewed_devices),
             ] {
                 anyhow::ensure!(
                     (0.0..=1.0).contains(&v),
@@ -198,6 +217,10 @@ fn main() -> Result<()> {
                 duplicate_rate,
                 malformed_rate,
                 out_of_order_rate,
+                oversize_rate,
+                skewed_devices,
+                silent_devices,
+                hot_devices,
                 progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             }))?;
             if json {

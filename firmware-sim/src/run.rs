@@ -42,6 +42,15 @@ pub struct Options {
     pub malformed_rate: f64,
     /// Share of messages stamped up to 5 s in the past (out of order).
     pub out_of_order_rate: f64,
+    /// Share of messages replaced by a payload over the agent's default 64 KiB limit.
+    pub oversize_rate: f64,
+    /// Share of devices whose clock is off by 30 s to 5 min, either way.
+    pub skewed_devices: f64,
+    /// Devices that fall silent halfway through the run (for absence alerts).
+    pub silent_devices: u32,
+    /// Devices that run hot (temperature + 60) from 40% to 60% of the run, for threshold
+    /// alerts at known times.
+    pub hot_devices: u32,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
@@ -126,6 +135,35 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
     };
     let mut rng = Rng::new(o.seed);
     let mut devices = fleet::devices(&o.run, o.devices, &o.mix, &mut rng);
+    // Per-device clock skew, in µs.
+    let skew: Vec<i64> = (0..devices.len())
+        .map(|_| {
+            if rng.chance(o.skewed_devices) {
+                let s = rng.range(30_000_000, 300_000_000);
+                if rng.chance(0.5) { s } else { -s }
+            } else {
+                0
+            }
+        })
+        .collect();
+    let silent_from = devices.len().saturating_sub(o.silent_devices as usize);
+    if o.silent_devices > 0 || o.hot_devices > 0 || o.skewed_devices > 0.0 {
+        let hot: Vec<&str> = devices
+            .iter()
+            .take(o.hot_devices as usize)
+            .map(|d| d.id.as_str())
+            .collect();
+        let silent: Vec<&str> = devices[silent_from..]
+            .iter()
+            .map(|d| d.id.as_str())
+            .collect();
+        tracing_free_log(&format!(
+            "hot devices (from {:.0}% to {:.0}% of the run): {hot:?}; silent after half the run: {silent:?}; skewed clocks: {}",
+            40.0,
+            60.0,
+            skew.iter().filter(|s| **s != 0).count()
+        ));
+    }
     let mut mo = MqttOptions::new(format!("firmware-sim-{}", o.run), host, port);
     mo.set_inflight(1000)
         .set_max_packet_size(1 << 20, 1 << 20)
@@ -162,12 +200,18 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
         tokio::select! {
             _ = tick.tick(), if sending => {
                 due += per_sec / 100.0;
+                let progress = start.elapsed().as_secs_f64() / o.duration;
                 while due >= 1.0 {
                     due -= 1.0;
                     let n = devices.len();
-                    let d = &mut devices[next_device % n];
+                    let i = next_device % n;
                     next_device += 1;
-                    let mut ts = now_us();
+                    if i >= silent_from && progress >= 0.5 {
+                        continue; // fallen silent
+                    }
+                    let d = &mut devices[i];
+                    d.hot = i < o.hot_devices as usize && (0.4..0.6).contains(&progress);
+                    let mut ts = now_us() + skew[i];
                     if rng.chance(o.out_of_order_rate) {
                         ts -= rng.range(1_000_000, 5_000_000);
                         *report.errors.entry("planted_out_of_order".into()).or_default() += 1;
@@ -175,6 +219,9 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                     let (msg, rejected) = if rng.chance(o.malformed_rate) {
                         *report.errors.entry("planted_malformed".into()).or_default() += 1;
                         (fleet::malformed(&o.prefix, &d.id), Some("malformed"))
+                    } else if rng.chance(o.oversize_rate) {
+                        *report.errors.entry("planted_oversize".into()).or_default() += 1;
+                        (fleet::oversize(&o.prefix, &d.id), Some("oversize"))
                     } else {
                         (d.next(&o.prefix, ts, &mut rng), None)
                     };
@@ -186,8 +233,11 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                     };
                     for _ in 0..copies {
                         if let Err(e) = client.try_publish(msg.topic.clone(), qos, false, msg.payload.clone()) {
-                            *report.errors.entry("client_queue_full".into()).or_default() += 1;
-                            tracing_free_log(&e.to_string());
+                            let n = report.errors.entry("client_queue_full".into()).or_default();
+                            if *n == 0 {
+                                tracing_free_log(&format!("{e}: more offered than the connection carries; counting the rest"));
+                            }
+                            *n += 1;
                             continue;
                         }
                         report.sent += 1;

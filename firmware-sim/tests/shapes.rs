@@ -61,4 +61,9 @@ fn the_agent_decodes_every_shape_into_what_the_ledger_expects() {
     let bad = fleet::malformed("plant", "shapes-multi-json-00001");
     let out = decoder.decode_mqtt(&bad.topic, &bad.payload, received);
     assert!(out.readings.is_empty() && !out.rejects.is_empty());
+    // And so is an oversize one.
+    let big = fleet::oversize("plant", "shapes-multi-json-00001");
+    let out = decoder.decode_mqtt(&big.topic, &big.payload, received);
+    assert!(out.readings.is_empty(), "{} readings", out.readings.len());
+    assert_eq!(out.rejects[0].reason.as_str(), "oversize");
 }

@@ -284,6 +284,10 @@ async fn run_fills_the_ledger_with_what_the_broker_acknowledged() {
             duplicate_rate: 0.05,
             malformed_rate: 0.05,
             out_of_order_rate: 0.05,
+            oversize_rate: 0.01,
+            skewed_devices: 0.1,
+            silent_devices: 3,
+            hot_devices: 2,
             progress: false,
         })
         .await
@@ -298,7 +302,10 @@ async fn run_fills_the_ledger_with_what_the_broker_acknowledged() {
         );
         let e = Ledger::expected(&ledger, &name).unwrap();
         let rejected: i64 = e.rejected.iter().map(|r| r.1).sum();
-        assert_eq!(rejected as u64, planted("planted_malformed"));
+        assert_eq!(
+            rejected as u64,
+            planted("planted_malformed") + planted("planted_oversize")
+        );
         let stamped: i64 = e.stamped.iter().map(|s| s.2).sum();
         // Duplicates are one identity in the ledger; every other reading is there.
         assert!(e.timed.len() as u64 + stamped as u64 <= report.readings);
