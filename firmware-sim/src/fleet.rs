@@ -112,6 +112,17 @@ pub struct Message {
     pub payload: Vec<u8>,
     /// What the agent makes of it.
     pub expect: Vec<Expect>,
+    /// CoAP Content-Format: 0 text, 50 JSON, 60 CBOR.
+    pub content_format: u16,
+}
+
+impl Message {
+    /// The CoAP path of this message: `/t/<device>[/<metric>]`, from its topic.
+    pub fn coap_path(&self) -> Vec<String> {
+        let mut parts: Vec<String> = self.topic.split('/').skip(1).map(str::to_owned).collect();
+        parts.insert(0, "t".into());
+        parts
+    }
 }
 
 /// The devices of a run: `n` of them, kinds drawn by weight.
@@ -177,6 +188,7 @@ impl Device {
                 topic: format!("{topic}/temperature"),
                 payload: format!("{t}").into_bytes(),
                 expect: vec![("temperature", None, t)],
+                content_format: 0,
             },
             Kind::PlantJson => Message {
                 topic,
@@ -185,6 +197,7 @@ impl Device {
                 .to_string()
                 .into_bytes(),
                 expect: vec![("temperature", ts, t)],
+                content_format: 50,
             },
             Kind::MultiJson | Kind::Cbor => {
                 let v = serde_json::json!({"ts": ms, "seq": self.seq, "temperature": t,
@@ -207,6 +220,7 @@ impl Device {
                         ("counter", ts, self.counter as f64),
                         ("run_state", ts, f64::from(self.status)),
                     ],
+                    content_format: if self.kind == Kind::Cbor { 60 } else { 50 },
                 }
             }
             Kind::Th100V1 => Message {
@@ -216,6 +230,7 @@ impl Device {
                 .to_string()
                 .into_bytes(),
                 expect: vec![("temperature", ts, t), ("humidity", ts, humidity)],
+                content_format: 50,
             },
             Kind::Th100V2 => Message {
                 topic,
@@ -224,6 +239,7 @@ impl Device {
                 .to_string()
                 .into_bytes(),
                 expect: vec![("temperature", ts, t), ("humidity", ts, humidity)],
+                content_format: 50,
             },
         }
     }
@@ -235,6 +251,7 @@ pub fn malformed(prefix: &str, device: &str) -> Message {
         topic: format!("{prefix}/{device}"),
         payload: b"{\"ts\": 17, \"temperature\": ".to_vec(),
         expect: Vec::new(),
+        content_format: 50,
     }
 }
 
@@ -245,6 +262,7 @@ pub fn oversize(prefix: &str, device: &str) -> Message {
         topic: format!("{prefix}/{device}"),
         payload: format!("{{\"ts\": 17, \"temperature\": 1, \"note\": \"{pad}\"}}").into_bytes(),
         expect: Vec::new(),
+        content_format: 50,
     }
 }
 

@@ -6,12 +6,15 @@
 //! - [`bench_codec`]: `firmware-sim bench-codec`, the batch codec against zstd over JSON lines.
 //! - [`publish`]: `firmware-sim publish`, stdin lines to MQTT, waiting for every ack.
 //! - [`fleet`]: device types, their firmware's payload shapes, and plant-like signals.
-//! - [`run`]: `firmware-sim run`, a fleet over MQTT with faults, a ledger and a report.
+//! - [`run`]: `firmware-sim run`, a fleet over MQTT and/or CoAP with faults, a ledger and
+//!   a report.
+//! - [`coap`]: CoAP requests (CON with retransmission, or NON) for `run`.
 //! - [`ledger`]: what the broker acknowledged, by reading identity (SQLite).
 //! - [`verify`]: `firmware-sim verify`, the ledger against PostgreSQL and Kafka.
 #![forbid(unsafe_code)]
 
 pub mod bench_codec;
+pub mod coap;
 pub mod fleet;
 pub mod ledger;
 pub mod publish;

@@ -28,8 +28,15 @@ enum Command {
     ///          --duration 60 --ledger run.db
     Run {
         /// The broker, mqtt://host:port.
-        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
-        mqtt: String,
+        #[arg(long)]
+        mqtt: Option<String>,
+        /// The agent's CoAP endpoint, coap://host:port; with --mqtt too, every other device
+        /// uses CoAP.
+        #[arg(long)]
+        coap: Option<String>,
+        /// CoAP message type: con (confirmable, retransmitted until acknowledged) or non.
+        #[arg(long, default_value = "con", value_parser = ["con", "non"])]
+        coap_type: String,
         /// Devices to simulate.
         #[arg(long, default_value_t = 100)]
         devices: u32,
@@ -157,6 +164,8 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run {
             mqtt,
+            coap,
+            coap_type,
             devices,
             device_types,
             rate,
@@ -203,8 +212,14 @@ fn main() -> Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
+            let mqtt = match (mqtt, &coap) {
+                (None, None) => Some("mqtt://127.0.0.1:1883".to_owned()),
+                (m, _) => m,
+            };
             let report = rt.block_on(firmware_sim::run::run(firmware_sim::run::Options {
                 mqtt,
+                coap,
+                coap_con: coap_type == "con",
                 devices,
                 mix,
                 rate,

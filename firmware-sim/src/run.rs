@@ -17,7 +17,11 @@ use crate::rng::Rng;
 #[derive(Debug, Clone)]
 pub struct Options {
     /// `mqtt://host:port`.
-    pub mqtt: String,
+    pub mqtt: Option<String>,
+    /// `coap://host:port`; with `mqtt` too, every other device uses CoAP.
+    pub coap: Option<String>,
+    /// CoAP confirmable (true) or non-confirmable requests.
+    pub coap_con: bool,
     /// Devices.
     pub devices: u32,
     /// Kinds and weights.
@@ -128,7 +132,10 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
     if !(o.rate > 0.0 && o.duration > 0.0 && o.devices > 0) {
         bail!("--devices, --rate and --duration must be above 0");
     }
-    let (host, port) = broker(&o.mqtt)?;
+    anyhow::ensure!(
+        o.mqtt.is_some() || o.coap.is_some(),
+        "give --mqtt mqtt://host:port and/or --coap coap://host:port"
+    );
     let mut ledger = match &o.ledger {
         Some(p) => Some(Ledger::create(p, &o.run, &format!("{o:?}"), now_us())?),
         None => None,
@@ -164,11 +171,32 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
             skew.iter().filter(|s| **s != 0).count()
         ));
     }
-    let mut mo = MqttOptions::new(format!("firmware-sim-{}", o.run), host, port);
-    mo.set_inflight(1000)
-        .set_max_packet_size(1 << 20, 1 << 20)
-        .set_keep_alive(Duration::from_secs(30));
-    let (client, mut el) = AsyncClient::new(mo, 10_000);
+    let (client, mut el) = match &o.mqtt {
+        Some(url) => {
+            let (host, port) = broker(url)?;
+            let mut mo = MqttOptions::new(format!("firmware-sim-{}", o.run), host, port);
+            mo.set_inflight(1000)
+                .set_max_packet_size(1 << 20, 1 << 20)
+                .set_keep_alive(Duration::from_secs(30));
+            let (c, el) = AsyncClient::new(mo, 10_000);
+            (Some(c), Some(el))
+        }
+        None => (None, None),
+    };
+    let (coap_tx, mut coap_rx) = match &o.coap {
+        Some(url) => {
+            let (tx, rx) =
+                crate::coap::start::<Pending>(crate::coap::address(url)?, o.coap_con, |p| {
+                    p.rejected.is_some()
+                })
+                .await?;
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    // With both transports, odd-numbered devices speak CoAP.
+    let uses_coap = |i: usize| coap_tx.is_some() && (client.is_none() || i % 2 == 1);
+    let mut coap_outstanding = 0usize;
     let bar = o.progress.then(|| {
         let b = indicatif::ProgressBar::new((o.duration * 1000.0) as u64);
         b.set_style(
@@ -194,9 +222,21 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
     let mut acked_batch: Vec<Pending> = Vec::new();
     loop {
         let sending = Instant::now() < end;
-        if !sending && queued.is_empty() && inflight.is_empty() {
+        if !sending && queued.is_empty() && inflight.is_empty() && coap_outstanding == 0 {
             break;
         }
+        let mqtt_event = async {
+            match el.as_mut() {
+                Some(el) => el.poll().await,
+                None => std::future::pending().await,
+            }
+        };
+        let coap_done = async {
+            match coap_rx.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tick.tick(), if sending => {
                 due += per_sec / 100.0;
@@ -232,6 +272,18 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                         1
                     };
                     for _ in 0..copies {
+                        if uses_coap(i) {
+                            let Some(tx) = &coap_tx else { continue };
+                            let tag = Pending { at: Instant::now(), device: d.id.clone(), expect: msg.expect.clone(), rejected };
+                            if tx.try_send(crate::coap::Job { message: msg.clone(), tag }).is_err() {
+                                *report.errors.entry("coap_queue_full".into()).or_default() += 1;
+                                continue;
+                            }
+                            report.sent += 1;
+                            coap_outstanding += 1;
+                            continue;
+                        }
+                        let Some(client) = &client else { continue };
                         if let Err(e) = client.try_publish(msg.topic.clone(), qos, false, msg.payload.clone()) {
                             let n = report.errors.entry("client_queue_full".into()).or_default();
                             if *n == 0 {
@@ -245,7 +297,17 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                     }
                 }
             }
-            ev = el.poll() => {
+            done = coap_done => {
+                coap_outstanding = coap_outstanding.saturating_sub(1);
+                match done {
+                    Some(crate::coap::Done::Acked(p)) => acked_batch.push(p),
+                    Some(crate::coap::Done::Failed(_, why)) => {
+                        *report.errors.entry(format!("coap: {why}")).or_default() += 1;
+                    }
+                    None => coap_outstanding = 0,
+                }
+            }
+            ev = mqtt_event => {
                 match ev {
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(p) = queued.pop_front() {
@@ -270,7 +332,7 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                         // (QoS 1/2); QoS 0 ones are lost and stay out of the ledger.
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         if Instant::now() > end + Duration::from_secs(30) {
-                            bail!("the broker at {} is unreachable: {e}", o.mqtt);
+                            bail!("the broker at {} is unreachable: {e}", o.mqtt.as_deref().unwrap_or("?"));
                         }
                     }
                 }
@@ -313,7 +375,9 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let _ = client.disconnect().await;
+    if let Some(c) = &client {
+        let _ = c.disconnect().await;
+    }
     report.elapsed_s = start.elapsed().as_secs_f64();
     report.rate_per_sec = report.acked as f64 / o.duration.min(report.elapsed_s).max(1e-3);
     let ms = |v: u64| v as f64 / 1000.0;

@@ -271,7 +271,9 @@ async fn run_fills_the_ledger_with_what_the_broker_acknowledged() {
         let ledger = d.0.join("ledger.db");
         let name = format!("fsimtest{}q{qos}", std::process::id());
         let report = run(Options {
-            mqtt: "mqtt://127.0.0.1:1883".into(),
+            mqtt: Some("mqtt://127.0.0.1:1883".into()),
+            coap: None,
+            coap_con: true,
             devices: 30,
             mix: parse_mix("multi-json=2,bare=1,th100-v1=1").unwrap(),
             rate: 10.0,
@@ -313,4 +315,69 @@ async fn run_fills_the_ledger_with_what_the_broker_acknowledged() {
         assert!(e.timed.iter().any(|t| t.0.contains(Kind::Th100V1.name())));
         assert_eq!(Ledger::runs(&ledger).unwrap(), vec![name]);
     }
+}
+
+/// `run --coap` against a real agent's CoAP endpoint: confirmable requests are acknowledged
+/// after the agent stored them, planted malformed ones are refused as expected, and the
+/// agent's queue holds exactly the readings the ledger expects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_over_coap_is_acknowledged_and_stored() {
+    use firmware_sim::fleet::parse_mix;
+    use firmware_sim::run::{Options, run};
+    let d = Dir::new("coap");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg_path = d.0.join("agent.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[gateway]\nid = \"gw\"\ntenant = \"t\"\n[store]\npath = \"{}\"\n[coap]\nbind = \"127.0.0.1:{port}\"\n\
+             [limits]\nper_device_per_sec = 1e9\nburst = 1e9\n",
+            d.0.join("queue.db").display()
+        ),
+    )
+    .unwrap();
+    let config = edge_agent::config::Config::load(&cfg_path).unwrap();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {
+        let _ = stop_rx.changed().await;
+    }));
+    let ledger = d.0.join("ledger.db");
+    let name = format!("fsimcoap{}", std::process::id());
+    let report = run(Options {
+        mqtt: None,
+        coap: Some(format!("coap://127.0.0.1:{port}")),
+        coap_con: true,
+        devices: 20,
+        mix: parse_mix("multi-json=1,cbor=1,bare=1,plant-json=1").unwrap(),
+        rate: 10.0,
+        duration: 1.0,
+        seed: 3,
+        qos: 1,
+        prefix: "plant".into(),
+        run: name.clone(),
+        ledger: Some(ledger.clone()),
+        duplicate_rate: 0.0,
+        malformed_rate: 0.05,
+        out_of_order_rate: 0.0,
+        oversize_rate: 0.0,
+        skewed_devices: 0.0,
+        silent_devices: 0,
+        hot_devices: 0,
+        progress: false,
+    })
+    .await
+    .unwrap();
+    assert!(report.sent >= 150, "{report:?}");
+    assert_eq!(report.acked, report.sent, "{report:?}");
+    let e = Ledger::expected(&ledger, &name).unwrap();
+    let want = e.timed.len() as u64 + e.stamped.iter().map(|s| s.2 as u64).sum::<u64>();
+    // Every acknowledged reading is in the agent's queue (it answers after the commit).
+    let q = edge_agent::store::open_read_only(&d.0.join("queue.db")).unwrap();
+    assert_eq!(edge_agent::store::stats(&q).unwrap().readings, want);
+    let _ = stop_tx.send(true);
+    agent.await.unwrap().unwrap();
 }
