@@ -21,6 +21,8 @@ pub struct Expected {
     pub stamped: Vec<(String, String, i64)>,
     /// (reason, count) of what was meant to be refused.
     pub rejected: Vec<(String, i64)>,
+    /// Devices whose readings the agent may drop by its rate limit.
+    pub best_effort: Vec<String>,
 }
 
 const SCHEMA: &str = "
@@ -31,6 +33,8 @@ CREATE TABLE IF NOT EXISTS readings (
 CREATE TABLE IF NOT EXISTS stamped (
     run TEXT NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (run, device, metric)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS best_effort (
+    run TEXT NOT NULL, device TEXT NOT NULL, PRIMARY KEY (run, device)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rejected (
     run TEXT NOT NULL, device TEXT NOT NULL, reason TEXT NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (run, device, reason)) WITHOUT ROWID;
@@ -87,6 +91,16 @@ impl Ledger {
         tx.commit()
     }
 
+    /// Marks a device whose readings the agent may drop on purpose (a flooding device over
+    /// its rate limit): verify counts its missing readings as expected refusals.
+    pub fn best_effort(&mut self, device: &str) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO best_effort (run, device) VALUES (?1, ?2)",
+            params![self.run, device],
+        )?;
+        Ok(())
+    }
+
     /// The runs in a ledger, newest first.
     pub fn runs(path: &Path) -> rusqlite::Result<Vec<String>> {
         let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
@@ -110,6 +124,10 @@ impl Ledger {
             conn.prepare("SELECT reason, sum(count) FROM rejected WHERE run = ?1 GROUP BY reason")?;
         e.rejected = st
             .query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut st = conn.prepare("SELECT device FROM best_effort WHERE run = ?1")?;
+        e.best_effort = st
+            .query_map([run], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         Ok(e)
     }

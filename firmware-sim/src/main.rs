@@ -90,6 +90,10 @@ enum Command {
         /// for threshold alerts at known times.
         #[arg(long, default_value_t = 0)]
         hot_devices: u32,
+        /// Devices (from the middle of the fleet) that flood at 50 times --rate; verify
+        /// counts what the agent's rate limit dropped as expected.
+        #[arg(long, default_value_t = 0)]
+        flood_devices: u32,
         /// Print one JSON object instead of a report, and no progress bar.
         #[arg(long)]
         json: bool,
@@ -182,6 +186,7 @@ fn main() -> Result<()> {
             skewed_devices,
             silent_devices,
             hot_devices,
+            flood_devices,
             json,
         } => {
             let mix = firmware_sim::fleet::parse_mix(&device_types).map_err(anyhow::Error::msg)?;
@@ -236,6 +241,7 @@ fn main() -> Result<()> {
                 skewed_devices,
                 silent_devices,
                 hot_devices,
+                flood_devices,
                 progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             }))?;
             if json {

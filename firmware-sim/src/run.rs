@@ -55,6 +55,9 @@ pub struct Options {
     /// Devices that run hot (temperature + 60) from 40% to 60% of the run, for threshold
     /// alerts at known times.
     pub hot_devices: u32,
+    /// Devices (from the middle of the fleet) that flood at 50 times the rate; the agent's
+    /// rate limit may drop some of theirs, and the ledger says so.
+    pub flood_devices: u32,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
@@ -154,6 +157,13 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
         })
         .collect();
     let silent_from = devices.len().saturating_sub(o.silent_devices as usize);
+    let flood =
+        (devices.len() / 2)..(devices.len() / 2 + o.flood_devices as usize).min(devices.len());
+    if let Some(l) = ledger.as_mut() {
+        for d in &devices[flood.clone()] {
+            l.best_effort(&d.id)?;
+        }
+    }
     if o.silent_devices > 0 || o.hot_devices > 0 || o.skewed_devices > 0.0 {
         let hot: Vec<&str> = devices
             .iter()
@@ -271,7 +281,18 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                     } else {
                         1
                     };
-                    for _ in 0..copies {
+                    let copies = if flood.contains(&i) {
+                        *report.errors.entry("planted_flood_messages".into()).or_default() += 49;
+                        50
+                    } else {
+                        copies
+                    };
+                    let mut msg = msg;
+                    for copy in 0..copies {
+                        if copy > 0 && flood.contains(&i) {
+                            // A flood is many distinct readings, not one repeated.
+                            msg = d.next(&o.prefix, ts + copy as i64 * 1000, &mut rng);
+                        }
                         if uses_coap(i) {
                             let Some(tx) = &coap_tx else { continue };
                             let tag = Pending { at: Instant::now(), device: d.id.clone(), expect: msg.expect.clone(), rejected };

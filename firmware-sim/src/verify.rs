@@ -131,8 +131,14 @@ pub async fn verify(
         }
     }
     let timed: HashSet<(String, String, i64)> = e.timed.iter().cloned().collect();
+    let best_effort: HashSet<&str> = e.best_effort.iter().map(String::as_str).collect();
     for key in &e.timed {
         match held.get(key) {
+            None if best_effort.contains(key.0.as_str()) => {
+                *r.expected_rejections
+                    .entry("rate_limited".into())
+                    .or_default() += 1;
+            }
             None => {
                 r.lost += 1;
                 r.device(&key.0).0 += 1;
@@ -185,6 +191,7 @@ pub async fn verify(
         };
         for key in &e.timed {
             match seen.get(key) {
+                None if best_effort.contains(key.0.as_str()) => {}
                 None => {
                     k.lost += 1;
                     r.example(format!("not on Kafka: {} {} at {} µs", key.0, key.1, key.2));

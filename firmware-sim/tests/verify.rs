@@ -128,6 +128,22 @@ async fn planted_faults_are_caught() {
     assert!(r.ok(false));
     assert_eq!(r.expected_rejections.get("malformed"), Some(&1));
 
+    // A flooding device's readings may be dropped by the agent's rate limit: missing ones
+    // are expected refusals, not loss.
+    Ledger::create(&ledger, run, "test", base)
+        .unwrap()
+        .best_effort(&format!("{run}-multi-json-00009"))
+        .unwrap();
+    pg.execute(
+        "DELETE FROM raw_metrics WHERE device_id = $1 AND ts = $2",
+        &[&format!("{run}-multi-json-00009"), &ts(base + 9 * 1000)],
+    )
+    .await
+    .unwrap();
+    let r = verify(&ledger, Some(run), &url, None).await.unwrap();
+    assert_eq!(r.lost, 0, "{r:?}");
+    assert_eq!(r.expected_rejections.get("rate_limited"), Some(&1));
+
     // A deleted row.
     pg.execute(
         "DELETE FROM raw_metrics WHERE device_id = $1 AND ts = $2",
@@ -290,6 +306,7 @@ async fn run_fills_the_ledger_with_what_the_broker_acknowledged() {
             skewed_devices: 0.1,
             silent_devices: 3,
             hot_devices: 2,
+            flood_devices: 1,
             progress: false,
         })
         .await
@@ -367,6 +384,7 @@ async fn run_over_coap_is_acknowledged_and_stored() {
         skewed_devices: 0.0,
         silent_devices: 0,
         hot_devices: 0,
+        flood_devices: 0,
         progress: false,
     })
     .await
