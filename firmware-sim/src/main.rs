@@ -68,7 +68,8 @@ enum Command {
         /// Ledger file (SQLite) of every acknowledged reading, for `verify`.
         #[arg(long)]
         ledger: Option<std::path::PathBuf>,
-        /// Share of messages published twice, as after a reconnect (0 to 1).
+        /// Share of messages after which the device resends its last (up to 5) messages, as
+        /// after a reconnect: a duplicate burst (0 to 1).
         #[arg(long, default_value_t = 0.0)]
         duplicate_rate: f64,
         /// Share of messages replaced by a malformed payload (0 to 1).

@@ -40,7 +40,8 @@ pub struct Options {
     pub run: String,
     /// The ledger file.
     pub ledger: Option<PathBuf>,
-    /// Share of messages published twice (duplicate bursts).
+    /// Share of turns after which a device resends its last messages (a duplicate burst, as
+    /// after a reconnect).
     pub duplicate_rate: f64,
     /// Share of messages replaced by a malformed payload.
     pub malformed_rate: f64,
@@ -230,6 +231,7 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let mut last_draw = Instant::now();
     let mut acked_batch: Vec<Pending> = Vec::new();
+    let mut recent: HashMap<usize, VecDeque<fleet::Message>> = HashMap::new();
     loop {
         let sending = Instant::now() < end;
         if !sending && queued.is_empty() && inflight.is_empty() && coap_outstanding == 0 {
@@ -275,24 +277,29 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                     } else {
                         (d.next(&o.prefix, ts, &mut rng), None)
                     };
-                    let copies = if d.kind != Kind::Bare && rejected.is_none() && rng.chance(o.duplicate_rate) {
-                        *report.errors.entry("planted_duplicate".into()).or_default() += 1;
-                        2
-                    } else {
-                        1
-                    };
-                    let copies = if flood.contains(&i) {
+                    // What goes out for this turn: the message; for a flooding device 49
+                    // more distinct ones; after a planted reconnect, a burst resending the
+                    // device's last messages (what a device does when unsure they arrived).
+                    let mut batch = vec![(msg.clone(), rejected)];
+                    if flood.contains(&i) {
                         *report.errors.entry("planted_flood_messages".into()).or_default() += 49;
-                        50
-                    } else {
-                        copies
-                    };
-                    let mut msg = msg;
-                    for copy in 0..copies {
-                        if copy > 0 && flood.contains(&i) {
-                            // A flood is many distinct readings, not one repeated.
-                            msg = d.next(&o.prefix, ts + copy as i64 * 1000, &mut rng);
+                        for k in 1..50 {
+                            batch.push((d.next(&o.prefix, ts + k * 1000, &mut rng), None));
                         }
+                    } else if d.kind != Kind::Bare && rejected.is_none() && rng.chance(o.duplicate_rate) {
+                        let last = recent.entry(i).or_default();
+                        *report.errors.entry("planted_duplicate".into()).or_default() += last.len() as u64 + 1;
+                        batch.extend(last.iter().map(|m| (m.clone(), None)));
+                        batch.push((msg.clone(), None));
+                    }
+                    if d.kind != Kind::Bare && rejected.is_none() {
+                        let last = recent.entry(i).or_default();
+                        last.push_back(msg.clone());
+                        if last.len() > 5 {
+                            last.pop_front();
+                        }
+                    }
+                    for (msg, rejected) in batch {
                         if uses_coap(i) {
                             let Some(tx) = &coap_tx else { continue };
                             let tag = Pending { at: Instant::now(), device: d.id.clone(), expect: msg.expect.clone(), rejected };
