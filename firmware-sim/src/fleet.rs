@@ -97,6 +97,47 @@ pub struct Device {
     status: u8,
     /// Running 60 degrees hot (a threshold crossing the run planted).
     pub hot: bool,
+    /// With the reference profile: the reference dataset's values of this device, one
+    /// second after another (cycled), sent instead of the plant signals.
+    pub reference: std::collections::VecDeque<[f64; 4]>,
+}
+
+/// Gives each device the values of a reference-dataset device (`refdata`, `seconds` of
+/// them, cycled), so the fleet sends the reference dataset's signals.
+pub fn use_reference(devices: &mut [Device], seconds: usize, seed: u64) {
+    use crate::refdata::{METRICS, RefSpec, device_id, generate};
+    let spec = RefSpec {
+        devices: devices.len(),
+        seconds: seconds.clamp(1, 600),
+        seed,
+    };
+    let mut by_device: std::collections::HashMap<String, Vec<(i64, usize, f64)>> =
+        std::collections::HashMap::new();
+    for r in generate(&spec) {
+        let m = METRICS
+            .iter()
+            .position(|(name, _)| *name == r.metric)
+            .unwrap_or(0);
+        by_device
+            .entry(r.device.clone())
+            .or_default()
+            .push((r.ts.0, m, r.value));
+    }
+    for (i, d) in devices.iter_mut().enumerate() {
+        let mut rows = by_device.remove(&device_id(i)).unwrap_or_default();
+        rows.sort_by_key(|r| (r.0, r.1));
+        d.kind = Kind::MultiJson;
+        d.reference = rows
+            .chunks(METRICS.len())
+            .map(|c| {
+                let mut v = [0.0; 4];
+                for (_, m, val) in c {
+                    v[*m] = *val;
+                }
+                v
+            })
+            .collect();
+    }
 }
 
 /// A reading the agent will store for a message: (metric, event time in µs or `None` when
@@ -151,6 +192,7 @@ pub fn devices(run: &str, n: u32, mix: &[(Kind, u32)], rng: &mut Rng) -> Vec<Dev
                 phase: rng.unit() * std::f64::consts::TAU,
                 status: 1,
                 hot: false,
+                reference: std::collections::VecDeque::new(),
             }
         })
         .collect()
@@ -166,6 +208,23 @@ impl Device {
     /// cycle, vibration with rare bursts, a monotonic counter and a run state that rarely
     /// changes (not called `status`, which the agent takes as a tag).
     pub fn next(&mut self, prefix: &str, ts_us: i64, rng: &mut Rng) -> Message {
+        if let Some(v) = self.reference.pop_front() {
+            self.reference.push_back(v);
+            let ms = ts_us.div_euclid(1000);
+            let ts = Some(ms * 1000);
+            let names = crate::refdata::METRICS.map(|m| m.0);
+            let mut obj = serde_json::Map::new();
+            obj.insert("ts".into(), ms.into());
+            for (n, x) in names.iter().zip(v) {
+                obj.insert((*n).to_owned(), x.into());
+            }
+            return Message {
+                topic: format!("{prefix}/{}", self.id),
+                payload: serde_json::Value::Object(obj).to_string().into_bytes(),
+                expect: names.iter().zip(v).map(|(n, x)| (*n, ts, x)).collect(),
+                content_format: 50,
+            };
+        }
         self.temperature = (self.temperature + rng.normal(0.05)).clamp(-40.0, 150.0);
         let day = (ts_us as f64 / 86_400e6) * std::f64::consts::TAU;
         let humidity = r2(50.0 + 20.0 * (day + self.phase).sin());

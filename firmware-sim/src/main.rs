@@ -95,6 +95,10 @@ enum Command {
         /// counts what the agent's rate limit dropped as expected.
         #[arg(long, default_value_t = 0)]
         flood_devices: u32,
+        /// Signals: `plant` (random walks, daily cycles, vibration bursts, counters, run
+        /// states) or `reference` (the reference dataset's values, as multi-metric JSON).
+        #[arg(long, default_value = "plant", value_parser = ["plant", "reference"])]
+        profile: String,
         /// Print one JSON object instead of a report, and no progress bar.
         #[arg(long)]
         json: bool,
@@ -188,6 +192,7 @@ fn main() -> Result<()> {
             silent_devices,
             hot_devices,
             flood_devices,
+            profile,
             json,
         } => {
             let mix = firmware_sim::fleet::parse_mix(&device_types).map_err(anyhow::Error::msg)?;
@@ -243,6 +248,7 @@ fn main() -> Result<()> {
                 silent_devices,
                 hot_devices,
                 flood_devices,
+                reference: profile == "reference",
                 progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             }))?;
             if json {

@@ -59,6 +59,8 @@ pub struct Options {
     /// Devices (from the middle of the fleet) that flood at 50 times the rate; the agent's
     /// rate limit may drop some of theirs, and the ledger says so.
     pub flood_devices: u32,
+    /// Send the reference dataset's signals (`refdata`) instead of the plant profile.
+    pub reference: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
@@ -146,6 +148,10 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
     };
     let mut rng = Rng::new(o.seed);
     let mut devices = fleet::devices(&o.run, o.devices, &o.mix, &mut rng);
+    if o.reference {
+        let seconds = (o.duration * o.rate).ceil().min(60.0) as usize;
+        fleet::use_reference(&mut devices, seconds, o.seed);
+    }
     // Per-device clock skew, in µs.
     let skew: Vec<i64> = (0..devices.len())
         .map(|_| {

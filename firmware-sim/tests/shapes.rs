@@ -57,6 +57,28 @@ fn the_agent_decodes_every_shape_into_what_the_ledger_expects() {
         seen.insert(d.kind);
     }
     assert_eq!(seen.len(), Kind::ALL.len());
+    // The reference profile's messages too.
+    let mut refdevs = fleet::devices("shapes", 3, &mix, &mut rng);
+    fleet::use_reference(&mut refdevs, 5, 1);
+    for d in &mut refdevs {
+        let m = d.next("plant", 1_795_000_000_123_000, &mut rng);
+        let out = decoder.decode_mqtt(&m.topic, &m.payload, received);
+        assert!(out.rejects.is_empty(), "{:?}", out.rejects);
+        let mut got: Vec<(String, f64)> = out
+            .readings
+            .iter()
+            .map(|r| (r.metric.clone(), r.value))
+            .collect();
+        let mut want: Vec<(String, f64)> = m
+            .expect
+            .iter()
+            .map(|(mt, _, v)| ((*mt).to_owned(), *v))
+            .collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 4);
+    }
     // And a malformed payload is refused, not stored.
     let bad = fleet::malformed("plant", "shapes-multi-json-00001");
     let out = decoder.decode_mqtt(&bad.topic, &bad.payload, received);

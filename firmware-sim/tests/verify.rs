@@ -307,6 +307,7 @@ async fn run_fills_the_ledger_with_what_the_broker_acknowledged() {
             silent_devices: 3,
             hot_devices: 2,
             flood_devices: 1,
+            reference: false,
             progress: false,
         })
         .await
@@ -385,6 +386,7 @@ async fn run_over_coap_is_acknowledged_and_stored() {
         silent_devices: 0,
         hot_devices: 0,
         flood_devices: 0,
+        reference: false,
         progress: false,
     })
     .await
