@@ -43,8 +43,14 @@ cleanup() {
     log "stop with: kill ${pids[*]}; psql -h 127.0.0.1 -U postgres -c 'DROP DATABASE $db WITH (FORCE)'; rm -rf $work"
     return
   fi
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  # Newest first (agent, cloud-ingest, then the brokers), each given 10 s before SIGKILL.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    p=${pids[$i]}
+    kill -TERM "$p" 2>/dev/null || continue
+    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" postgres 2>/dev/null || true
   rm -rf "$work"
 }

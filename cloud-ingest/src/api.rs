@@ -694,6 +694,7 @@ async fn update_rule(
     if n == 0 {
         return Err(rule_not_found(id));
     }
+    close_alerts_of(&c, id).await?;
     app.rules_changed();
     Ok(Json(rule_json(id, rule)))
 }
@@ -715,8 +716,21 @@ async fn delete_rule(
     if n == 0 {
         return Err(rule_not_found(id));
     }
+    close_alerts_of(&c, id).await?;
     app.rules_changed();
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A changed or deleted rule starts over: its open alerts are closed (resolved, with no
+/// resolving window), so none stays open forever and a new firing is a new alert.
+async fn close_alerts_of(c: &Client, rule_id: i64) -> Result<(), ApiError> {
+    c.execute(
+        "UPDATE alerts SET state = 'resolved', resolved_at = now() WHERE rule_id = $1 AND state = 'firing'",
+        &[&rule_id],
+    )
+    .await
+    .map_err(storage)?;
+    Ok(())
 }
 
 async fn list_alerts(

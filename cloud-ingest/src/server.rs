@@ -160,7 +160,17 @@ impl Server {
         self.endpoint.wait_idle().await;
         drop(sink);
         drop(alerts);
-        while tasks.join_next().await.is_some() {}
+        // Writers finish what they hold; a sink that cannot (Kafka unreachable, deliveries
+        // without a local timeout) must not keep the service from stopping: whatever is not
+        // acknowledged is sent again by the gateways.
+        let drained = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("stopping with writes still pending; gateways will resend them");
+            tasks.abort_all();
+        }
         if let Some(k) = kafka {
             tokio::task::spawn_blocking(move || k.flush(std::time::Duration::from_secs(5))).await?;
         }

@@ -362,8 +362,15 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                     Err(e) => {
                         *report.errors.entry("connection".into()).or_default() += 1;
                         tracing_free_log(&format!("MQTT: {e}; reconnecting"));
-                        // Unacknowledged messages are resent by the client after reconnecting
-                        // (QoS 1/2); QoS 0 ones are lost and stay out of the ledger.
+                        // With a clean session the client drops what was queued or in flight
+                        // when the connection went: those messages were never acknowledged, so
+                        // they stay out of the ledger and count as errors.
+                        let dropped = (queued.len() + inflight.len()) as u64;
+                        if dropped > 0 {
+                            *report.errors.entry("unacknowledged_at_disconnect".into()).or_default() += dropped;
+                        }
+                        queued.clear();
+                        inflight.clear();
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         if Instant::now() > end + Duration::from_secs(30) {
                             bail!("the broker at {} is unreachable: {e}", o.mqtt.as_deref().unwrap_or("?"));
@@ -404,6 +411,17 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                         .sum::<u64>()
                 ));
             }
+        }
+    }
+    // What was acknowledged in the last round.
+    for p in acked_batch.drain(..) {
+        report.acked += 1;
+        let _ = hist.record(p.at.elapsed().as_micros().max(1) as u64);
+        if p.rejected.is_none() {
+            report.readings += p.expect.len() as u64;
+        }
+        if let Some(l) = ledger.as_mut() {
+            l.record(&p.device, &p.expect, p.rejected)?;
         }
     }
     if let Some(b) = bar {

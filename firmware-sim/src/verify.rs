@@ -168,7 +168,11 @@ pub async fn verify(
             .copied()
             .unwrap_or(0);
         r.found += got.min(*want) as u64;
-        if got < *want {
+        if got < *want && best_effort.contains(d.as_str()) {
+            *r.expected_rejections
+                .entry("rate_limited".into())
+                .or_default() += want - got;
+        } else if got < *want {
             r.lost += (want - got) as u64;
             r.device(d).0 += (want - got) as u64;
             r.example(format!(

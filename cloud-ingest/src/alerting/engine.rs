@@ -7,7 +7,8 @@
 //!   evaluated, the alert is corrected. Later readings are counted and reported as
 //!   [`Output::Late`] (they are stored by the database, not re-alerted).
 //! - **Quiet devices.** When a device has sent nothing for `out_of_orderness + idle_grace` of
-//!   processing time, its open windows are evaluated and closed ([`Engine::on_tick`]).
+//!   processing time, its event time is taken to go on with processing time: a window closes
+//!   once `out_of_orderness + idle_grace` has passed since its end ([`Engine::on_tick`]).
 //! - **Backfill.** Readings from a gateway's backlog lane are evaluated on their own clock and
 //!   state, apart from live ones, so a replay of yesterday neither trips nor clears today's
 //!   alerts; what they produce is marked `backfill`.
@@ -470,15 +471,21 @@ impl Engine {
         for (tenant, devices) in self.devices.iter_mut() {
             for (name, d) in devices.iter_mut() {
                 for (i, t) in d.lanes.iter_mut().enumerate() {
-                    if t.idle || t.max_ts.is_none() || now_us - t.last_arrival < quiet_after {
+                    let silence = now_us - t.last_arrival;
+                    let Some(max_ts) = t.max_ts else { continue };
+                    if t.idle || silence < quiet_after {
                         continue;
                     }
-                    // As if the watermark had passed every window.
-                    advance(t, &self.rules, name, i == 1, i64::MAX / 2, lateness, out);
-                    t.idle = true;
+                    // While the device is quiet, its event time is taken to go on with
+                    // processing time (less the bound and the grace): a window closes once
+                    // that long has passed since its end, whether or not readings came.
+                    let wm = max_ts - self.s.out_of_orderness_us + (silence - self.s.idle_grace_us);
+                    advance(t, &self.rules, name, i == 1, wm, lateness, out);
                     let before = t.series.len();
-                    t.series.retain(|_, s| s.firing || !s.windows.is_empty());
+                    t.series
+                        .retain(|_, s| s.firing || s.streak > 0 || !s.windows.is_empty());
                     removed += before - t.series.len();
+                    t.idle = t.series.values().all(|s| s.windows.is_empty());
                 }
                 // Absence rules of this tenant.
                 let Some(seen) = &mut d.seen else { continue };

@@ -218,13 +218,13 @@ SELECT count(*), min(bucket), max(bucket) + INTERVAL '1 hour', count(DISTINCT bu
 const HOURLY_SPARSE: &str = "
 INSERT INTO downsampled_metrics_1h AS h
     (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
-SELECT r.tenant_id, r.device_id, r.metric_name, date_trunc('hour', r.ts),
+SELECT min(r.tenant_id), r.device_id, r.metric_name, date_trunc('hour', r.ts),
        min(r.value), max(r.value), avg(r.value), sum(r.value), count(*)
 FROM raw_metrics r
 WHERE r.ts >= $1 AND r.ts < $2
   AND (r.device_id, r.metric_name, date_trunc('hour', r.ts)) IN
       (SELECT device_id, metric_name, bucket FROM roll_keys)
-GROUP BY 1, 2, 3, 4
+GROUP BY 2, 3, 4
 ORDER BY 2, 3, 4
 ON CONFLICT (device_id, metric_name, bucket) DO UPDATE SET
     tenant_id = EXCLUDED.tenant_id, min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
@@ -236,11 +236,11 @@ const HOURLY_DENSE: &str = "
 INSERT INTO downsampled_metrics_1h AS h
     (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
 SELECT a.* FROM (
-    SELECT tenant_id, device_id, metric_name, date_trunc('hour', ts) AS bucket,
+    SELECT min(tenant_id), device_id, metric_name, date_trunc('hour', ts) AS bucket,
            min(value), max(value), avg(value), sum(value), count(*)
     FROM raw_metrics
     WHERE ts >= $1 AND ts < $2
-    GROUP BY 1, 2, 3, 4) a
+    GROUP BY 2, 3, 4) a
 WHERE (a.device_id, a.metric_name, a.bucket) IN
       (SELECT device_id, metric_name, bucket FROM roll_keys)
 ORDER BY 2, 3, 4
@@ -304,8 +304,11 @@ pub async fn last_seen(client: &Client, seen: &[(String, String, i64)]) -> Resul
     if seen.is_empty() {
         return Ok(());
     }
+    // One row per device (the key has no tenant; device ids are unique in a deployment, and
+    // a clash must not stop the upkeep), newest time first.
     let mut sorted: Vec<&(String, String, i64)> = seen.iter().collect();
-    sorted.sort();
+    sorted.sort_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
+    sorted.dedup_by(|a, b| a.1 == b.1);
     let devices: Vec<&str> = sorted.iter().map(|s| s.1.as_str()).collect();
     let tenants: Vec<&str> = sorted.iter().map(|s| s.0.as_str()).collect();
     let times: Vec<std::time::SystemTime> =

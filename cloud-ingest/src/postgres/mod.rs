@@ -179,7 +179,10 @@ WITH ins AS (
     INSERT INTO rollup_dirty (device_id, metric_name, bucket)
     SELECT DISTINCT device_id, metric_name, date_trunc('hour', ts) FROM ins
     ORDER BY 1, 2, 3
-    ON CONFLICT DO NOTHING
+    -- DO UPDATE, not DO NOTHING: it locks an existing key until this transaction commits,
+    -- so a roll-up running now skips it (SKIP LOCKED) instead of taking it and computing
+    -- the hour without these rows.
+    ON CONFLICT (device_id, metric_name, bucket) DO UPDATE SET bucket = EXCLUDED.bucket
 )
 SELECT count(*) FROM ins";
 

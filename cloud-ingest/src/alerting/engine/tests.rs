@@ -273,9 +273,14 @@ fn a_quiet_device_has_its_windows_closed_on_processing_time() {
     let mut out = Vec::new();
     e.on_tick(3 * S + 5 * S, &mut out); // 5 s later: under bound + grace (6 s)
     assert!(out.is_empty());
-    e.on_tick(3 * S + 6 * S, &mut out);
+    // Quiet, event time goes on with processing time: [0, 10) closes once bound + grace
+    // (6 s) have passed since its end, i.e. at 16 s, not before.
+    e.on_tick(15 * S, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    e.on_tick(16 * S, &mut out);
     assert_eq!(alerts(&out), vec![(AlertState::Firing, 0, 10, 99.0, false)]);
-    // The firing series is kept; its windows are gone.
+    // After the lateness the window goes; the firing series is kept.
+    e.on_tick(16 * S + 30 * S, &mut out);
     assert_eq!(e.series_count(), 1);
     assert_eq!(e.window_count(), 0);
 }
