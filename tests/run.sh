@@ -17,6 +17,8 @@ log "cargo test"
 cargo test --locked "$@"
 
 if [ "$filtered" -eq 0 ]; then
+  log "the deploy files"
+  ./deploy/check.sh
   log "the demo, short mode (fails unless firmware-sim verify passes and the alert fires)"
   ./deploy/demo.sh --ci
 fi

@@ -475,6 +475,14 @@ mod tests {
     }
 
     #[test]
+    fn the_compose_config_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose/cloud-ingest.toml");
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.postgres.timescaledb, Timescale::On);
+        assert!(c.kafka.is_some() && c.api.is_some());
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let dir = std::env::temp_dir().join(format!("plantlink-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -108,6 +108,25 @@ fn describe() {
     }) {
         counter!(*name).increment(0);
     }
+    for reason in [
+        "oversize",
+        "malformed",
+        "wrong_type",
+        "no_template",
+        "no_device",
+        "no_metric",
+        "bad_timestamp",
+        "unsupported_format",
+    ] {
+        counter!("plantlink_edge_dead_letters_total", "reason" => reason).increment(0);
+    }
+    for g in [
+        "plantlink_edge_queue_readings",
+        "plantlink_edge_queue_bytes",
+        "plantlink_edge_queue_oldest_age_seconds",
+    ] {
+        gauge!(g).set(0.0);
+    }
     describe_gauge!(
         "plantlink_edge_queue_readings",
         Unit::Count,
