@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -185,6 +185,13 @@ pub async fn verify(
             r.example(format!("{got} receive-stamped {d} {m} stored, {want} sent"));
         }
     }
+    #[cfg(not(feature = "kafka"))]
+    if kafka.is_some() {
+        anyhow::bail!(
+            "--kafka: this firmware-sim was built without Kafka support (feature \"kafka\")"
+        );
+    }
+    #[cfg(feature = "kafka")]
     if let Some((brokers, topic)) = kafka {
         let (brokers, topic, prefix) = (brokers.to_owned(), topic.to_owned(), prefix.clone());
         let seen =
@@ -210,11 +217,14 @@ pub async fn verify(
 }
 
 /// Identities on `topic` of devices starting with `prefix`, with how often each was seen.
+#[cfg(feature = "kafka")]
 fn read_topic(
     brokers: &str,
     topic: &str,
     prefix: &str,
 ) -> anyhow::Result<HashMap<(String, String, i64), u64>> {
+    use std::time::Duration;
+
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
     use rdkafka::{ClientConfig, Offset, TopicPartitionList};

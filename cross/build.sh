@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Cross-builds the edge agent and firmware-sim for a plant gateway on a plain Debian 12 machine,
+# with no Docker and no rustup targets: Debian's rustc-web/cargo-web (1.96) with the target
+# architecture's standard library package and its gcc cross linker, installed when missing.
+#
+#   ./cross/build.sh aarch64      64-bit ARM gateways (aarch64-unknown-linux-gnu)
+#   ./cross/build.sh armv7        32-bit ARM gateways (armv7-unknown-linux-gnueabihf)
+#
+# Writes stripped binaries and a SHA-256 file to target/dist/<target>/. firmware-sim is built
+# without its Kafka check (`verify --kafka` needs librdkafka; everything else works).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. tests/lib/services.sh
+
+case "${1:-}" in
+  aarch64) target=aarch64-unknown-linux-gnu; arch=arm64; gnu=aarch64-linux-gnu ;;
+  armv7) target=armv7-unknown-linux-gnueabihf; arch=armhf; gnu=arm-linux-gnueabihf ;;
+  *) echo "usage: $0 aarch64|armv7" >&2; exit 2 ;;
+esac
+
+if ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
+  log "adding the $arch architecture to dpkg"
+  as_root dpkg --add-architecture "$arch"
+  _apt_updated=0
+fi
+need=()
+[ -x /usr/bin/rustc ] && /usr/bin/rustc --version | grep -q . || need+=(rustc-web)
+[ -x /usr/bin/cargo ] || need+=(cargo-web)
+dpkg -s "libstd-rust-web-dev:$arch" >/dev/null 2>&1 || need+=("libstd-rust-web-dev:$arch")
+command -v "$gnu-gcc" >/dev/null || need+=("gcc-$gnu" "libc6-dev-$arch-cross")
+command -v "$gnu-strip" >/dev/null || need+=("binutils-$gnu")
+if [ ${#need[@]} -gt 0 ]; then
+  apt_install "${need[@]}" || {
+    echo "error: could not install ${need[*]} (is libstd-rust-web-dev available for $arch in your Debian release?)" >&2
+    exit 1
+  }
+fi
+
+upper=$(echo "$target" | tr 'a-z-' 'A-Z_')
+export "CARGO_TARGET_${upper}_LINKER=$gnu-gcc"
+export "CC_${target//-/_}=$gnu-gcc"
+export "AR_${target//-/_}=$gnu-ar"
+export RUSTC=/usr/bin/rustc
+out="${CARGO_TARGET_DIR:-target}"
+log "building edge-agent and firmware-sim for $target with $(/usr/bin/rustc --version)"
+CARGO_TARGET_DIR="$out/cross" /usr/bin/cargo build --locked --release --target "$target" \
+  -p edge-agent
+CARGO_TARGET_DIR="$out/cross" /usr/bin/cargo build --locked --release --target "$target" \
+  -p firmware-sim --no-default-features
+
+dist="target/dist/$target"
+mkdir -p "$dist"
+for b in edge-agent firmware-sim; do
+  "$gnu-strip" -o "$dist/$b" "$out/cross/$target/release/$b"
+done
+(cd "$dist" && sha256sum edge-agent firmware-sim > SHA256SUMS)
+ls -l "$dist"
+log "$(du -h "$dist/edge-agent" | cut -f1) edge-agent, $(du -h "$dist/firmware-sim" | cut -f1) firmware-sim in $dist"
