@@ -21,7 +21,9 @@ esac
 if ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
   log "adding the $arch architecture to dpkg"
   as_root dpkg --add-architecture "$arch"
-  _apt_updated=0
+  log "apt-get update"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+  _apt_updated=1
 fi
 need=()
 [ -x /usr/bin/rustc ] && /usr/bin/rustc --version | grep -q . || need+=(rustc-web)
@@ -29,6 +31,16 @@ need=()
 dpkg -s "libstd-rust-web-dev:$arch" >/dev/null 2>&1 || need+=("libstd-rust-web-dev:$arch")
 command -v "$gnu-gcc" >/dev/null || need+=("gcc-$gnu" "libc6-dev-$arch-cross")
 command -v "$gnu-strip" >/dev/null || need+=("binutils-$gnu")
+# The standard library must be the very version of the compiler.
+if ! dpkg -s "libstd-rust-web-dev:$arch" >/dev/null 2>&1; then
+  want=$(apt-cache policy rustc-web | awk '/Candidate:/ {print $2}')
+  have=$(apt-cache policy "libstd-rust-web-dev:$arch" | awk '/Candidate:/ {print $2}')
+  if [ -z "$have" ] || [ "$have" = "(none)" ] || [ "${have%%+*}" != "${want%%+*}" ]; then
+    echo "error: libstd-rust-web-dev:$arch ${have:-(none)} does not match rustc-web ${want:-(none)};" \
+         "the $target standard library of this compiler is not available from your apt sources (try again after apt-get update)" >&2
+    exit 3
+  fi
+fi
 if [ ${#need[@]} -gt 0 ]; then
   apt_install "${need[@]}" || {
     echo "error: could not install ${need[*]} (is libstd-rust-web-dev available for $arch in your Debian release?)" >&2
