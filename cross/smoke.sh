@@ -31,16 +31,12 @@ work=$(mktemp -d /tmp/plantlink-smoke.XXXXXX)
 db="plantlink_smoke_$$"
 pids=()
 cleanup() {
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill -TERM "${pids[$i]}" 2>/dev/null || true
-    wait "${pids[$i]}" 2>/dev/null || true
-  done
+  stop_all "${pids[@]}"
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" postgres 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 mport=$(free_port)
 printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n' "$mport" > "$work/mosquitto.conf"
@@ -50,7 +46,7 @@ psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db" postgres
 "$bin/cloud-ingest" pki init --dir "$work/pki" >/dev/null
 "$bin/cloud-ingest" pki server --dir "$work/pki" --dns localhost >/dev/null
 "$bin/cloud-ingest" pki gateway --dir "$work/pki" --gateway-id gw-demo --tenant demo >/dev/null
-qport=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+qport=$(free_port udp)
 aport=$(free_port)
 cat > "$work/cloud-ingest.toml" <<EOC
 [quic]

@@ -43,22 +43,14 @@ cleanup() {
     log "stop with: kill ${pids[*]}; psql -h 127.0.0.1 -U postgres -c 'DROP DATABASE $db WITH (FORCE)'; rm -rf $work"
     return
   fi
-  # Newest first (agent, cloud-ingest, then the brokers), each given 10 s before SIGKILL.
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    p=${pids[$i]}
-    kill -TERM "$p" 2>/dev/null || continue
-    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-  done
+  # Newest first: the agent, cloud-ingest, then the brokers.
+  stop_all "${pids[@]}"
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" postgres 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-free_udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_for() { # what, command...
   local what=$1; shift
   for _ in $(seq 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -89,7 +81,7 @@ log "PostgreSQL database $db"
 "$bin/cloud-ingest" pki init --dir "$work/pki" >/dev/null
 "$bin/cloud-ingest" pki server --dir "$work/pki" --dns localhost >/dev/null
 "$bin/cloud-ingest" pki gateway --dir "$work/pki" --gateway-id gw-demo --tenant demo >/dev/null
-qport=$(free_udp); aport=$(free_port); cmetrics=$(free_port); hook=$(free_port)
+qport=$(free_port udp); aport=$(free_port); cmetrics=$(free_port); hook=$(free_port)
 token="demo-token-$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
 cat > "$work/cloud-ingest.toml" <<EOC
 [quic]

@@ -232,11 +232,17 @@ fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
-fn to_system(us: i64) -> SystemTime {
-    if us >= 0 {
-        UNIX_EPOCH + Duration::from_micros(us as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_micros(us.unsigned_abs())
+use crate::postgres::system_time as to_system;
+
+/// `limit`: a number from 1 to `max`, `default` when absent.
+fn limit(q: &HashMap<String, String>, default: i64, max: i64) -> Result<i64, ApiError> {
+    match q.get("limit") {
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=max).contains(l))
+            .ok_or_else(|| bad("limit", format!("{v:?} is not a number from 1 to {max}"))),
+        None => Ok(default),
     }
 }
 
@@ -355,19 +361,7 @@ async fn device_metrics(
     known_params(&q, &["metric", "from", "to", "resolution", "limit"])?;
     let (from, to) = range(&q)?;
     let res = resolution(&q, from, to)?;
-    let limit = match q.get("limit") {
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=MAX_LIMIT).contains(l))
-            .ok_or_else(|| {
-                bad(
-                    "limit",
-                    format!("{v:?} is not a number from 1 to {MAX_LIMIT}"),
-                )
-            })?,
-        None => 10_000,
-    };
+    let limit = limit(&q, 10_000, MAX_LIMIT)?;
     let metric = q.get("metric").filter(|m| !m.is_empty());
     let c = app.db.get().await?;
     let (from_t, to_t) = (to_system(from), to_system(to));
@@ -764,14 +758,7 @@ async fn list_alerts(
         Some(v) => parse_time("from", v)?,
         None => i64::MIN / 2,
     };
-    let limit = match q.get("limit") {
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=10_000).contains(l))
-            .ok_or_else(|| bad("limit", format!("{v:?} is not a number from 1 to 10000")))?,
-        None => 1_000,
-    };
+    let limit = limit(&q, 1_000, 10_000)?;
     let c = app.db.get().await?;
     let rows = c
         .query(

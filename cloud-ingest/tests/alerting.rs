@@ -194,41 +194,15 @@ async fn alerts_fire_resolve_and_replays_are_backfill() {
 
     let broker = common::Mosquitto::start(&d.0);
     let client_id = format!("alerting-{}", std::process::id());
-    let agent_cfg = d.0.join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        format!(
-            r#"
-[gateway]
-id = "gw-al"
-tenant = "acme"
-[store]
-path = "{dir}/queue.db"
-[mqtt]
-url = "mqtt://127.0.0.1:{port}"
-client_id = "{client_id}"
-subscriptions = ["plant/#"]
-[[mqtt.topics]]
-template = "plant/{{device}}"
-[limits]
-per_device_per_sec = 1e9
-burst = 1e9
-[uplink]
-server = "{cloud_addr}"
-server_name = "localhost"
-ca = "{dir}/ca.pem"
-cert = "{dir}/gw-al.pem"
-key = "{dir}/gw-al.key"
-batch_max_readings = 200
-batch_linger_ms = 20
-"#,
-            dir = d.0.display(),
-            port = broker.port
-        ),
-    )
-    .unwrap();
     common::create_session(broker.port, &client_id).await;
-    let config_agent = edge_agent::config::Config::load(&agent_cfg).unwrap();
+    let config_agent = common::Agent {
+        gateway: "gw-al",
+        mqtt: Some((broker.port, &client_id, "plant/{device}")),
+        cloud: cloud_addr.to_string(),
+        store: "",
+        uplink: "batch_max_readings = 200\nbatch_linger_ms = 20",
+    }
+    .config(&d.0);
     let (agent_stop_tx, mut agent_stop) = tokio::sync::watch::channel(false);
     let agent = tokio::spawn(edge_agent::agent::run_until(config_agent, async move {
         let _ = agent_stop.changed().await;

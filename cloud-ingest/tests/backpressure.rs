@@ -8,53 +8,17 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Dir;
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` (with a bearer token when given): the whole response, or `None` while the
-/// endpoint is not up.
-fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").as_bytes())
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    Some(body)
-}
-
-/// `GET /metrics`, or `None` while the endpoint is not up.
-fn scrape(addr: SocketAddr) -> Option<String> {
-    http_get(addr, "/metrics", None)
-}
 
 const TOKEN: &str = "acme-token-0123456789abcdef";
 
 /// `GET /v1/pipeline/lag` as tenant acme: gateway gw-bp's entry.
 fn lag(api: SocketAddr) -> serde_json::Value {
-    let text = http_get(api, "/v1/pipeline/lag", Some(TOKEN)).unwrap();
+    let text = common::http_get(api, "/v1/pipeline/lag", Some(TOKEN)).unwrap();
     let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
     v["gateways"]["gw-bp"].clone()
@@ -122,9 +86,13 @@ async fn a_locked_table_holds_memory_bounded_and_metrics_add_up() {
     store.commit().unwrap();
     drop(store);
 
-    let cloud_port = free_port();
-    let cloud_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cloud_port = common::free_tcp_port();
+    let cloud_metrics: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
+        .parse()
+        .unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
+        .parse()
+        .unwrap();
     let cloud_cfg = d.0.join("cloud.toml");
     std::fs::write(
         &cloud_cfg,
@@ -136,7 +104,7 @@ async fn a_locked_table_holds_memory_bounded_and_metrics_add_up() {
         ),
     )
     .unwrap();
-    let cloud = Proc(
+    let cloud = common::Proc(
         Command::new(env!("CARGO_BIN_EXE_cloud-ingest"))
             .args(["run", "--config"])
             .arg(&cloud_cfg)
@@ -147,10 +115,10 @@ async fn a_locked_table_holds_memory_bounded_and_metrics_add_up() {
             .unwrap(),
     );
     wait_for("the cloud's /metrics", Duration::from_secs(30), || {
-        scrape(cloud_metrics).is_some()
+        common::scrape(cloud_metrics).is_some()
     })
     .await;
-    let before = scrape(cloud_metrics).unwrap();
+    let before = common::scrape(cloud_metrics).unwrap();
     for series in [
         "plantlink_cloud_readings_received_total",
         "plantlink_cloud_readings_written_total{sink=\"postgres\"}",
@@ -171,34 +139,20 @@ async fn a_locked_table_holds_memory_bounded_and_metrics_add_up() {
         .await
         .unwrap();
 
-    let agent_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let agent_cfg = d.0.join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        format!(
-            r#"
-[gateway]
-id = "gw-bp"
-tenant = "acme"
-[store]
-path = "{dir}/queue.db"
-[metrics]
-bind = "{agent_metrics}"
-[uplink]
-server = "127.0.0.1:{cloud_port}"
-server_name = "localhost"
-ca = "{dir}/ca.pem"
-cert = "{dir}/gw-bp.pem"
-key = "{dir}/gw-bp.key"
-batch_max_readings = {BATCH}
-max_in_flight = 64
-backlog_rate = 10000000
-"#,
-            dir = d.0.display()
+    let agent_metrics: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
+        .parse()
+        .unwrap();
+    let config = common::Agent {
+        gateway: "gw-bp",
+        mqtt: None,
+        cloud: format!("127.0.0.1:{cloud_port}"),
+        store: "",
+        uplink: &format!(
+            "batch_max_readings = {BATCH}\nmax_in_flight = 64\nbacklog_rate = 10000000\n\
+             [metrics]\nbind = \"{agent_metrics}\""
         ),
-    )
-    .unwrap();
-    let config = edge_agent::config::Config::load(&agent_cfg).unwrap();
+    }
+    .config(&d.0);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {
         let _ = stop_rx.changed().await;
@@ -206,7 +160,7 @@ backlog_rate = 10000000
 
     // The pipeline fills up to its budget and stops there.
     wait_for("the budget to fill", Duration::from_secs(60), || {
-        scrape(cloud_metrics)
+        common::scrape(cloud_metrics)
             .and_then(|t| value(&t, "plantlink_cloud_pending_readings"))
             .is_some_and(|p| p >= (BUDGET - BATCH) as f64)
     })
@@ -216,7 +170,7 @@ backlog_rate = 10000000
     let mut peak_rss = 0;
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let t = scrape(cloud_metrics).unwrap();
+        let t = common::scrape(cloud_metrics).unwrap();
         let received = value(&t, "plantlink_cloud_readings_received_total").unwrap();
         let written = value(
             &t,
@@ -230,7 +184,7 @@ backlog_rate = 10000000
             "{received} readings taken in with a budget of {BUDGET}"
         );
         peak_rss = peak_rss.max(rss_kib(cloud.0.id()));
-        let a = scrape(agent_metrics).unwrap();
+        let a = common::scrape(agent_metrics).unwrap();
         assert_eq!(value(&a, "plantlink_edge_readings_acked_total"), Some(0.0));
         assert_eq!(value(&a, "plantlink_edge_uplink_connected"), Some(1.0));
     }
@@ -277,7 +231,7 @@ backlog_rate = 10000000
         "the agent to see every ack",
         Duration::from_secs(30),
         || {
-            scrape(agent_metrics)
+            common::scrape(agent_metrics)
                 .and_then(|t| value(&t, "plantlink_edge_readings_acked_total"))
                 .is_some_and(|v| v == BACKLOG as f64)
         },
@@ -292,8 +246,8 @@ backlog_rate = 10000000
     let g = lag(api);
     assert_eq!(g["readings_acked"], BACKLOG as u64, "{g}");
     assert_eq!(g["readings_in_flight"], 0, "{g}");
-    let c = scrape(cloud_metrics).unwrap();
-    let a = scrape(agent_metrics).unwrap();
+    let c = common::scrape(cloud_metrics).unwrap();
+    let a = common::scrape(agent_metrics).unwrap();
     let n = BACKLOG as f64;
     assert_eq!(
         value(

@@ -87,31 +87,16 @@ async fn drain(tag: &str, kafka: Option<String>) -> f64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
-    let cfg_path = d.0.join("agent.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            r#"
-[gateway]
-id = "gw-b"
-tenant = "acme"
-[store]
-path = "{dir}/queue.db"
-[uplink]
-server = "{relay}"
-server_name = "localhost"
-ca = "{dir}/ca.pem"
-cert = "{dir}/gw-b.pem"
-key = "{dir}/gw-b.key"
-batch_max_readings = {batch}
-max_in_flight = 16
-backlog_rate = 10000000
-"#,
-            dir = d.0.display()
+    let config = common::Agent {
+        gateway: "gw-b",
+        mqtt: None,
+        cloud: relay.to_string(),
+        store: "",
+        uplink: &format!(
+            "batch_max_readings = {batch}\nmax_in_flight = 16\nbacklog_rate = 10000000"
         ),
-    )
-    .unwrap();
-    let config = edge_agent::config::Config::load(&cfg_path).unwrap();
+    }
+    .config(&d.0);
     let mut agent_stop = stop_rx.clone();
     let start = Instant::now();
     let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {

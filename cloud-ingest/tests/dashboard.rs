@@ -6,18 +6,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-
-fn scrape(addr: SocketAddr) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    Some(body)
-}
 
 /// Metric names a text mentions (`plantlink_...`).
 fn names(text: &str) -> BTreeSet<String> {
@@ -65,7 +55,7 @@ async fn the_dashboard_queries_only_metrics_that_exist() {
 
     let start = Instant::now();
     let cloud = loop {
-        if let Some(t) = scrape(cloud_metrics) {
+        if let Some(t) = common::scrape(cloud_metrics) {
             break t;
         }
         assert!(
@@ -74,7 +64,7 @@ async fn the_dashboard_queries_only_metrics_that_exist() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let edge = scrape(edge_metrics).unwrap();
+    let edge = common::scrape(edge_metrics).unwrap();
     // Series lines only (not HELP/TYPE): what a query can actually select.
     let exported: BTreeSet<String> = names(
         &format!("{cloud}\n{edge}")

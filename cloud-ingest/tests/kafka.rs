@@ -67,41 +67,15 @@ async fn readings_reach_kafka_in_device_order_and_survive_a_kafka_outage() {
 
     let broker = common::Mosquitto::start(&d.0);
     let client_id = format!("kafka-{}", std::process::id());
-    let agent_cfg = d.0.join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        format!(
-            r#"
-[gateway]
-id = "gw-k"
-tenant = "acme"
-[store]
-path = "{dir}/queue.db"
-[mqtt]
-url = "mqtt://127.0.0.1:{port}"
-client_id = "{client_id}"
-subscriptions = ["plant/#"]
-[[mqtt.topics]]
-template = "plant/{{device}}"
-[limits]
-per_device_per_sec = 1e9
-burst = 1e9
-[uplink]
-server = "{cloud_addr}"
-server_name = "localhost"
-ca = "{dir}/ca.pem"
-cert = "{dir}/gw-k.pem"
-key = "{dir}/gw-k.key"
-batch_max_readings = 500
-batch_linger_ms = 50
-"#,
-            dir = d.0.display(),
-            port = broker.port
-        ),
-    )
-    .unwrap();
     common::create_session(broker.port, &client_id).await;
-    let config = edge_agent::config::Config::load(&agent_cfg).unwrap();
+    let config = common::Agent {
+        gateway: "gw-k",
+        mqtt: Some((broker.port, &client_id, "plant/{device}")),
+        cloud: cloud_addr.to_string(),
+        store: "",
+        uplink: "batch_max_readings = 500\nbatch_linger_ms = 50",
+    }
+    .config(&d.0);
     let mut agent_stop = stop_rx.clone();
     let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {
         let _ = agent_stop.changed().await;

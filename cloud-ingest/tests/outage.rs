@@ -6,21 +6,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Dir;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
@@ -30,8 +22,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_cloud(config: &std::path::Path) -> Proc {
-    Proc(
+fn start_cloud(config: &std::path::Path) -> common::Proc {
+    common::Proc(
         Command::new(env!("CARGO_BIN_EXE_cloud-ingest"))
             .args(["run", "--config"])
             .arg(config)
@@ -74,41 +66,15 @@ async fn crashes_and_an_outage_lose_nothing_and_live_goes_first() {
     let broker = common::Mosquitto::start(&d.0);
     let mport = broker.port;
     let client_id = format!("outage-{}", std::process::id());
-    let agent_cfg = d.0.join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        format!(
-            r#"
-[gateway]
-id = "gw-o"
-tenant = "acme"
-[store]
-path = "{dir}/queue.db"
-[mqtt]
-url = "mqtt://127.0.0.1:{mport}"
-client_id = "{client_id}"
-subscriptions = ["plant/#"]
-[[mqtt.topics]]
-template = "plant/{{phase}}/{{device}}"
-[limits]
-per_device_per_sec = 1e9
-burst = 1e9
-[uplink]
-server = "127.0.0.1:{cloud_port}"
-server_name = "localhost"
-ca = "{dir}/ca.pem"
-cert = "{dir}/gw-o.pem"
-key = "{dir}/gw-o.key"
-batch_max_readings = 1000
-batch_linger_ms = 100
-backlog_rate = 4000
-"#,
-            dir = d.0.display()
-        ),
-    )
-    .unwrap();
     common::create_session(mport, &client_id).await;
-    let config = edge_agent::config::Config::load(&agent_cfg).unwrap();
+    let config = common::Agent {
+        gateway: "gw-o",
+        mqtt: Some((mport, &client_id, "plant/{phase}/{device}")),
+        cloud: format!("127.0.0.1:{cloud_port}"),
+        store: "",
+        uplink: "batch_max_readings = 1000\nbatch_linger_ms = 100\nbacklog_rate = 4000",
+    }
+    .config(&d.0);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {
         let _ = stop_rx.changed().await;

@@ -383,16 +383,7 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
             || (!acked_batch.is_empty() && !sending)
             || last_draw.elapsed() > Duration::from_millis(200)
         {
-            for p in acked_batch.drain(..) {
-                report.acked += 1;
-                let _ = hist.record(p.at.elapsed().as_micros().max(1) as u64);
-                if p.rejected.is_none() {
-                    report.readings += p.expect.len() as u64;
-                }
-                if let Some(l) = ledger.as_mut() {
-                    l.record(&p.device, &p.expect, p.rejected)?;
-                }
-            }
+            settle(&mut acked_batch, &mut report, &mut hist, ledger.as_mut())?;
         }
         if last_draw.elapsed() > Duration::from_millis(200) {
             last_draw = Instant::now();
@@ -414,16 +405,7 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
         }
     }
     // What was acknowledged in the last round.
-    for p in acked_batch.drain(..) {
-        report.acked += 1;
-        let _ = hist.record(p.at.elapsed().as_micros().max(1) as u64);
-        if p.rejected.is_none() {
-            report.readings += p.expect.len() as u64;
-        }
-        if let Some(l) = ledger.as_mut() {
-            l.record(&p.device, &p.expect, p.rejected)?;
-        }
-    }
+    settle(&mut acked_batch, &mut report, &mut hist, ledger.as_mut())?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -440,6 +422,26 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
         max: ms(hist.max()),
     };
     Ok(report)
+}
+
+/// Counts acknowledged messages, their latency, and records them in the ledger.
+fn settle(
+    acked: &mut Vec<Pending>,
+    report: &mut Report,
+    hist: &mut hdrhistogram::Histogram<u64>,
+    mut ledger: Option<&mut Ledger>,
+) -> rusqlite::Result<()> {
+    for p in acked.drain(..) {
+        report.acked += 1;
+        let _ = hist.record(p.at.elapsed().as_micros().max(1) as u64);
+        if p.rejected.is_none() {
+            report.readings += p.expect.len() as u64;
+        }
+        if let Some(l) = ledger.as_deref_mut() {
+            l.record(&p.device, &p.expect, p.rejected)?;
+        }
+    }
+    Ok(())
 }
 
 fn tracing_free_log(msg: &str) {

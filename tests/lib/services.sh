@@ -20,6 +20,23 @@ apt_install() {
 
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
+# A free TCP (or, with "udp", UDP) port on 127.0.0.1.
+free_port() {
+  python3 -c 'import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if sys.argv[1:] == ["udp"] else socket.SOCK_STREAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' "$@"
+}
+
+# Stops the given processes, last first, each given 10 s after SIGTERM before SIGKILL.
+stop_all() {
+  local i p
+  for ((i = $#; i >= 1; i--)); do
+    p=${!i}
+    kill -TERM "$p" 2>/dev/null || continue
+    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+}
+
 ensure_toolchain() {
   if ! command -v cargo >/dev/null; then
     echo "error: cargo not found. Install the Rust stable toolchain (rustup) and run again." >&2

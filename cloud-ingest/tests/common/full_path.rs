@@ -27,40 +27,14 @@ pub async fn full_path(n: i64, loss: Option<f64>, tag: &str) -> Duration {
 
     let broker = super::Mosquitto::start(&d.0);
     let client_id = format!("{tag}-{}", std::process::id());
-    let agent_cfg = d.0.join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        format!(
-            r#"
-[gateway]
-id = "gw-full"
-tenant = "acme"
-[store]
-path = "{dir}/queue.db"
-[mqtt]
-url = "mqtt://127.0.0.1:{port}"
-client_id = "{client_id}"
-subscriptions = ["plant/#"]
-[[mqtt.topics]]
-template = "plant/{{site}}/{{device}}"
-[limits]
-per_device_per_sec = 1e9
-burst = 1e9
-[uplink]
-server = "{cloud_addr}"
-server_name = "localhost"
-ca = "{dir}/ca.pem"
-cert = "{dir}/gw-full.pem"
-key = "{dir}/gw-full.key"
-batch_max_readings = 5000
-batch_linger_ms = 100
-"#,
-            dir = d.0.display(),
-            port = broker.port
-        ),
-    )
-    .unwrap();
-    let config = edge_agent::config::Config::load(&agent_cfg).unwrap();
+    let config = super::Agent {
+        gateway: "gw-full",
+        mqtt: Some((broker.port, &client_id, "plant/{site}/{device}")),
+        cloud: cloud_addr.to_string(),
+        store: "",
+        uplink: "batch_max_readings = 5000\nbatch_linger_ms = 100",
+    }
+    .config(&d.0);
 
     super::create_session(broker.port, &client_id).await;
 

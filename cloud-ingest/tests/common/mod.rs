@@ -435,3 +435,64 @@ pub fn consume_all(
     let partitions = md.topics()[0].partitions().len();
     (seen, partitions)
 }
+
+/// The edge agent of a test: gateway `gateway` of tenant acme, its queue and the certificates
+/// [`fleet`] wrote in the test's folder, shipping to `cloud`.
+pub struct Agent<'a> {
+    pub gateway: &'a str,
+    /// The MQTT source, if any: (broker port, client id, topic template).
+    pub mqtt: Option<(u16, &'a str, &'a str)>,
+    /// `host:port` of cloud-ingest (or a relay in front of it).
+    pub cloud: String,
+    /// Lines added to `[store]`.
+    pub store: &'a str,
+    /// Lines added to `[uplink]`, and any tables after it.
+    pub uplink: &'a str,
+}
+
+impl Agent<'_> {
+    /// Writes `dir/agent.toml` and loads it.
+    pub fn config(&self, dir: &Path) -> edge_agent::config::Config {
+        let d = dir.display();
+        let mqtt = match self.mqtt {
+            Some((port, client_id, template)) => format!(
+                "[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"{client_id}\"\n\
+                 subscriptions = [\"plant/#\"]\n[[mqtt.topics]]\ntemplate = \"{template}\"\n\
+                 [limits]\nper_device_per_sec = 1e9\nburst = 1e9\n"
+            ),
+            None => String::new(),
+        };
+        let text = format!(
+            "[gateway]\nid = \"{gw}\"\ntenant = \"acme\"\n[store]\npath = \"{d}/queue.db\"\n{store}\n\
+             {mqtt}[uplink]\nserver = \"{cloud}\"\nserver_name = \"localhost\"\nca = \"{d}/ca.pem\"\n\
+             cert = \"{d}/{gw}.pem\"\nkey = \"{d}/{gw}.key\"\n{uplink}\n",
+            gw = self.gateway,
+            store = self.store,
+            cloud = self.cloud,
+            uplink = self.uplink,
+        );
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        edge_agent::config::Config::load(&path).unwrap()
+    }
+}
+
+/// `GET path` (with a bearer token when given): the whole response, or `None` while the
+/// endpoint is not up.
+pub fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").as_bytes())
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// `GET /metrics`, or `None` while the endpoint is not up.
+pub fn scrape(addr: SocketAddr) -> Option<String> {
+    http_get(addr, "/metrics", None)
+}
