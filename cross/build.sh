@@ -18,11 +18,14 @@ case "${1:-}" in
   *) echo "usage: $0 aarch64|armv7" >&2; exit 2 ;;
 esac
 
+added_arch=0
 if ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
   log "adding the $arch architecture to dpkg"
   as_root dpkg --add-architecture "$arch"
+  added_arch=1
   log "apt-get update"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+    || log "apt-get update reported errors (above); going on with the indexes it could read"
   _apt_updated=1
 fi
 need=()
@@ -31,13 +34,22 @@ need=()
 dpkg -s "libstd-rust-web-dev:$arch" >/dev/null 2>&1 || need+=("libstd-rust-web-dev:$arch")
 command -v "$gnu-gcc" >/dev/null || need+=("gcc-$gnu" "libc6-dev-$arch-cross")
 command -v "$gnu-strip" >/dev/null || need+=("binutils-$gnu")
-# The standard library must be the very version of the compiler.
+# The standard library must be the very version of the compiler. Exit status 3 says it is not
+# available here (./cross/smoke.sh reports that and skips the architecture).
 if ! dpkg -s "libstd-rust-web-dev:$arch" >/dev/null 2>&1; then
   want=$(apt-cache policy rustc-web | awk '/Candidate:/ {print $2}')
   have=$(apt-cache policy "libstd-rust-web-dev:$arch" | awk '/Candidate:/ {print $2}')
   if [ -z "$have" ] || [ "$have" = "(none)" ] || [ "${have%%+*}" != "${want%%+*}" ]; then
-    echo "error: libstd-rust-web-dev:$arch ${have:-(none)} does not match rustc-web ${want:-(none)};" \
-         "the $target standard library of this compiler is not available from your apt sources (try again after apt-get update)" >&2
+    echo "error: libstd-rust-web-dev:$arch ${have:-(none)} does not match rustc-web ${want:-(none)}:" \
+         "the $target standard library of this compiler is not in your apt indexes." \
+         "Fix: run 'apt-get update' and check that it reads the $arch index of bookworm-security without errors, then run this again." >&2
+    if [ "$added_arch" -eq 1 ]; then
+      # Leave dpkg as it was: a foreign architecture whose index cannot be read makes every
+      # later 'apt-get update' on this machine report an error.
+      log "removing the $arch architecture again"
+      as_root dpkg --remove-architecture "$arch"
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+    fi
     exit 3
   fi
 fi

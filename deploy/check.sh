@@ -3,7 +3,13 @@
 # parses; the compose file has its five services with images or builds; every Kubernetes
 # document has apiVersion, kind and metadata.name, and the set of kinds the guide promises;
 # the Grafana dashboard is JSON. (That the dashboard's metrics exist is a cargo test:
-# cloud-ingest/tests/dashboard.rs.)
+# cloud-ingest/tests/dashboard.rs.) Then the schema checks, with validators installed from the
+# registries into ~/.cache/plantlink-tools when missing:
+# - compose.yaml against the Compose Specification's JSON schema and the compose rules of
+#   dclint (npm), minus its four style rules (key order, service order, quote style, and
+#   "build and image together", which is how compose names the image it builds);
+# - every Kubernetes manifest against the API schemas of Kubernetes 1.30 to 1.33 in strict
+#   mode (no unknown fields), with kubernetes-validate (PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c 'import yaml' 2>/dev/null || {
@@ -37,3 +43,33 @@ assert want <= kinds, f"k8s: missing {want - kinds}"
 json.load(open("deploy/grafana/plantlink-pipeline.json"))
 print(f"deploy files: {len(files)} YAML files parse; compose, Kubernetes and the dashboard are complete")
 PY
+
+tools="${PLANTLINK_TOOLS:-$HOME/.cache/plantlink-tools}"
+mkdir -p "$tools"
+node_ok() { command -v node >/dev/null && node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)'; }
+if node_ok; then
+  if [ ! -x "$tools/node_modules/.bin/dclint" ]; then
+    echo "==> installing dclint 3.1.0 from npm into $tools"
+    npm install --prefix "$tools" --no-audit --no-fund --silent dclint@3.1.0 2>&1 | grep -v nodedir || true
+  fi
+  "$tools/node_modules/.bin/dclint" deploy/compose/compose.yaml --color=false --max-warnings 0 \
+    --disable-rule service-keys-order services-alphabetical-order require-quotes-in-ports no-build-and-image
+  echo "compose.yaml: valid against the Compose Specification schema (dclint $("$tools/node_modules/.bin/dclint" --version))"
+else
+  # Debian 12's own Node.js is 18; dclint needs 20.19 or later (nodesource or nvm provide it).
+  echo "warning: compose.yaml schema check skipped: dclint needs Node.js >= 20.19, and this machine has $(node --version 2>/dev/null || echo none)" >&2
+fi
+
+if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
+  echo "==> installing kubernetes-validate 1.37.0 from PyPI into $tools/venv"
+  python3 -m venv "$tools/venv" || { . tests/lib/services.sh; apt_install python3-venv; python3 -m venv "$tools/venv"; }
+  "$tools/venv/bin/pip" install -q kubernetes-validate==1.37.0
+fi
+for v in 1.30.0 1.31.0 1.32.0 1.33.0; do
+  "$tools/venv/bin/kubernetes-validate" --strict -k "$v" deploy/k8s/*.yaml >/dev/null || {
+    "$tools/venv/bin/kubernetes-validate" --strict -k "$v" deploy/k8s/*.yaml
+    echo "error: deploy/k8s does not validate against Kubernetes $v (above)" >&2
+    exit 1
+  }
+done
+echo "deploy/k8s: every manifest valid (strict) against Kubernetes 1.30-1.33"

@@ -1,5 +1,5 @@
 # cloud-ingest image: build with the workspace, run on a slim Debian.
-#   docker build -f deploy/docker/cloud-ingest.Dockerfile -t plantlink/cloud-ingest .
+#   docker build -f deploy/docker/cloud-ingest.Dockerfile -t plantlink/cloud-ingest:0.1.0 .
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .

@@ -1,6 +1,6 @@
 # edge-agent image, for gateways that run containers (most install the binary with systemd:
 # deploy/gateway/FLASHING.md). Build for the gateway's platform with buildx, e.g.
-#   docker buildx build --platform linux/arm64 -f deploy/docker/edge-agent.Dockerfile -t plantlink/edge-agent .
+#   docker buildx build --platform linux/arm64 -f deploy/docker/edge-agent.Dockerfile -t plantlink/edge-agent:0.1.0 .
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .

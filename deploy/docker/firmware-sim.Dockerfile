@@ -1,5 +1,5 @@
 # firmware-sim image, for load tests from inside a cluster.
-#   docker build -f deploy/docker/firmware-sim.Dockerfile -t plantlink/firmware-sim .
+#   docker build -f deploy/docker/firmware-sim.Dockerfile -t plantlink/firmware-sim:0.1.0 .
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .

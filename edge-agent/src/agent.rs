@@ -7,9 +7,10 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
-use crate::ingest::{WriterOptions, spawn_writer};
+use crate::ingest::{Command, UplinkRequest, WriterOptions, spawn_writer};
 use crate::payload::Decoder;
 use crate::ratelimit::RateLimiter;
+use crate::sdnotify::Notifier;
 use crate::store::{Options, Store};
 use crate::{coap, mqtt, telemetry};
 
@@ -84,6 +85,13 @@ pub async fn run_until(
     } else {
         tracing::info!("no [uplink]: collecting and storing only");
     }
+    let systemd = Notifier::from_env().map(std::sync::Arc::new);
+    if let Some(n) = &systemd {
+        if let Some(every) = n.watchdog() {
+            tasks.spawn(watchdog(n.clone(), every, tx.clone(), stop_rx.clone()));
+        }
+        n.notify("READY=1\nSTATUS=collecting");
+    }
     drop(tx);
     if config.mqtt.is_none() && config.coap.is_none() {
         tracing::warn!("neither [mqtt] nor [coap] is configured: nothing will be collected");
@@ -100,6 +108,9 @@ pub async fn run_until(
             };
         }
     }
+    if let Some(n) = &systemd {
+        n.notify("STOPPING=1\nSTATUS=committing and acknowledging what was received");
+    }
     let _ = stop_tx.send(true);
     while let Some(done) = tasks.join_next().await {
         if let Ok(Err(e)) = done {
@@ -113,6 +124,44 @@ pub async fn run_until(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Pings systemd's watchdog every `every` (half of `WatchdogSec=`), each time after the queue
+/// writer has answered a request: a writer that stops answering (a hung disk, a deadlock) stops
+/// the pings, and systemd restarts the agent. The ping carries the queue depth as the unit's
+/// status line (`systemctl status`).
+async fn watchdog(
+    systemd: std::sync::Arc<Notifier>,
+    every: Duration,
+    queue: mpsc::Sender<Command>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return Ok(()),
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let asked = async {
+            queue
+                .send(Command::Uplink(UplinkRequest::View(reply)))
+                .await
+                .ok()?;
+            answer.await.ok()
+        };
+        match tokio::time::timeout(every, asked).await {
+            Ok(Some(view)) => systemd.notify(&format!(
+                "WATCHDOG=1\nSTATUS=collecting; {} readings queued",
+                view.queued
+            )),
+            Ok(None) => return Ok(()),
+            Err(_) => tracing::warn!(
+                waited_ms = every.as_millis() as u64,
+                "the queue writer did not answer in time; not pinging the systemd watchdog"
+            ),
+        }
     }
 }
 

@@ -9,7 +9,8 @@
 //! - [`ingest`]: the writer thread: group commit, then device acknowledgements.
 //! - [`mqtt`] and [`coap`]: the sources.
 //! - [`telemetry`]: logging and the Prometheus endpoint.
-//! - [`uplink`]: the uplink scheduler (sans-IO); the QUIC driver is still to come.
+//! - [`uplink`]: the uplink scheduler (sans-IO) and its QUIC driver.
+//! - [`sdnotify`]: readiness and watchdog notifications to systemd.
 //! - [`agent`]: wires it all together for `edge-agent run`.
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod ingest;
 pub mod mqtt;
 pub mod payload;
 pub mod ratelimit;
+pub mod sdnotify;
 pub mod store;
 pub mod telemetry;
 pub mod topic;

@@ -11,7 +11,8 @@ _apt_updated=0
 apt_install() {
   if [ "$_apt_updated" -eq 0 ]; then
     log "apt-get update"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+      || log "apt-get update reported errors (above); going on with the indexes it could read"
     _apt_updated=1
   fi
   log "installing $*"
