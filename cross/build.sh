@@ -8,6 +8,11 @@
 #
 # Writes stripped binaries and a SHA-256 file to target/dist/<target>/. firmware-sim is built
 # without its Kafka check (`verify --kafka` needs librdkafka; everything else works).
+#
+# PLANTLINK_TARGET_SYSROOT=<dir> takes the target's standard library from <dir>/lib/rustlib/
+# instead of the libstd-rust-web-dev package, for when apt cannot offer the compiler's version
+# (cross/README.md shows how to unpack the package by hand). Exit status 3: the standard
+# library is not available.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . tests/lib/services.sh
@@ -18,39 +23,50 @@ case "${1:-}" in
   *) echo "usage: $0 aarch64|armv7" >&2; exit 2 ;;
 esac
 
-added_arch=0
-if ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
-  log "adding the $arch architecture to dpkg"
-  as_root dpkg --add-architecture "$arch"
-  added_arch=1
-  log "apt-get update"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-    || log "apt-get update reported errors (above); going on with the indexes it could read"
-  _apt_updated=1
-fi
 need=()
 [ -x /usr/bin/rustc ] && /usr/bin/rustc --version | grep -q . || need+=(rustc-web)
 [ -x /usr/bin/cargo ] || need+=(cargo-web)
-dpkg -s "libstd-rust-web-dev:$arch" >/dev/null 2>&1 || need+=("libstd-rust-web-dev:$arch")
 command -v "$gnu-gcc" >/dev/null || need+=("gcc-$gnu" "libc6-dev-$arch-cross")
 command -v "$gnu-strip" >/dev/null || need+=("binutils-$gnu")
-# The standard library must be the very version of the compiler. Exit status 3 says it is not
-# available here (./cross/smoke.sh reports that and skips the architecture).
-if ! dpkg -s "libstd-rust-web-dev:$arch" >/dev/null 2>&1; then
-  want=$(apt-cache policy rustc-web | awk '/Candidate:/ {print $2}')
-  have=$(apt-cache policy "libstd-rust-web-dev:$arch" | awk '/Candidate:/ {print $2}')
-  if [ -z "$have" ] || [ "$have" = "(none)" ] || [ "${have%%+*}" != "${want%%+*}" ]; then
-    echo "error: libstd-rust-web-dev:$arch ${have:-(none)} does not match rustc-web ${want:-(none)}:" \
-         "the $target standard library of this compiler is not in your apt indexes." \
-         "Fix: run 'apt-get update' and check that it reads the $arch index of bookworm-security without errors, then run this again." >&2
-    if [ "$added_arch" -eq 1 ]; then
-      # Leave dpkg as it was: a foreign architecture whose index cannot be read makes every
-      # later 'apt-get update' on this machine report an error.
-      log "removing the $arch architecture again"
-      as_root dpkg --remove-architecture "$arch"
-      as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+sysroot="${PLANTLINK_TARGET_SYSROOT:-}"
+if [ -n "$sysroot" ]; then
+  # A standard library from elsewhere (see cross/README.md): no dpkg architecture, no package.
+  if [ ! -d "$sysroot/lib/rustlib/$target/lib" ]; then
+    echo "error: PLANTLINK_TARGET_SYSROOT=$sysroot has no lib/rustlib/$target/lib;" \
+         "point it at a folder holding the $target standard library of $(/usr/bin/rustc --version 2>/dev/null || echo rustc-web)" >&2
+    exit 2
+  fi
+  log "using the $target standard library in $sysroot"
+else
+  added_arch=0
+  if ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
+    log "adding the $arch architecture to dpkg"
+    as_root dpkg --add-architecture "$arch"
+    added_arch=1
+    log "apt-get update"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+      || log "apt-get update reported errors (above); going on with the indexes it could read"
+    _apt_updated=1
+  fi
+  dpkg -s "libstd-rust-web-dev:$arch" >/dev/null 2>&1 || need+=("libstd-rust-web-dev:$arch")
+  # The standard library must be the very version of the compiler. Exit status 3 says it is not
+  # available here (./cross/smoke.sh reports that and skips the architecture).
+  if ! dpkg -s "libstd-rust-web-dev:$arch" >/dev/null 2>&1; then
+    want=$(apt-cache policy rustc-web | awk '/Candidate:/ {print $2}')
+    have=$(apt-cache policy "libstd-rust-web-dev:$arch" | awk '/Candidate:/ {print $2}')
+    if [ -z "$have" ] || [ "$have" = "(none)" ] || [ "${have%%+*}" != "${want%%+*}" ]; then
+      echo "error: libstd-rust-web-dev:$arch ${have:-(none)} does not match rustc-web ${want:-(none)}:" \
+           "the $target standard library of this compiler is not in your apt indexes." \
+           "Fix: run 'apt-get update' and check that it reads the $arch index of bookworm-security without errors, then run this again; or unpack the package by hand and set PLANTLINK_TARGET_SYSROOT (cross/README.md)." >&2
+      if [ "$added_arch" -eq 1 ]; then
+        # Leave dpkg as it was: a foreign architecture whose index cannot be read makes every
+        # later 'apt-get update' on this machine report an error.
+        log "removing the $arch architecture again"
+        as_root dpkg --remove-architecture "$arch"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+      fi
+      exit 3
     fi
-    exit 3
   fi
 fi
 if [ ${#need[@]} -gt 0 ]; then
@@ -65,6 +81,7 @@ export "CARGO_TARGET_${upper}_LINKER=$gnu-gcc"
 export "CC_${target//-/_}=$gnu-gcc"
 export "AR_${target//-/_}=$gnu-ar"
 export RUSTC=/usr/bin/rustc
+[ -z "$sysroot" ] || export "CARGO_TARGET_${upper}_RUSTFLAGS=--sysroot $sysroot"
 out="${CARGO_TARGET_DIR:-target}"
 log "building edge-agent and firmware-sim for $target with $(/usr/bin/rustc --version)"
 CARGO_TARGET_DIR="$out/cross" /usr/bin/cargo build --locked --release --target "$target" \

@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 . tests/lib/services.sh
 arch=${1:-}
 case "$arch" in
-  aarch64) target=aarch64-unknown-linux-gnu; qemu=qemu-aarch64-static; deb=arm64 ;;
-  armv7) target=armv7-unknown-linux-gnueabihf; qemu=qemu-arm-static; deb=armhf ;;
+  aarch64) target=aarch64-unknown-linux-gnu; qemu=qemu-aarch64-static; gnu=aarch64-linux-gnu; loader=/lib/ld-linux-aarch64.so.1 ;;
+  armv7) target=armv7-unknown-linux-gnueabihf; qemu=qemu-arm-static; gnu=arm-linux-gnueabihf; loader=/lib/ld-linux-armhf.so.3 ;;
   *) echo "usage: $0 aarch64|armv7" >&2; exit 2 ;;
 esac
 ensure_mosquitto
@@ -25,11 +25,13 @@ if [ "$status" -eq 3 ]; then
   exit 0
 fi
 [ "$status" -eq 0 ] || exit "$status"
-# The agent runs on the target's own multiarch C library (libc6:$deb, which the standard library
-# package depends on), found by qemu at /lib/ld-linux-*.so. Not with `-L /usr/<gnu>`: the
-# cross toolchain's loader there would load /lib/<gnu>/libc.so.6 of another build, and the
-# mismatched pair spins forever in the first pthread_create.
-dpkg -s "libc6:$deb" >/dev/null 2>&1 || apt_install "libc6:$deb"
+# The C library the agent runs on, under qemu: the target's multiarch libc6 (a dependency of the
+# standard library package) when it is installed, else the cross toolchain's copy in /usr/<gnu>.
+# Never the cross loader with the multiarch libc: `-L /usr/<gnu>` finds its loader there, which
+# then loads /lib/<gnu>/libc.so.6 from the other build, and that pair spins forever in the
+# first pthread_create.
+qemu_args=()
+[ -e "$loader" ] || qemu_args=(-L "/usr/$gnu")
 agent="target/dist/$target/edge-agent"
 cargo build --locked -q -p edge-agent -p cloud-ingest -p firmware-sim
 bin="${CARGO_TARGET_DIR:-target}/debug"
@@ -75,7 +77,7 @@ sed -e "s#@DIR@#$work#g" -e "s#@MQTT_PORT@#$mport#g" -e "s#@CLOUD@#127.0.0.1:$qp
   deploy/demo/edge-agent.toml > "$work/edge-agent.toml"
 printf '\n[metrics]\nbind = "127.0.0.1:%s"\n' "$ametrics" >> "$work/edge-agent.toml"
 log "the $arch agent under $qemu: $(file -b "$agent" | cut -d, -f1-2)"
-RUST_LOG=warn "$qemu" "$agent" run --config "$work/edge-agent.toml" 2>"$work/edge-agent.log" &
+RUST_LOG=warn "$qemu" "${qemu_args[@]}" "$agent" run --config "$work/edge-agent.toml" 2>"$work/edge-agent.log" &
 pids+=($!)
 for _ in $(seq 600); do
   curl -sf "http://127.0.0.1:$ametrics/metrics" 2>/dev/null | grep -q '^plantlink_edge_uplink_connected 1' && break
