@@ -9,7 +9,8 @@
 #   dclint (npm), minus its four style rules (key order, service order, quote style, and
 #   "build and image together", which is how compose names the image it builds);
 # - every Kubernetes manifest against the API schemas of Kubernetes 1.30 to 1.33 in strict
-#   mode (no unknown fields), with kubernetes-validate (PyPI).
+#   mode (no unknown fields), with kubernetes-validate (PyPI);
+# - the gateway's systemd unit with `systemd-analyze verify` and `security` (exposure <= 2.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c 'import yaml' 2>/dev/null || {
@@ -73,3 +74,29 @@ for v in 1.30.0 1.31.0 1.32.0 1.33.0; do
   }
 done
 echo "deploy/k8s: every manifest valid (strict) against Kubernetes 1.30-1.33"
+
+# The gateway's systemd unit: systemd's own checks, with the binary path pointed at /bin/true
+# (the agent is not installed here), and its hardening scored by systemd (0 = best, 10 = none).
+if command -v systemd-analyze >/dev/null; then
+  unitdir=$(mktemp -d)
+  trap 'rm -rf "$unitdir"' EXIT
+  sed 's#/usr/local/bin/edge-agent#/bin/true#g' deploy/gateway/plantlink-edge-agent.service \
+    > "$unitdir/plantlink-edge-agent.service"
+  # verify exits 0 on unknown keys (a typo'd hardening option is silently ignored): any
+  # complaint fails the check.
+  complaints=$(systemd-analyze verify "$unitdir/plantlink-edge-agent.service" 2>&1) || true
+  if [ -n "$complaints" ]; then
+    echo "$complaints" >&2
+    echo "error: systemd-analyze verify complains about deploy/gateway/plantlink-edge-agent.service (above)" >&2
+    exit 1
+  fi
+  exposure=$(systemd-analyze security --offline=yes "$unitdir/plantlink-edge-agent.service" \
+    | awk '/Overall exposure level/ {print $(NF-2)}')
+  awk -v e="$exposure" 'BEGIN { exit !(e != "" && e + 0 <= 2.0) }' || {
+    echo "error: plantlink-edge-agent.service: systemd rates its exposure ${exposure:-(unknown)}, above 2.0; run systemd-analyze security --offline=yes on it" >&2
+    exit 1
+  }
+  echo "plantlink-edge-agent.service: systemd-analyze verify passes; exposure $exposure (goal <= 2.0)"
+else
+  echo "warning: systemd-analyze is not installed: the gateway unit was not verified" >&2
+fi
