@@ -151,7 +151,11 @@ async fn watchdog(
                 .ok()?;
             answer.await.ok()
         };
-        match tokio::time::timeout(every, asked).await {
+        let answered = tokio::select! {
+            a = tokio::time::timeout(every, asked) => a,
+            _ = stop.changed() => return Ok(()),
+        };
+        match answered {
             Ok(Some(view)) => systemd.notify(&format!(
                 "WATCHDOG=1\nSTATUS=collecting; {} readings queued",
                 view.queued

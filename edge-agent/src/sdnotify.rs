@@ -96,7 +96,8 @@ fn watchdog_interval(usec: Option<&str>, for_pid: Option<&str>, pid: u32) -> Opt
     {
         return None;
     }
-    Some(Duration::from_micros(usec / 2))
+    // At least 1 ms apart: a zero period would make no sense (and the timer refuses it).
+    Some(Duration::from_micros((usec / 2).max(1000)))
 }
 
 #[cfg(test)]
@@ -115,6 +116,10 @@ mod tests {
         );
         assert_eq!(watchdog_interval(Some("60000000"), Some("8"), 7), None);
         assert_eq!(watchdog_interval(Some("0"), None, 7), None);
+        assert_eq!(
+            watchdog_interval(Some("1"), None, 7),
+            Some(Duration::from_millis(1))
+        );
         assert_eq!(watchdog_interval(Some("soon"), None, 7), None);
         assert_eq!(watchdog_interval(None, None, 7), None);
     }
