@@ -52,9 +52,12 @@ else
   # The standard library must be the very version of the compiler. Exit status 3 says it is not
   # available here (./cross/smoke.sh reports that and skips the architecture).
   if ! dpkg -s "libstd-rust-web-dev:$arch" >/dev/null 2>&1; then
-    want=$(apt-cache policy rustc-web | awk '/Candidate:/ {print $2}')
+    # The installed compiler's version, else the one apt would install; the package is
+    # Multi-Arch: same, so the versions must be equal to the last character.
+    want=$(dpkg-query -W -f='${Version}' rustc-web 2>/dev/null \
+      || apt-cache policy rustc-web | awk '/Candidate:/ {print $2}')
     have=$(apt-cache policy "libstd-rust-web-dev:$arch" | awk '/Candidate:/ {print $2}')
-    if [ -z "$have" ] || [ "$have" = "(none)" ] || [ "${have%%+*}" != "${want%%+*}" ]; then
+    if [ -z "$have" ] || [ "$have" = "(none)" ] || [ "$have" != "$want" ]; then
       echo "error: libstd-rust-web-dev:$arch ${have:-(none)} does not match rustc-web ${want:-(none)}:" \
            "the $target standard library of this compiler is not in your apt indexes." \
            "Fix: run 'apt-get update' and check that it reads the $arch index of bookworm-security without errors, then run this again; or unpack the package by hand and set PLANTLINK_TARGET_SYSROOT (cross/README.md)." >&2
@@ -72,6 +75,8 @@ fi
 if [ ${#need[@]} -gt 0 ]; then
   apt_install "${need[@]}" || {
     echo "error: could not install ${need[*]} (is libstd-rust-web-dev available for $arch in your Debian release?)" >&2
+    # 3: the standard library is not to be had here, which smoke.sh reports and skips.
+    [[ " ${need[*]} " == *" libstd-rust-web-dev:$arch "* ]] && exit 3
     exit 1
   }
 fi

@@ -7,7 +7,10 @@
 # registries into ~/.cache/plantlink-tools when missing:
 # - compose.yaml against the Compose Specification's JSON schema and the compose rules of
 #   dclint (npm), minus its four style rules (key order, service order, quote style, and
-#   "build and image together", which is how compose names the image it builds);
+#   "build and image together", which is how compose names the image it builds) and the rule
+#   that every published port name an interface (the gateways' and the API's ports are meant
+#   for every IPv4 and IPv6 interface; "0.0.0.0:" would drop IPv6). Without Node.js >= 20.19
+#   (Debian 12 has 18), the schema alone, taken from dclint's npm package, with jsonschema;
 # - every Kubernetes manifest against the API schemas of Kubernetes 1.30 to 1.33 in strict
 #   mode (no unknown fields), with kubernetes-validate (PyPI);
 # - the gateway's systemd unit with `systemd-analyze verify` and `security` (exposure <= 2.0).
@@ -47,25 +50,44 @@ PY
 
 tools="${PLANTLINK_TOOLS:-$HOME/.cache/plantlink-tools}"
 mkdir -p "$tools"
+if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
+  echo "==> installing kubernetes-validate 1.37.0 (and jsonschema) from PyPI into $tools/venv"
+  python3 -m venv "$tools/venv" || { . tests/lib/services.sh; apt_install python3-venv; python3 -m venv "$tools/venv"; }
+  "$tools/venv/bin/pip" install -q kubernetes-validate==1.37.0
+fi
+
+dclint_rules=(service-keys-order services-alphabetical-order require-quotes-in-ports no-build-and-image no-unbound-port-interfaces)
 node_ok() { command -v node >/dev/null && node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)'; }
 if node_ok; then
   if [ ! -x "$tools/node_modules/.bin/dclint" ]; then
     echo "==> installing dclint 3.1.0 from npm into $tools"
-    npm install --prefix "$tools" --no-audit --no-fund --silent dclint@3.1.0 2>&1 | grep -v nodedir || true
+    npm install --prefix "$tools" --no-audit --no-fund --silent dclint@3.1.0 || {
+      echo "error: npm could not install dclint 3.1.0 (above)" >&2
+      exit 1
+    }
   fi
   "$tools/node_modules/.bin/dclint" deploy/compose/compose.yaml --color=false --max-warnings 0 \
-    --disable-rule service-keys-order services-alphabetical-order require-quotes-in-ports no-build-and-image
-  echo "compose.yaml: valid against the Compose Specification schema (dclint $("$tools/node_modules/.bin/dclint" --version))"
+    --disable-rule "${dclint_rules[@]}"
+  echo "compose.yaml: valid against the Compose Specification schema and dclint's rules (dclint $("$tools/node_modules/.bin/dclint" --version))"
 else
-  # Debian 12's own Node.js is 18; dclint needs 20.19 or later (nodesource or nvm provide it).
-  echo "warning: compose.yaml schema check skipped: dclint needs Node.js >= 20.19, and this machine has $(node --version 2>/dev/null || echo none)" >&2
+  schema="$tools/compose.schema.json"
+  if [ ! -s "$schema" ]; then
+    echo "==> fetching the Compose Specification schema from dclint 3.1.0's npm package (no Node.js >= 20.19 here)"
+    curl -fsSL https://registry.npmjs.org/dclint/-/dclint-3.1.0.tgz \
+      | tar -xzO package/schemas/compose.schema.json > "$schema.part"
+    mv "$schema.part" "$schema"
+  fi
+  "$tools/venv/bin/python" - "$schema" deploy/compose/compose.yaml <<'PY'
+import json, sys, yaml
+from jsonschema import Draft7Validator
+errors = sorted(Draft7Validator(json.load(open(sys.argv[1]))).iter_errors(yaml.safe_load(open(sys.argv[2]))), key=str)
+for e in errors:
+    print(f"compose.yaml: {'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}", file=sys.stderr)
+sys.exit(1 if errors else 0)
+PY
+  echo "compose.yaml: valid against the Compose Specification schema (from dclint 3.1.0; jsonschema)"
 fi
 
-if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
-  echo "==> installing kubernetes-validate 1.37.0 from PyPI into $tools/venv"
-  python3 -m venv "$tools/venv" || { . tests/lib/services.sh; apt_install python3-venv; python3 -m venv "$tools/venv"; }
-  "$tools/venv/bin/pip" install -q kubernetes-validate==1.37.0
-fi
 for v in 1.30.0 1.31.0 1.32.0 1.33.0; do
   "$tools/venv/bin/kubernetes-validate" --strict -k "$v" deploy/k8s/*.yaml >/dev/null || {
     "$tools/venv/bin/kubernetes-validate" --strict -k "$v" deploy/k8s/*.yaml

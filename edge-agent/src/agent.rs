@@ -87,10 +87,10 @@ pub async fn run_until(
     }
     let systemd = Notifier::from_env().map(std::sync::Arc::new);
     if let Some(n) = &systemd {
+        n.notify("READY=1\nSTATUS=collecting");
         if let Some(every) = n.watchdog() {
             tasks.spawn(watchdog(n.clone(), every, tx.clone(), stop_rx.clone()));
         }
-        n.notify("READY=1\nSTATUS=collecting");
     }
     drop(tx);
     if config.mqtt.is_none() && config.coap.is_none() {
@@ -128,9 +128,10 @@ pub async fn run_until(
 }
 
 /// Pings systemd's watchdog every `every` (half of `WatchdogSec=`), each time after the queue
-/// writer has answered a request: a writer that stops answering (a hung disk, a deadlock) stops
-/// the pings, and systemd restarts the agent. The ping carries the queue depth as the unit's
-/// status line (`systemctl status`).
+/// writer has answered a request within `every / 2`: a writer that stops answering (a hung
+/// disk, a deadlock) stops the pings, and systemd restarts the agent. Pings are at most
+/// 1.5 x `every` apart while the writer answers, safely inside `WatchdogSec=`. The ping carries
+/// the queue depth as the unit's status line (`systemctl status`).
 async fn watchdog(
     systemd: std::sync::Arc<Notifier>,
     every: Duration,
@@ -152,7 +153,7 @@ async fn watchdog(
             answer.await.ok()
         };
         let answered = tokio::select! {
-            a = tokio::time::timeout(every, asked) => a,
+            a = tokio::time::timeout(every / 2, asked) => a,
             _ = stop.changed() => return Ok(()),
         };
         match answered {
@@ -162,7 +163,7 @@ async fn watchdog(
             )),
             Ok(None) => return Ok(()),
             Err(_) => tracing::warn!(
-                waited_ms = every.as_millis() as u64,
+                waited_ms = (every / 2).as_millis() as u64,
                 "the queue writer did not answer in time; not pinging the systemd watchdog"
             ),
         }
@@ -188,5 +189,63 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::QueueView;
+    use std::os::unix::net::UnixDatagram;
+
+    #[tokio::test]
+    async fn the_watchdog_is_pinged_only_after_the_writer_answers() {
+        let dir = std::env::temp_dir().join(format!("plantlink-watchdog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let every = Duration::from_millis(200);
+        let systemd = std::sync::Arc::new(Notifier::open(path.as_os_str(), Some(every)).unwrap());
+        let (tx, mut writer) = mpsc::channel(4);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(watchdog(systemd, every, tx, stop_rx));
+        let mut ask = async || match writer.recv().await {
+            Some(Command::Uplink(UplinkRequest::View(reply))) => reply,
+            other => panic!("the watchdog sent {other:?}"),
+        };
+
+        // The writer hears the first request but does not answer it; the second request comes
+        // a tick later, after the first one's deadline: no ping may have been sent.
+        let _unanswered = ask().await;
+        let reply = ask().await;
+        sock.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 256];
+        assert!(
+            sock.recv(&mut buf).is_err(),
+            "pinged while the writer did not answer"
+        );
+
+        // Answered: one ping, with the queue depth.
+        reply
+            .send(QueueView {
+                queued: 5,
+                ..QueueView::default()
+            })
+            .unwrap();
+        sock.set_nonblocking(false).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let n = tokio::task::spawn_blocking(move || {
+            let n = sock.recv(&mut buf).unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        })
+        .await
+        .unwrap();
+        assert_eq!(n, "WATCHDOG=1\nSTATUS=collecting; 5 readings queued");
+
+        stop_tx.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -43,7 +43,10 @@ impl Notifier {
         }
     }
 
-    fn open(name: &std::ffi::OsStr, watchdog: Option<Duration>) -> std::io::Result<Self> {
+    pub(crate) fn open(
+        name: &std::ffi::OsStr,
+        watchdog: Option<Duration>,
+    ) -> std::io::Result<Self> {
         use std::os::unix::ffi::OsStrExt;
         let bytes = name.as_bytes();
         let target = match bytes.first() {

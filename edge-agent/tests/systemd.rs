@@ -5,10 +5,10 @@
 mod common;
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{TempDir, free_udp_port};
+use common::{Proc, TempDir, free_udp_port};
 
 fn next(sock: &UnixDatagram) -> String {
     let mut buf = [0u8; 512];
@@ -20,7 +20,7 @@ fn next(sock: &UnixDatagram) -> String {
 
 /// Starts the agent (CoAP only) with a notification socket of the test's own and the given
 /// watchdog settings.
-fn start(dir: &TempDir, watchdog: &[(&str, &str)]) -> (UnixDatagram, Child) {
+fn start(dir: &TempDir, watchdog: &[(&str, &str)]) -> (UnixDatagram, Proc) {
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
@@ -39,17 +39,20 @@ fn start(dir: &TempDir, watchdog: &[(&str, &str)]) -> (UnixDatagram, Child) {
         .args(["run", "--config"])
         .arg(&cfg)
         .env("NOTIFY_SOCKET", &sock_path)
+        // Not the test runner's own, should it run under a systemd watchdog.
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .envs(watchdog.iter().copied())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    (sock, agent)
+    (sock, Proc(agent))
 }
 
-fn terminate(agent: &Child) {
+fn terminate(agent: &Proc) {
     let kill = Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
+        .args(["-TERM", &agent.0.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
@@ -83,7 +86,7 @@ fn tells_systemd_ready_pings_the_watchdog_and_says_stopping() {
         stopping.starts_with("STOPPING=1\n"),
         "after SIGTERM: {stopping:?}"
     );
-    let status = agent.wait().unwrap();
+    let status = agent.0.wait().unwrap();
     assert!(status.success(), "agent exited with {status}");
 }
 
@@ -107,5 +110,5 @@ fn watchdog_for_another_process_is_not_pinged() {
     terminate(&agent);
     let m = next(&sock);
     assert!(m.starts_with("STOPPING=1\n"), "{m:?}");
-    assert!(agent.wait().unwrap().success());
+    assert!(agent.0.wait().unwrap().success());
 }
