@@ -13,15 +13,17 @@
 //! Whatever the cloud refuses goes to `dlq_topic` with the reason.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use plantlink_model::Reading;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -30,8 +32,60 @@ use crate::config;
 /// A connected producer and the topic names.
 #[derive(Clone)]
 pub struct Kafka {
-    producer: FutureProducer,
+    producer: Arc<ThreadedProducer<Tracking>>,
     cfg: config::Kafka,
+}
+
+/// The producer's context: each record carries its batch's [`Tracker`], and its delivery
+/// report (from librdkafka's polling thread) counts it off there. One shared counter per batch
+/// instead of a channel and a future per record.
+struct Tracking;
+
+impl ClientContext for Tracking {}
+
+impl ProducerContext for Tracking {
+    type DeliveryOpaque = Arc<Tracker>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tracker: Arc<Tracker>) {
+        if let Err((e, _)) = result {
+            tracker.fail(e.to_string());
+        }
+        tracker.one_done();
+    }
+}
+
+/// The outstanding deliveries of one batch's records.
+#[derive(Debug)]
+struct Tracker {
+    /// Records enqueued and not yet reported, plus one while records are still being enqueued.
+    outstanding: AtomicUsize,
+    first_error: std::sync::Mutex<Option<String>>,
+    done: tokio::sync::Notify,
+}
+
+impl Tracker {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            outstanding: AtomicUsize::new(1),
+            first_error: std::sync::Mutex::new(None),
+            done: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn fail(&self, e: String) {
+        let mut first = self
+            .first_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        first.get_or_insert(e);
+    }
+
+    fn one_done(&self) {
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A permit for the one waiter, whether it waits already or not yet.
+            self.done.notify_one();
+        }
+    }
 }
 
 impl std::fmt::Debug for Kafka {
@@ -68,11 +122,11 @@ impl Kafka {
         for (k, v) in &cfg.producer {
             c.set(k, v);
         }
-        let producer: FutureProducer = c
-            .create()
+        let producer: ThreadedProducer<Tracking> = c
+            .create_with_context(Tracking)
             .map_err(|e| anyhow::anyhow!("kafka: cannot create the producer: {e}"))?;
         Ok(Self {
-            producer,
+            producer: Arc::new(producer),
             cfg: cfg.clone(),
         })
     }
@@ -124,10 +178,15 @@ impl Kafka {
         gateway: &str,
         readings: &[Reading],
     ) -> Deliveries {
-        let mut out = Vec::with_capacity(readings.len());
+        let tracker = Tracker::new();
+        let mut ts_us = String::new();
         for r in readings {
             let payload = record_json(tenant, gateway, r);
-            let ts_us = r.ts.0.to_string();
+            ts_us.clear();
+            {
+                use std::fmt::Write;
+                let _ = write!(ts_us, "{}", r.ts.0);
+            }
             let headers = OwnedHeaders::new_with_capacity(3)
                 .insert(Header {
                     key: "plantlink-device",
@@ -141,22 +200,32 @@ impl Kafka {
                     key: "plantlink-ts-us",
                     value: Some(ts_us.as_str()),
                 });
-            out.push(
-                self.enqueue(&self.cfg.readings_topic, &r.device, &payload, headers)
-                    .await,
-            );
+            self.enqueue(
+                &self.cfg.readings_topic,
+                &r.device,
+                &payload,
+                headers,
+                &tracker,
+            )
+            .await;
         }
-        Deliveries(out)
+        Deliveries::sealed(tracker)
     }
 
     /// Sends a dead letter; its delivery is logged, not awaited.
     pub async fn send_dlq(&self, key: &str, letter: &DeadLetter<'_>) {
         let payload = serde_json::to_vec(letter).unwrap_or_default();
-        let d = self
-            .enqueue(&self.cfg.dlq_topic, key, &payload, OwnedHeaders::new())
-            .await;
+        let tracker = Tracker::new();
+        self.enqueue(
+            &self.cfg.dlq_topic,
+            key,
+            &payload,
+            OwnedHeaders::new(),
+            &tracker,
+        )
+        .await;
         tokio::spawn(async move {
-            if let Err(e) = Deliveries(vec![d]).wait().await {
+            if let Err(e) = Deliveries::sealed(tracker).wait().await {
                 tracing::error!(error = %e, "dead letter not delivered to Kafka");
             }
         });
@@ -164,31 +233,45 @@ impl Kafka {
 
     /// Sends a JSON event to the alerts topic, keyed by device; returns its delivery.
     pub async fn send_alert(&self, device: &str, json: &[u8]) -> Deliveries {
-        let d = self
-            .enqueue(&self.cfg.alerts_topic, device, json, OwnedHeaders::new())
-            .await;
-        Deliveries(vec![d])
+        let tracker = Tracker::new();
+        self.enqueue(
+            &self.cfg.alerts_topic,
+            device,
+            json,
+            OwnedHeaders::new(),
+            &tracker,
+        )
+        .await;
+        Deliveries::sealed(tracker)
     }
 
+    /// Enqueues one record counted by `tracker`; a record librdkafka refuses outright is
+    /// recorded there as a failure.
     async fn enqueue(
         &self,
         topic: &str,
         key: &str,
         payload: &[u8],
         headers: OwnedHeaders,
-    ) -> Delivery {
-        let mut record = FutureRecord::to(topic)
+        tracker: &Arc<Tracker>,
+    ) {
+        tracker.outstanding.fetch_add(1, Ordering::AcqRel);
+        let mut record = BaseRecord::with_opaque_to(topic, tracker.clone())
             .key(key)
             .payload(payload)
             .headers(headers);
         loop {
-            match self.producer.send_result(record) {
-                Ok(d) => return Delivery::Pending(d),
+            match self.producer.send(record) {
+                Ok(()) => return,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => return Delivery::Failed(e.to_string()),
+                Err((e, _)) => {
+                    tracker.fail(e.to_string());
+                    tracker.one_done();
+                    return;
+                }
             }
         }
     }
@@ -206,45 +289,29 @@ impl Kafka {
     }
 }
 
-/// One record's delivery.
-pub enum Delivery {
-    /// Enqueued; resolves when the brokers have it.
-    Pending(DeliveryFuture),
-    /// Refused before it was enqueued.
-    Failed(String),
-}
-
-impl std::fmt::Debug for Delivery {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Pending(_) => f.write_str("Pending"),
-            Self::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
-        }
-    }
-}
-
 /// The deliveries of a batch's records.
 #[derive(Debug, Default)]
-pub struct Deliveries(Vec<Delivery>);
+pub struct Deliveries(Option<Arc<Tracker>>);
 
 impl Deliveries {
+    /// All records are enqueued: release the tracker's own count.
+    fn sealed(tracker: Arc<Tracker>) -> Self {
+        tracker.one_done();
+        Self(Some(tracker))
+    }
+
     /// Waits for all; `Err` names the first failure.
     pub async fn wait(self) -> Result<(), String> {
-        let mut first_error = None;
-        for d in self.0 {
-            let r = match d {
-                Delivery::Pending(f) => match f.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e.to_string()),
-                    Err(_) => Err("the producer was dropped".to_owned()),
-                },
-                Delivery::Failed(e) => Err(e),
-            };
-            if let (Err(e), None) = (r, &first_error) {
-                first_error = Some(e);
-            }
+        let Some(t) = self.0 else { return Ok(()) };
+        while t.outstanding.load(Ordering::Acquire) != 0 {
+            t.done.notified().await;
         }
-        first_error.map_or(Ok(()), Err)
+        let first = t
+            .first_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        first.map_or(Ok(()), Err)
     }
 }
 
