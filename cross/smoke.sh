@@ -47,30 +47,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-mport=$(free_port)
-printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n' "$mport" > "$work/mosquitto.conf"
-mosquitto -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
-pids+=($!)
+start_private_mosquitto "$work"
+mport=$mqtt_port
 psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db" postgres
-"$bin/cloud-ingest" pki init --dir "$work/pki" >/dev/null
-"$bin/cloud-ingest" pki server --dir "$work/pki" --dns localhost >/dev/null
-"$bin/cloud-ingest" pki gateway --dir "$work/pki" --gateway-id gw-demo --tenant demo >/dev/null
+make_demo_pki "$work" "$bin/cloud-ingest"
 qport=$(free_port udp)
-aport=$(free_port)
-cat > "$work/cloud-ingest.toml" <<EOC
-[quic]
-bind = "127.0.0.1:$qport"
-cert = "pki/server.pem"
-key = "pki/server.key"
-client_ca = "pki/ca.pem"
-[postgres]
-url = "postgres://postgres@127.0.0.1/$db"
-[api]
-bind = "127.0.0.1:$aport"
-EOC
-RUST_LOG=warn "$bin/cloud-ingest" run --config "$work/cloud-ingest.toml" 2>"$work/cloud-ingest.log" &
-pids+=($!)
-for _ in $(seq 300); do curl -sf "http://127.0.0.1:$aport/readyz" >/dev/null && break; sleep 0.1; done
+start_plain_cloud_ingest "$bin/cloud-ingest" "$work" "$qport" "$db"
 
 ametrics=$(free_port)
 sed -e "s#@DIR@#$work#g" -e "s#@MQTT_PORT@#$mport#g" -e "s#@CLOUD@#127.0.0.1:$qport#g" \

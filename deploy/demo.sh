@@ -58,11 +58,8 @@ wait_for() { # what, command...
 }
 
 # Mosquitto.
-mport=$(free_port)
-printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n' "$mport" > "$work/mosquitto.conf"
-mosquitto -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
-pids+=($!)
-wait_for Mosquitto port_open 127.0.0.1 "$mport"
+start_private_mosquitto "$work"
+mport=$mqtt_port
 log "Mosquitto on 127.0.0.1:$mport"
 
 # Tansu (Kafka API).
@@ -78,9 +75,7 @@ pg="postgres://postgres@127.0.0.1/$db"
 log "PostgreSQL database $db"
 
 # The fleet PKI and cloud-ingest.
-"$bin/cloud-ingest" pki init --dir "$work/pki" >/dev/null
-"$bin/cloud-ingest" pki server --dir "$work/pki" --dns localhost >/dev/null
-"$bin/cloud-ingest" pki gateway --dir "$work/pki" --gateway-id gw-demo --tenant demo >/dev/null
+make_demo_pki "$work" "$bin/cloud-ingest"
 qport=$(free_port udp); aport=$(free_port); cmetrics=$(free_port); hook=$(free_port)
 token="demo-token-$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
 cat > "$work/cloud-ingest.toml" <<EOC

@@ -7,7 +7,7 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
-use crate::ingest::{Command, UplinkRequest, WriterOptions, spawn_writer};
+use crate::ingest::{Requests, UplinkRequest, WriterOptions, spawn_writer};
 use crate::payload::Decoder;
 use crate::ratelimit::RateLimiter;
 use crate::sdnotify::Notifier;
@@ -46,12 +46,15 @@ pub async fn run_until(
         capacity = store.capacity(), "queue open");
 
     let (tx, rx) = mpsc::channel(INTAKE_CAPACITY);
+    let (requests_tx, requests_rx) = mpsc::unbounded_channel();
+    let requests = Requests::new(requests_tx, tx.clone());
     let (confirmed_tx, confirmed_rx) = mpsc::unbounded_channel();
     let writer = spawn_writer(
         store,
         Decoder::new(&config),
         RateLimiter::new(config.limits.per_device_per_sec, config.limits.burst),
         rx,
+        requests_rx,
         confirmed_rx,
         WriterOptions {
             commit_interval: Duration::from_millis(config.store.commit_interval_ms),
@@ -79,7 +82,7 @@ pub async fn run_until(
         tasks.spawn(crate::uplink::driver::run(
             u,
             config.gateway.id.clone(),
-            tx.clone(),
+            requests.clone(),
             stop_rx.clone(),
         ));
     } else {
@@ -89,10 +92,15 @@ pub async fn run_until(
     if let Some(n) = &systemd {
         n.notify("READY=1\nSTATUS=collecting");
         if let Some(every) = n.watchdog() {
-            tasks.spawn(watchdog(n.clone(), every, tx.clone(), stop_rx.clone()));
+            tasks.spawn(watchdog(
+                n.clone(),
+                every,
+                requests.clone(),
+                stop_rx.clone(),
+            ));
         }
     }
-    drop(tx);
+    drop((tx, requests));
     if config.mqtt.is_none() && config.coap.is_none() {
         tracing::warn!("neither [mqtt] nor [coap] is configured: nothing will be collected");
     }
@@ -135,7 +143,7 @@ pub async fn run_until(
 async fn watchdog(
     systemd: std::sync::Arc<Notifier>,
     every: Duration,
-    queue: mpsc::Sender<Command>,
+    queue: Requests,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(every);
@@ -144,14 +152,7 @@ async fn watchdog(
             _ = tick.tick() => {}
             _ = stop.changed() => return Ok(()),
         }
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let asked = async {
-            queue
-                .send(Command::Uplink(UplinkRequest::View(reply)))
-                .await
-                .ok()?;
-            answer.await.ok()
-        };
+        let asked = queue.ask(UplinkRequest::View);
         let answered = tokio::select! {
             a = tokio::time::timeout(every / 2, asked) => a,
             _ = stop.changed() => return Ok(()),
@@ -207,11 +208,17 @@ mod tests {
         let sock = UnixDatagram::bind(&path).unwrap();
         let every = Duration::from_millis(200);
         let systemd = std::sync::Arc::new(Notifier::open(path.as_os_str(), Some(every)).unwrap());
-        let (tx, mut writer) = mpsc::channel(4);
+        let (wake, _intake) = mpsc::channel(4);
+        let (inbox, mut writer) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(watchdog(systemd, every, tx, stop_rx));
+        let task = tokio::spawn(watchdog(
+            systemd,
+            every,
+            Requests::new(inbox, wake),
+            stop_rx,
+        ));
         let mut ask = async || match writer.recv().await {
-            Some(Command::Uplink(UplinkRequest::View(reply))) => reply,
+            Some(UplinkRequest::View(reply)) => reply,
             other => panic!("the watchdog sent {other:?}"),
         };
 

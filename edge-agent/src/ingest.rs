@@ -103,8 +103,38 @@ pub struct Message {
 pub enum Command {
     /// Store a received message.
     Ingest(Message),
-    /// A request of the uplink.
-    Uplink(UplinkRequest),
+    /// Look at the requests' inbox (sent by [`Requests::ask`] to a writer that may be asleep).
+    Wake,
+}
+
+/// The uplink's (and the systemd watchdog's) line to the queue writer. Requests have an inbox
+/// of their own, which the writer empties before every group of messages: with collection at
+/// full rate the intake holds thousands of messages, and a request queued behind them would
+/// make every batch the uplink reads or acknowledges wait for all of them, starving shipping.
+#[derive(Debug, Clone)]
+pub struct Requests {
+    inbox: mpsc::UnboundedSender<UplinkRequest>,
+    wake: mpsc::Sender<Command>,
+}
+
+impl Requests {
+    /// A line to the writer that reads `inbox` and is woken through its intake `wake`.
+    pub fn new(inbox: mpsc::UnboundedSender<UplinkRequest>, wake: mpsc::Sender<Command>) -> Self {
+        Self { inbox, wake }
+    }
+
+    /// Sends `make(reply)` and waits for the writer's reply; `None` once the writer has stopped.
+    pub async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> UplinkRequest,
+    ) -> Option<T> {
+        let (reply, answer) = oneshot::channel();
+        self.inbox.send(make(reply)).ok()?;
+        // Wakes a writer asleep on an empty intake. A full intake means it is awake, and it
+        // looks at the inbox before its next group.
+        let _ = self.wake.try_send(Command::Wake);
+        answer.await.ok()
+    }
 }
 
 /// The uplink's requests to the queue.
@@ -188,12 +218,13 @@ pub fn spawn_writer(
     decoder: Decoder,
     limiter: RateLimiter,
     rx: mpsc::Receiver<Command>,
+    requests: mpsc::UnboundedReceiver<UplinkRequest>,
     confirmed: mpsc::UnboundedReceiver<Vec<i64>>,
     opts: WriterOptions,
 ) -> std::thread::JoinHandle<Store> {
     std::thread::Builder::new()
         .name("queue-writer".into())
-        .spawn(move || Writer::new(store, decoder, limiter, opts, confirmed).run(rx))
+        .spawn(move || Writer::new(store, decoder, limiter, opts, confirmed).run(rx, requests))
         .expect("spawning the writer thread")
 }
 
@@ -228,28 +259,37 @@ impl Writer {
         }
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Store {
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut requests: mpsc::UnboundedReceiver<UplinkRequest>,
+    ) -> Store {
         self.update_gauges(true);
         let mut group: Vec<Message> = Vec::with_capacity(MAX_GROUP);
-        let mut requests: Vec<UplinkRequest> = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
-            match first {
-                Command::Ingest(m) => group.push(m),
-                Command::Uplink(r) => requests.push(r),
+        loop {
+            // Requests first: they never wait behind intake (see `Requests`).
+            while let Ok(r) = requests.try_recv() {
+                self.serve_uplink(r);
+            }
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            if let Command::Ingest(m) = first {
+                group.push(m);
             }
             let deadline = Instant::now() + self.opts.commit_interval;
             'gather: while group.len() < MAX_GROUP && Instant::now() < deadline {
+                while let Ok(r) = requests.try_recv() {
+                    self.serve_uplink(r);
+                }
                 // Check the clock once per 64 messages, not per message.
                 for _ in 0..64 {
                     match rx.try_recv() {
                         Ok(Command::Ingest(m)) => group.push(m),
-                        Ok(Command::Uplink(r)) => requests.push(r),
+                        Ok(Command::Wake) => {}
                         Err(_) => break 'gather,
                     }
                 }
-            }
-            for r in requests.drain(..) {
-                self.serve_uplink(r);
             }
             if group.is_empty() {
                 continue;

@@ -38,6 +38,42 @@ stop_all() {
   done
 }
 
+# A private Mosquitto in folder $1 on a free port, tuned as the deploy docs advise for the
+# agent; waits until it listens; sets mqtt_port and adds its pid to the caller's pids array.
+start_private_mosquitto() {
+  mqtt_port=$(free_port)
+  printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n' \
+    "$mqtt_port" > "$1/mosquitto.conf"
+  mosquitto -c "$1/mosquitto.conf" >"$1/mosquitto.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 300); do port_open 127.0.0.1 "$mqtt_port" && return 0; sleep 0.1; done
+  echo "error: Mosquitto did not start on 127.0.0.1:$mqtt_port; see $1/mosquitto.log" >&2
+  return 1
+}
+
+# A fresh fleet PKI in $1/pki, made with the cloud-ingest binary $2: the server's certificate
+# for localhost and gateway gw-demo of tenant demo (as deploy/demo/edge-agent.toml expects).
+make_demo_pki() {
+  "$2" pki init --dir "$1/pki" >/dev/null
+  "$2" pki server --dir "$1/pki" --dns localhost >/dev/null
+  "$2" pki gateway --dir "$1/pki" --gateway-id gw-demo --tenant demo >/dev/null
+}
+
+# cloud-ingest (binary $1) in folder $2 (holding make_demo_pki's pki/) with QUIC on
+# 127.0.0.1:$3, PostgreSQL database $4 and the API on a free port; waits until it is ready;
+# adds its pid to the caller's pids array.
+start_plain_cloud_ingest() {
+  local aport
+  aport=$(free_port)
+  printf '[quic]\nbind = "127.0.0.1:%s"\ncert = "pki/server.pem"\nkey = "pki/server.key"\nclient_ca = "pki/ca.pem"\n[postgres]\nurl = "postgres://postgres@127.0.0.1/%s"\n[api]\nbind = "127.0.0.1:%s"\n' \
+    "$3" "$4" "$aport" > "$2/cloud-ingest.toml"
+  RUST_LOG=warn "$1" run --config "$2/cloud-ingest.toml" 2>"$2/cloud-ingest.log" &
+  pids+=($!)
+  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$aport/readyz" >/dev/null && return 0; sleep 0.1; done
+  echo "error: cloud-ingest did not become ready; see $2/cloud-ingest.log" >&2
+  return 1
+}
+
 ensure_toolchain() {
   if ! command -v cargo >/dev/null; then
     echo "error: cargo not found. Install the Rust stable toolchain (rustup) and run again." >&2

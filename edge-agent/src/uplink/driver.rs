@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::schedule::{Decision, Live, Scheduler, Settings};
 use crate::config::Uplink;
-use crate::ingest::{Command, QueueView, UplinkRequest};
+use crate::ingest::{QueueView, Requests, UplinkRequest};
 
 const MAX_FRAME: usize = 64 << 20;
 /// How often the agent tells the cloud about its queue.
@@ -50,22 +50,20 @@ fn tls(cfg: &Uplink) -> anyhow::Result<quinn::ClientConfig> {
 }
 
 async fn ask<T>(
-    tx: &mpsc::Sender<Command>,
+    queue: &Requests,
     make: impl FnOnce(oneshot::Sender<T>) -> UplinkRequest,
 ) -> anyhow::Result<T> {
-    let (reply, rx) = oneshot::channel();
-    tx.send(Command::Uplink(make(reply)))
+    queue
+        .ask(make)
         .await
-        .map_err(|_| anyhow::anyhow!("the queue writer stopped"))?;
-    rx.await
-        .map_err(|_| anyhow::anyhow!("the queue writer stopped"))
+        .ok_or_else(|| anyhow::anyhow!("the queue writer stopped"))
 }
 
 /// Runs the uplink until `shutdown`.
 pub async fn run(
     cfg: Uplink,
     gateway_id: String,
-    queue: mpsc::Sender<Command>,
+    queue: Requests,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let client = tls(&cfg)?;
@@ -111,7 +109,7 @@ async fn session(
     endpoint: &quinn::Endpoint,
     cfg: &Uplink,
     gateway_id: &str,
-    queue: &mpsc::Sender<Command>,
+    queue: &Requests,
     sched: &mut Scheduler,
     start: Instant,
 ) -> anyhow::Result<()> {
