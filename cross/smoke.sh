@@ -36,20 +36,10 @@ agent="target/dist/$target/edge-agent"
 cargo build --locked -q -p edge-agent -p cloud-ingest -p firmware-sim
 bin="${CARGO_TARGET_DIR:-target}/debug"
 
-work=$(mktemp -d /tmp/plantlink-smoke.XXXXXX)
-db="plantlink_smoke_$$"
-pids=()
-cleanup() {
-  stop_all "${pids[@]}"
-  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" postgres 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+scratch_workspace smoke
 
 start_private_mosquitto "$work"
 mport=$mqtt_port
-psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db" postgres
 make_demo_pki "$work" "$bin/cloud-ingest"
 qport=$(free_port udp)
 start_plain_cloud_ingest "$bin/cloud-ingest" "$work" "$qport" "$db"

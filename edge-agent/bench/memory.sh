@@ -19,19 +19,9 @@ log "building (release)"
 cargo build --locked --release -q -p edge-agent -p cloud-ingest -p firmware-sim
 bin="${CARGO_TARGET_DIR:-target}/release"
 
-work=$(mktemp -d /tmp/plantlink-memory.XXXXXX)
-db="plantlink_memory_$$"
-pids=()
-cleanup() {
-  stop_all "${pids[@]}"
-  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" postgres 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+scratch_workspace memory
 
 start_private_mosquitto "$work"
-psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db" postgres
 make_demo_pki "$work" "$bin/cloud-ingest"
 qport=$(free_port udp)
 ametrics=$(free_port)

@@ -38,6 +38,23 @@ stop_all() {
   done
 }
 
+# A work folder and a PostgreSQL database of the script's own, named after $1; on exit every
+# process in pids is stopped (newest first), the database dropped and the folder removed.
+# Sets work, db and pids.
+scratch_workspace() {
+  work=$(mktemp -d "/tmp/plantlink-$1.XXXXXX")
+  db="plantlink_$1_$$"
+  pids=()
+  trap _scratch_cleanup EXIT
+  trap 'exit 130' INT TERM
+  psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db" postgres
+}
+_scratch_cleanup() {
+  stop_all "${pids[@]}"
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" postgres 2>/dev/null || true
+  rm -rf "$work"
+}
+
 # A private Mosquitto in folder $1 on a free port, tuned as the deploy docs advise for the
 # agent; waits until it listens; sets mqtt_port and adds its pid to the caller's pids array.
 start_private_mosquitto() {
