@@ -2,7 +2,8 @@
 //!
 //! Each reading is one JSON record on `readings_topic`, keyed by device id so that a device's
 //! readings stay in order within one partition; its headers carry the reading identity
-//! (`plantlink-device`, `plantlink-metric`, `plantlink-ts-us`) so a consumer can drop a replay.
+//! (`plantlink-tenant`, `plantlink-device`, `plantlink-metric`, `plantlink-ts-us`) so a
+//! consumer can drop a replay without mixing up two tenants' devices of the same name.
 //! The record format is documented in `deploy/KAFKA.md`.
 //!
 //! The producer is idempotent with `acks=all`, lz4 and a linger; its local message timeout is
@@ -187,7 +188,11 @@ impl Kafka {
                 use std::fmt::Write;
                 let _ = write!(ts_us, "{}", r.ts.0);
             }
-            let headers = OwnedHeaders::new_with_capacity(3)
+            let headers = OwnedHeaders::new_with_capacity(4)
+                .insert(Header {
+                    key: "plantlink-tenant",
+                    value: Some(tenant),
+                })
                 .insert(Header {
                     key: "plantlink-device",
                     value: Some(r.device.as_str()),

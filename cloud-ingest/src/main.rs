@@ -39,7 +39,9 @@ struct ConfigArg {
 enum Command {
     /// Accepts gateways and writes their batches until SIGTERM or Ctrl-C.
     Run(ConfigArg),
-    /// Creates or completes the database schema; safe to run again.
+    /// Creates or completes the database schema, or upgrades one that an earlier release
+    /// made, in place and in one transaction; safe to run again, and from several replicas at
+    /// once. Refuses a schema newer than this binary. `run` does the same at start.
     Migrate(ConfigArg),
     /// The fleet PKI: a CA, the server certificate, and one certificate per gateway.
     #[command(subcommand)]
@@ -117,15 +119,20 @@ fn main() -> anyhow::Result<()> {
                 let client = cloud_ingest::postgres::connect(&config.postgres.url)
                     .await
                     .map_err(|e| anyhow::anyhow!("postgres.url: cannot connect: {e}"))?;
+                let found = cloud_ingest::postgres::upgrade::current(&client).await?;
                 let flavor = cloud_ingest::postgres::migrate(&client, &config.postgres).await?;
+                let version = cloud_ingest::postgres::schema::VERSION;
+                if found > 0 && found < version {
+                    println!("schema upgraded in place from version {found} to {version}");
+                }
                 match flavor {
                     cloud_ingest::postgres::Flavor::Timescale => println!(
-                        "schema is up to date (TimescaleDB: hypertable, continuous aggregates, \
-                         compression and retention policies)"
+                        "schema version {version} is up to date (TimescaleDB: hypertable, \
+                         continuous aggregates, compression and retention policies)"
                     ),
                     cloud_ingest::postgres::Flavor::Plain => println!(
-                        "schema is up to date (plain PostgreSQL: daily partitions and rollups \
-                         kept by `cloud-ingest run`)"
+                        "schema version {version} is up to date (plain PostgreSQL: daily \
+                         partitions and rollups kept by `cloud-ingest run`)"
                     ),
                 }
                 anyhow::Ok(())

@@ -273,7 +273,11 @@ async fn acker(mut send: quinn::SendStream, mut pending: mpsc::Receiver<Reply>, 
                 _ticket,
             } => {
                 let stored = match postgres.await {
-                    Ok(r) => r,
+                    Ok(Ok(conflicts)) => {
+                        report_conflicts(&ctx, seq, &conflicts).await;
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(e),
                     Err(_) => Err("shutting down; retry".into()),
                 };
                 let delivered = match kafka {
@@ -309,6 +313,54 @@ async fn acker(mut send: quinn::SendStream, mut pending: mpsc::Receiver<Reply>, 
         }
     }
 }
+/// Counts, logs (one line per batch, with an example) and dead-letters the readings of a
+/// batch whose identity was already stored with another value or other tags. They were
+/// kept in `reading_conflicts`; the first value stays in `raw_metrics`.
+async fn report_conflicts(ctx: &Ctx, seq: u64, conflicts: &[postgres::Conflict]) {
+    let Some(first) = conflicts.first() else {
+        return;
+    };
+    let n = conflicts.len() as u64;
+    counter!("plantlink_cloud_readings_conflicting_total", "tenant" => ctx.tenant.to_string())
+        .increment(n);
+    ctx.sinks.gateways.conflicting(&ctx.id.gateway, n);
+    tracing::warn!(
+        gateway = %ctx.id.gateway, tenant = %ctx.tenant, seq, conflicts = n,
+        example.device = %first.device.escape_debug(), example.metric = %first.metric.escape_debug(),
+        example.ts = %kafka::rfc3339(first.ts_us), example.stored = first.stored, example.received = first.value,
+        "readings conflict with stored ones (same device, metric and time, another value); the stored values stay, the others are in reading_conflicts and on the DLQ"
+    );
+    let Some(k) = &ctx.sinks.kafka else { return };
+    for c in conflicts {
+        let letter = DeadLetter {
+            reason: "conflict",
+            detail: format!(
+                "{} {} at {} was stored with value {}; this reading has {} (kept in reading_conflicts)",
+                c.device.escape_debug(),
+                c.metric.escape_debug(),
+                kafka::rfc3339(c.ts_us),
+                c.stored,
+                c.value
+            ),
+            tenant: &ctx.tenant,
+            gateway: &ctx.gateway,
+            seq: Some(seq),
+            reading: Some(serde_json::json!({
+                "tenant": c.tenant,
+                "device_id": c.device,
+                "metric": c.metric,
+                "ts": kafka::rfc3339(c.ts_us),
+                "ts_us": c.ts_us,
+                "value": kafka::json_number(c.value),
+                "stored_value": kafka::json_number(c.stored),
+            })),
+            payload_hex: None,
+            payload_bytes: None,
+        };
+        k.send_dlq(&ctx.gateway, &letter).await;
+    }
+}
+
 /// Why no database can hold a reading, if that is so.
 fn unstorable(r: &Reading) -> Option<&'static str> {
     if !maintain::storable(r.ts.0) {

@@ -27,10 +27,11 @@ use tokio::task::JoinSet;
 
 use crate::config::Postgres;
 use crate::postgres::maintain::{self, Partitions};
-use crate::postgres::{self, Flavor, Part};
+use crate::postgres::{self, Conflict, Flavor, Part, Written};
 
-/// What became of a batch: committed, or refused and why.
-pub type Outcome = Result<(), String>;
+/// What became of a batch: committed (with the readings that conflicted with ones already
+/// stored, which the caller reports), or refused and why.
+pub type Outcome = Result<Vec<Conflict>, String>;
 
 /// A gateway's decoded batch.
 #[derive(Debug)]
@@ -185,14 +186,10 @@ async fn writer(id: usize, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, sha
     let mut client: Option<tokio_postgres::Client> = None;
     while let Some(jobs) = take(&rx, shared.cfg.flush_max_readings).await {
         let started = std::time::Instant::now();
-        let outcomes = match flush(&shared, &mut client, &jobs, id).await {
-            Ok(n) => {
-                let mut out = vec![Ok(0); jobs.len()];
-                if let Some(first) = out.first_mut() {
-                    *first = Ok(n);
-                }
-                out
-            }
+        let outcomes: Vec<Result<Written, String>> = match flush(&shared, &mut client, &jobs, id)
+            .await
+        {
+            Ok(w) => share_out(&jobs, w),
             Err(e) if jobs.len() > 1 => {
                 tracing::warn!(writer = id, error = %e, "a merged write was refused; writing its batches one by one");
                 let mut out = Vec::with_capacity(jobs.len());
@@ -205,17 +202,35 @@ async fn writer(id: usize, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, sha
         };
         histogram!("plantlink_cloud_flush_seconds").record(started.elapsed().as_secs_f64());
         counter!("plantlink_cloud_flushes_total").increment(1);
-        let mut written = 0;
+        let (mut written, mut replays) = (0, 0);
         for (job, outcome) in jobs.into_iter().zip(outcomes) {
-            if let Ok(n) = outcome {
-                written += n;
+            if let Ok(w) = &outcome {
+                written += w.inserted;
+                replays += w.replays;
                 note_last_seen(&shared.last_seen, &job.batch);
             }
-            let _ = job.done.send(outcome.map(|_| ()));
+            let _ = job.done.send(outcome.map(|w| w.conflicts));
         }
         counter!("plantlink_cloud_readings_written_total", "sink" => "postgres").increment(written);
+        counter!("plantlink_cloud_readings_replayed_total").increment(replays);
         pending_gauge(&shared.budget, shared.cfg.max_pending_readings);
     }
+}
+
+/// Splits one merged write's result over its jobs: each conflict to the (first) job of the
+/// gateway that sent it; the counts to the first job.
+fn share_out(jobs: &[Job], mut w: Written) -> Vec<Result<Written, String>> {
+    let mut out: Vec<Written> = vec![Written::default(); jobs.len()];
+    for c in std::mem::take(&mut w.conflicts) {
+        let i = jobs
+            .iter()
+            .position(|j| *j.batch.tenant == *c.tenant && *j.batch.gateway == *c.gateway)
+            .unwrap_or(0);
+        out[i].conflicts.push(c);
+    }
+    out[0].inserted = w.inserted;
+    out[0].replays = w.replays;
+    out.into_iter().map(Ok).collect()
 }
 
 fn note_last_seen(seen: &LastSeen, b: &Batch) {
@@ -249,7 +264,7 @@ async fn flush(
     client: &mut Option<tokio_postgres::Client>,
     jobs: &[Job],
     id: usize,
-) -> Result<u64, String> {
+) -> Result<Written, String> {
     let parts: Vec<Part<'_>> = jobs
         .iter()
         .map(|j| Part {
@@ -356,13 +371,16 @@ async fn upkeep_once(
     if shared.flavor == Flavor::Plain {
         let rolled = maintain::roll(c).await?;
         counter!("plantlink_cloud_rollup_buckets_total").increment(rolled);
-        if last_partitions.elapsed() >= Duration::from_secs(600) {
+    }
+    if last_partitions.elapsed() >= Duration::from_secs(600) {
+        maintain::expire_conflicts(c, shared.cfg.retention.raw_days).await?;
+        if shared.flavor == Flavor::Plain {
             let up = maintain::partitions(c, &shared.cfg).await?;
             if !up.created.is_empty() || !up.dropped.is_empty() {
                 tracing::info!(created = ?up.created, dropped = ?up.dropped, rollup_rows_deleted = up.rollups_deleted, "partition upkeep");
             }
-            *last_partitions = std::time::Instant::now();
         }
+        *last_partitions = std::time::Instant::now();
     }
     Ok(())
 }

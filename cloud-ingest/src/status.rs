@@ -27,6 +27,9 @@ pub struct Gateway {
     pub readings_in_flight: u64,
     /// Batches answered with an error.
     pub batches_refused: u64,
+    /// Readings whose identity was already stored with another value or other tags (kept
+    /// in `reading_conflicts`, on the DLQ; the stored value stays).
+    pub readings_conflicting: u64,
     /// What the gateway last reported of its own queue.
     pub queue: Option<Reported>,
 }
@@ -110,6 +113,11 @@ impl Gateways {
                 g.batches_refused += 1;
             }
         });
+    }
+
+    /// Readings of a batch of the gateway conflicted with stored ones.
+    pub fn conflicting(&self, gateway: &str, readings: u64) {
+        self.with(gateway, |g| g.readings_conflicting += readings);
     }
 
     /// The gateways of `tenant`.

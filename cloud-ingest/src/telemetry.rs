@@ -28,6 +28,15 @@ pub fn describe() {
             "Readings newly stored, by sink (replays are not counted).",
         ),
         (
+            "plantlink_cloud_readings_replayed_total",
+            "Readings not stored because the same identity was stored with the same value and tags.",
+        ),
+        (
+            "plantlink_cloud_readings_conflicting_total",
+            "Readings whose identity was stored with another value or other tags, by tenant \
+             (kept in reading_conflicts and on the DLQ; the first value stays).",
+        ),
+        (
             "plantlink_cloud_batches_rejected_total",
             "Batches answered with an error, by reason.",
         ),
@@ -91,6 +100,7 @@ pub fn describe() {
         "plantlink_cloud_flushes_total",
         "plantlink_cloud_write_retries_total",
         "plantlink_cloud_rollup_buckets_total",
+        "plantlink_cloud_readings_replayed_total",
     ] {
         counter!(name).increment(0);
     }

@@ -113,7 +113,7 @@ async fn ranges_route_to_rollups_and_tenants_stay_apart() {
     postgres::write(&mut c, Flavor::Plain, &parts)
         .await
         .unwrap();
-    maintain::roll(&mut c).await.unwrap();
+    maintain::roll(&c).await.unwrap();
 
     let tokens = BTreeMap::from([
         ("acme".to_owned(), ACME.to_owned()),

@@ -244,7 +244,7 @@ async fn rollup_refresh_against_group_by() {
         .await
         .unwrap();
         let t = Instant::now();
-        let keys = maintain::roll(&mut c).await.unwrap();
+        let keys = maintain::roll(&c).await.unwrap();
         mine.push(t.elapsed().as_secs_f64());
         println!(
             "round {round}: GROUP BY {:.2} s, roll {:.2} s ({keys} hourly buckets)",

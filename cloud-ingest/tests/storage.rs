@@ -75,8 +75,9 @@ async fn mismatches(pgc: &tokio_postgres::Client, table: &str, unit: &str) -> Ve
                 || ' ' || coalesce(t.bucket, r.bucket)::text
                 || ' truth ' || coalesce(t.count::text, '-') || ' rollup ' || coalesce(r.count::text, '-')
          FROM truth t FULL JOIN {table} r
-           ON t.device_id = r.device_id AND t.metric_name = r.metric_name AND t.bucket = r.bucket
-         WHERE t.device_id IS NULL OR r.device_id IS NULL OR t.tenant_id <> r.tenant_id
+           ON t.tenant_id = r.tenant_id AND t.device_id = r.device_id
+          AND t.metric_name = r.metric_name AND t.bucket = r.bucket
+         WHERE t.device_id IS NULL OR r.device_id IS NULL
             OR t.min_val <> r.min_val OR t.max_val <> r.max_val OR t.count <> r.count
             OR abs(t.avg_val - r.avg_val) > 1e-9 * greatest(1, abs(t.avg_val))
             OR abs(r.sum_val / r.count - r.avg_val) > 1e-9 * greatest(1, abs(r.avg_val))
@@ -103,7 +104,7 @@ async fn rollups_match_group_by_and_retention_keeps_them() {
     cfg.flush_max_readings = 3_000;
     // The test rolls up itself; the upkeep task only runs its last round when the sink goes.
     cfg.rollup_interval_ms = 3_600_000;
-    let mut roller = postgres::connect(&url).await.unwrap();
+    let roller = postgres::connect(&url).await.unwrap();
     assert_eq!(
         postgres::migrate(&roller, &cfg).await.unwrap(),
         Flavor::Plain
@@ -143,7 +144,7 @@ async fn rollups_match_group_by_and_retention_keeps_them() {
     let mut rng = Rng(42);
     let first = random(&mut rng, 20_000, start, 3);
     submit_all(&sink, &first, 1_000).await;
-    let rolled = maintain::roll(&mut roller).await.unwrap();
+    let rolled = maintain::roll(&roller).await.unwrap();
     assert!(rolled > 0);
     let stored = count(&pgc, "SELECT count(*) FROM raw_metrics").await;
     assert!(stored > 19_000, "{stored}"); // random timestamps may collide
@@ -156,7 +157,7 @@ async fn rollups_match_group_by_and_retention_keeps_them() {
         Vec::<String>::new()
     );
     // Nothing left to roll: rolling again touches nothing.
-    assert_eq!(maintain::roll(&mut roller).await.unwrap(), 0);
+    assert_eq!(maintain::roll(&roller).await.unwrap(), 0);
     assert_eq!(count(&pgc, "SELECT count(*) FROM rollup_dirty").await, 0);
 
     // Many series in one hour (as live ingest makes): the one-scan path of the roll-up.
@@ -173,7 +174,7 @@ async fn rollups_match_group_by_and_retention_keeps_them() {
         })
         .collect();
     submit_all(&sink, &dense, 2_000).await;
-    assert_eq!(maintain::roll(&mut roller).await.unwrap(), 300);
+    assert_eq!(maintain::roll(&roller).await.unwrap(), 300);
     assert_eq!(
         mismatches(&pgc, "downsampled_metrics_1h", "hour").await,
         Vec::<String>::new()
@@ -201,7 +202,7 @@ async fn rollups_match_group_by_and_retention_keeps_them() {
         dirty <= touched,
         "{dirty} dirty of {touched} buckets in the late day"
     );
-    assert_eq!(maintain::roll(&mut roller).await.unwrap(), dirty as u64);
+    assert_eq!(maintain::roll(&roller).await.unwrap(), dirty as u64);
     assert_eq!(
         mismatches(&pgc, "downsampled_metrics_1h", "hour").await,
         Vec::<String>::new()

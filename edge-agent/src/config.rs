@@ -32,8 +32,9 @@ pub struct Config {
     pub dedupe: Dedupe,
     /// The Prometheus endpoint; absent means no endpoint.
     pub metrics: Option<Metrics>,
-    /// Known devices: device id to its type and firmware version, used to pick a
-    /// `[[firmware]]` mapping when neither the topic nor the payload says.
+    /// Known devices: device id (as composed by `[[mqtt.topics]] device`, where set) to
+    /// its type and firmware version, used to pick a `[[firmware]]` mapping when neither
+    /// the topic nor the payload says.
     #[serde(default)]
     pub devices: BTreeMap<String, Device>,
     /// Field mappings per device type and firmware version.
@@ -195,8 +196,30 @@ fn default_keep_alive() -> u64 {
 pub struct TopicTemplate {
     /// Like `plant/{site}/{line}/{device}/{metric}`. `{device}` and `{metric}` name the
     /// reading, `{device_type}` and `{firmware}` pick a firmware mapping, and any other
-    /// `{name}` becomes a tag. Without `{metric}`, metric names come from the payload.
+    /// `{name}` becomes a tag. Without `{metric}`, metric names come from the payload;
+    /// without `{device}` (and without `device`), so does the device.
     pub template: String,
+    /// The device id composed from the template's captures, e.g. `"{line}-{device}"`:
+    /// `{name}` placeholders with text between them. Without it the `{device}` capture
+    /// alone is the id. Use it where device names are unique per line but not across the
+    /// plant: a reading's identity is (tenant, device, metric, ts), so two devices sharing
+    /// a name collide whenever they stamp the same instant. If the template captures
+    /// `{device}`, the format must use it; if not, any captures may compose the id (e.g.
+    /// `"{site}-{line}-{unit}"`). Either way the topic names the device, so a device named
+    /// in the payload is ignored, and the captures still become tags. `[devices.<id>]` and
+    /// the per-device rate limit see the composed id.
+    pub device: Option<String>,
+}
+
+impl TopicTemplate {
+    /// Compiles the entry; an error names the failing key (`template` or `device`).
+    pub fn compile(&self) -> Result<Template, (&'static str, String)> {
+        let t = Template::parse(&self.template).map_err(|e| ("template", e))?;
+        match &self.device {
+            Some(d) => t.with_device(d).map_err(|e| ("device", e)),
+            None => Ok(t),
+        }
+    }
 }
 
 /// `[coap]`
@@ -246,8 +269,11 @@ impl Default for Limits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Dedupe {
-    /// A reading whose identity was stored less than this many seconds ago is dropped as a
-    /// duplicate. Identities are remembered on disk, so this holds across restarts.
+    /// A replay of a reading stored less than this many seconds ago is dropped: the same
+    /// identity (tenant, device, metric, ts) with the same value and tags, whatever its
+    /// `seq`. The same identity with another value or other tags is a conflict, which is
+    /// stored and shipped for the cloud to report. Remembered on disk, so this holds across
+    /// restarts.
     #[serde(default = "default_window")]
     pub window_secs: u64,
 }
@@ -411,7 +437,7 @@ impl Config {
         self.mqtt
             .iter()
             .flat_map(|m| &m.topics)
-            .filter_map(|t| Template::parse(&t.template).ok())
+            .filter_map(|t| t.compile().ok())
             .collect()
     }
 
@@ -441,8 +467,8 @@ impl Config {
                 );
             }
             for (i, t) in m.topics.iter().enumerate() {
-                Template::parse(&t.template)
-                    .map_err(|e| (format!("mqtt.topics[{i}].template"), e))?;
+                t.compile()
+                    .map_err(|(field, e)| (format!("mqtt.topics[{i}].{field}"), e))?;
             }
             if m.topics.is_empty() {
                 return bad(
@@ -562,6 +588,20 @@ mod tests {
         assert_eq!(c.limits.per_device_per_sec, 100.0);
         assert!(!c.templates().is_empty());
         assert!(!c.firmware.is_empty());
+
+        // The device format it suggests works as it says, on every template it is given for.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let suggested = "# device = \"{line}-{device}\"";
+        assert!(text.contains(suggested));
+        let c = Config::parse(&text.replace(suggested, &suggested[2..]), &path).unwrap();
+        for (t, topic) in c
+            .templates()
+            .iter()
+            .zip(["plant/p1/l3/press01/t", "plant/p1/l3/press01"])
+        {
+            let caps = t.captures(topic).unwrap();
+            assert_eq!(t.device_id(&caps).as_deref(), Some("l3-press01"), "{topic}");
+        }
     }
 
     #[test]
@@ -582,6 +622,44 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("mqtt.url"), "{err}");
+    }
+
+    fn with_topic(entry: &str) -> Result<Config, ConfigError> {
+        parse(&format!(
+            "[gateway]\nid = \"g\"\n[mqtt]\nurl = \"mqtt://h\"\nclient_id = \"c\"\n\
+             subscriptions = [\"plant/#\"]\n[[mqtt.topics]]\ntemplate = \"plant/{{d}}\"\n\
+             [[mqtt.topics]]\n{entry}\n"
+        ))
+    }
+
+    #[test]
+    fn device_formats_are_checked_at_load() {
+        let ok = with_topic(
+            "template = \"plant/{site}/{line}/{device}/{metric}\"\ndevice = \"{line}-{device}\"",
+        )
+        .unwrap();
+        let t = &ok.templates()[1];
+        let caps = t.captures("plant/p1/l4/press01/t").unwrap();
+        assert_eq!(t.device_id(&caps).as_deref(), Some("l4-press01"));
+
+        for (device, says) in [
+            ("{line}-{dev}", "{dev} is not a capture"),
+            ("{line-{device}", "not closed"),
+            ("", "is empty"),
+            ("{line}", "leaves out {device}"),
+        ] {
+            let err = with_topic(&format!(
+                "template = \"plant/{{site}}/{{line}}/{{device}}/{{metric}}\"\ndevice = {device:?}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("mqtt.topics[1].device: "), "{device}: {err}");
+            assert!(err.contains(&format!("{device:?}")), "{device}: {err}");
+            assert!(err.contains(says), "{device}: {err}");
+        }
+        // The template is checked first and named as such.
+        let err = with_topic("template = \"plant/x{d}\"\ndevice = \"{d}\"").unwrap_err();
+        assert!(err.to_string().contains("mqtt.topics[1].template"), "{err}");
     }
 
     #[test]

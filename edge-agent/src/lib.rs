@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML configuration and its checks.
-//! - [`topic`]: MQTT topic templates.
+//! - [`topic`]: MQTT topic templates, and device ids composed from their captures.
 //! - [`payload`]: payload bytes to readings, per firmware shape; rejects with reasons.
 //! - [`ratelimit`]: per-device token buckets (sans-IO).
 //! - [`store`]: the SQLite store-and-forward queue, its dedupe and eviction.
@@ -12,9 +12,11 @@
 //! - [`uplink`]: the uplink scheduler (sans-IO) and its QUIC driver.
 //! - [`sdnotify`]: readiness and watchdog notifications to systemd.
 //! - [`agent`]: wires it all together for `edge-agent run`.
+//! - [`check`]: what `edge-agent check-config` prints.
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod check;
 pub mod coap;
 pub mod config;
 pub mod ingest;

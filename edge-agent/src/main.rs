@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edge_agent::config::Config;
-use edge_agent::{agent, payload, store, telemetry};
+use edge_agent::{agent, check, payload, store, telemetry};
 
 /// Plantlink edge agent: runs on a plant gateway.
 ///
@@ -15,8 +15,9 @@ use edge_agent::{agent, payload, store, telemetry};
 /// durably in a SQLite queue until the cloud has it. A device is acknowledged only after
 /// its reading is on disk.
 ///
-/// Start with `edge-agent check-config --config FILE`; deploy/edge-agent.example.toml
-/// documents every key.
+/// Start with `edge-agent check-config --config FILE` (add `--topic TOPIC` to see the
+/// device, metric and tags a topic becomes); deploy/edge-agent.example.toml documents
+/// every key.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -40,11 +41,33 @@ struct ConfigArg {
 enum Command {
     /// Runs the agent until SIGTERM or Ctrl-C, then commits and acknowledges what it received.
     Run(ConfigArg),
-    /// Checks a configuration file and prints what it sets up; exits non-zero on any error.
-    CheckConfig(ConfigArg),
+    /// Checks a configuration file and prints what it sets up, including which device id
+    /// each topic template makes; exits non-zero on any error.
+    ///
+    /// Without --topic it shows, for each [[mqtt.topics]] entry, an example topic built from
+    /// the template (each {name} replaced by name1) and the device, metric and tags it
+    /// becomes. With --topic it shows that for real topics instead, and exits non-zero if
+    /// one of them matches no template:
+    ///
+    /// edge-agent check-config -c agent.toml --topic plant/p1/l3/press01/t --topic plant/p1/l4/press01/t
+    ///
+    /// Use it to check that devices sharing a name on different lines get different ids
+    /// (device = "{line}-{device}" in [[mqtt.topics]]): readings of two devices with one
+    /// id collide whenever they carry the same timestamp.
+    CheckConfig(CheckConfigArgs),
     /// Inspects the queue file (safe while the agent runs).
     #[command(subcommand)]
     Queue(QueueCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckConfigArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// An MQTT topic to resolve: prints the template it matches and the device, metric and
+    /// tags it becomes, or that it matches none. Repeat for several topics.
+    #[arg(long = "topic", value_name = "TOPIC")]
+    topics: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,8 +106,20 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(agent::run(config))
         }
         Command::CheckConfig(c) => {
-            let config = Config::load(&c.config)?;
-            print_summary(&c.config, &config);
+            let path = &c.config.config;
+            let config = Config::load(path)?;
+            print!("{}", check::summary(path, &config));
+            if c.topics.is_empty() {
+                print!("{}", check::examples(&config));
+                return Ok(());
+            }
+            let (text, unmatched) = check::explain(&config, &c.topics);
+            print!("{text}");
+            anyhow::ensure!(
+                unmatched == 0,
+                "{unmatched} of {} topic(s) match no [[mqtt.topics]] template",
+                c.topics.len()
+            );
             Ok(())
         }
         Command::Queue(QueueCommand::Stats { config, json }) => {
@@ -168,46 +203,4 @@ fn rfc3339(us: i64) -> String {
                 .ok()
         })
         .unwrap_or_else(|| format!("{us} µs"))
-}
-
-fn print_summary(path: &std::path::Path, c: &Config) {
-    println!("config {} is valid", path.display());
-    println!(
-        "  gateway    {} (tenant {})",
-        c.gateway.id, c.gateway.tenant
-    );
-    println!(
-        "  queue      {} (max {} bytes, synchronous {:?})",
-        c.store.path.display(),
-        c.store.max_bytes.0,
-        c.store.synchronous
-    );
-    match &c.mqtt {
-        Some(m) => println!(
-            "  mqtt       {} as {}, {} subscription(s), {} template(s)",
-            m.url,
-            m.client_id,
-            m.subscriptions.len(),
-            m.topics.len()
-        ),
-        None => println!("  mqtt       off"),
-    }
-    match &c.coap {
-        Some(co) => println!("  coap       {}", co.bind),
-        None => println!("  coap       off"),
-    }
-    println!(
-        "  limits     {}/s per device, burst {}, payloads up to {} bytes",
-        c.limits.per_device_per_sec, c.limits.burst, c.limits.max_payload_bytes
-    );
-    println!("  dedupe     {} s window", c.dedupe.window_secs);
-    match &c.metrics {
-        Some(m) => println!("  metrics    http://{}/metrics", m.bind),
-        None => println!("  metrics    off"),
-    }
-    println!(
-        "  firmware   {} mapping(s), {} known device(s)",
-        c.firmware.len(),
-        c.devices.len()
-    );
 }

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use plantlink_model::{Reading, Tags, Timestamp};
 
 use crate::config::{Config, Device, Firmware};
-use crate::topic::Template;
+use crate::topic::{MAX_NAME, Template};
 
 /// Why (part of) a payload was refused. The names are the `reason` label of
 /// `plantlink_edge_dead_letters_total`.
@@ -113,8 +113,6 @@ const MIN_TS_US: i64 = 946_684_800_000_000;
 const MAX_AHEAD_US: i64 = 86_400_000_000;
 /// Most readings one payload may carry.
 const MAX_READINGS_PER_PAYLOAD: usize = 10_000;
-/// Longest device id or metric name.
-const MAX_NAME: usize = 128;
 
 /// Keys with a fixed meaning in objects.
 const TS_KEYS: [&str; 3] = ["ts", "timestamp", "time"];
@@ -218,7 +216,8 @@ impl V {
 /// What the topic or path says about a message.
 #[derive(Debug, Default, Clone)]
 pub struct Context {
-    /// The device, if the topic or path names it.
+    /// The device, if the topic or path names it (as `[[mqtt.topics]] device` composes
+    /// it, where set). It wins over a device named in the payload.
     pub device: Option<String>,
     /// The metric, if the topic or path names it.
     pub metric: Option<String>,
@@ -256,13 +255,23 @@ impl Decoder {
 
     /// The context an MQTT topic gives, from the first template that matches.
     pub fn topic_context(&self, topic: &str) -> Option<Context> {
-        self.templates.iter().find_map(|t| {
+        self.topic_match(topic).map(|(_, ctx)| ctx)
+    }
+
+    /// The first template that matches `topic` (its index in `[[mqtt.topics]]`) and the
+    /// context it gives.
+    pub fn topic_match(&self, topic: &str) -> Option<(usize, Context)> {
+        self.templates.iter().enumerate().find_map(|(i, t)| {
             let caps = t.captures(topic)?;
-            let mut ctx = Context::default();
+            let mut ctx = Context {
+                device: t.device_id(&caps),
+                ..Context::default()
+            };
             for (name, value) in caps {
                 let value = value.to_owned();
                 match name {
-                    "device" => ctx.device = Some(value),
+                    // With `device = "..."` the capture is only part of the composed id.
+                    "device" => ctx.device = ctx.device.or(Some(value)),
                     "metric" => ctx.metric = Some(value),
                     "device_type" => ctx.device_type = Some(value),
                     "firmware" => ctx.firmware = Some(value),
@@ -271,7 +280,7 @@ impl Decoder {
                     }
                 }
             }
-            Some(ctx)
+            Some((i, ctx))
         })
     }
 
@@ -601,15 +610,20 @@ fn check_name(name: Option<&str>, missing: Reason, out: &mut Decoded) -> Option<
             );
             None
         }
-        Some(n) if n.is_empty() || n.len() > MAX_NAME || n.chars().any(char::is_control) => {
-            out.reject(
-                Reason::WrongType,
-                format!("{what} name {n:?} must be 1 to {MAX_NAME} printable characters"),
-            );
-            None
-        }
-        Some(n) => Some(n.to_owned()),
+        Some(n) => match name_problem(what, n) {
+            Some(detail) => {
+                out.reject(Reason::WrongType, detail);
+                None
+            }
+            None => Some(n.to_owned()),
+        },
     }
+}
+
+/// What is wrong with `name` as a device id or metric name (`what`), if anything.
+pub fn name_problem(what: &str, name: &str) -> Option<String> {
+    (name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control))
+        .then(|| format!("{what} name {name:?} must be 1 to {MAX_NAME} printable characters"))
 }
 
 fn version_matches(pattern: &str, version: &str) -> bool {

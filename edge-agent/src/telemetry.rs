@@ -39,7 +39,7 @@ fn describe() {
         ),
         (
             "plantlink_edge_duplicates_dropped_total",
-            "Readings dropped as duplicates of stored ones.",
+            "Readings dropped as replays of stored ones (same identity, value and tags).",
         ),
         (
             "plantlink_edge_rate_limited_total",

@@ -1,4 +1,5 @@
-//! The built binary answers --help and --version.
+//! The built binary answers --help and --version, and `check-config --topic` shows which
+//! device a topic becomes.
 #![allow(clippy::unwrap_used)] // tests may panic
 
 use std::process::Command;
@@ -18,4 +19,85 @@ fn help_and_version() {
         .output()
         .expect("run edge-agent");
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn check_config_shows_the_device_a_topic_becomes() {
+    let dir = std::env::temp_dir().join(format!("plantlink-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+[gateway]
+id = "gw"
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+client_id = "c"
+subscriptions = ["plant/#"]
+[[mqtt.topics]]
+template = "plant/{site}/{line}/{device}/{metric}"
+device = "{line}-{device}"
+"#,
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+            .arg("check-config")
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .expect("run edge-agent");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (
+            out.status.success(),
+            text,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (ok, text, _) = run(&[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("is valid"), "{text}");
+    assert!(
+        text.contains(
+            "e.g. plant/site1/line1/device1/metric1\n        -> device \"line1-device1\""
+        ),
+        "{text}"
+    );
+
+    let (ok, text, _) = run(&[
+        "--topic",
+        "plant/p1/l3/press01/temperature",
+        "--topic",
+        "plant/p1/l4/press01/temperature",
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("-> device \"l3-press01\", metric \"temperature\", tags line=l3, site=p1"),
+        "{text}"
+    );
+    assert!(text.contains("-> device \"l4-press01\""), "{text}");
+
+    let (ok, text, err) = run(&["--topic", "elsewhere/press01"]);
+    assert!(!ok, "a topic that matches nothing fails the check: {text}");
+    assert!(
+        text.contains("matches no [[mqtt.topics]] template"),
+        "{text}"
+    );
+    assert!(err.contains("1 of 1 topic(s) match no"), "{err}");
+
+    // A bad format fails at load, naming the key, the value and the fix.
+    let bad = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("{line}-{device}", "{line}-{dev}");
+    std::fs::write(&cfg, bad).unwrap();
+    let (ok, _, err) = run(&[]);
+    assert!(!ok);
+    assert!(
+        err.contains("mqtt.topics[0].device: \"{line}-{dev}\": {dev} is not a capture"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,7 @@
 //! MQTT ingest against a real Mosquitto: payload shapes and firmware mappings end to end,
-//! one flooding device limited without touching its neighbours, and a clean SIGTERM that
-//! leaves nothing unacknowledged at the broker.
+//! one flooding device limited without touching its neighbours, devices that share a name
+//! told apart by a composed id, and a clean SIGTERM that leaves nothing unacknowledged at
+//! the broker.
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
@@ -374,5 +375,112 @@ fn records_of_confirmed_acks_are_forgotten() {
             );
             records() < 100
         },
+    );
+}
+
+#[test]
+fn devices_sharing_a_name_on_two_lines_stay_two_devices() {
+    let broker = Broker::start();
+    let dir = TempDir::new("lines");
+    let id = format!("lines-{}", std::process::id());
+    let db = dir.path().join("queue.db");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[gateway]
+id = "gw"
+[store]
+path = "{}"
+[mqtt]
+url = "{}"
+client_id = "{id}"
+subscriptions = ["plant/#"]
+[[mqtt.topics]]
+template = "plant/{{site}}/{{line}}/{{device}}/{{metric}}"
+device = "{{line}}-{{device}}"
+[[mqtt.topics]]
+template = "plant/{{site}}/{{line}}/{{device}}"
+device = "{{line}}-{{device}}"
+[limits]
+per_device_per_sec = 1e9
+burst = 1e9
+"#,
+            db.display(),
+            broker.url()
+        ),
+    )
+    .unwrap();
+    common::create_session(broker.port, &id, &["plant/#"]);
+    let _agent = start_agent(&cfg);
+
+    // press01 on line l3 and press01 on line l4 stamp the same seconds with other values.
+    let body = |ts: u64, v: f64| format!(r#"{{"ts": {ts}, "pressure": {v}}}"#).into_bytes();
+    let mut msgs: Vec<(&str, Vec<u8>)> = Vec::new();
+    for k in 0..3 {
+        let ts = 1_767_225_600 + k;
+        msgs.push(("plant/p1/l3/press01", body(ts, 10.0 + k as f64)));
+        msgs.push(("plant/p1/l4/press01", body(ts, 20.0 + k as f64)));
+    }
+    // On l3's own topic (so in order after its first reading): a replay, which is dropped,
+    // then a conflict (same identity, another value), which is kept for the cloud to report.
+    msgs.push(("plant/p1/l3/press01", body(1_767_225_600, 10.0)));
+    msgs.push(("plant/p1/l3/press01", body(1_767_225_600, 99.0)));
+    publish(broker.port, &msgs);
+
+    wait_for("the conflicting reading", Duration::from_secs(30), || {
+        queued(&db) >= 7 && all_readings(&db).iter().any(|r| r.3 == 99.0)
+    });
+    let rows = all_readings(&db);
+    let of = |d: &str| -> Vec<(i64, f64)> {
+        rows.iter()
+            .filter(|r| r.0 == d)
+            .map(|r| {
+                assert_eq!(r.1, "pressure");
+                (r.2, r.3)
+            })
+            .collect()
+    };
+    let s = |k: i64| (1_767_225_600 + k) * 1_000_000;
+    assert_eq!(
+        of("l3-press01"),
+        vec![(s(0), 10.0), (s(1), 11.0), (s(2), 12.0), (s(0), 99.0)]
+    );
+    assert_eq!(
+        of("l4-press01"),
+        vec![(s(0), 20.0), (s(1), 21.0), (s(2), 22.0)]
+    );
+    assert_eq!(rows.len(), 7, "no reading under the bare name: {rows:?}");
+
+    // `queue stats --json` shows them as two devices.
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["queue", "stats", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["readings"], 7);
+    assert_eq!(v["devices"], 2);
+    let mut per: Vec<(String, u64)> = v["per_device"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["device"].as_str().unwrap().to_owned(),
+                d["readings"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    per.sort();
+    assert_eq!(
+        per,
+        vec![("l3-press01".into(), 4), ("l4-press01".into(), 3)]
     );
 }

@@ -1,7 +1,8 @@
-//! R1: a model-based property test of the queue. Random appends (with duplicates), crashes
-//! mid-transaction, batch reads, acks, lane restarts and reopenings run against the SQLite
-//! queue and a plain in-memory model. No acked reading may come back, and no committed,
-//! unacked reading may be lost.
+//! R1: a model-based property test of the queue. Random appends (with replays and
+//! conflicts), crashes mid-transaction, batch reads, acks, lane restarts and reopenings run
+//! against the SQLite queue and a plain in-memory model. No acked reading may come back, no
+//! committed, unacked reading may be lost, a replay (same identity and value) is dropped and
+//! a conflict (same identity, another value) is stored.
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
@@ -13,7 +14,9 @@ use edge_agent::store::{Insert, Options, Store};
 use plantlink_model::{Reading, Timestamp};
 use proptest::prelude::*;
 
-type Key = (u8, i64);
+/// (device, ts, value): the first two make the identity, the value tells a replay from a
+/// conflict.
+type Key = (u8, i64, u8);
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -26,7 +29,7 @@ enum Op {
 }
 
 fn key() -> impl Strategy<Value = Key> {
-    (0u8..4, 0i64..40)
+    (0u8..4, 0i64..40, 0u8..2)
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -41,11 +44,17 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn reading(k: Key) -> Reading {
-    Reading::new("t", format!("dev{}", k.0), "m", Timestamp(k.1), k.1 as f64)
+    Reading::new(
+        "t",
+        format!("dev{}", k.0),
+        "m",
+        Timestamp(k.1),
+        f64::from(k.2),
+    )
 }
 
 fn key_of(r: &Reading) -> Key {
-    (r.device[3..].parse().unwrap(), r.ts.0)
+    (r.device[3..].parse().unwrap(), r.ts.0, r.value as u8)
 }
 
 fn options(dir: &common::TempDir) -> Options {

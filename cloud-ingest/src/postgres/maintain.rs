@@ -1,7 +1,8 @@
 //! Upkeep on plain PostgreSQL: daily partitions of `raw_metrics` (created ahead, created on
 //! demand for late or early readings, dropped past retention), rollups re-rolled from the
-//! buckets that new readings touched, and rollup retention. On TimescaleDB its policies do
-//! all of this and these functions are not called.
+//! buckets that new readings touched (per tenant), and rollup retention. On TimescaleDB its
+//! policies do all of this and these functions are not called, except [`last_seen`] and
+//! [`expire_conflicts`], which both flavours use.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -196,18 +197,19 @@ pub async fn partitions_at(client: &Client, cfg: &Postgres, today: i64) -> Resul
 const ROLL_CHUNK: i64 = 20_000;
 
 const ROLL_KEYS: &str = "CREATE TEMP TABLE IF NOT EXISTS roll_keys (
-    device_id text, metric_name text, bucket timestamptz) ON COMMIT DELETE ROWS";
+    tenant_id text, device_id text, metric_name text, bucket timestamptz) ON COMMIT DELETE ROWS";
 
 /// Takes up to [`ROLL_CHUNK`] dirty keys, oldest hour first (so a chunk covers a narrow
 /// time range), and reports how many and which hours they span.
 const TAKE: &str = "
 WITH taken AS (
     DELETE FROM rollup_dirty d
-    USING (SELECT device_id, metric_name, bucket FROM rollup_dirty
-           ORDER BY bucket, device_id, metric_name
+    USING (SELECT tenant_id, device_id, metric_name, bucket FROM rollup_dirty
+           ORDER BY bucket, tenant_id, device_id, metric_name
            LIMIT $1 FOR UPDATE SKIP LOCKED) k
-    WHERE d.device_id = k.device_id AND d.metric_name = k.metric_name AND d.bucket = k.bucket
-    RETURNING d.device_id, d.metric_name, d.bucket
+    WHERE d.tenant_id = k.tenant_id AND d.device_id = k.device_id
+      AND d.metric_name = k.metric_name AND d.bucket = k.bucket
+    RETURNING d.tenant_id, d.device_id, d.metric_name, d.bucket
 ), kept AS (
     INSERT INTO roll_keys SELECT * FROM taken RETURNING bucket
 )
@@ -218,16 +220,16 @@ SELECT count(*), min(bucket), max(bucket) + INTERVAL '1 hour', count(DISTINCT bu
 const HOURLY_SPARSE: &str = "
 INSERT INTO downsampled_metrics_1h AS h
     (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
-SELECT min(r.tenant_id), r.device_id, r.metric_name, date_trunc('hour', r.ts),
+SELECT r.tenant_id, r.device_id, r.metric_name, date_trunc('hour', r.ts),
        min(r.value), max(r.value), avg(r.value), sum(r.value), count(*)
 FROM raw_metrics r
 WHERE r.ts >= $1 AND r.ts < $2
-  AND (r.device_id, r.metric_name, date_trunc('hour', r.ts)) IN
-      (SELECT device_id, metric_name, bucket FROM roll_keys)
-GROUP BY 2, 3, 4
-ORDER BY 2, 3, 4
-ON CONFLICT (device_id, metric_name, bucket) DO UPDATE SET
-    tenant_id = EXCLUDED.tenant_id, min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
+  AND (r.tenant_id, r.device_id, r.metric_name, date_trunc('hour', r.ts)) IN
+      (SELECT tenant_id, device_id, metric_name, bucket FROM roll_keys)
+GROUP BY 1, 2, 3, 4
+ORDER BY 1, 2, 3, 4
+ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET
+    min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
     avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count";
 
 /// The same when most series of the hours are dirty (live ingest): one scan of the time
@@ -236,16 +238,16 @@ const HOURLY_DENSE: &str = "
 INSERT INTO downsampled_metrics_1h AS h
     (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
 SELECT a.* FROM (
-    SELECT min(tenant_id), device_id, metric_name, date_trunc('hour', ts) AS bucket,
+    SELECT tenant_id, device_id, metric_name, date_trunc('hour', ts) AS bucket,
            min(value), max(value), avg(value), sum(value), count(*)
     FROM raw_metrics
     WHERE ts >= $1 AND ts < $2
-    GROUP BY 2, 3, 4) a
-WHERE (a.device_id, a.metric_name, a.bucket) IN
-      (SELECT device_id, metric_name, bucket FROM roll_keys)
-ORDER BY 2, 3, 4
-ON CONFLICT (device_id, metric_name, bucket) DO UPDATE SET
-    tenant_id = EXCLUDED.tenant_id, min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
+    GROUP BY 1, 2, 3, 4) a
+WHERE (a.tenant_id, a.device_id, a.metric_name, a.bucket) IN
+      (SELECT tenant_id, device_id, metric_name, bucket FROM roll_keys)
+ORDER BY 1, 2, 3, 4
+ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET
+    min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
     avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count";
 
 /// Dirty keys per dirty hour from which one scan of the range beats lookups per key.
@@ -255,43 +257,35 @@ const DENSE_KEYS_PER_HOUR: i64 = 256;
 const DAILY: &str = "
 INSERT INTO downsampled_metrics_1d AS d
     (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
-SELECT min(h.tenant_id), h.device_id, h.metric_name, k.day,
+SELECT h.tenant_id, h.device_id, h.metric_name, k.day,
        min(h.min_val), max(h.max_val), sum(h.sum_val) / sum(h.count), sum(h.sum_val),
        sum(h.count)::bigint
-FROM (SELECT DISTINCT device_id, metric_name, date_trunc('day', bucket) AS day
+FROM (SELECT DISTINCT tenant_id, device_id, metric_name, date_trunc('day', bucket) AS day
       FROM roll_keys) k
-JOIN downsampled_metrics_1h h ON h.device_id = k.device_id AND h.metric_name = k.metric_name
+JOIN downsampled_metrics_1h h ON h.tenant_id = k.tenant_id AND h.device_id = k.device_id
+                             AND h.metric_name = k.metric_name
                              AND h.bucket >= k.day AND h.bucket < k.day + INTERVAL '1 day'
-GROUP BY h.device_id, h.metric_name, k.day
-ORDER BY h.device_id, h.metric_name, k.day
-ON CONFLICT (device_id, metric_name, bucket) DO UPDATE SET
-    tenant_id = EXCLUDED.tenant_id, min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
+GROUP BY h.tenant_id, h.device_id, h.metric_name, k.day
+ORDER BY h.tenant_id, h.device_id, h.metric_name, k.day
+ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET
+    min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
     avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count";
 
 /// Re-rolls every bucket that new readings touched, hourly from raw and daily from hourly,
-/// until none is left; returns how many hourly buckets it re-rolled. Idempotent, and safe to
-/// run from several replicas at once (each takes different keys).
-pub async fn roll(client: &mut Client) -> Result<u64, Error> {
+/// per tenant, until none is left; returns how many hourly buckets it re-rolled. Idempotent,
+/// and safe to run from several replicas at once (each takes different keys).
+pub async fn roll(client: &Client) -> Result<u64, Error> {
     client.batch_execute(ROLL_KEYS).await?;
     let mut total = 0;
     loop {
-        let tx = client.transaction().await?;
-        let row = tx.query_one(TAKE, &[&ROLL_CHUNK]).await?;
-        let n: i64 = row.get(0);
-        if n > 0 {
-            let (from, to): (std::time::SystemTime, std::time::SystemTime) =
-                (row.get(1), row.get(2));
-            let hours: i64 = row.get(3);
-            tx.batch_execute("ANALYZE roll_keys").await?;
-            let hourly = if n >= DENSE_KEYS_PER_HOUR * hours {
-                HOURLY_DENSE
-            } else {
-                HOURLY_SPARSE
-            };
-            tx.execute(hourly, &[&from, &to]).await?;
-            tx.execute(DAILY, &[]).await?;
-        }
-        tx.commit().await?;
+        client.batch_execute("BEGIN").await?;
+        let n = match roll_chunk(client).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
         total += n as u64;
         if n < ROLL_CHUNK {
             return Ok(total);
@@ -299,30 +293,60 @@ pub async fn roll(client: &mut Client) -> Result<u64, Error> {
     }
 }
 
-/// Records the newest reading time of each device, in one statement.
+/// One chunk of [`roll`], inside its transaction; commits it.
+async fn roll_chunk(client: &Client) -> Result<i64, Error> {
+    let row = client.query_one(TAKE, &[&ROLL_CHUNK]).await?;
+    let n: i64 = row.get(0);
+    if n > 0 {
+        let (from, to): (std::time::SystemTime, std::time::SystemTime) = (row.get(1), row.get(2));
+        let hours: i64 = row.get(3);
+        client.batch_execute("ANALYZE roll_keys").await?;
+        let hourly = if n >= DENSE_KEYS_PER_HOUR * hours {
+            HOURLY_DENSE
+        } else {
+            HOURLY_SPARSE
+        };
+        client.execute(hourly, &[&from, &to]).await?;
+        client.execute(DAILY, &[]).await?;
+    }
+    client.batch_execute("COMMIT").await?;
+    Ok(n)
+}
+
+/// Records the newest reading time of each (tenant, device), in one statement.
 pub async fn last_seen(client: &Client, seen: &[(String, String, i64)]) -> Result<(), Error> {
     if seen.is_empty() {
         return Ok(());
     }
-    // One row per device (the key has no tenant; device ids are unique in a deployment, and
-    // a clash must not stop the upkeep), newest time first.
+    // One row per (tenant, device), newest time first.
     let mut sorted: Vec<&(String, String, i64)> = seen.iter().collect();
-    sorted.sort_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
-    sorted.dedup_by(|a, b| a.1 == b.1);
-    let devices: Vec<&str> = sorted.iter().map(|s| s.1.as_str()).collect();
+    sorted.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)).then(b.2.cmp(&a.2)));
+    sorted.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
     let tenants: Vec<&str> = sorted.iter().map(|s| s.0.as_str()).collect();
+    let devices: Vec<&str> = sorted.iter().map(|s| s.1.as_str()).collect();
     let times: Vec<std::time::SystemTime> =
         sorted.iter().map(|s| super::system_time(s.2)).collect();
     client
         .execute(
-            "INSERT INTO devices AS d (device_id, tenant_id, last_seen_at)
+            "INSERT INTO devices AS d (tenant_id, device_id, last_seen_at)
              SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
-             ON CONFLICT (device_id) DO UPDATE
+             ON CONFLICT (tenant_id, device_id) DO UPDATE
              SET last_seen_at = GREATEST(d.last_seen_at, EXCLUDED.last_seen_at)",
-            &[&devices, &tenants, &times],
+            &[&tenants, &devices, &times],
         )
         .await?;
     Ok(())
+}
+
+/// Deletes kept conflicts older than the raw retention (the readings they contradict are
+/// gone by then); returns how many.
+pub async fn expire_conflicts(client: &Client, raw_days: u32) -> Result<u64, Error> {
+    let cutoff = super::system_time(
+        OffsetDateTime::now_utc().unix_timestamp() * 1_000_000 - i64::from(raw_days) * DAY_US,
+    );
+    client
+        .execute("DELETE FROM reading_conflicts WHERE ts < $1", &[&cutoff])
+        .await
 }
 
 #[cfg(test)]

@@ -2,18 +2,27 @@
 //!
 //! A flush (one or more gateways' batches) is written in one transaction: binary COPY into
 //! a temporary staging table, then `INSERT ... SELECT ... ORDER BY key ON CONFLICT DO
-//! NOTHING` into `raw_metrics`, keyed by the reading identity (device, metric, ts). A
-//! replayed batch (after a lost ack, a reconnect or a crash) therefore adds nothing, and a
+//! NOTHING` into `raw_metrics`, keyed by the reading identity (tenant, device, metric, ts).
+//! A replayed batch (after a lost ack, a reconnect or a crash) therefore adds nothing, and a
 //! batch is acknowledged to the gateway only after the commit. Rows go in key order, so two
 //! writers inserting overlapping replays take their locks in the same order and cannot
 //! deadlock each other.
 //!
-//! On plain PostgreSQL the same statement records the (device, metric, hour) buckets that
-//! the new rows touched in `rollup_dirty`, in the same transaction, so a crash cannot lose
-//! the news that a rollup is stale; [`maintain::roll`] re-rolls exactly those buckets.
+//! When some staged rows were not inserted, one more statement in the same transaction
+//! tells replays (same value and tags: dropped) from conflicts (other value or tags): those
+//! go to `reading_conflicts` and back to the caller, which counts, logs and dead-letters
+//! them. The first value stored stays. A flush with nothing already stored pays nothing.
+//!
+//! On plain PostgreSQL the same statement records the (tenant, device, metric, hour)
+//! buckets that the new rows touched in `rollup_dirty`, in the same transaction, so a crash
+//! cannot lose the news that a rollup is stale; [`maintain::roll`] re-rolls exactly those.
+//!
+//! Schema versions and in-place upgrades are in [`upgrade`].
 
 pub mod maintain;
+pub mod queries;
 pub mod schema;
+pub mod upgrade;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -56,6 +65,8 @@ pub async fn migrate(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> 
 }
 
 async fn migrate_locked(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> {
+    let version = upgrade::current(client).await?;
+    upgrade::check_known(version)?;
     let available: bool = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
@@ -78,17 +89,56 @@ async fn migrate_locked(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavo
              extension (not in pg_available_extensions); install it, or set timescaledb = \"auto\""
         ),
     };
-    client.batch_execute(schema::COMMON).await?;
+    // One transaction: an upgrade that fails half way leaves the old schema as it was.
+    let mut sql = String::from("BEGIN;\n");
+    if version == 1 {
+        tracing::info!(
+            from = 1,
+            to = schema::VERSION,
+            ?flavor,
+            "upgrading the schema in place"
+        );
+        sql.push_str(&upgrade::v2_keys(flavor));
+    }
+    sql.push_str(schema::COMMON);
     match flavor {
-        Flavor::Plain => client.batch_execute(&schema::plain()).await?,
+        Flavor::Plain => sql.push_str(&schema::plain()),
         Flavor::Timescale => {
-            client
-                .batch_execute(&schema::timescale(&cfg.retention, cfg.compress_after_days))
-                .await?
+            sql.push_str(&schema::timescale(&cfg.retention, cfg.compress_after_days))
         }
+    }
+    if version == 1 {
+        sql.push_str(&upgrade::v2_data(flavor));
+    }
+    let applied = async {
+        client.batch_execute(&sql).await?;
+        client
+            .execute(
+                upgrade::RECORD,
+                &[
+                    &schema::VERSION,
+                    &concat!("cloud-ingest ", env!("CARGO_PKG_VERSION")),
+                ],
+            )
+            .await?;
+        client.batch_execute("COMMIT").await
+    }
+    .await;
+    if let Err(e) = applied {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(anyhow::Error::new(e).context(format!(
+            "creating or upgrading the schema (found version {version}, this release writes \
+             version {}); nothing was changed",
+            schema::VERSION
+        )));
     }
     if flavor == Flavor::Plain {
         maintain::partitions(client, cfg).await?;
+        if version == 1 {
+            // Rollups recomputed per tenant now, so they are right when `migrate` returns.
+            let hours = maintain::roll(client).await?;
+            tracing::info!(hourly_buckets = hours, "rollups recomputed per tenant");
+        }
     }
     Ok(flavor)
 }
@@ -160,31 +210,81 @@ pub fn system_time(us: i64) -> SystemTime {
     }
 }
 
+/// Rows go in key order, ties in the order received (`ctid` follows the COPY), so within a
+/// flush the first of two readings with one identity is the one stored.
 const INSERT_TIMESCALE: &str = "
 INSERT INTO raw_metrics (tenant_id, device_id, metric_name, value, tags, ts, seq, gateway_id)
 SELECT tenant_id, device_id, metric_name, value, tags::jsonb, ts, seq, gateway_id
 FROM staging_readings
-ORDER BY device_id, metric_name, ts
-ON CONFLICT (device_id, metric_name, ts) DO NOTHING";
+ORDER BY tenant_id, device_id, metric_name, ts, ctid
+ON CONFLICT (tenant_id, device_id, metric_name, ts) DO NOTHING";
 
 const INSERT_PLAIN: &str = "
 WITH ins AS (
     INSERT INTO raw_metrics (tenant_id, device_id, metric_name, value, tags, ts, seq, gateway_id)
     SELECT tenant_id, device_id, metric_name, value, tags::jsonb, ts, seq, gateway_id
     FROM staging_readings
-    ORDER BY device_id, metric_name, ts
-    ON CONFLICT (device_id, metric_name, ts) DO NOTHING
-    RETURNING device_id, metric_name, ts
+    ORDER BY tenant_id, device_id, metric_name, ts, ctid
+    ON CONFLICT (tenant_id, device_id, metric_name, ts) DO NOTHING
+    RETURNING tenant_id, device_id, metric_name, ts
 ), dirty AS (
-    INSERT INTO rollup_dirty (device_id, metric_name, bucket)
-    SELECT DISTINCT device_id, metric_name, date_trunc('hour', ts) FROM ins
-    ORDER BY 1, 2, 3
+    INSERT INTO rollup_dirty (tenant_id, device_id, metric_name, bucket)
+    SELECT DISTINCT tenant_id, device_id, metric_name, date_trunc('hour', ts) FROM ins
+    ORDER BY 1, 2, 3, 4
     -- DO UPDATE, not DO NOTHING: it locks an existing key until this transaction commits,
     -- so a roll-up running now skips it (SKIP LOCKED) instead of taking it and computing
     -- the hour without these rows.
-    ON CONFLICT (device_id, metric_name, bucket) DO UPDATE SET bucket = EXCLUDED.bucket
+    ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET bucket = EXCLUDED.bucket
 )
 SELECT count(*) FROM ins";
+
+/// Run only when some staged rows were not inserted: those whose identity is stored with
+/// another value or other tags are conflicts. Each is kept once in `reading_conflicts` (a
+/// replay of a conflicting batch adds nothing) and returned to be reported. The join sees
+/// this transaction's own inserts, so two readings of one identity in one flush are caught
+/// too.
+const CONFLICTS: &str = "
+INSERT INTO reading_conflicts
+    (tenant_id, device_id, metric_name, ts, value, tags, stored_value, stored_tags, gateway_id, seq)
+SELECT s.tenant_id, s.device_id, s.metric_name, s.ts, s.value, coalesce(s.tags::jsonb, '{}'::jsonb),
+       r.value, r.tags, s.gateway_id, s.seq
+FROM staging_readings s
+JOIN raw_metrics r ON r.tenant_id = s.tenant_id AND r.device_id = s.device_id
+                  AND r.metric_name = s.metric_name AND r.ts = s.ts
+WHERE r.value IS DISTINCT FROM s.value OR r.tags IS DISTINCT FROM s.tags::jsonb
+ON CONFLICT DO NOTHING
+RETURNING tenant_id, gateway_id, device_id, metric_name, ts, value, stored_value";
+
+/// A reading whose identity was already stored with another value or other tags. The stored
+/// value stays; this one is kept in `reading_conflicts` and reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    /// The tenant.
+    pub tenant: String,
+    /// The gateway that sent the conflicting reading.
+    pub gateway: String,
+    /// The device.
+    pub device: String,
+    /// The metric.
+    pub metric: String,
+    /// The reading's time, µs since the epoch.
+    pub ts_us: i64,
+    /// The value that arrived (and was not stored).
+    pub value: f64,
+    /// The value stored first, which stays.
+    pub stored: f64,
+}
+
+/// What one write did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Written {
+    /// Readings stored now.
+    pub inserted: u64,
+    /// Readings not stored because their identity was stored with the same content.
+    pub replays: u64,
+    /// Readings not stored because their identity was stored with other content.
+    pub conflicts: Vec<Conflict>,
+}
 
 /// A gateway's readings, with the identity its certificate proved.
 #[derive(Debug, Clone, Copy)]
@@ -197,16 +297,21 @@ pub struct Part<'a> {
     pub readings: &'a [Reading],
 }
 
-/// Writes several gateways' readings in one transaction; returns how many were new. The
-/// staging table must exist on `client` ([`STAGING`]); on plain PostgreSQL the partitions
-/// for the readings' days must exist too ([`maintain::Partitions::ensure`]).
-pub async fn write(client: &mut Client, flavor: Flavor, parts: &[Part<'_>]) -> Result<u64, Error> {
+/// Writes several gateways' readings in one transaction. The staging table must exist on
+/// `client` ([`STAGING`]); on plain PostgreSQL the partitions for the readings' days must
+/// exist too ([`maintain::Partitions::ensure`]).
+pub async fn write(
+    client: &mut Client,
+    flavor: Flavor,
+    parts: &[Part<'_>],
+) -> Result<Written, Error> {
     let tx = client.transaction().await?;
     let sink = tx
         .copy_in("COPY staging_readings FROM STDIN (FORMAT binary)")
         .await?;
     let writer = BinaryCopyInWriter::new(sink, &COLUMNS);
     let mut writer = std::pin::pin!(writer);
+    let mut staged = 0u64;
     for p in parts {
         for r in p.readings {
             let tags =
@@ -218,6 +323,7 @@ pub async fn write(client: &mut Client, flavor: Flavor, parts: &[Part<'_>]) -> R
                 &p.tenant, &r.device, &r.metric, &r.value, &tags, &ts, &seq, &p.gateway,
             ];
             writer.as_mut().write(&row).await?;
+            staged += 1;
         }
     }
     writer.finish().await?;
@@ -228,8 +334,35 @@ pub async fn write(client: &mut Client, flavor: Flavor, parts: &[Part<'_>]) -> R
             n as u64
         }
     };
+    let mut conflicts = Vec::new();
+    if inserted < staged {
+        for row in tx.query(CONFLICTS, &[]).await? {
+            let ts: SystemTime = row.get(4);
+            conflicts.push(Conflict {
+                tenant: row.get(0),
+                gateway: row.get(1),
+                device: row.get(2),
+                metric: row.get(3),
+                ts_us: micros(ts),
+                value: row.get(5),
+                stored: row.get(6),
+            });
+        }
+    }
     tx.commit().await?;
-    Ok(inserted)
+    Ok(Written {
+        inserted,
+        replays: (staged - inserted).saturating_sub(conflicts.len() as u64),
+        conflicts,
+    })
+}
+
+/// µs since the epoch of a `SystemTime`.
+pub fn micros(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_micros() as i64,
+        Err(e) => -(e.duration().as_micros() as i64),
+    }
 }
 
 /// Whether a failed write may succeed if tried again (connection lost, server restarting,

@@ -492,6 +492,37 @@ pub fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<Str
     Some(body)
 }
 
+/// A request with a bearer token and an optional JSON body: (status, JSON body; `Null`
+/// when the body is not JSON).
+pub fn http_json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let json = text
+        .find("\r\n\r\n")
+        .and_then(|i| serde_json::from_str(&text[i + 4..]).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
 /// `GET /metrics`, or `None` while the endpoint is not up.
 pub fn scrape(addr: SocketAddr) -> Option<String> {
     http_get(addr, "/metrics", None)

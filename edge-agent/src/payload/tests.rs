@@ -251,3 +251,111 @@ fn arbitrary_bytes_never_panic() {
         let _ = dec.decode_mqtt("plant/p/l/d/t", &bytes, NOW);
     });
 }
+
+fn line_decoder() -> Decoder {
+    let cfg = Config::parse(
+        r#"
+[gateway]
+id = "gw"
+tenant = "acme"
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+client_id = "c"
+subscriptions = ["plant/#", "unit/#"]
+[[mqtt.topics]]
+template = "plant/{site}/{line}/{device}/{metric}"
+device = "{line}-{device}"
+[[mqtt.topics]]
+template = "plant/{site}/{line}/{device}"
+device = "{line}-{device}"
+[[mqtt.topics]]
+template = "unit/{site}/{line}/{unit}"
+device = "{site}-{line}-{unit}"
+[[mqtt.topics]]
+template = "long/{device}"
+device = "{device}-0123456789012345678901234567890123456789012345678901234567890123456789"
+[devices.l3-th7]
+type = "th-100"
+firmware = "2.0.1"
+[[firmware]]
+device_type = "th-100"
+version = "2.*"
+fields = { temp_c = "temperature" }
+"#,
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    Decoder::new(&cfg)
+}
+
+#[test]
+fn a_device_format_tells_apart_devices_that_share_a_name() {
+    let mut dec = line_decoder();
+    let p = br#"{"ts": 1767225600, "temperature": 1.5}"#;
+    let a = one(&dec.decode_mqtt("plant/p1/l3/press01", p, NOW)).clone();
+    let p = br#"{"ts": 1767225600, "temperature": 2.5}"#;
+    let b = one(&dec.decode_mqtt("plant/p1/l4/press01", p, NOW)).clone();
+    assert_eq!(
+        (a.device.as_str(), b.device.as_str()),
+        ("l3-press01", "l4-press01")
+    );
+    assert_ne!(a.id(), b.id());
+    // The captures are tags as before; the raw {device} segment only lives in the id.
+    assert_eq!(a.tags.get("line").map(String::as_str), Some("l3"));
+    assert_eq!(a.tags.get("site").map(String::as_str), Some("p1"));
+    assert!(!a.tags.contains_key("device"));
+    // Bare numbers, and receive stamps, follow the composed id too.
+    let r = one(&dec.decode_mqtt("plant/p1/l4/press01/flow", b"3", NOW)).clone();
+    assert_eq!(
+        (r.device.as_str(), r.metric.as_str()),
+        ("l4-press01", "flow")
+    );
+    let other = one(&dec.decode_mqtt("plant/p1/l3/press01/flow", b"3", NOW)).clone();
+    assert_eq!(other.ts, r.ts, "stamped per composed device");
+}
+
+#[test]
+fn the_topic_names_the_device_over_the_payload() {
+    let mut dec = line_decoder();
+    let p = br#"{"sensor_id": "press01", "measurement": "pressure", "value": 1.0}"#;
+    let r = one(&dec.decode_mqtt("plant/p1/l3/press01", p, NOW)).clone();
+    assert_eq!(r.device, "l3-press01");
+    // Without a {device} capture the format composes the id from other captures.
+    let p = br#"{"device": "ignored", "flow": 4}"#;
+    let r = one(&dec.decode_mqtt("unit/p1/l3/u7", p, NOW)).clone();
+    assert_eq!(r.device, "p1-l3-u7");
+    assert_eq!(r.tags.get("unit").map(String::as_str), Some("u7"));
+}
+
+#[test]
+fn composed_ids_pick_firmware_mappings_and_keep_the_length_limit() {
+    let mut dec = line_decoder();
+    let d = dec.decode_mqtt("plant/p1/l3/th7", br#"{"temp_c": 22}"#, NOW);
+    assert_eq!(one(&d).metric, "temperature", "[devices.l3-th7] applies");
+    let d = dec.decode_mqtt("plant/p1/l4/th7", br#"{"temp_c": 22}"#, NOW);
+    assert_eq!(one(&d).metric, "temp_c", "l4-th7 is another device");
+
+    let fits = "d".repeat(128 - 71);
+    assert_eq!(
+        one(&dec.decode_mqtt(&format!("long/{fits}"), b"{\"t\": 1}", NOW))
+            .device
+            .len(),
+        128
+    );
+    let d = dec.decode_mqtt(&format!("long/{fits}x"), b"{\"t\": 1}", NOW);
+    assert!(d.readings.is_empty());
+    assert_eq!(d.rejects[0].reason, Reason::WrongType);
+    assert!(
+        d.rejects[0].detail.contains("device name"),
+        "{:?}",
+        d.rejects
+    );
+}
+
+#[test]
+fn topic_match_names_the_template() {
+    let dec = line_decoder();
+    let (i, ctx) = dec.topic_match("unit/p1/l3/u7").unwrap();
+    assert_eq!((i, ctx.device.as_deref()), (2, Some("p1-l3-u7")));
+    assert!(dec.topic_match("elsewhere/x").is_none());
+}

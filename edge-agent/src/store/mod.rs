@@ -29,13 +29,18 @@
 //!   without being stored again. Packet id alone is not enough: Mosquitto numbers messages
 //!   when it queues them, so behind a long queue two unacknowledged messages of one session
 //!   can share a packet id.
-//! - An identity (device, metric, ts, seq) is remembered by its 64-bit hash in the current
-//!   `seen` generation. Generations rotate every dedupe window, and both are checked, so a
-//!   duplicate is caught for at least one window and at most two, across restarts.
+//! - A reading's identity is (tenant, device, metric, ts); `seq` takes no part. Each stored
+//!   reading is remembered by a 64-bit hash of its identity, value bits and tags
+//!   ([`identity_hash`], with the store's tenant) in the current `seen` generation.
+//!   Generations rotate every dedupe window, and both are checked, so a *replay* (same
+//!   identity, value and tags) is dropped for at least one window and at most two, across
+//!   restarts. A *conflict* (same identity, another value or other tags) hashes differently
+//!   and is stored and shipped: the cloud keeps the first value and reports it.
 //! - The queue holds at most `max_bytes / ROW_COST` readings. Past that, the oldest readings
 //!   of the devices holding the most are evicted in the same transaction ([`evict::plan`]).
 
 pub mod evict;
+mod identity;
 mod read;
 #[cfg(test)]
 mod tests;
@@ -47,6 +52,7 @@ use plantlink_model::{Reading, Tags};
 use plantlink_wire::frame::Lane;
 use rusqlite::{Connection, OptionalExtension, params};
 
+pub use identity::identity_hash;
 pub use read::{DeadLetter, DeviceStats, QueueStats, dead_letters, open_read_only, stats};
 
 use crate::config::{Config, Synchronous};
@@ -159,7 +165,8 @@ impl Options {
 pub enum Insert {
     /// Stored.
     Stored,
-    /// Its identity was stored within the dedupe window; dropped.
+    /// A replay of a reading stored within the dedupe window (same identity, value and
+    /// tags); dropped.
     Duplicate,
 }
 
@@ -227,24 +234,6 @@ impl std::fmt::Debug for Store {
             .field("readings", &self.total)
             .finish_non_exhaustive()
     }
-}
-
-/// The 64-bit identity hash used for deduplication.
-pub fn identity_hash(r: &Reading) -> i64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(r.device.as_bytes());
-    h.update(&[0xff]);
-    h.update(r.metric.as_bytes());
-    h.update(&[0xff]);
-    h.update(&r.ts.0.to_le_bytes());
-    match r.seq {
-        Some(s) => {
-            h.update(&[1]);
-            h.update(&s.to_le_bytes());
-        }
-        None => h.update(&[0]),
-    }
-    h.digest() as i64
 }
 
 fn tags_key(tags: &Tags) -> String {
@@ -547,7 +536,7 @@ impl Store {
     /// Offers one reading, inside a transaction.
     pub fn insert(&mut self, r: &Reading) -> Result<Insert, StoreError> {
         debug_assert!(self.in_txn, "insert outside a transaction");
-        if !self.first_sighting(identity_hash(r))? {
+        if !self.first_sighting(identity_hash(&self.opts.tenant, r))? {
             return Ok(Insert::Duplicate);
         }
         let device = self.device_id(&r.device)?;

@@ -88,14 +88,93 @@ fn duplicates_are_dropped_across_reopen() {
     drop(s);
     let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
     assert_eq!(
-        put(&mut s, &[r("d", 1, 9.0), r("d", 2, 1.0)]),
+        put(&mut s, &[r("d", 1, 1.0), r("d", 2, 1.0)]),
         vec![Insert::Duplicate, Insert::Stored]
     );
-    // The same (device, metric, ts) with a different seq is a different reading.
-    let mut x = r("d", 1, 1.0);
-    x.seq = Some(5);
-    assert_eq!(put(&mut s, &[x]), vec![Insert::Stored]);
+    assert_eq!(s.len(), 2);
+}
+
+#[test]
+fn a_replay_with_another_seq_is_a_duplicate() {
+    let (_d, mut s) = temp_store(1 << 20);
+    let mut a = r("d", 1, 1.0);
+    a.seq = Some(4);
+    let mut b = a.clone();
+    b.seq = Some(5);
+    let mut c = a.clone();
+    c.seq = None;
+    assert_eq!(
+        put(&mut s, &[a, b, c]),
+        vec![Insert::Stored, Insert::Duplicate, Insert::Duplicate]
+    );
+    assert_eq!(s.len(), 1);
+}
+
+#[test]
+fn a_conflicting_value_is_stored_not_dropped() {
+    let (_d, mut s) = temp_store(1 << 20);
+    assert_eq!(
+        put(&mut s, &[r("d", 1, 1.0), r("d", 1, 9.0), r("d", 1, 9.0)]),
+        vec![Insert::Stored, Insert::Stored, Insert::Duplicate]
+    );
+    // Values compare as the cloud compares them (`plantlink_model::value_key`): every NaN is
+    // one NaN, and -0.0 is 0.0.
+    assert_eq!(
+        put(
+            &mut s,
+            &[
+                r("d", 2, f64::NAN),
+                r("d", 2, f64::from_bits(f64::NAN.to_bits() | 1)),
+                r("d", 3, 0.0),
+                r("d", 3, -0.0)
+            ]
+        ),
+        vec![
+            Insert::Stored,
+            Insert::Duplicate,
+            Insert::Stored,
+            Insert::Duplicate
+        ]
+    );
+    // Both values of the conflict are shipped, the first one first.
+    let batch = s.read_next(10).unwrap().unwrap();
+    let values: Vec<f64> = batch.readings.iter().take(2).map(|x| x.value).collect();
+    assert_eq!(values, vec![1.0, 9.0]);
+    assert_eq!(s.len(), 4);
+}
+
+#[test]
+fn the_same_value_with_other_tags_is_stored() {
+    let (_d, mut s) = temp_store(1 << 20);
+    let mut l3 = r("d", 1, 1.0);
+    l3.tags.insert("line".into(), "l3".into());
+    let mut l4 = r("d", 1, 1.0);
+    l4.tags.insert("line".into(), "l4".into());
+    assert_eq!(
+        put(&mut s, &[r("d", 1, 1.0), l3.clone(), l4, l3]),
+        vec![
+            Insert::Stored,
+            Insert::Stored,
+            Insert::Stored,
+            Insert::Duplicate
+        ]
+    );
     assert_eq!(s.len(), 3);
+}
+
+#[test]
+fn the_tenant_is_part_of_identity() {
+    let dir = tempdir::Dir::new();
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    assert_eq!(put(&mut s, &[r("d", 1, 1.0)]), vec![Insert::Stored]);
+    drop(s);
+    // The same file reopened for another tenant: the reading is not one of its own.
+    let mut s = Store::open(Options {
+        tenant: "globex".into(),
+        ..options(&dir, 1 << 20)
+    })
+    .unwrap();
+    assert_eq!(put(&mut s, &[r("d", 1, 1.0)]), vec![Insert::Stored]);
 }
 
 #[test]

@@ -1,0 +1,164 @@
+//! Schema versions, and upgrading a database that an earlier release made, in place.
+//!
+//! `plantlink_schema` records each version applied. A database without it but with a
+//! `raw_metrics` table is version 1, the first release, whose keys had no tenant: two
+//! tenants' devices of the same name shared rows. [`to_v2`] re-keys it in one transaction,
+//! under the migration lock, so replicas that start together upgrade it once:
+//!
+//! - `raw_metrics`, `devices` and (plain) the rollups get keys that lead with `tenant_id`;
+//!   the rows already there stay, since they were unique under the narrower key;
+//! - plain PostgreSQL: `rollup_dirty` is rebuilt with the tenant and marks every hour that
+//!   raw data still covers, so the next roll-up recomputes those buckets per tenant. Buckets
+//!   older than the raw retention have nothing to be recomputed from and keep their values
+//!   (under the tenant that version 1 gave them);
+//! - TimescaleDB: compressed chunks are decompressed so the key can change, and compression
+//!   comes back with the tenant in `segmentby` (the policy recompresses them). The continuous
+//!   aggregates already grouped by tenant and need no rebuild;
+//! - `devices` gets one row per (tenant, device) that raw data holds, with its newest time;
+//! - the one-open-alert index leads with the tenant.
+//!
+//! A database of a newer version than this binary knows is refused, with the versions named.
+
+use tokio_postgres::Client;
+
+use super::schema::{self, Flavor};
+
+/// The version of the schema in the database: 0 for an empty one.
+pub async fn current(client: &Client) -> Result<i32, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT to_regclass('plantlink_schema') IS NOT NULL,
+                    to_regclass('raw_metrics') IS NOT NULL",
+            &[],
+        )
+        .await?;
+    let (versioned, has_raw): (bool, bool) = (row.get(0), row.get(1));
+    if versioned {
+        let v: Option<i32> = client
+            .query_one("SELECT max(version) FROM plantlink_schema", &[])
+            .await?
+            .get(0);
+        if let Some(v) = v {
+            return Ok(v);
+        }
+    }
+    Ok(if has_raw { 1 } else { 0 })
+}
+
+/// Refuses a schema from the future, naming both versions and what to do.
+pub fn check_known(found: i32) -> anyhow::Result<()> {
+    if found > schema::VERSION {
+        anyhow::bail!(
+            "the database has Plantlink schema version {found}, newer than this cloud-ingest \
+             ({}, schema version {}); a newer release migrated it. Run that release (or a \
+             newer one) instead; nothing was changed",
+            env!("CARGO_PKG_VERSION"),
+            schema::VERSION
+        );
+    }
+    Ok(())
+}
+
+/// Records that the schema is now at [`schema::VERSION`].
+pub const RECORD: &str = "INSERT INTO plantlink_schema (version, applied_by) VALUES ($1, $2)
+    ON CONFLICT (version) DO NOTHING";
+
+/// SQL that replaces `table`'s primary key with one on `columns`.
+fn rekey(table: &str, columns: &str) -> String {
+    format!(
+        "DO $$
+DECLARE c text;
+BEGIN
+    SELECT conname INTO c FROM pg_constraint
+    WHERE conrelid = '{table}'::regclass AND contype = 'p';
+    IF c IS NOT NULL THEN
+        EXECUTE format('ALTER TABLE {table} DROP CONSTRAINT %I', c);
+    END IF;
+END
+$$;
+ALTER TABLE {table} ADD PRIMARY KEY ({columns});
+"
+    )
+}
+
+/// What has to change in a version 1 database before the version 2 schema is laid over it.
+pub fn v2_keys(flavor: Flavor) -> String {
+    let mut s = String::new();
+    if flavor == Flavor::Timescale {
+        s.push_str(
+            "SELECT decompress_chunk(c, if_compressed => TRUE) FROM show_chunks('raw_metrics') c;
+SELECT remove_compression_policy('raw_metrics', if_exists => TRUE);
+ALTER TABLE raw_metrics SET (timescaledb.compress = FALSE);
+",
+        );
+    }
+    s.push_str(&rekey(
+        "raw_metrics",
+        "tenant_id, device_id, metric_name, ts",
+    ));
+    s.push_str(&rekey("devices", "tenant_id, device_id"));
+    s.push_str("DROP INDEX IF EXISTS devices_tenant;\nDROP INDEX IF EXISTS alerts_one_open;\n");
+    if flavor == Flavor::Plain {
+        for t in ["downsampled_metrics_1h", "downsampled_metrics_1d"] {
+            s.push_str(&rekey(t, "tenant_id, device_id, metric_name, bucket"));
+        }
+        s.push_str("DROP TABLE IF EXISTS rollup_dirty;\n");
+    }
+    s
+}
+
+/// Data steps once the version 2 schema is in place: devices per tenant and, on plain
+/// PostgreSQL, every hour raw data covers marked for re-rolling.
+pub fn v2_data(flavor: Flavor) -> String {
+    let mut s = String::from(
+        "INSERT INTO devices AS d (tenant_id, device_id, last_seen_at)
+SELECT tenant_id, device_id, max(ts) FROM raw_metrics GROUP BY 1, 2
+ON CONFLICT (tenant_id, device_id) DO UPDATE SET last_seen_at = EXCLUDED.last_seen_at;
+",
+    );
+    if flavor == Flavor::Plain {
+        s.push_str(
+            "INSERT INTO rollup_dirty (tenant_id, device_id, metric_name, bucket)
+SELECT DISTINCT tenant_id, device_id, metric_name, date_trunc('hour', ts) FROM raw_metrics
+ON CONFLICT DO NOTHING;
+",
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_future_schema_is_refused_by_name() {
+        assert!(check_known(0).is_ok());
+        assert!(check_known(1).is_ok());
+        assert!(check_known(schema::VERSION).is_ok());
+        let e = check_known(schema::VERSION + 1).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("schema version {}", schema::VERSION + 1)),
+            "{e}"
+        );
+        assert!(e.contains("newer"), "{e}");
+    }
+
+    #[test]
+    fn the_upgrade_rekeys_what_each_flavour_has() {
+        let plain = v2_keys(Flavor::Plain);
+        assert!(plain.contains(
+            "ALTER TABLE raw_metrics ADD PRIMARY KEY (tenant_id, device_id, metric_name, ts)"
+        ));
+        assert!(plain.contains("ALTER TABLE downsampled_metrics_1d ADD PRIMARY KEY (tenant_id,"));
+        assert!(plain.contains("DROP TABLE IF EXISTS rollup_dirty"));
+        assert!(!plain.contains("decompress_chunk"));
+        let ts = v2_keys(Flavor::Timescale);
+        assert!(ts.contains("decompress_chunk"));
+        // Continuous aggregates are views: no key to change, nothing to drop.
+        assert!(!ts.contains("downsampled_metrics_1h"));
+        assert!(!ts.contains("rollup_dirty"));
+        assert!(v2_data(Flavor::Plain).contains("INSERT INTO rollup_dirty"));
+        assert!(!v2_data(Flavor::Timescale).contains("rollup_dirty"));
+    }
+}

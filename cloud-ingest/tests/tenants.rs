@@ -1,0 +1,388 @@
+//! Two tenants in one database, end to end over QUIC with a real PostgreSQL and a Kafka-API
+//! broker (Tansu): gateways of acme and beta send the same device, metric and timestamps
+//! with different values.
+//!
+//! - Both tenants' readings are stored; each tenant's API shows only its own, in raw, 1h,
+//!   1d, latest and aggregate; rollups are per tenant; an alert fires for the tenant whose
+//!   values cross its rule and not for the other.
+//! - Kafka records carry the tenant in their identity headers.
+//! - A second acme gateway sending the same identities with other values is a conflict:
+//!   counted per tenant in `/metrics`, on the DLQ with reason `conflict`, in the API's
+//!   pipeline status for that gateway; the first values stay. Replays count nothing.
+#![allow(clippy::unwrap_used)] // tests may panic
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cloud_ingest::config::{Alerting, Api};
+use cloud_ingest::quic;
+use cloud_ingest::server::Server;
+use common::{Dir, client, connect, http_json};
+use plantlink_model::{Reading, Timestamp};
+use plantlink_wire::BatchEncoder;
+use plantlink_wire::frame::{Ack, Batch, Frame, Lane};
+use serde_json::{Value, json};
+
+const ACME: &str = "acme-token-0123456789abcdef";
+const BETA: &str = "beta-token-0123456789abcdef";
+const N: i64 = 300;
+
+/// `N` readings of pump-1, one every 100 ms ending now, with values around `base`.
+fn pump(start_ms: i64, base: f64) -> Vec<Reading> {
+    (0..N)
+        .map(|i| {
+            Reading::new(
+                "claimed",
+                "pump-1",
+                "temperature",
+                Timestamp((start_ms + i * 100) * 1000),
+                base + (i % 5) as f64,
+            )
+        })
+        .collect()
+}
+
+/// Sends one batch on a new stream and waits for its answer.
+async fn send(conn: &quinn::Connection, seq: u64, readings: &[Reading]) -> Frame {
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    let frame = Frame::Batch(Batch {
+        seq,
+        lane: Lane::Live,
+        readings: readings.len() as u32,
+        payload: BatchEncoder::default().encode(readings),
+    });
+    quic::write_frame(&mut s, &frame).await.unwrap();
+    quic::read_frame(&mut r, 1 << 16).await.unwrap()
+}
+
+async fn until(what: &str, limit: Duration, mut ok: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !ok().await {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn get(api: SocketAddr, path: &str, token: &str) -> Value {
+    let (st, body) = http_json(api, "GET", path, token, None);
+    assert_eq!(st, 200, "{path}: {body}");
+    body
+}
+
+/// Every value of every point of a device-series answer (`value` for raw, else `avg`).
+fn values(body: &Value) -> Vec<f64> {
+    body["series"][0]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().or(p["avg"].as_f64()).unwrap())
+        .collect()
+}
+
+fn counts(body: &Value) -> i64 {
+    body["series"][0]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["count"].as_i64().unwrap_or(1))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_one_device_name_and_a_conflicting_gateway() {
+    let d = Dir::new("tenants");
+    common::fleet(&d.0, "gw-a");
+    cloud_ingest::pki::gateway(&d.0, "gw-b", "beta", 365).unwrap();
+    cloud_ingest::pki::gateway(&d.0, "gw-a2", "acme", 365).unwrap();
+    let db = format!("plantlink_test_tenants_{}", std::process::id());
+    let (admin, url, pgc) = common::database(&db).await;
+    let (_tansu, tansu) = common::start_tansu(None);
+    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
+        .parse()
+        .unwrap();
+    cloud_ingest::telemetry::install(metrics).unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
+        .parse()
+        .unwrap();
+    let pid = std::process::id();
+    let (readings_topic, dlq_topic) = (
+        format!("test.tn.readings.{pid}"),
+        format!("test.tn.dlq.{pid}"),
+    );
+    let config = {
+        let mut c = common::cloud_config(&d.0, url.clone(), 16, 8 << 20);
+        let mut k = cloud_ingest::config::Kafka::with_brokers(tansu.to_string());
+        k.readings_topic = readings_topic.clone();
+        k.dlq_topic = dlq_topic.clone();
+        k.alerts_topic = format!("test.tn.alerts.{pid}");
+        k.partitions = 1;
+        c.kafka = Some(k);
+        c.api = Some(Api {
+            bind: api,
+            tokens: [
+                ("acme".to_owned(), ACME.to_owned()),
+                ("beta".to_owned(), BETA.to_owned()),
+            ]
+            .into(),
+        });
+        c.alerting = Alerting {
+            tick_ms: 100,
+            rules_reload_ms: 200,
+            ..Alerting::default()
+        };
+        c.postgres.rollup_interval_ms = 200;
+        c
+    };
+    // The same rule for both tenants: pump-1 averaging over 50 for 2 s. Stored before the
+    // start, as the API stores them, so the engine has them before any gateway is admitted.
+    let rule = json!({"name": "pump-1 hot", "metric": "temperature",
+        "selector": {"device_id": "pump-1"}, "aggregate": "avg", "op": ">", "threshold": 50.0,
+        "window": {"kind": "tumbling", "seconds": 2}, "for_windows": 1, "severity": "critical"});
+    for tenant in ["acme", "beta"] {
+        pgc.execute(
+            "INSERT INTO alert_rules (tenant_id, name, metric_name, condition_expr, threshold,
+                                      window_seconds, severity)
+             VALUES ($1, 'pump-1 hot', 'temperature', $2::text::jsonb, 50, 2, 'critical')",
+            &[&tenant, &rule.to_string()],
+        )
+        .await
+        .unwrap();
+    }
+    let server = Server::bind(config).unwrap();
+    let cloud_addr = server.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let cloud = tokio::spawn(server.serve(stop_rx));
+    until("the API", Duration::from_secs(30), async || {
+        tokio::net::TcpStream::connect(api).await.is_ok()
+    })
+    .await;
+    for token in [ACME, BETA] {
+        let (st, body) = http_json(api, "GET", "/v1/alert-rules", token, None);
+        assert_eq!(
+            (st, body["rules"].as_array().map(Vec::len)),
+            (200, Some(1)),
+            "{body}"
+        );
+    }
+
+    let ep = |gw: &str| client(&d.0.join("ca.pem"), Some((&d.0, gw)));
+    let (ep_a, ep_b, ep_a2) = (ep("gw-a"), ep("gw-b"), ep("gw-a2"));
+    let gw_a = connect(&ep_a, cloud_addr, "gw-a").await;
+    let gw_b = connect(&ep_b, cloud_addr, "gw-b").await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let start_ms = now_ms - N * 100;
+    let acme = pump(start_ms, 20.0);
+    let beta = pump(start_ms, 90.0);
+    assert_eq!(send(&gw_a, 1, &acme).await, Frame::Ack(Ack { seq: 1 }));
+    assert_eq!(send(&gw_b, 1, &beta).await, Frame::Ack(Ack { seq: 1 }));
+
+    // 1. Both stored, each under its own tenant.
+    for (tenant, sum) in [
+        ("acme", 20.0 * N as f64 + 600.0),
+        ("beta", 90.0 * N as f64 + 600.0),
+    ] {
+        let row = pgc
+            .query_one(
+                "SELECT count(*), sum(value) FROM raw_metrics WHERE tenant_id = $1 AND device_id = 'pump-1'",
+                &[&tenant],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (row.get::<_, i64>(0), row.get::<_, f64>(1)),
+            (N, sum),
+            "{tenant}"
+        );
+    }
+
+    // 2. Each tenant's API shows its own: raw, 1h, 1d, latest, aggregate.
+    until("the rollups", Duration::from_secs(30), async || {
+        let n: i64 = pgc
+            .query_one(
+                "SELECT (SELECT count(*) FROM rollup_dirty)
+                      + (2 - (SELECT count(DISTINCT tenant_id) FROM downsampled_metrics_1d))",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+    .await;
+    let from = cloud_ingest::kafka::rfc3339(start_ms * 1000 - 86_400_000_000);
+    for (token, lo, hi) in [(ACME, 20.0, 24.0), (BETA, 90.0, 94.0)] {
+        for res in ["raw", "1h", "1d"] {
+            let body = get(
+                api,
+                &format!(
+                    "/v1/devices/pump-1/metrics?metric=temperature&from={from}&resolution={res}"
+                ),
+                token,
+            );
+            let v = values(&body);
+            assert!(!v.is_empty(), "{res}: {body}");
+            assert!(
+                v.iter().all(|x| (lo..=hi).contains(x)),
+                "{res}: {v:?} outside {lo}..{hi}"
+            );
+            assert_eq!(counts(&body), N, "{res}: {body}");
+        }
+        let latest = get(api, "/v1/devices/pump-1/metrics/latest", token);
+        let last = latest["metrics"]["temperature"]["value"].as_f64().unwrap();
+        assert_eq!(last, lo + ((N - 1) % 5) as f64, "{latest}");
+        let tenant = if token == ACME { "acme" } else { "beta" };
+        for res in ["raw", "1h", "1d"] {
+            let body = get(
+                api,
+                &format!(
+                    "/v1/tenants/{tenant}/metrics/aggregate?metric=temperature&agg=max&from={from}&resolution={res}"
+                ),
+                token,
+            );
+            assert_eq!(body["value"].as_f64(), Some(hi), "{res}: {body}");
+            assert_eq!(body["devices"], 1, "{body}");
+        }
+    }
+
+    // 3. Alerts per tenant: beta's pump-1 is hot, acme's is not.
+    until("beta's alert", Duration::from_secs(30), async || {
+        let (_, body) = http_json(api, "GET", "/v1/alerts", BETA, None);
+        body["alerts"].as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let (_, body) = http_json(api, "GET", "/v1/alerts", BETA, None);
+    assert!(
+        body["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["device_id"] == "pump-1"),
+        "{body}"
+    );
+    let (_, body) = http_json(api, "GET", "/v1/alerts", ACME, None);
+    assert_eq!(
+        body["alerts"].as_array().unwrap().len(),
+        0,
+        "acme's pump-1 is cool: {body}"
+    );
+
+    // 4. Kafka: the tenant header tells the two apart.
+    let (seen, _) = {
+        let (b, t) = (tansu.to_string(), readings_topic.clone());
+        tokio::task::spawn_blocking(move || {
+            common::consume_all(&b, &t, 2 * N as usize, Duration::from_secs(30))
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(seen.len(), 2 * N as usize);
+    let identity = |h: &BTreeMap<String, String>, with_tenant: bool| {
+        (
+            with_tenant.then(|| h["plantlink-tenant"].clone()),
+            h["plantlink-device"].clone(),
+            h["plantlink-metric"].clone(),
+            h["plantlink-ts-us"].clone(),
+        )
+    };
+    let full: BTreeSet<_> = seen.iter().map(|s| identity(&s.3, true)).collect();
+    let without: BTreeSet<_> = seen.iter().map(|s| identity(&s.3, false)).collect();
+    assert_eq!(
+        full.len(),
+        2 * N as usize,
+        "tenant + device + metric + ts is unique"
+    );
+    assert_eq!(
+        without.len(),
+        N as usize,
+        "without the tenant they would collide"
+    );
+    for (_, _, v, h) in &seen {
+        assert_eq!(v["tenant"].as_str(), Some(h["plantlink-tenant"].as_str()));
+    }
+
+    // 5. A second acme gateway with the same identities and other values: conflicts.
+    let gw_a2 = connect(&ep_a2, cloud_addr, "gw-a2").await;
+    let clash: Vec<Reading> = pump(start_ms, -5.0).into_iter().take(10).collect();
+    assert_eq!(send(&gw_a2, 1, &clash).await, Frame::Ack(Ack { seq: 1 }));
+    let conflicting = |text: &str, tenant: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| {
+                l.starts_with("plantlink_cloud_readings_conflicting_total")
+                    && l.contains(&format!("tenant=\"{tenant}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let text = common::scrape(metrics).unwrap();
+    assert_eq!(conflicting(&text, "acme"), Some(10), "{text}");
+    assert_eq!(conflicting(&text, "beta"), None);
+    let lag = get(api, "/v1/pipeline/lag", ACME);
+    assert_eq!(
+        lag["gateways"]["gw-a2"]["readings_conflicting"], 10,
+        "{lag}"
+    );
+    assert_eq!(lag["gateways"]["gw-a"]["readings_conflicting"], 0, "{lag}");
+    let lag = get(api, "/v1/pipeline/lag", BETA);
+    assert!(lag["gateways"].get("gw-a2").is_none(), "{lag}");
+    // The first values stay.
+    let low: i64 = pgc
+        .query_one("SELECT count(*) FROM raw_metrics WHERE value < 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(low, 0);
+    let (dlq, _) = {
+        let (b, t) = (tansu.to_string(), dlq_topic.clone());
+        tokio::task::spawn_blocking(move || {
+            common::consume_all(&b, &t, 10, Duration::from_secs(30))
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(dlq.len(), 10);
+    for (key, _, v, _) in &dlq {
+        assert_eq!(
+            (key.as_str(), v["reason"].as_str()),
+            ("gw-a2", Some("conflict")),
+            "{v}"
+        );
+        assert_eq!(v["tenant"], "acme");
+        let r = &v["reading"];
+        assert_eq!(
+            (r["device_id"].as_str(), r["metric"].as_str()),
+            (Some("pump-1"), Some("temperature"))
+        );
+        assert!(
+            r["value"].as_f64().unwrap() < 0.0 && r["stored_value"].as_f64().unwrap() >= 20.0,
+            "{v}"
+        );
+    }
+
+    // 6. Replays count nothing: the conflicting batch again, and acme's first batch again.
+    assert_eq!(send(&gw_a2, 2, &clash).await, Frame::Ack(Ack { seq: 2 }));
+    assert_eq!(send(&gw_a, 2, &acme).await, Frame::Ack(Ack { seq: 2 }));
+    let text = common::scrape(metrics).unwrap();
+    assert_eq!(conflicting(&text, "acme"), Some(10), "{text}");
+    let total: i64 = pgc
+        .query_one("SELECT count(*) FROM raw_metrics", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 2 * N);
+
+    for c in [gw_a, gw_b, gw_a2] {
+        c.close(0u32.into(), b"done");
+    }
+    let _ = stop_tx.send(true);
+    cloud.await.unwrap().unwrap();
+    drop(pgc);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,268 @@
+//! `migrate` upgrades a database of the first release (schema version 1, keys without the
+//! tenant) in place, on plain PostgreSQL: no row lost, keys that lead with the tenant,
+//! rollups recomputed per tenant, devices per tenant, safe with two replicas at once; and a
+//! schema newer than the binary makes `migrate` and `run` refuse to start.
+#![allow(clippy::unwrap_used)] // tests may panic
+
+mod common;
+
+use std::process::Command;
+
+use cloud_ingest::config::{Postgres, Timescale};
+use cloud_ingest::postgres::{self, Flavor, Part, STAGING, maintain};
+use plantlink_model::{Reading, Timestamp};
+
+const FIXTURE: &str = include_str!("fixtures/schema_v1_plain.sql");
+
+/// Row counts and value sums that must not change: raw per tenant and device, and the
+/// total count the daily rollups hold.
+async fn totals(c: &tokio_postgres::Client) -> Vec<(String, i64, f64)> {
+    c.query(
+        "SELECT tenant_id || '/' || device_id, count(*), sum(value) FROM raw_metrics
+         GROUP BY 1 ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+async fn key_of(c: &tokio_postgres::Client, table: &str) -> String {
+    c.query_one(
+        "SELECT string_agg(a.attname, ', ' ORDER BY k.ord)
+         FROM pg_constraint p
+         CROSS JOIN LATERAL unnest(p.conkey) WITH ORDINALITY AS k(attnum, ord)
+         JOIN pg_attribute a ON a.attrelid = p.conrelid AND a.attnum = k.attnum
+         WHERE p.conrelid = $1::text::regclass AND p.contype = 'p'",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Rollup rows that differ from a per-tenant `GROUP BY` over raw.
+async fn rollup_mismatches(c: &tokio_postgres::Client, table: &str, unit: &str) -> i64 {
+    c.query_one(
+        &format!(
+            "WITH truth AS (
+                 SELECT tenant_id, device_id, metric_name, date_trunc('{unit}', ts) AS bucket,
+                        min(value) AS mn, max(value) AS mx, sum(value) AS s, count(*) AS n
+                 FROM raw_metrics GROUP BY 1, 2, 3, 4)
+             SELECT count(*) FROM truth t FULL JOIN {table} r
+               ON t.tenant_id = r.tenant_id AND t.device_id = r.device_id
+              AND t.metric_name = r.metric_name AND t.bucket = r.bucket
+             WHERE t.n IS NULL OR r.count IS NULL OR t.n <> r.count OR t.mn <> r.min_val
+                OR t.mx <> r.max_val OR abs(t.s - r.sum_val) > 1e-6 * greatest(1, abs(t.s))"
+        ),
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_upgrades_a_version_1_database_in_place() {
+    let db = format!("plantlink_test_upgrade_{}", std::process::id());
+    let admin = common::pg(&common::admin_dsn(), &db).await;
+    let url = format!(
+        "{} dbname={db}",
+        common::admin_dsn().replace("dbname=postgres", "")
+    );
+    let c = postgres::connect(&url).await.unwrap();
+    c.batch_execute(FIXTURE).await.unwrap();
+    let before = totals(&c).await;
+    assert_eq!(before.len(), 3, "{before:?}");
+    assert_eq!(postgres::upgrade::current(&c).await.unwrap(), 1);
+    // Version 1 mixed beta's press01 into acme's rollups.
+    assert!(rollup_mismatches(&c, "downsampled_metrics_1h", "hour").await > 0);
+
+    let mut cfg = Postgres::with_url(&url);
+    cfg.timescaledb = Timescale::Auto;
+    // The fixture's days stay inside the raw retention whatever day the test runs.
+    cfg.retention.raw_days = 36_500;
+    // Two replicas start at once: the advisory lock lets one upgrade, the other finds it done.
+    let c2 = postgres::connect(&url).await.unwrap();
+    let (a, b) = tokio::join!(postgres::migrate(&c, &cfg), postgres::migrate(&c2, &cfg));
+    assert_eq!((a.unwrap(), b.unwrap()), (Flavor::Plain, Flavor::Plain));
+    assert_eq!(
+        postgres::upgrade::current(&c).await.unwrap(),
+        postgres::schema::VERSION
+    );
+
+    assert_eq!(
+        totals(&c).await,
+        before,
+        "raw rows and sums survive the upgrade"
+    );
+    assert_eq!(
+        key_of(&c, "raw_metrics").await,
+        "tenant_id, device_id, metric_name, ts"
+    );
+    for t in ["downsampled_metrics_1h", "downsampled_metrics_1d"] {
+        assert_eq!(
+            key_of(&c, t).await,
+            "tenant_id, device_id, metric_name, bucket"
+        );
+    }
+    assert_eq!(
+        key_of(&c, "rollup_dirty").await,
+        "tenant_id, device_id, metric_name, bucket"
+    );
+    assert_eq!(key_of(&c, "devices").await, "tenant_id, device_id");
+    // `migrate` recomputed the rollups per tenant.
+    assert_eq!(
+        rollup_mismatches(&c, "downsampled_metrics_1h", "hour").await,
+        0
+    );
+    assert_eq!(
+        rollup_mismatches(&c, "downsampled_metrics_1d", "day").await,
+        0
+    );
+    let devices: Vec<(String, String)> = c
+        .query(
+            "SELECT tenant_id, device_id FROM devices ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        devices,
+        [
+            ("acme", "press01"),
+            ("acme", "press02"),
+            ("beta", "press01")
+        ]
+        .map(|(t, d)| (t.to_owned(), d.to_owned()))
+    );
+    let open: String = c
+        .query_one(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'alerts_one_open'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(open.contains("(tenant_id, rule_id, device_id)"), "{open}");
+    let firing: i64 = c
+        .query_one("SELECT count(*) FROM alerts WHERE state = 'firing'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(firing, 1, "the open alert survives");
+
+    // What version 1 could not hold: beta's press01 at acme's exact timestamps.
+    let mut w = postgres::connect(&url).await.unwrap();
+    w.batch_execute(STAGING).await.unwrap();
+    let same: Vec<Reading> = (0..60)
+        .map(|i| {
+            Reading::new(
+                "x",
+                "press01",
+                "temperature",
+                Timestamp(1_795_910_400_000_000 + i * 10_000_000), // 2026-11-29 00:00 UTC
+                -1.0,
+            )
+        })
+        .collect();
+    let parts = [Part {
+        tenant: "beta",
+        gateway: "gw-beta",
+        readings: &same,
+    }];
+    let written = postgres::write(&mut w, Flavor::Plain, &parts)
+        .await
+        .unwrap();
+    assert_eq!((written.inserted, written.conflicts.len()), (60, 0));
+    maintain::roll(&w).await.unwrap();
+    assert_eq!(
+        rollup_mismatches(&c, "downsampled_metrics_1h", "hour").await,
+        0
+    );
+
+    // Running migrate again changes nothing.
+    assert_eq!(postgres::migrate(&c, &cfg).await.unwrap(), Flavor::Plain);
+    let versions: i64 = c
+        .query_one("SELECT count(*) FROM plantlink_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 1);
+
+    drop((c, c2, w));
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_schema_from_the_future_is_refused_by_migrate_and_run() {
+    let db = format!("plantlink_test_future_{}", std::process::id());
+    let (admin, url, c) = common::database(&db).await;
+    let future = postgres::schema::VERSION + 1;
+    c.execute(
+        "INSERT INTO plantlink_schema (version, applied_by) VALUES ($1, 'cloud-ingest 9.9.9')",
+        &[&future],
+    )
+    .await
+    .unwrap();
+    let before: i64 = c
+        .query_one("SELECT count(*) FROM pg_tables", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let err = postgres::migrate(&c, &Postgres::with_url(&url))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("schema version {future}")) && err.contains("newer"),
+        "{err}"
+    );
+
+    // The binary: `migrate` and `run` both exit with the reason.
+    let dir = std::env::temp_dir().join(format!("plantlink-future-{}", std::process::id()));
+    common::fleet(&dir, "gw-f");
+    let cfg = dir.join("cloud.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[quic]\nbind = \"127.0.0.1:0\"\ncert = \"server.pem\"\nkey = \"server.key\"\n\
+             client_ca = \"ca.pem\"\n[postgres]\nurl = \"{url}\"\n"
+        ),
+    )
+    .unwrap();
+    for cmd in ["migrate", "run"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cloud-ingest"))
+            .args([cmd, "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd} started: {stderr}");
+        assert!(
+            stderr.contains(&format!("schema version {future}")),
+            "{cmd}: {stderr}"
+        );
+    }
+    let after: i64 = c
+        .query_one("SELECT count(*) FROM pg_tables", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(before, after, "nothing was changed");
+
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(c);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
