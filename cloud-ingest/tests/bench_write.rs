@@ -3,7 +3,9 @@
 //!
 //! - **P5, PostgreSQL path**: 1,000,000 reference readings through the sink (two writers,
 //!   merged flushes, staging COPY + idempotent insert + rollup bookkeeping) into an empty
-//!   `raw_metrics`, against `psql \copy` of the same rows into the same (empty) table.
+//!   `raw_metrics`, against `psql \copy` of the same rows into the same (empty) table; then
+//!   the same readings again (all replays, so the conflict check runs over every one) and
+//!   again with 1% of the values changed (conflicts).
 //! - **P8, rollup refresh**: `maintain::roll` over 1,000 devices x 4 metrics at 1 Hz for
 //!   `PLANTLINK_BENCH_ROLLUP_SECONDS` (default 3600; the goal's full day is 86400 and needs
 //!   about 40 GB of disk), against hand-written `INSERT ... SELECT date_trunc ... GROUP BY` over
@@ -41,16 +43,9 @@ async fn drop_db(admin: &tokio_postgres::Client, db: &str) {
         .unwrap();
 }
 
-async fn ours(db: &str, readings: &[Reading]) -> f64 {
-    let (admin, url, pgc) = fresh(db).await;
-    let mut cfg = Postgres::with_url(&url);
-    cfg.timescaledb = Timescale::Off;
-    // Partitions exist before the clock starts, as they would in service.
-    let days: BTreeSet<i64> = readings.iter().map(|r| maintain::day_of(r.ts.0)).collect();
-    let mut c = postgres::connect(&url).await.unwrap();
-    Partitions::default().ensure(&mut c, &days).await.unwrap();
-    let mut tasks = tokio::task::JoinSet::new();
-    let sink = Sink::start(cfg, Flavor::Plain, &mut tasks);
+/// Submits `readings` to `sink` as 10,000-reading batches and waits for every commit;
+/// returns the seconds taken and the conflicts reported.
+async fn through_sink(sink: &Sink, readings: &[Reading]) -> (f64, usize) {
     let (tenant, gateway): (Arc<str>, Arc<str>) = (Arc::from("acme"), Arc::from("gw-1"));
     let start = Instant::now();
     let mut waits = Vec::new();
@@ -62,21 +57,58 @@ async fn ours(db: &str, readings: &[Reading]) -> f64 {
         };
         waits.push(sink.submit(b).await);
     }
+    let mut conflicts = 0;
     for w in waits {
-        w.await.unwrap().unwrap();
+        conflicts += w.await.unwrap().unwrap().len();
     }
-    let secs = start.elapsed().as_secs_f64();
+    (start.elapsed().as_secs_f64(), conflicts)
+}
+
+/// Seconds for three passes through the sink: the readings into an empty table, the same
+/// again (every reading a replay: the conflict check runs over all of them), and again with
+/// every 100th value changed (1% conflicts, the rest replays).
+async fn ours(db: &str, readings: &[Reading]) -> [f64; 3] {
+    let (admin, url, pgc) = fresh(db).await;
+    let mut cfg = Postgres::with_url(&url);
+    cfg.timescaledb = Timescale::Off;
+    // Partitions exist before the clock starts, as they would in service.
+    let days: BTreeSet<i64> = readings.iter().map(|r| maintain::day_of(r.ts.0)).collect();
+    let mut c = postgres::connect(&url).await.unwrap();
+    Partitions::default().ensure(&mut c, &days).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    let sink = Sink::start(cfg, Flavor::Plain, &mut tasks);
+    let (fresh_secs, none) = through_sink(&sink, readings).await;
+    assert_eq!(none, 0);
     let n: i64 = pgc
         .query_one("SELECT count(*) FROM raw_metrics", &[])
         .await
         .unwrap()
         .get(0);
     assert_eq!(n, readings.len() as i64);
+    let (replay_secs, none) = through_sink(&sink, readings).await;
+    assert_eq!(none, 0, "a replay is not a conflict");
+    let changed: Vec<Reading> = readings
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut r = r.clone();
+            if i % 100 == 0 {
+                r.value = if r.value.is_finite() {
+                    r.value + 1.0
+                } else {
+                    0.5
+                };
+            }
+            r
+        })
+        .collect();
+    let (conflict_secs, conflicts) = through_sink(&sink, &changed).await;
+    assert_eq!(conflicts, readings.len().div_ceil(100));
     drop(sink);
     while tasks.join_next().await.is_some() {}
     drop((pgc, c));
     drop_db(&admin, db).await;
-    secs
+    [fresh_secs, replay_secs, conflict_secs]
 }
 
 async fn psql_copy(db: &str, csv: &std::path::Path, readings: &[Reading]) -> f64 {
@@ -146,7 +178,8 @@ async fn postgres_path_against_psql_copy() {
         }
     }
     let pid = std::process::id();
-    let (mut mine, mut peer) = (Vec::new(), Vec::new());
+    let (mut mine, mut peer, mut replay, mut conflict) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..3 {
         peer.push(
             psql_copy(
@@ -156,18 +189,27 @@ async fn postgres_path_against_psql_copy() {
             )
             .await,
         );
-        mine.push(ours(&format!("plantlink_bench_sink_{pid}_{round}"), &readings).await);
+        let [f, r, c] = ours(&format!("plantlink_bench_sink_{pid}_{round}"), &readings).await;
+        mine.push(f);
+        replay.push(r);
+        conflict.push(c);
         println!(
-            "round {round}: psql \\copy {:.2} s, sink {:.2} s",
-            peer[round], mine[round]
+            "round {round}: psql \\copy {:.2} s, sink {f:.2} s, all replays {r:.2} s, 1% conflicts {c:.2} s",
+            peer[round]
         );
     }
     let (m, p) = (median(mine), median(peer));
+    let (r, c) = (median(replay), median(conflict));
     println!(
         "PostgreSQL path: sink {:.0} readings/s ({m:.2} s), psql \\copy {:.0} readings/s ({p:.2} s); ratio {:.2}",
         n / m,
         n / p,
         p / m
+    );
+    println!(
+        "replays through the conflict check: all replays {:.0} readings/s ({r:.2} s), 1% conflicts {:.0} readings/s ({c:.2} s)",
+        n / r,
+        n / c
     );
 }
 

@@ -386,3 +386,113 @@ async fn two_tenants_one_device_name_and_a_conflicting_gateway() {
         .await
         .unwrap();
 }
+
+/// One plant, two lines, one device name: with `device = "{line}-{device}"` the two presses
+/// stay two devices from the MQTT topic to PostgreSQL, every reading of each stored, none
+/// taken for the other's (no conflict, no replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_composed_device_id_keeps_two_lines_apart_end_to_end() {
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    let d = Dir::new("lines");
+    common::fleet(&d.0, "gw-l");
+    let db = format!("plantlink_test_lines_{}", std::process::id());
+    let (admin, url, pgc) = common::database(&db).await;
+    let server = Server::bind(common::cloud_config(&d.0, url, 16, 8 << 20)).unwrap();
+    let cloud_addr = server.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let cloud = tokio::spawn(server.serve(stop_rx.clone()));
+
+    let broker = common::Mosquitto::start(&d.0);
+    let client_id = format!("lines-{}", std::process::id());
+    common::create_session(broker.port, &client_id).await;
+    let mut config = common::Agent {
+        gateway: "gw-l",
+        mqtt: Some((broker.port, &client_id, "plant/{line}/{device}/{metric}")),
+        cloud: cloud_addr.to_string(),
+        store: "",
+        uplink: "batch_max_readings = 100\nbatch_linger_ms = 20",
+    }
+    .config(&d.0);
+    config.mqtt.as_mut().unwrap().topics[0].device = Some("{line}-{device}".into());
+    let mut agent_stop = stop_rx.clone();
+    let agent = tokio::spawn(edge_agent::agent::run_until(config, async move {
+        let _ = agent_stop.changed().await;
+    }));
+
+    let mut o = MqttOptions::new(
+        format!("lines-pub-{}", std::process::id()),
+        "127.0.0.1",
+        broker.port,
+    );
+    o.set_inflight(100);
+    let (publisher, mut pel) = AsyncClient::new(o, 1000);
+    tokio::spawn(async move { while pel.poll().await.is_ok() {} });
+    // Both presses stamp whole seconds: the same timestamps, different values.
+    const EACH: i64 = 200;
+    let base_s = 1_795_910_400; // 2026-11-29 00:00 UTC
+    for i in 0..EACH {
+        for (line, value) in [("l3", 20.0), ("l4", 40.0)] {
+            let body = format!(
+                r#"{{"ts": {}, "value": {}}}"#,
+                base_s + i,
+                value + (i % 3) as f64
+            );
+            publisher
+                .publish(
+                    format!("plant/{line}/press01/temperature"),
+                    QoS::AtLeastOnce,
+                    false,
+                    body,
+                )
+                .await
+                .unwrap();
+        }
+    }
+    until(
+        "both presses' readings",
+        Duration::from_secs(60),
+        async || {
+            let n: i64 = pgc
+                .query_one("SELECT count(*) FROM raw_metrics", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n >= 2 * EACH
+        },
+    )
+    .await;
+    let rows: Vec<(String, i64, f64, String)> = pgc
+        .query(
+            "SELECT device_id, count(*), sum(value), min(tags->>'line') FROM raw_metrics
+             GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let sum = |v: f64| (0..EACH).map(|i| v + (i % 3) as f64).sum::<f64>();
+    assert_eq!(
+        rows,
+        vec![
+            ("l3-press01".to_owned(), EACH, sum(20.0), "l3".to_owned()),
+            ("l4-press01".to_owned(), EACH, sum(40.0), "l4".to_owned()),
+        ]
+    );
+    let conflicts: i64 = pgc
+        .query_one("SELECT count(*) FROM reading_conflicts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(conflicts, 0);
+
+    let _ = stop_tx.send(true);
+    agent.await.unwrap().unwrap();
+    cloud.await.unwrap().unwrap();
+    drop(pgc);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

@@ -67,14 +67,27 @@ pub async fn migrate(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> 
 async fn migrate_locked(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> {
     let version = upgrade::current(client).await?;
     upgrade::check_known(version)?;
-    let available: bool = client
+    let row = client
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),
+                    current_setting('shared_preload_libraries') ~ '(^|[ ,])\"?timescaledb\"?($|[ ,])'",
             &[],
         )
-        .await?
-        .get(0);
-    let flavor = match (existing_flavor(client).await?, cfg.timescaledb) {
+        .await?;
+    let (installed, preloaded): (bool, bool) = (row.get(0), row.get(1));
+    // Installed but not preloaded (the state right after `apt install`): CREATE EXTENSION
+    // would end the session, so the extension counts as not available, and says why.
+    let available = installed && preloaded;
+    let not_preloaded = "the timescaledb extension is installed but this server does not \
+        preload it; add timescaledb to shared_preload_libraries in postgresql.conf and restart \
+        PostgreSQL";
+    let existing = existing_flavor(client).await?;
+    if installed && !preloaded && cfg.timescaledb == Timescale::Auto && existing.is_none() {
+        tracing::warn!(
+            "{not_preloaded}; using plain PostgreSQL for this new database (timescaledb = \"auto\")"
+        );
+    }
+    let flavor = match (existing, cfg.timescaledb) {
         (Some(Flavor::Plain), Timescale::On) => anyhow::bail!(
             "postgres.timescaledb = \"on\", but raw_metrics already exists as plain partitions; \
              set timescaledb = \"off\" (or \"auto\") to keep it, or migrate into a new database"
@@ -84,6 +97,11 @@ async fn migrate_locked(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavo
         (None, Timescale::Auto) if available => Flavor::Timescale,
         (None, Timescale::Auto) => Flavor::Plain,
         (None, Timescale::On) if available => Flavor::Timescale,
+        (None, Timescale::On) if installed => {
+            anyhow::bail!(
+                "postgres.timescaledb = \"on\", but {not_preloaded}; or set timescaledb = \"auto\""
+            )
+        }
         (None, Timescale::On) => anyhow::bail!(
             "postgres.timescaledb = \"on\", but this server does not offer the timescaledb \
              extension (not in pg_available_extensions); install it, or set timescaledb = \"auto\""
