@@ -1,46 +1,57 @@
 //! The PostgreSQL writer against a real server, in a database of its own: a replayed batch
 //! adds nothing, values, timestamps, tags and sequence numbers come back exactly, two tenants'
 //! devices of one name never meet, and a reading that conflicts with a stored one is kept
-//! and reported while the first value stays.
+//! and reported while the first value stays. Each test body is written once and runs on
+//! plain PostgreSQL and on TimescaleDB (a private cluster, where the extension is installed).
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
 
 use std::collections::BTreeSet;
 
-use cloud_ingest::config::Postgres;
 use cloud_ingest::postgres::maintain::{Partitions, day_of};
 use cloud_ingest::postgres::{Flavor, Part, STAGING, Written, connect, migrate, write};
-use common::{admin_dsn as admin_url, pg};
+use common::pg;
+use common::timescale::Backend;
 use plantlink_model::{Reading, Timestamp};
 
-/// Writes one gateway's batch as the sink does: partitions first, then the write.
+/// Writes one gateway's batch as the sink does: on plain PostgreSQL partitions first, then
+/// the write.
 async fn write_batch(
     client: &mut tokio_postgres::Client,
+    flavor: Flavor,
     tenant: &str,
     gateway: &str,
     readings: &[Reading],
 ) -> Result<Written, tokio_postgres::Error> {
-    let days: BTreeSet<i64> = readings.iter().map(|r| day_of(r.ts.0)).collect();
-    Partitions::default().ensure(client, &days).await?;
+    if flavor == Flavor::Plain {
+        let days: BTreeSet<i64> = readings.iter().map(|r| day_of(r.ts.0)).collect();
+        Partitions::default().ensure(client, &days).await?;
+    }
     let part = Part {
         tenant,
         gateway,
         readings,
     };
-    write(client, Flavor::Plain, &[part]).await
+    write(client, flavor, &[part]).await
 }
 
 #[tokio::test]
 async fn replays_add_nothing_and_values_round_trip() {
+    for b in Backend::all("pg-replays") {
+        replays_and_round_trip(&b).await;
+    }
+}
+
+async fn replays_and_round_trip(b: &Backend) {
+    let flavor = b.flavor();
     let db = format!("plantlink_test_pg_{}", std::process::id());
-    let admin = pg(&admin_url(), &db).await;
-    let url = format!("{} dbname={db}", admin_url().replace("dbname=postgres", ""));
+    let admin = pg(&b.admin_dsn(), &db).await;
+    let url = b.dsn(&db);
     let mut client = connect(&url).await.unwrap();
-    let mut cfg = Postgres::with_url(&url);
-    cfg.timescaledb = cloud_ingest::config::Timescale::Off;
-    assert_eq!(migrate(&client, &cfg).await.unwrap(), Flavor::Plain);
-    assert_eq!(migrate(&client, &cfg).await.unwrap(), Flavor::Plain); // idempotent
+    let cfg = b.config(&url);
+    assert_eq!(migrate(&client, &cfg).await.unwrap(), flavor);
+    assert_eq!(migrate(&client, &cfg).await.unwrap(), flavor); // idempotent
     client.batch_execute(STAGING).await.unwrap();
 
     let mut readings: Vec<Reading> = (0..1000)
@@ -59,18 +70,18 @@ async fn replays_add_nothing_and_values_round_trip() {
     readings[1].value = f64::NAN;
     readings[2].value = f64::INFINITY;
     readings[3].tags.insert("site".into(), "p1".into());
-    let first = write_batch(&mut client, "acme", "gw-1", &readings)
+    let first = write_batch(&mut client, flavor, "acme", "gw-1", &readings)
         .await
         .unwrap();
     assert_eq!(first.inserted, 1000);
     // The same batch again (a lost ack), and a batch overlapping it by half: replays, not
     // conflicts (NaN equals NaN here, as in the model).
-    let again = write_batch(&mut client, "acme", "gw-1", &readings)
+    let again = write_batch(&mut client, flavor, "acme", "gw-1", &readings)
         .await
         .unwrap();
     assert_eq!((again.inserted, again.replays), (0, 1000));
     assert!(again.conflicts.is_empty(), "{:?}", again.conflicts);
-    let half = write_batch(&mut client, "acme", "gw-1", &readings[500..])
+    let half = write_batch(&mut client, flavor, "acme", "gw-1", &readings[500..])
         .await
         .unwrap();
     assert_eq!(
@@ -131,14 +142,12 @@ async fn replays_add_nothing_and_values_round_trip() {
 }
 
 /// A database of the test's own, migrated, with a connection that has the staging table.
-async fn fresh(tag: &str) -> (tokio_postgres::Client, tokio_postgres::Client, String) {
+async fn fresh(b: &Backend, tag: &str) -> (tokio_postgres::Client, tokio_postgres::Client, String) {
     let db = format!("plantlink_test_pg_{tag}_{}", std::process::id());
-    let admin = pg(&admin_url(), &db).await;
-    let url = format!("{} dbname={db}", admin_url().replace("dbname=postgres", ""));
+    let admin = pg(&b.admin_dsn(), &db).await;
+    let url = b.dsn(&db);
     let client = connect(&url).await.unwrap();
-    let mut cfg = Postgres::with_url(&url);
-    cfg.timescaledb = cloud_ingest::config::Timescale::Off;
-    migrate(&client, &cfg).await.unwrap();
+    migrate(&client, &b.config(&url)).await.unwrap();
     client.batch_execute(STAGING).await.unwrap();
     (admin, client, db)
 }
@@ -155,11 +164,20 @@ fn pump(i: i64, value: f64) -> Reading {
 
 #[tokio::test]
 async fn two_tenants_with_one_device_name_keep_their_own_readings() {
-    let (admin, mut client, db) = fresh("tenants").await;
+    for b in Backend::all("pg-tenants") {
+        two_tenants(&b).await;
+    }
+}
+
+async fn two_tenants(b: &Backend) {
+    let flavor = b.flavor();
+    let (admin, mut client, db) = fresh(b, "tenants").await;
     let a: Vec<Reading> = (0..100).map(|i| pump(i, i as f64)).collect();
     let b: Vec<Reading> = (0..100).map(|i| pump(i, 1000.0 + i as f64)).collect();
-    let wa = write_batch(&mut client, "acme", "gw-a", &a).await.unwrap();
-    let wb = write_batch(&mut client, "globex", "gw-b", &b)
+    let wa = write_batch(&mut client, flavor, "acme", "gw-a", &a)
+        .await
+        .unwrap();
+    let wb = write_batch(&mut client, flavor, "globex", "gw-b", &b)
         .await
         .unwrap();
     assert_eq!((wa.inserted, wb.inserted), (100, 100));
@@ -195,15 +213,24 @@ async fn two_tenants_with_one_device_name_keep_their_own_readings() {
             readings: &later,
         },
     ];
-    let w = write(&mut client, Flavor::Plain, &parts).await.unwrap();
+    if flavor == Flavor::Plain {
+        let days: BTreeSet<i64> = later.iter().map(|r| day_of(r.ts.0)).collect();
+        Partitions::default()
+            .ensure(&mut client, &days)
+            .await
+            .unwrap();
+    }
+    let w = write(&mut client, flavor, &parts).await.unwrap();
     assert_eq!((w.inserted, w.conflicts.len()), (20, 0));
-    // The rollups' dirty marks are per tenant.
-    let dirty: i64 = client
-        .query_one("SELECT count(DISTINCT tenant_id) FROM rollup_dirty", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(dirty, 2);
+    if flavor == Flavor::Plain {
+        // The rollups' dirty marks are per tenant.
+        let dirty: i64 = client
+            .query_one("SELECT count(DISTINCT tenant_id) FROM rollup_dirty", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(dirty, 2);
+    }
     drop(client);
     admin
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
@@ -213,10 +240,17 @@ async fn two_tenants_with_one_device_name_keep_their_own_readings() {
 
 #[tokio::test]
 async fn a_conflicting_reading_is_kept_reported_once_and_never_replaces_the_first() {
-    let (admin, mut client, db) = fresh("conflict").await;
+    for b in Backend::all("pg-conflicts") {
+        conflicts(&b).await;
+    }
+}
+
+async fn conflicts(b: &Backend) {
+    let flavor = b.flavor();
+    let (admin, mut client, db) = fresh(b, "conflict").await;
     let first: Vec<Reading> = (0..10).map(|i| pump(i, 20.0)).collect();
     assert_eq!(
-        write_batch(&mut client, "acme", "gw-1", &first)
+        write_batch(&mut client, flavor, "acme", "gw-1", &first)
             .await
             .unwrap()
             .inserted,
@@ -230,7 +264,7 @@ async fn a_conflicting_reading_is_kept_reported_once_and_never_replaces_the_firs
     second[0].seq = Some(99);
     second[1].value = 20.0;
     second[1].tags.insert("line".into(), "4".into());
-    let w = write_batch(&mut client, "acme", "gw-2", &second)
+    let w = write_batch(&mut client, flavor, "acme", "gw-2", &second)
         .await
         .unwrap();
     assert_eq!((w.inserted, w.replays, w.conflicts.len()), (0, 1, 9));
@@ -247,7 +281,7 @@ async fn a_conflicting_reading_is_kept_reported_once_and_never_replaces_the_firs
     assert_eq!((c.stored, c.ts_us), (20.0, 1_767_225_602_000_000));
 
     // The same conflicting batch again (a lost ack): nothing new is reported.
-    let again = write_batch(&mut client, "acme", "gw-2", &second)
+    let again = write_batch(&mut client, flavor, "acme", "gw-2", &second)
         .await
         .unwrap();
     assert_eq!(
@@ -258,7 +292,7 @@ async fn a_conflicting_reading_is_kept_reported_once_and_never_replaces_the_firs
     // Two readings of one identity inside one batch: the first received is stored.
     let mut inside = vec![pump(50, 1.0), pump(50, 2.0), pump(50, 1.0)];
     inside[2].seq = Some(7);
-    let w = write_batch(&mut client, "acme", "gw-1", &inside)
+    let w = write_batch(&mut client, flavor, "acme", "gw-1", &inside)
         .await
         .unwrap();
     assert_eq!((w.inserted, w.replays, w.conflicts.len()), (1, 1, 1));

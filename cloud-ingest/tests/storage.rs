@@ -311,6 +311,18 @@ async fn timescaledb_on_without_the_extension_fails_clearly() {
         assert_eq!(tables, 0);
         cfg.timescaledb = Timescale::Auto;
         assert_eq!(postgres::migrate(&c, &cfg).await.unwrap(), Flavor::Plain);
+    } else if !common::timescale::preloaded(&c).await {
+        // Installed but not preloaded, as right after `apt install`: CREATE EXTENSION would
+        // end the session. "on" says what to change; "auto" takes plain PostgreSQL.
+        cfg.timescaledb = Timescale::On;
+        let err = postgres::migrate(&c, &cfg).await.unwrap_err().to_string();
+        assert!(
+            err.contains("shared_preload_libraries") && err.contains("restart"),
+            "{err}"
+        );
+        cfg.timescaledb = Timescale::Auto;
+        assert_eq!(postgres::migrate(&c, &cfg).await.unwrap(), Flavor::Plain);
+        assert!(!c.is_closed(), "the session survives");
     }
     drop(c);
     admin

@@ -327,8 +327,11 @@ async fn two_tenants_one_device_name_and_a_conflicting_gateway() {
         "{lag}"
     );
     assert_eq!(lag["gateways"]["gw-a"]["readings_conflicting"], 0, "{lag}");
+    assert_eq!(lag["conflicts"]["gw-a2"]["readings"], 10, "{lag}");
+    assert!(lag["conflicts"].get("gw-a").is_none(), "{lag}");
     let lag = get(api, "/v1/pipeline/lag", BETA);
     assert!(lag["gateways"].get("gw-a2").is_none(), "{lag}");
+    assert_eq!(lag["conflicts"], json!({}), "{lag}");
     // The first values stay.
     let low: i64 = pgc
         .query_one("SELECT count(*) FROM raw_metrics WHERE value < 0", &[])

@@ -1,6 +1,7 @@
 //! `migrate` upgrades a database of the first release (schema version 1, keys without the
-//! tenant) in place, on plain PostgreSQL: no row lost, keys that lead with the tenant,
-//! rollups recomputed per tenant, devices per tenant, safe with two replicas at once; and a
+//! tenant) in place, on plain PostgreSQL and on TimescaleDB (a private cluster that preloads
+//! it; skipped loudly where the extension is not installed): no row lost, keys that lead with
+//! the tenant, rollups per tenant, devices per tenant, safe with two replicas at once; and a
 //! schema newer than the binary makes `migrate` and `run` refuse to start.
 #![allow(clippy::unwrap_used)] // tests may panic
 
@@ -12,7 +13,9 @@ use cloud_ingest::config::{Postgres, Timescale};
 use cloud_ingest::postgres::{self, Flavor, Part, STAGING, maintain};
 use plantlink_model::{Reading, Timestamp};
 
-const FIXTURE: &str = include_str!("fixtures/schema_v1_plain.sql");
+const COMMON_V1: &str = include_str!("fixtures/schema_v1_common.sql");
+const PLAIN_V1: &str = include_str!("fixtures/schema_v1_plain.sql");
+const TIMESCALE_V1: &str = include_str!("fixtures/schema_v1_timescale.sql");
 
 /// Row counts and value sums that must not change: raw per tenant and device, and the
 /// total count the daily rollups hold.
@@ -73,7 +76,8 @@ async fn migrate_upgrades_a_version_1_database_in_place() {
         common::admin_dsn().replace("dbname=postgres", "")
     );
     let c = postgres::connect(&url).await.unwrap();
-    c.batch_execute(FIXTURE).await.unwrap();
+    c.batch_execute(COMMON_V1).await.unwrap();
+    c.batch_execute(PLAIN_V1).await.unwrap();
     let before = totals(&c).await;
     assert_eq!(before.len(), 3, "{before:?}");
     assert_eq!(postgres::upgrade::current(&c).await.unwrap(), 1);
@@ -265,4 +269,153 @@ async fn a_schema_from_the_future_is_refused_by_migrate_and_run() {
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_upgrades_a_version_1_timescaledb_database_in_place() {
+    let Some(cluster) = common::timescale::Cluster::start("upgrade") else {
+        return;
+    };
+    let db = "plantlink_upgrade";
+    let _admin = common::pg(&cluster.admin_dsn(), db).await;
+    let url = cluster.dsn(db);
+    let c = postgres::connect(&url).await.unwrap();
+    c.batch_execute(COMMON_V1).await.unwrap();
+    c.batch_execute(TIMESCALE_V1).await.unwrap();
+    // The first day compressed, as the policy would have done; the aggregates refreshed.
+    c.batch_execute(
+        "SELECT compress_chunk(c) FROM show_chunks('raw_metrics', older_than => '2026-11-29 00:00+00'::timestamptz) c",
+    )
+    .await
+    .unwrap();
+    for cagg in ["downsampled_metrics_1h", "downsampled_metrics_1d"] {
+        c.batch_execute(&format!(
+            "CALL refresh_continuous_aggregate('{cagg}', NULL, NULL)"
+        ))
+        .await
+        .unwrap();
+    }
+    let before = totals(&c).await;
+    assert_eq!(before.len(), 3, "{before:?}");
+    assert_eq!(postgres::upgrade::current(&c).await.unwrap(), 1);
+
+    let mut cfg = Postgres::with_url(&url);
+    cfg.timescaledb = Timescale::Auto;
+    cfg.retention.raw_days = 36_500;
+    let c2 = postgres::connect(&url).await.unwrap();
+    let (a, b) = tokio::join!(postgres::migrate(&c, &cfg), postgres::migrate(&c2, &cfg));
+    assert_eq!(
+        (a.unwrap(), b.unwrap()),
+        (Flavor::Timescale, Flavor::Timescale)
+    );
+    assert_eq!(
+        postgres::upgrade::current(&c).await.unwrap(),
+        postgres::schema::VERSION
+    );
+    assert_eq!(
+        totals(&c).await,
+        before,
+        "raw rows and sums survive the upgrade"
+    );
+    assert_eq!(
+        key_of(&c, "raw_metrics").await,
+        "tenant_id, device_id, metric_name, ts"
+    );
+    assert_eq!(key_of(&c, "devices").await, "tenant_id, device_id");
+    let segmentby: String = c
+        .query_one(
+            "SELECT segmentby FROM timescaledb_information.hypertable_compression_settings
+             WHERE hypertable = 'raw_metrics'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(segmentby, "tenant_id,device_id,metric_name");
+    let devices: i64 = c
+        .query_one("SELECT count(*) FROM devices", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(devices, 3);
+
+    // Beta's press01 at acme's exact timestamps, on both days; then the compression policy
+    // runs (by hand: see ../shared/timescaledb/README.md) and everything is still there once.
+    let mut w = postgres::connect(&url).await.unwrap();
+    w.batch_execute(STAGING).await.unwrap();
+    let same: Vec<Reading> = [1_795_824_000_000_000i64, 1_795_910_400_000_000]
+        .iter()
+        .flat_map(|day| {
+            (0..30).map(move |i| {
+                Reading::new(
+                    "x",
+                    "press01",
+                    "temperature",
+                    Timestamp(day + i * 10_000_000),
+                    -1.0,
+                )
+            })
+        })
+        .collect();
+    let parts = [Part {
+        tenant: "beta",
+        gateway: "gw-beta",
+        readings: &same,
+    }];
+    let written = postgres::write(&mut w, Flavor::Timescale, &parts)
+        .await
+        .unwrap();
+    assert_eq!((written.inserted, written.conflicts.len()), (60, 0));
+    let job: i32 = c
+        .query_one(
+            "SELECT job_id FROM timescaledb_information.jobs
+             WHERE proc_name = 'policy_compression' AND hypertable_name = 'raw_metrics'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute(&format!("CALL run_job({job})"))
+        .await
+        .unwrap();
+    // The first day's chunk, decompressed by the upgrade, is compressed again (the second
+    // day's is too once it is older than compress_after_days).
+    let first_day: bool = c
+        .query_one(
+            "SELECT is_compressed FROM timescaledb_information.chunks
+             WHERE hypertable_name = 'raw_metrics' AND range_start = '2026-11-28 00:00+00'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(first_day, "the policy recompresses the first day's chunk");
+    let replay = postgres::write(&mut w, Flavor::Timescale, &parts)
+        .await
+        .unwrap();
+    assert_eq!(
+        (replay.inserted, replay.replays),
+        (0, 60),
+        "a replay into compressed chunks adds nothing"
+    );
+    let mut after = before.clone();
+    after[2].1 += 60;
+    after[2].2 -= 60.0;
+    assert_eq!(totals(&c).await, after);
+    for cagg in ["downsampled_metrics_1h", "downsampled_metrics_1d"] {
+        c.batch_execute(&format!(
+            "CALL refresh_continuous_aggregate('{cagg}', NULL, NULL)"
+        ))
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        rollup_mismatches(&c, "downsampled_metrics_1h", "hour").await,
+        0
+    );
+    assert_eq!(
+        rollup_mismatches(&c, "downsampled_metrics_1d", "day").await,
+        0
+    );
+    drop((c, c2, w));
 }

@@ -230,12 +230,18 @@ pub fn system_time(us: i64) -> SystemTime {
 
 /// Rows go in key order, ties in the order received (`ctid` follows the COPY), so within a
 /// flush the first of two readings with one identity is the one stored.
+/// Rows are counted from `RETURNING`, as on plain PostgreSQL: the count decides whether the
+/// conflict check runs.
 const INSERT_TIMESCALE: &str = "
-INSERT INTO raw_metrics (tenant_id, device_id, metric_name, value, tags, ts, seq, gateway_id)
-SELECT tenant_id, device_id, metric_name, value, tags::jsonb, ts, seq, gateway_id
-FROM staging_readings
-ORDER BY tenant_id, device_id, metric_name, ts, ctid
-ON CONFLICT (tenant_id, device_id, metric_name, ts) DO NOTHING";
+WITH ins AS (
+    INSERT INTO raw_metrics (tenant_id, device_id, metric_name, value, tags, ts, seq, gateway_id)
+    SELECT tenant_id, device_id, metric_name, value, tags::jsonb, ts, seq, gateway_id
+    FROM staging_readings
+    ORDER BY tenant_id, device_id, metric_name, ts, ctid
+    ON CONFLICT (tenant_id, device_id, metric_name, ts) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM ins";
 
 const INSERT_PLAIN: &str = "
 WITH ins AS (
@@ -345,13 +351,11 @@ pub async fn write(
         }
     }
     writer.finish().await?;
-    let inserted = match flavor {
-        Flavor::Timescale => tx.execute(INSERT_TIMESCALE, &[]).await?,
-        Flavor::Plain => {
-            let n: i64 = tx.query_one(INSERT_PLAIN, &[]).await?.get(0);
-            n as u64
-        }
+    let insert = match flavor {
+        Flavor::Timescale => INSERT_TIMESCALE,
+        Flavor::Plain => INSERT_PLAIN,
     };
+    let inserted = tx.query_one(insert, &[]).await?.get::<_, i64>(0) as u64;
     let mut conflicts = Vec::new();
     if inserted < staged {
         for row in tx.query(CONFLICTS, &[]).await? {

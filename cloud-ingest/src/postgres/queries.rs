@@ -89,6 +89,26 @@ fn micros(t: SystemTime) -> i64 {
     }
 }
 
+/// Conflicting readings kept per gateway of `tenant`: (gateway, readings, newest arrival
+/// in µs). They outlive restarts and count what every replica saw.
+pub async fn conflicts_by_gateway(
+    c: &Client,
+    tenant: &str,
+) -> Result<Vec<(String, i64, i64)>, Error> {
+    Ok(c.query(
+        "SELECT gateway_id, count(*), max(received_at) FROM reading_conflicts
+             WHERE tenant_id = $1 GROUP BY gateway_id ORDER BY gateway_id",
+        &[&tenant],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        let at: SystemTime = r.get(2);
+        (r.get(0), r.get(1), super::micros(at))
+    })
+    .collect())
+}
+
 /// Whether the database answers at all.
 pub async fn ping(c: &Client) -> Result<(), Error> {
     c.simple_query("SELECT 1").await.map(drop)

@@ -18,6 +18,10 @@
 //! - the one-open-alert index leads with the tenant.
 //!
 //! A database of a newer version than this binary knows is refused, with the versions named.
+//!
+//! Replicas of the old release must be stopped first: their inserts name the old key in
+//! `ON CONFLICT`, which the upgraded tables no longer have, so their writes would be refused
+//! (and their gateways would keep the readings and resend them to the new release).
 
 use tokio_postgres::Client;
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod full_path;
+pub mod timescale;
 
 use cloud_ingest::quic;
 use plantlink_wire::frame::{Frame, Hello};
