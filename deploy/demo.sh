@@ -166,7 +166,7 @@ fired=$(echo "$alerts" | python3 -c 'import json,sys; print(len(json.load(sys.st
 log "firmware-sim verify: the ledger against PostgreSQL and Kafka"
 status=0
 "$bin/firmware-sim" verify --ledger "$work/ledger.db" --postgres "$pg" \
-  --kafka "127.0.0.1:$kport" --topic telemetry.readings || status=$?
+  --kafka "127.0.0.1:$kport" --topic telemetry.readings --tenant demo || status=$?
 
 log "the cloud's counters"
 curl -s "http://127.0.0.1:$cmetrics/metrics" | grep -E '^plantlink_cloud_(readings_written_total|batches_rejected_total\{reason="malformed"\}|alerts_total\{severity="critical")' || true

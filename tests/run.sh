@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Plantlink test. On a fresh Debian machine it first installs and starts what the
-# tests need (build tools, Mosquitto, PostgreSQL, the Tansu Kafka-API broker).
+# tests need (build tools, Mosquitto, PostgreSQL, the Tansu Kafka-API broker, and the
+# TimescaleDB extension files for the storage tests' private TimescaleDB cluster).
 #
 #   ./tests/run.sh               all tests, the deploy checks, the demo in its short mode
 #                                (./deploy/demo.sh --ci) and the ARM smoke tests (./cross/smoke.sh)
@@ -10,6 +11,7 @@ cd "$(dirname "$0")/.."
 . tests/lib/services.sh
 
 ensure_all_services
+ensure_timescaledb_files
 log "Mosquitto on 127.0.0.1:1883, PostgreSQL on 127.0.0.1:5432, Tansu at $PLANTLINK_TANSU"
 
 filtered=0

@@ -125,6 +125,10 @@ enum Command {
         /// The readings topic.
         #[arg(long)]
         topic: Option<String>,
+        /// Only this tenant's rows and records (the gateway's `[gateway] tenant`): another
+        /// tenant's devices may share the run's names in a shared database.
+        #[arg(long)]
+        tenant: Option<String>,
         /// Count a reading seen twice on Kafka as a failure (Kafka is at-least-once: a
         /// gateway's resend after a lost ack is produced again).
         #[arg(long)]
@@ -277,6 +281,7 @@ fn main() -> Result<()> {
             postgres,
             kafka,
             topic,
+            tenant,
             strict_kafka,
             json,
         } => {
@@ -289,6 +294,7 @@ fn main() -> Result<()> {
                 run.as_deref(),
                 &postgres,
                 kafka,
+                tenant.as_deref(),
             ))?;
             let ok = r.ok(strict_kafka);
             if json {

@@ -5,7 +5,9 @@
 //! exactly once). Readings the agent stamps with its own receive time are checked by count per
 //! (device, metric). Anything stored for the run's devices that the ledger does not expect is
 //! reported as unexpected. Expected refusals (malformed payloads) are listed, not counted as
-//! loss.
+//! loss. With `--tenant`, only that tenant's rows and records count (by `tenant_id` and the
+//! `plantlink-tenant` header), so another tenant's devices of the same names in a shared
+//! database are not taken for this run's.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -86,6 +88,7 @@ pub async fn verify(
     run: Option<&str>,
     postgres: &str,
     kafka: Option<(&str, &str)>,
+    tenant: Option<&str>,
 ) -> anyhow::Result<Report> {
     let run = match run {
         Some(r) => r.to_owned(),
@@ -103,9 +106,10 @@ pub async fn verify(
     // What PostgreSQL holds for the run's devices (their ids start with the run name).
     let rows = client
         .query(
-            "SELECT device_id, metric_name, ts, count(*) OVER (PARTITION BY device_id, metric_name, ts)
-             FROM raw_metrics WHERE device_id LIKE $1 || '%'",
-            &[&prefix],
+            "SELECT device_id, metric_name, ts,
+                    count(*) OVER (PARTITION BY tenant_id, device_id, metric_name, ts)
+             FROM raw_metrics WHERE ($2::text IS NULL OR tenant_id = $2) AND device_id LIKE $1 || '%'",
+            &[&prefix, &tenant],
         )
         .await?;
     let mut r = Report {
@@ -194,8 +198,11 @@ pub async fn verify(
     #[cfg(feature = "kafka")]
     if let Some((brokers, topic)) = kafka {
         let (brokers, topic, prefix) = (brokers.to_owned(), topic.to_owned(), prefix.clone());
-        let seen =
-            tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, &prefix)).await??;
+        let tenant = tenant.map(str::to_owned);
+        let seen = tokio::task::spawn_blocking(move || {
+            read_topic(&brokers, &topic, &prefix, tenant.as_deref())
+        })
+        .await??;
         let mut k = KafkaReport {
             records: seen.values().sum::<u64>(),
             ..KafkaReport::default()
@@ -222,6 +229,7 @@ fn read_topic(
     brokers: &str,
     topic: &str,
     prefix: &str,
+    tenant: Option<&str>,
 ) -> anyhow::Result<HashMap<(String, String, i64), u64>> {
     use std::time::Duration;
 
@@ -262,16 +270,18 @@ fn read_topic(
         last = std::time::Instant::now();
         let Some(h) = m.headers() else { continue };
         let mut id = (String::new(), String::new(), 0i64);
+        let mut of_tenant = tenant.is_none();
         for h in h.iter() {
             let v = String::from_utf8_lossy(h.value.unwrap_or_default()).to_string();
             match h.key {
+                "plantlink-tenant" => of_tenant |= tenant == Some(v.as_str()),
                 "plantlink-device" => id.0 = v,
                 "plantlink-metric" => id.1 = v,
                 "plantlink-ts-us" => id.2 = v.parse().unwrap_or(0),
                 _ => {}
             }
         }
-        if id.0.starts_with(prefix) {
+        if of_tenant && id.0.starts_with(prefix) {
             *seen.entry(id).or_insert(0) += 1;
         }
     }

@@ -88,7 +88,7 @@ async fn planted_faults_are_caught() {
     pg.batch_execute(
         "CREATE TABLE raw_metrics (tenant_id text NOT NULL, device_id text NOT NULL, metric_name text NOT NULL,
          value double precision NOT NULL, tags jsonb, ts timestamptz NOT NULL, seq bigint, gateway_id text NOT NULL,
-         PRIMARY KEY (device_id, metric_name, ts))",
+         PRIMARY KEY (tenant_id, device_id, metric_name, ts))",
     )
     .await
     .unwrap();
@@ -119,7 +119,7 @@ async fn planted_faults_are_caught() {
     .await
     .unwrap();
 
-    let r = verify(&ledger, None, &url, None).await.unwrap();
+    let r = verify(&ledger, None, &url, None, None).await.unwrap();
     assert_eq!(
         (r.expected, r.found, r.lost, r.duplicated, r.unexpected),
         (102, 102, 0, 0, 0),
@@ -127,6 +127,33 @@ async fn planted_faults_are_caught() {
     );
     assert!(r.ok(false));
     assert_eq!(r.expected_rejections.get("malformed"), Some(&1));
+
+    // Another tenant in the same database with devices of the same names (and one more):
+    // with --tenant they are not this run's business.
+    pg.execute(
+        "INSERT INTO raw_metrics SELECT 'globex', device_id, metric_name, value, tags, ts, seq, 'gw-g'
+         FROM raw_metrics WHERE tenant_id = 'demo'
+         UNION ALL SELECT 'globex', $1, 'temperature', 1, NULL, now(), NULL, 'gw-g'",
+        &[&format!("{run}-bare-00099")],
+    )
+    .await
+    .unwrap();
+    let r = verify(&ledger, None, &url, None, Some("demo"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.expected, r.found, r.lost, r.duplicated, r.unexpected),
+        (102, 102, 0, 0, 0),
+        "{r:?}"
+    );
+    let r = verify(&ledger, None, &url, None, None).await.unwrap();
+    assert_eq!(
+        r.unexpected, 1,
+        "without --tenant the other tenant's device shows: {r:?}"
+    );
+    pg.execute("DELETE FROM raw_metrics WHERE tenant_id = 'globex'", &[])
+        .await
+        .unwrap();
 
     // A flooding device's readings may be dropped by the agent's rate limit: missing ones
     // are expected refusals, not loss.
@@ -140,7 +167,7 @@ async fn planted_faults_are_caught() {
     )
     .await
     .unwrap();
-    let r = verify(&ledger, Some(run), &url, None).await.unwrap();
+    let r = verify(&ledger, Some(run), &url, None, None).await.unwrap();
     assert_eq!(r.lost, 0, "{r:?}");
     assert_eq!(r.expected_rejections.get("rate_limited"), Some(&1));
 
@@ -151,7 +178,7 @@ async fn planted_faults_are_caught() {
     )
     .await
     .unwrap();
-    let r = verify(&ledger, Some(run), &url, None).await.unwrap();
+    let r = verify(&ledger, Some(run), &url, None, None).await.unwrap();
     assert_eq!((r.lost, r.duplicated), (1, 0), "{r:?}");
     assert!(!r.ok(false));
     assert!(
@@ -176,7 +203,7 @@ async fn planted_faults_are_caught() {
     )
     .await
     .unwrap();
-    let r = verify(&ledger, Some(run), &url, None).await.unwrap();
+    let r = verify(&ledger, Some(run), &url, None, None).await.unwrap();
     assert_eq!((r.lost, r.duplicated), (1, 1), "{r:?}");
     assert!(
         r.examples.iter().any(|e| e.contains("stored 2 times")),
@@ -245,7 +272,7 @@ async fn planted_faults_are_caught() {
                 .unwrap();
             }
         }
-        let r = verify(&ledger, Some(run), &url, Some((&brokers, topic)))
+        let r = verify(&ledger, Some(run), &url, Some((&brokers, topic)), None)
             .await
             .unwrap();
         let k = r.kafka.clone().unwrap();

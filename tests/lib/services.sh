@@ -155,6 +155,25 @@ ensure_tansu() {
   export PLANTLINK_TANSU
 }
 
+# The TimescaleDB extension files for PostgreSQL 15, so the storage tests also run on a
+# private cluster that preloads it: Timescale's package when it is installed, otherwise the
+# build in ../shared/timescaledb when that folder exists. The shared cluster on 5432 does not
+# preload it, and cloud-ingest's timescaledb = "auto" takes plain PostgreSQL there. Without
+# either, the TimescaleDB runs are skipped, each saying so.
+ensure_timescaledb_files() {
+  local lib
+  lib=$(/usr/lib/postgresql/15/bin/pg_config --pkglibdir 2>/dev/null || true)
+  if [ -n "$lib" ] && [ -f "$lib/timescaledb.so" ]; then return; fi
+  local shared
+  shared="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/../shared/timescaledb"
+  if [ -x "$shared/install.sh" ]; then
+    log "installing the TimescaleDB extension files ($shared/install.sh)"
+    as_root "$shared/install.sh" >/dev/null
+  else
+    log "no TimescaleDB here (install timescaledb-2-postgresql-15 from Timescale's repository); its test runs will be skipped"
+  fi
+}
+
 ensure_all_services() {
   ensure_toolchain
   ensure_mosquitto
