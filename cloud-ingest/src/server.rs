@@ -65,7 +65,7 @@ impl Server {
     pub async fn serve(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let flavor = loop {
             match postgres::connect(&self.config.postgres.url).await {
-                Ok(c) => break postgres::migrate(&c, &self.config.postgres).await?,
+                Ok(c) => break postgres::migrate_for_run(&c, &self.config.postgres).await?,
                 Err(e) => {
                     tracing::warn!(error = %e, "PostgreSQL unavailable; trying again in 2 s");
                     tokio::select! {

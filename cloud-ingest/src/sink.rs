@@ -63,6 +63,7 @@ type LastSeen = Mutex<HashMap<(Arc<str>, String), i64>>;
 /// The handle streams submit batches to; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Sink {
+    shared: Arc<Shared>,
     tx: mpsc::Sender<Job>,
     /// Closed when the last clone is dropped, which tells the upkeep to do its last round.
     _alive: mpsc::Sender<()>,
@@ -78,6 +79,8 @@ struct Shared {
     flavor: Flavor,
     partitions: Partitions,
     last_seen: LastSeen,
+    /// TimescaleDB's policy jobs as last read (empty on plain PostgreSQL).
+    jobs: Mutex<Vec<postgres::jobs::Job>>,
 }
 
 impl Sink {
@@ -92,6 +95,7 @@ impl Sink {
             flavor,
             partitions: Partitions::default(),
             last_seen: Mutex::new(HashMap::new()),
+            jobs: Mutex::new(Vec::new()),
             cfg,
         });
         for w in 0..shared.cfg.writers {
@@ -101,11 +105,26 @@ impl Sink {
         tasks.spawn(upkeep(shared.clone(), gone));
         let max_permits = shared.cfg.max_pending_readings;
         Self {
+            shared: shared.clone(),
             tx,
             _alive: alive,
             budget,
             max_permits,
         }
+    }
+
+    /// The storage flavour.
+    pub fn flavor(&self) -> Flavor {
+        self.shared.flavor
+    }
+
+    /// TimescaleDB's policy jobs as the upkeep last read them (empty on plain PostgreSQL).
+    pub fn timescale_jobs(&self) -> Vec<postgres::jobs::Job> {
+        self.shared
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Readings received and not yet through every sink.
@@ -217,15 +236,24 @@ async fn writer(id: usize, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, sha
     }
 }
 
-/// Splits one merged write's result over its jobs: each conflict to the (first) job of the
-/// gateway that sent it; the counts to the first job.
+/// Splits one merged write's result over its jobs: each conflict to the job whose batch
+/// holds that reading (a gateway may have several batches in one flush, and the report names
+/// the batch); the counts to the first job.
 fn share_out(jobs: &[Job], mut w: Written) -> Vec<Result<Written, String>> {
     let mut out: Vec<Written> = vec![Written::default(); jobs.len()];
     for c in std::mem::take(&mut w.conflicts) {
-        let i = jobs
-            .iter()
-            .position(|j| *j.batch.tenant == *c.tenant && *j.batch.gateway == *c.gateway)
-            .unwrap_or(0);
+        let holds = |j: &Job| {
+            *j.batch.tenant == *c.tenant
+                && *j.batch.gateway == *c.gateway
+                && j.batch.readings.iter().any(|r| {
+                    r.ts.0 == c.ts_us
+                        && r.device == c.device
+                        && r.metric == c.metric
+                        && plantlink_model::value_key(r.value)
+                            == plantlink_model::value_key(c.value)
+                })
+        };
+        let i = jobs.iter().position(holds).unwrap_or(0);
         out[i].conflicts.push(c);
     }
     out[0].inserted = w.inserted;
@@ -320,19 +348,24 @@ async fn flush(
     }
 }
 
-/// Periodic upkeep: `devices.last_seen_at` every `rollup_interval_ms`, and on plain
-/// PostgreSQL the rollups as often, and partitions and retention every ten minutes. When the
+/// Periodic upkeep: `devices.last_seen_at` every `rollup_interval_ms`; as often, the rollups
+/// (plain: re-rolled; TimescaleDB: refreshed where writes touched them, and its jobs read
+/// every [`JOBS_EVERY`]); every ten minutes kept conflicts past retention and, on plain,
+/// partitions and retention. When the
 /// sink is dropped it does one last round at once and ends.
 async fn upkeep(shared: Arc<Shared>, mut gone: mpsc::Receiver<()>) {
     let tick = Duration::from_millis(shared.cfg.rollup_interval_ms);
     let mut client: Option<tokio_postgres::Client> = None;
     let mut last_partitions = std::time::Instant::now();
+    let mut last_jobs = None;
     loop {
         let stopping = tokio::select! {
             _ = tokio::time::sleep(tick) => false,
             _ = gone.recv() => true,
         };
-        if let Err(e) = upkeep_once(&shared, &mut client, &mut last_partitions).await {
+        if let Err(e) =
+            upkeep_once(&shared, &mut client, &mut last_partitions, &mut last_jobs).await
+        {
             tracing::warn!(error = %e, "upkeep failed; trying again next round");
             client = None;
         }
@@ -342,10 +375,14 @@ async fn upkeep(shared: Arc<Shared>, mut gone: mpsc::Receiver<()>) {
     }
 }
 
+/// How often the upkeep reads TimescaleDB's job state.
+const JOBS_EVERY: Duration = Duration::from_secs(15);
+
 async fn upkeep_once(
     shared: &Shared,
     client: &mut Option<tokio_postgres::Client>,
     last_partitions: &mut std::time::Instant,
+    last_jobs: &mut Option<std::time::Instant>,
 ) -> Result<(), tokio_postgres::Error> {
     if client.as_ref().is_none_or(|c| c.is_closed()) {
         *client = Some(postgres::connect(&shared.cfg.url).await?);
@@ -368,9 +405,23 @@ async fn upkeep_once(
         }
         return Err(e);
     }
-    if shared.flavor == Flavor::Plain {
-        let rolled = maintain::roll(c).await?;
-        counter!("plantlink_cloud_rollup_buckets_total").increment(rolled);
+    match shared.flavor {
+        Flavor::Plain => {
+            postgres::refresh::skip_past_retention(c, shared.cfg.retention.raw_days).await?;
+            let rolled = maintain::roll(c).await?;
+            counter!("plantlink_cloud_rollup_buckets_total").increment(rolled);
+        }
+        Flavor::Timescale => {
+            let r = postgres::refresh::refresh(c, shared.cfg.retention.raw_days).await?;
+            counter!("plantlink_cloud_rollup_buckets_total").increment(r.hours);
+            if last_jobs.is_none_or(|t| t.elapsed() >= JOBS_EVERY) {
+                let jobs = postgres::jobs::read(c).await?;
+                let mut known = shared.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                postgres::jobs::report(&jobs, &known);
+                *known = jobs;
+                *last_jobs = Some(std::time::Instant::now());
+            }
+        }
     }
     if last_partitions.elapsed() >= Duration::from_secs(600) {
         maintain::expire_conflicts(c, shared.cfg.retention.raw_days).await?;

@@ -37,6 +37,15 @@ pub fn describe() {
              (kept in reading_conflicts and on the DLQ; the first value stays).",
         ),
         (
+            "plantlink_cloud_rollup_marks_skipped_total",
+            "Rollup marks dropped unrolled because their bucket is older than the raw retention \
+             (the rollup keeps what it had).",
+        ),
+        (
+            "plantlink_cloud_timescale_job_failures_total",
+            "Failed runs of each TimescaleDB policy job, as TimescaleDB counts them.",
+        ),
+        (
             "plantlink_cloud_batches_rejected_total",
             "Batches answered with an error, by reason.",
         ),
@@ -101,6 +110,7 @@ pub fn describe() {
         "plantlink_cloud_write_retries_total",
         "plantlink_cloud_rollup_buckets_total",
         "plantlink_cloud_readings_replayed_total",
+        "plantlink_cloud_rollup_marks_skipped_total",
     ] {
         counter!(name).increment(0);
     }
@@ -114,6 +124,11 @@ pub fn describe() {
     ] {
         counter!("plantlink_cloud_batches_rejected_total", "reason" => reason).increment(0);
     }
+    describe_gauge!(
+        "plantlink_cloud_timescale_job_last_success_age_seconds",
+        Unit::Seconds,
+        "Seconds since each TimescaleDB policy job last succeeded (-1: never)."
+    );
     describe_gauge!(
         "plantlink_cloud_connections",
         Unit::Count,

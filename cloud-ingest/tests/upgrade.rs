@@ -88,10 +88,71 @@ async fn migrate_upgrades_a_version_1_database_in_place() {
     cfg.timescaledb = Timescale::Auto;
     // The fixture's days stay inside the raw retention whatever day the test runs.
     cfg.retention.raw_days = 36_500;
-    // Two replicas start at once: the advisory lock lets one upgrade, the other finds it done.
+    // `run` refuses to upgrade, naming the command that does; nothing changes.
+    let dir = std::env::temp_dir().join(format!("plantlink-upgrade-{}", std::process::id()));
+    common::fleet(&dir, "gw-u");
+    let toml = dir.join("cloud.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[quic]\nbind = \"127.0.0.1:0\"\ncert = \"server.pem\"\nkey = \"server.key\"\n\
+             client_ca = \"ca.pem\"\n[postgres]\nurl = \"{url}\"\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cloud-ingest"))
+        .args(["run", "--config"])
+        .arg(&toml)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("schema version 1") && stderr.contains("cloud-ingest migrate"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(postgres::upgrade::current(&c).await.unwrap(), 1);
+
+    // Two `migrate`s at once, both waiting on the lock that a third connection holds, then
+    // let go together: one upgrades, the other finds it done.
     let c2 = postgres::connect(&url).await.unwrap();
-    let (a, b) = tokio::join!(postgres::migrate(&c, &cfg), postgres::migrate(&c2, &cfg));
+    let holder = postgres::connect(&url).await.unwrap();
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&0x706c_616e_746c_6e6bi64])
+        .await
+        .unwrap();
+    let (ca, cb) = (cfg.clone(), cfg.clone());
+    let (url_a, url_b) = (url.clone(), url.clone());
+    let a = tokio::spawn(async move {
+        let c = postgres::connect(&url_a).await.unwrap();
+        postgres::migrate(&c, &ca).await.map_err(|e| e.to_string())
+    });
+    let b = tokio::spawn(async move {
+        let c = postgres::connect(&url_b).await.unwrap();
+        postgres::migrate(&c, &cb).await.map_err(|e| e.to_string())
+    });
+    loop {
+        let waiting: i64 = holder
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    holder
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert_eq!((a.unwrap(), b.unwrap()), (Flavor::Plain, Flavor::Plain));
+    drop(holder);
     assert_eq!(
         postgres::upgrade::current(&c).await.unwrap(),
         postgres::schema::VERSION

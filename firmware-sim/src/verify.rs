@@ -103,6 +103,22 @@ pub async fn verify(
         .map_err(|err| anyhow::anyhow!("--postgres {postgres}: {err}"))?;
     tokio::spawn(conn);
     let prefix = format!("{run}-");
+    if tenant.is_none() {
+        // Two tenants' rows under one key would hide each other's losses.
+        let tenants: i64 = client
+            .query_one(
+                "SELECT count(DISTINCT tenant_id) FROM raw_metrics WHERE device_id LIKE $1 || '%'",
+                &[&prefix],
+            )
+            .await?
+            .get(0);
+        if tenants > 1 {
+            anyhow::bail!(
+                "raw_metrics holds devices named {prefix}* for {tenants} tenants; pass --tenant \
+                 with the gateway's [gateway] tenant to check this run's"
+            );
+        }
+    }
     // What PostgreSQL holds for the run's devices (their ids start with the run name).
     let rows = client
         .query(

@@ -336,9 +336,10 @@ async fn store(c: &tokio_postgres::Client, a: &AlertEvent) -> Result<(), tokio_p
                 "UPDATE alerts SET state = 'resolved', resolved_value = $4, resolved_window_start = $5,
                         resolved_window_end = $6, resolved_at = now()
                  WHERE alert_id = (SELECT alert_id FROM alerts
-                                   WHERE rule_id = $1 AND device_id = $2 AND backfill = $3 AND state = 'firing'
+                                   WHERE tenant_id = $7 AND rule_id = $1 AND device_id = $2
+                                     AND backfill = $3 AND state = 'firing'
                                    ORDER BY alert_id DESC LIMIT 1)",
-                &[&a.rule_id, &a.device_id, &a.backfill, &a.value, &ws, &we],
+                &[&a.rule_id, &a.device_id, &a.backfill, &a.value, &ws, &we, &a.tenant],
             )
             .await?;
         }

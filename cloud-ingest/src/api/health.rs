@@ -1,5 +1,5 @@
-//! `/healthz` (the process answers) and `/readyz` (the database answers too); neither needs
-//! a token.
+//! `/healthz` (the process answers) and `/readyz` (the database answers too, and any
+//! TimescaleDB policy job whose last run failed is named); neither needs a token.
 
 use std::time::Duration;
 
@@ -21,7 +21,26 @@ pub(super) async fn readyz(State(app): State<App>) -> Result<Json<Value>, ApiErr
         queries::ping(&c).await.map_err(storage)
     };
     match tokio::time::timeout(Duration::from_secs(2), check).await {
-        Ok(Ok(())) => Ok(Json(json!({"status": "ready"}))),
+        Ok(Ok(())) => {
+            // Ready as long as the database answers; failing TimescaleDB policy jobs are
+            // named here (and in the pipeline status) without taking the replica out.
+            let failing: Vec<Value> = app
+                .sink
+                .as_ref()
+                .map(|s| s.timescale_jobs())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|j| j.failing())
+                .map(|j| json!({"job": j.job, "failures": j.total_failures, "error": j.last_error}))
+                .collect();
+            if failing.is_empty() {
+                Ok(Json(json!({"status": "ready"})))
+            } else {
+                Ok(Json(
+                    json!({"status": "ready", "failing_timescaledb_jobs": failing}),
+                ))
+            }
+        }
         Ok(Err(e)) => Err(e),
         Err(_) => Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,

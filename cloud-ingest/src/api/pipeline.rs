@@ -34,6 +34,8 @@ pub(super) async fn lag(
         },
         "postgres": {
             "pending_readings": app.sink.as_ref().map(Sink::pending),
+            "flavor": app.sink.as_ref().map(|s| format!("{:?}", s.flavor()).to_lowercase()),
+            "timescaledb_jobs": app.sink.as_ref().map(Sink::timescale_jobs),
         },
     })))
 }

@@ -13,14 +13,18 @@
 //! go to `reading_conflicts` and back to the caller, which counts, logs and dead-letters
 //! them. The first value stored stays. A flush with nothing already stored pays nothing.
 //!
-//! On plain PostgreSQL the same statement records the (tenant, device, metric, hour)
-//! buckets that the new rows touched in `rollup_dirty`, in the same transaction, so a crash
-//! cannot lose the news that a rollup is stale; [`maintain::roll`] re-rolls exactly those.
+//! The same statement records the (tenant, device, metric, hour) buckets that the new rows
+//! touched in `rollup_dirty`, in the same transaction, so a crash cannot lose the news that a
+//! rollup is stale: on plain PostgreSQL [`maintain::roll`] re-rolls exactly those, and on
+//! TimescaleDB [`refresh::refresh`] refreshes the continuous aggregates over exactly those
+//! hours and days. Both leave alone buckets older than the raw retention ([`refresh`]).
 //!
 //! Schema versions and in-place upgrades are in [`upgrade`].
 
+pub mod jobs;
 pub mod maintain;
 pub mod queries;
+pub mod refresh;
 pub mod schema;
 pub mod upgrade;
 
@@ -54,19 +58,45 @@ const MIGRATE_LOCK: i64 = 0x706c_616e_746c_6e6b; // "plantlnk"
 /// several replicas at once. `[postgres] timescaledb` chooses the flavour of a new
 /// database; an existing `raw_metrics` keeps its own.
 pub async fn migrate(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> {
+    migrate_with(client, cfg, true).await
+}
+
+/// [`migrate`] as `run` does it: a new database is created, a current one completed, but one
+/// that an earlier release made is refused with the command that upgrades it. An upgrade
+/// rewrites keys over all raw data and can take long; it belongs to a `cloud-ingest migrate`
+/// run while the old replicas are stopped, not to a replica's start (whose probes would kill
+/// it half way, and whose old peers still write the old keys).
+pub async fn migrate_for_run(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> {
+    migrate_with(client, cfg, false).await
+}
+
+async fn migrate_with(client: &Client, cfg: &Postgres, upgrade: bool) -> anyhow::Result<Flavor> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
         .await?;
-    let result = migrate_locked(client, cfg).await;
+    let result = migrate_locked(client, cfg, upgrade).await;
     client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
         .await?;
     result
 }
 
-async fn migrate_locked(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> {
+async fn migrate_locked(
+    client: &Client,
+    cfg: &Postgres,
+    may_upgrade: bool,
+) -> anyhow::Result<Flavor> {
     let version = upgrade::current(client).await?;
     upgrade::check_known(version)?;
+    if version > 0 && version < schema::VERSION && !may_upgrade {
+        anyhow::bail!(
+            "the database has Plantlink schema version {version}, older than this cloud-ingest's \
+             ({}); stop every cloud-ingest of the earlier release, run `cloud-ingest migrate \
+             --config <this config>` once (it upgrades in place, in one transaction), then start \
+             the new replicas; gateways keep their readings meanwhile",
+            schema::VERSION
+        );
+    }
     let row = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),
@@ -126,7 +156,7 @@ async fn migrate_locked(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavo
         }
     }
     if version == 1 {
-        sql.push_str(&upgrade::v2_data(flavor));
+        sql.push_str(&upgrade::v2_data());
     }
     let applied = async {
         client.batch_execute(&sql).await?;
@@ -230,20 +260,9 @@ pub fn system_time(us: i64) -> SystemTime {
 
 /// Rows go in key order, ties in the order received (`ctid` follows the COPY), so within a
 /// flush the first of two readings with one identity is the one stored.
-/// Rows are counted from `RETURNING`, as on plain PostgreSQL: the count decides whether the
-/// conflict check runs.
-const INSERT_TIMESCALE: &str = "
-WITH ins AS (
-    INSERT INTO raw_metrics (tenant_id, device_id, metric_name, value, tags, ts, seq, gateway_id)
-    SELECT tenant_id, device_id, metric_name, value, tags::jsonb, ts, seq, gateway_id
-    FROM staging_readings
-    ORDER BY tenant_id, device_id, metric_name, ts, ctid
-    ON CONFLICT (tenant_id, device_id, metric_name, ts) DO NOTHING
-    RETURNING 1
-)
-SELECT count(*) FROM ins";
-
-const INSERT_PLAIN: &str = "
+/// Counted from `RETURNING`: the count decides whether the conflict check runs. On both
+/// flavours the touched (tenant, device, metric, hour) buckets go to `rollup_dirty`.
+const INSERT: &str = "
 WITH ins AS (
     INSERT INTO raw_metrics (tenant_id, device_id, metric_name, value, tags, ts, seq, gateway_id)
     SELECT tenant_id, device_id, metric_name, value, tags::jsonb, ts, seq, gateway_id
@@ -326,7 +345,7 @@ pub struct Part<'a> {
 /// exist too ([`maintain::Partitions::ensure`]).
 pub async fn write(
     client: &mut Client,
-    flavor: Flavor,
+    _flavor: Flavor,
     parts: &[Part<'_>],
 ) -> Result<Written, Error> {
     let tx = client.transaction().await?;
@@ -351,11 +370,7 @@ pub async fn write(
         }
     }
     writer.finish().await?;
-    let insert = match flavor {
-        Flavor::Timescale => INSERT_TIMESCALE,
-        Flavor::Plain => INSERT_PLAIN,
-    };
-    let inserted = tx.query_one(insert, &[]).await?.get::<_, i64>(0) as u64;
+    let inserted = tx.query_one(INSERT, &[]).await?.get::<_, i64>(0) as u64;
     let mut conflicts = Vec::new();
     if inserted < staged {
         for row in tx.query(CONFLICTS, &[]).await? {

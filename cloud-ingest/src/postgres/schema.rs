@@ -6,8 +6,12 @@
 //! beside the first value, which stays in `raw_metrics`.
 //!
 //! - **TimescaleDB**: `raw_metrics` is a hypertable with daily chunks, a compression policy
-//!   and a retention policy; `downsampled_metrics_1h` and `_1d` are continuous aggregates with
-//!   refresh and retention policies.
+//!   and a retention policy; `downsampled_metrics_1h` and `_1d` are real-time continuous
+//!   aggregates (`materialized_only = false`: what is newer than their materialization comes
+//!   from raw at query time) with refresh and retention policies. Writes mark the hours they
+//!   touched in `rollup_dirty`, as on plain PostgreSQL, and [`super::refresh`] refreshes
+//!   exactly those once complete, so late readings and days-old backfill reach the rollups
+//!   whatever the policies' window and whether or not TimescaleDB's scheduler runs them.
 //! - **Plain PostgreSQL**: `raw_metrics` is range-partitioned by `ts`, one partition a day,
 //!   created ahead and dropped past retention by [`super::maintain`]; the rollups are tables
 //!   that [`super::maintain::roll`] keeps up to date from `rollup_dirty`, the (device, metric,
@@ -74,6 +78,13 @@ CREATE TABLE IF NOT EXISTS reading_conflicts (
     PRIMARY KEY (tenant_id, device_id, metric_name, ts, value, tags)
 );
 CREATE INDEX IF NOT EXISTS reading_conflicts_gateway ON reading_conflicts (tenant_id, gateway_id);
+CREATE TABLE IF NOT EXISTS rollup_dirty (
+    tenant_id   text        NOT NULL,
+    device_id   text        NOT NULL,
+    metric_name text        NOT NULL,
+    bucket      timestamptz NOT NULL,
+    PRIMARY KEY (tenant_id, device_id, metric_name, bucket)
+);
 CREATE TABLE IF NOT EXISTS gateways (
     gateway_id        text PRIMARY KEY,
     tenant_id         text NOT NULL,
@@ -153,13 +164,6 @@ CREATE TABLE IF NOT EXISTS downsampled_metrics_1h ({ROLLUP_COLUMNS});
 CREATE TABLE IF NOT EXISTS downsampled_metrics_1d ({ROLLUP_COLUMNS});
 CREATE INDEX IF NOT EXISTS downsampled_metrics_1h_tenant ON downsampled_metrics_1h (tenant_id, metric_name, bucket);
 CREATE INDEX IF NOT EXISTS downsampled_metrics_1d_tenant ON downsampled_metrics_1d (tenant_id, metric_name, bucket);
-CREATE TABLE IF NOT EXISTS rollup_dirty (
-    tenant_id   text        NOT NULL,
-    device_id   text        NOT NULL,
-    metric_name text        NOT NULL,
-    bucket      timestamptz NOT NULL,
-    PRIMARY KEY (tenant_id, device_id, metric_name, bucket)
-);
 "
     )
 }
@@ -168,7 +172,7 @@ CREATE TABLE IF NOT EXISTS rollup_dirty (
 fn continuous_aggregate(name: &str, bucket: &str) -> String {
     format!(
         "CREATE MATERIALIZED VIEW IF NOT EXISTS {name}
-WITH (timescaledb.continuous) AS
+WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
 SELECT tenant_id, device_id, metric_name,
        time_bucket(INTERVAL '{bucket}', ts) AS bucket,
        min(value) AS min_val, max(value) AS max_val, avg(value) AS avg_val,
@@ -176,6 +180,7 @@ SELECT tenant_id, device_id, metric_name,
 FROM raw_metrics
 GROUP BY tenant_id, device_id, metric_name, time_bucket(INTERVAL '{bucket}', ts)
 WITH NO DATA;
+ALTER MATERIALIZED VIEW {name} SET (timescaledb.materialized_only = false);
 "
     )
 }
@@ -209,6 +214,11 @@ SELECT remove_compression_policy('raw_metrics', if_exists => TRUE);
 SELECT add_compression_policy('raw_metrics', compress_after => INTERVAL '{compress} days');
 SELECT remove_retention_policy('raw_metrics', if_exists => TRUE);
 SELECT add_retention_policy('raw_metrics', drop_after => INTERVAL '{raw} days');
+CREATE TABLE IF NOT EXISTS rollup_pending (
+    kind   text        NOT NULL CHECK (kind IN ('hour', 'day')),
+    bucket timestamptz NOT NULL,
+    PRIMARY KEY (kind, bucket)
+);
 ",
         compress = compress_after_days,
         raw = r.raw_days,
@@ -265,7 +275,11 @@ mod tests {
     #[test]
     fn every_key_leads_with_the_tenant() {
         let all = format!("{COMMON}{}{}", plain(), timescale(&Retention::default(), 2));
-        for line in all.lines().filter(|l| l.contains("PRIMARY KEY (")) {
+        // rollup_pending holds time ranges waiting for a refresh, no tenant's data.
+        for line in all
+            .lines()
+            .filter(|l| l.contains("PRIMARY KEY (") && !l.contains("(kind, bucket)"))
+        {
             assert!(
                 line.contains("PRIMARY KEY (tenant_id,"),
                 "a key without the tenant first: {line}"

@@ -2,8 +2,9 @@
 //!
 //! `plantlink_schema` records each version applied. A database without it but with a
 //! `raw_metrics` table is version 1, the first release, whose keys had no tenant: two
-//! tenants' devices of the same name shared rows. [`to_v2`] re-keys it in one transaction,
-//! under the migration lock, so replicas that start together upgrade it once:
+//! tenants' devices of the same name shared rows. `cloud-ingest migrate` ([`super::migrate`])
+//! re-keys it in one transaction, under the migration lock, so two that start together
+//! upgrade it once; `run` refuses such a database and names that command:
 //!
 //! - `raw_metrics`, `devices` and (plain) the rollups get keys that lead with `tenant_id`;
 //!   the rows already there stay, since they were unique under the narrower key;
@@ -13,7 +14,8 @@
 //!   (under the tenant that version 1 gave them);
 //! - TimescaleDB: compressed chunks are decompressed so the key can change, and compression
 //!   comes back with the tenant in `segmentby` (the policy recompresses them). The continuous
-//!   aggregates already grouped by tenant and need no rebuild;
+//!   aggregates already grouped by tenant; every hour raw data covers is marked for a refresh,
+//!   since version 1 never rolled up backfill older than its policy window;
 //! - `devices` gets one row per (tenant, device) that raw data holds, with its newest time;
 //! - the one-open-alert index leads with the tenant.
 //!
@@ -21,7 +23,9 @@
 //!
 //! Replicas of the old release must be stopped first: their inserts name the old key in
 //! `ON CONFLICT`, which the upgraded tables no longer have, so their writes would be refused
-//! (and their gateways would keep the readings and resend them to the new release).
+//! (and their gateways would keep the readings and resend them to the new release). On
+//! TimescaleDB the upgrade decompresses every chunk in its transaction: it needs the disk for
+//! the raw retention uncompressed; if it fails, it rolls back and nothing is changed.
 
 use tokio_postgres::Client;
 
@@ -111,23 +115,22 @@ ALTER TABLE raw_metrics SET (timescaledb.compress = FALSE);
     s
 }
 
-/// Data steps once the version 2 schema is in place: devices per tenant and, on plain
-/// PostgreSQL, every hour raw data covers marked for re-rolling.
-pub fn v2_data(flavor: Flavor) -> String {
+/// Data steps once the version 2 schema is in place: devices per tenant, and every hour raw
+/// data covers marked for re-rolling (plain) or refreshing (TimescaleDB: version 1 never
+/// rolled up backfill older than its 3-day policy window).
+pub fn v2_data() -> String {
     let mut s = String::from(
         "INSERT INTO devices AS d (tenant_id, device_id, last_seen_at)
 SELECT tenant_id, device_id, max(ts) FROM raw_metrics GROUP BY 1, 2
 ON CONFLICT (tenant_id, device_id) DO UPDATE SET last_seen_at = EXCLUDED.last_seen_at;
 ",
     );
-    if flavor == Flavor::Plain {
-        s.push_str(
-            "INSERT INTO rollup_dirty (tenant_id, device_id, metric_name, bucket)
+    s.push_str(
+        "INSERT INTO rollup_dirty (tenant_id, device_id, metric_name, bucket)
 SELECT DISTINCT tenant_id, device_id, metric_name, date_trunc('hour', ts) FROM raw_metrics
 ON CONFLICT DO NOTHING;
 ",
-        );
-    }
+    );
     s
 }
 
@@ -162,7 +165,7 @@ mod tests {
         // Continuous aggregates are views: no key to change, nothing to drop.
         assert!(!ts.contains("downsampled_metrics_1h"));
         assert!(!ts.contains("rollup_dirty"));
-        assert!(v2_data(Flavor::Plain).contains("INSERT INTO rollup_dirty"));
-        assert!(!v2_data(Flavor::Timescale).contains("rollup_dirty"));
+        // Both flavours re-roll (plain) or refresh (TimescaleDB) every hour raw data covers.
+        assert!(v2_data().contains("INSERT INTO rollup_dirty"));
     }
 }

@@ -61,6 +61,15 @@ fn as_postgres(program: &Path) -> Command {
 impl Cluster {
     /// Starts a cluster for `tag`, or says loudly why not and answers `None`.
     pub fn start(tag: &str) -> Option<Self> {
+        Self::start_with(tag, false)
+    }
+
+    /// The same, with TimescaleDB's job scheduler running (for tests of job watching).
+    pub fn start_with_scheduler(tag: &str) -> Option<Self> {
+        Self::start_with(tag, true)
+    }
+
+    fn start_with(tag: &str, scheduler: bool) -> Option<Self> {
         if !installed() {
             eprintln!(
                 "SKIPPED (TimescaleDB): this machine's PostgreSQL 15 has no TimescaleDB files; \
@@ -103,9 +112,10 @@ impl Cluster {
         let conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              shared_preload_libraries = 'timescaledb'\ntimescaledb.telemetry_level = off\n\
-             timescaledb.max_background_workers = 0\n\
+             timescaledb.max_background_workers = {workers}\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n",
-            dir.display()
+            dir.display(),
+            workers = if scheduler { 8 } else { 0 },
         );
         let mut f = std::fs::OpenOptions::new()
             .append(true)
