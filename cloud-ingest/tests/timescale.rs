@@ -28,27 +28,6 @@ fn now_us() -> i64 {
         .as_micros() as i64
 }
 
-/// Rollup rows that differ from a per-tenant `GROUP BY` over raw (or are missing).
-async fn mismatches(c: &tokio_postgres::Client, table: &str, unit: &str) -> i64 {
-    c.query_one(
-        &format!(
-            "WITH truth AS (
-                 SELECT tenant_id, device_id, metric_name, date_trunc('{unit}', ts) AS bucket,
-                        min(value) AS mn, max(value) AS mx, sum(value) AS s, count(*) AS n
-                 FROM raw_metrics GROUP BY 1, 2, 3, 4)
-             SELECT count(*) FROM truth t FULL JOIN {table} r
-               ON t.tenant_id = r.tenant_id AND t.device_id = r.device_id
-              AND t.metric_name = r.metric_name AND t.bucket = r.bucket
-             WHERE t.n IS NULL OR r.count IS NULL OR t.n <> r.count OR t.mn <> r.min_val
-                OR t.mx <> r.max_val OR abs(t.s - r.sum_val) > 1e-6 * greatest(1, abs(t.s))"
-        ),
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
-
 /// `n` readings of two tenants' `pump-1` from `start_us`, `step_us` apart.
 fn readings(start_us: i64, n: i64, step_us: i64, value: f64) -> Vec<Reading> {
     (0..n)
@@ -82,8 +61,8 @@ async fn write(c: &mut tokio_postgres::Client, rs: &[Reading]) {
 
 async fn both(c: &tokio_postgres::Client) -> (i64, i64) {
     (
-        mismatches(c, "downsampled_metrics_1h", "hour").await,
-        mismatches(c, "downsampled_metrics_1d", "day").await,
+        common::rollup_mismatches(c, "downsampled_metrics_1h", "hour").await,
+        common::rollup_mismatches(c, "downsampled_metrics_1d", "day").await,
     )
 }
 

@@ -46,27 +46,6 @@ async fn key_of(c: &tokio_postgres::Client, table: &str) -> String {
     .get(0)
 }
 
-/// Rollup rows that differ from a per-tenant `GROUP BY` over raw.
-async fn rollup_mismatches(c: &tokio_postgres::Client, table: &str, unit: &str) -> i64 {
-    c.query_one(
-        &format!(
-            "WITH truth AS (
-                 SELECT tenant_id, device_id, metric_name, date_trunc('{unit}', ts) AS bucket,
-                        min(value) AS mn, max(value) AS mx, sum(value) AS s, count(*) AS n
-                 FROM raw_metrics GROUP BY 1, 2, 3, 4)
-             SELECT count(*) FROM truth t FULL JOIN {table} r
-               ON t.tenant_id = r.tenant_id AND t.device_id = r.device_id
-              AND t.metric_name = r.metric_name AND t.bucket = r.bucket
-             WHERE t.n IS NULL OR r.count IS NULL OR t.n <> r.count OR t.mn <> r.min_val
-                OR t.mx <> r.max_val OR abs(t.s - r.sum_val) > 1e-6 * greatest(1, abs(t.s))"
-        ),
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_upgrades_a_version_1_database_in_place() {
     let db = format!("plantlink_test_upgrade_{}", std::process::id());
@@ -82,7 +61,7 @@ async fn migrate_upgrades_a_version_1_database_in_place() {
     assert_eq!(before.len(), 3, "{before:?}");
     assert_eq!(postgres::upgrade::current(&c).await.unwrap(), 1);
     // Version 1 mixed beta's press01 into acme's rollups.
-    assert!(rollup_mismatches(&c, "downsampled_metrics_1h", "hour").await > 0);
+    assert!(common::rollup_mismatches(&c, "downsampled_metrics_1h", "hour").await > 0);
 
     let mut cfg = Postgres::with_url(&url);
     cfg.timescaledb = Timescale::Auto;
@@ -180,11 +159,11 @@ async fn migrate_upgrades_a_version_1_database_in_place() {
     assert_eq!(key_of(&c, "devices").await, "tenant_id, device_id");
     // `migrate` recomputed the rollups per tenant.
     assert_eq!(
-        rollup_mismatches(&c, "downsampled_metrics_1h", "hour").await,
+        common::rollup_mismatches(&c, "downsampled_metrics_1h", "hour").await,
         0
     );
     assert_eq!(
-        rollup_mismatches(&c, "downsampled_metrics_1d", "day").await,
+        common::rollup_mismatches(&c, "downsampled_metrics_1d", "day").await,
         0
     );
     let devices: Vec<(String, String)> = c
@@ -247,7 +226,7 @@ async fn migrate_upgrades_a_version_1_database_in_place() {
     assert_eq!((written.inserted, written.conflicts.len()), (60, 0));
     maintain::roll(&w).await.unwrap();
     assert_eq!(
-        rollup_mismatches(&c, "downsampled_metrics_1h", "hour").await,
+        common::rollup_mismatches(&c, "downsampled_metrics_1h", "hour").await,
         0
     );
 
@@ -471,11 +450,11 @@ async fn migrate_upgrades_a_version_1_timescaledb_database_in_place() {
         .unwrap();
     }
     assert_eq!(
-        rollup_mismatches(&c, "downsampled_metrics_1h", "hour").await,
+        common::rollup_mismatches(&c, "downsampled_metrics_1h", "hour").await,
         0
     );
     assert_eq!(
-        rollup_mismatches(&c, "downsampled_metrics_1d", "day").await,
+        common::rollup_mismatches(&c, "downsampled_metrics_1d", "day").await,
         0
     );
     drop((c, c2, w));

@@ -217,6 +217,27 @@ pub async fn database(db: &str) -> (tokio_postgres::Client, String, tokio_postgr
     (admin, url, client)
 }
 
+/// Rollup rows (of `table`, bucketed by `unit`) that differ from a per-tenant `GROUP BY` over raw.
+pub async fn rollup_mismatches(c: &tokio_postgres::Client, table: &str, unit: &str) -> i64 {
+    c.query_one(
+        &format!(
+            "WITH truth AS (
+                 SELECT tenant_id, device_id, metric_name, date_trunc('{unit}', ts) AS bucket,
+                        min(value) AS mn, max(value) AS mx, sum(value) AS s, count(*) AS n
+                 FROM raw_metrics GROUP BY 1, 2, 3, 4)
+             SELECT count(*) FROM truth t FULL JOIN {table} r
+               ON t.tenant_id = r.tenant_id AND t.device_id = r.device_id
+              AND t.metric_name = r.metric_name AND t.bucket = r.bucket
+             WHERE t.n IS NULL OR r.count IS NULL OR t.n <> r.count OR t.mn <> r.min_val
+                OR t.mx <> r.max_val OR abs(t.s - r.sum_val) > 1e-6 * greatest(1, abs(t.s))"
+        ),
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// A private Mosquitto on a free port, tuned as the deploy docs advise; killed on drop.
 pub struct Mosquitto {
     child: std::process::Child,
