@@ -158,6 +158,18 @@ pub enum UplinkRequest {
         /// How many readings were deleted, or the queue's error.
         reply: oneshot::Sender<Result<u64, String>>,
     },
+    /// The cloud refused this queue batch (or it was too large to send): split it, or
+    /// quarantine it when it holds one reading.
+    Refuse {
+        /// The queue batch id.
+        batch: u64,
+        /// The refusal's label (`malformed`, `too_large`).
+        reason: &'static str,
+        /// What the cloud said.
+        detail: String,
+        /// What became of it, or the queue's error.
+        reply: oneshot::Sender<Result<crate::store::Refused, String>>,
+    },
     /// A connection (re)started: forget batches in flight; what is stored becomes backlog.
     Restart(oneshot::Sender<QueueView>),
 }
@@ -334,6 +346,24 @@ impl Writer {
             }
             UplinkRequest::Ack { batch, reply } => {
                 let r = self.store.ack(batch).map_err(|e| e.to_string());
+                self.update_gauges(false);
+                let _ = reply.send(r);
+            }
+            UplinkRequest::Refuse {
+                batch,
+                reason,
+                detail,
+                reply,
+            } => {
+                let r = self
+                    .store
+                    .refuse(batch, reason, &detail, now_us())
+                    .map_err(|e| e.to_string());
+                if let Ok(crate::store::Refused::Quarantined(q)) = &r {
+                    counter!("plantlink_edge_quarantined_total", "reason" => reason).increment(1);
+                    tracing::warn!(device = %q.device, metric = %q.metric, ts_us = q.ts.0, reason, %detail,
+                        "the cloud refused a reading on its own; it is in quarantine (edge-agent queue dead-letters)");
+                }
                 self.update_gauges(false);
                 let _ = reply.send(r);
             }

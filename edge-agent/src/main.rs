@@ -80,7 +80,8 @@ enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
-    /// The newest dead letters: what was refused, from where, and why.
+    /// The newest dead letters (payloads refused here: what, from where, and why), then the
+    /// quarantine: single readings the cloud refused, kept instead of being sent again.
     DeadLetters {
         #[command(flatten)]
         config: ConfigArg,
@@ -134,6 +135,7 @@ fn main() -> anyhow::Result<()> {
                 println!("bytes       {} (file {})", s.bytes, s.file_bytes);
                 println!("devices     {}", s.devices);
                 println!("dead letters {}", s.dead_letters);
+                println!("quarantined {}", s.quarantined);
                 println!("evicted     {}", s.evicted);
                 match s.oldest_ts {
                     Some(ts) => println!("oldest      {}", rfc3339(ts)),
@@ -177,6 +179,33 @@ fn main() -> anyhow::Result<()> {
                         d.detail,
                         d.size,
                         payload::preview(&d.payload)
+                    );
+                }
+            }
+            let held = store::quarantined(&conn, limit).context("reading the quarantine")?;
+            if !held.is_empty() && !json {
+                println!("\nquarantine (readings the cloud refused; not sent again):");
+            }
+            for q in held {
+                if json {
+                    let mut v = serde_json::to_value(&q)?;
+                    v["kind"] = "quarantine".into();
+                    println!("{v}");
+                } else {
+                    println!(
+                        "{}  cloud {:<14} {} {} {}{} = {}  {}",
+                        rfc3339(q.at_us),
+                        q.reason,
+                        q.device,
+                        q.metric,
+                        rfc3339(q.ts),
+                        if q.tags.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {}", q.tags)
+                        },
+                        q.value.map_or("NaN".to_owned(), |v| v.to_string()),
+                        q.detail
                     );
                 }
             }

@@ -45,9 +45,27 @@ pub enum Reason {
     BadTimestamp,
     /// A content format other than JSON, CBOR or text.
     UnsupportedFormat,
+    /// More tags (text fields, labels) on one reading than the uplink carries.
+    TooManyTags,
+    /// A tag key or value longer than the uplink carries.
+    TooLong,
 }
 
 impl Reason {
+    /// Every reason, for zeroing the counters at start.
+    pub const ALL: [Reason; 10] = [
+        Reason::Oversize,
+        Reason::Malformed,
+        Reason::WrongType,
+        Reason::NoTemplate,
+        Reason::NoDevice,
+        Reason::NoMetric,
+        Reason::BadTimestamp,
+        Reason::UnsupportedFormat,
+        Reason::TooManyTags,
+        Reason::TooLong,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -59,6 +77,8 @@ impl Reason {
             Reason::NoMetric => "no_metric",
             Reason::BadTimestamp => "bad_timestamp",
             Reason::UnsupportedFormat => "unsupported_format",
+            Reason::TooManyTags => "too_many_tags",
+            Reason::TooLong => "too_long",
         }
     }
 }
@@ -357,6 +377,7 @@ impl Decoder {
             }
         };
         self.interpret(value, ctx, received_us, &mut out, 0);
+        within_wire_limits(&mut out);
         if out.readings.len() > MAX_READINGS_PER_PAYLOAD {
             out.readings.clear();
             out.reject(
@@ -592,6 +613,62 @@ impl Decoder {
             );
         }
         out.readings.extend(readings);
+    }
+}
+
+/// Refuses the readings that the uplink could not carry: the cloud decodes a batch with
+/// [`plantlink_wire::batch::Limits`], and a reading over them would get its whole batch
+/// refused. One reject per reason, naming the first such reading and how many there were.
+fn within_wire_limits(out: &mut Decoded) {
+    let limits = plantlink_wire::batch::Limits::default();
+    let mut first: Vec<(Reason, String, usize)> = Vec::new();
+    out.readings.retain(|r| {
+        let problem = if r.tags.len() > limits.max_tags {
+            Some((
+                Reason::TooManyTags,
+                format!(
+                    "{} {} has {} tags (text fields and labels); the uplink carries at most {}: \
+                     send fewer text fields, or publish them on a topic of their own",
+                    r.device,
+                    r.metric,
+                    r.tags.len(),
+                    limits.max_tags
+                ),
+            ))
+        } else {
+            r.tags
+                .iter()
+                .find(|(k, v)| k.len() > limits.max_string_len || v.len() > limits.max_string_len)
+                .map(|(k, v)| {
+                    (
+                        Reason::TooLong,
+                        format!(
+                            "field {:?} of {} {} is {} bytes long; the uplink carries text of at most {} bytes",
+                            preview(k.as_bytes()),
+                            r.device,
+                            r.metric,
+                            k.len().max(v.len()),
+                            limits.max_string_len
+                        ),
+                    )
+                })
+        };
+        let Some((reason, detail)) = problem else {
+            return true;
+        };
+        match first.iter_mut().find(|(r, _, _)| *r == reason) {
+            Some(entry) => entry.2 += 1,
+            None => first.push((reason, detail, 1)),
+        }
+        false
+    });
+    for (reason, detail, n) in first {
+        let detail = if n > 1 {
+            format!("{detail} (and {} more readings of this message)", n - 1)
+        } else {
+            detail
+        };
+        out.reject(reason, detail);
     }
 }
 

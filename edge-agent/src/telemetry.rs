@@ -86,6 +86,14 @@ fn describe() {
             "Batches the cloud acknowledged.",
         ),
         (
+            "plantlink_edge_batches_refused_total",
+            "Batches the cloud refused (or too large to send), by reason; each is split or quarantined.",
+        ),
+        (
+            "plantlink_edge_quarantined_total",
+            "Readings the cloud refused on their own, moved to the quarantine, by reason.",
+        ),
+        (
             "plantlink_edge_uplink_reconnects_total",
             "Uplink connections lost or refused.",
         ),
@@ -103,22 +111,20 @@ fn describe() {
     for (name, _) in counters.iter().filter(|(n, _)| {
         !matches!(
             *n,
-            "plantlink_edge_readings_received_total" | "plantlink_edge_dead_letters_total"
+            "plantlink_edge_readings_received_total"
+                | "plantlink_edge_dead_letters_total"
+                | "plantlink_edge_batches_refused_total"
+                | "plantlink_edge_quarantined_total"
         )
     }) {
         counter!(*name).increment(0);
     }
-    for reason in [
-        "oversize",
-        "malformed",
-        "wrong_type",
-        "no_template",
-        "no_device",
-        "no_metric",
-        "bad_timestamp",
-        "unsupported_format",
-    ] {
+    for reason in crate::payload::Reason::ALL.map(crate::payload::Reason::as_str) {
         counter!("plantlink_edge_dead_letters_total", "reason" => reason).increment(0);
+    }
+    for reason in ["malformed", "too_large"] {
+        counter!("plantlink_edge_batches_refused_total", "reason" => reason).increment(0);
+        counter!("plantlink_edge_quarantined_total", "reason" => reason).increment(0);
     }
     for g in [
         "plantlink_edge_queue_readings",

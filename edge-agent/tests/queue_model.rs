@@ -2,7 +2,9 @@
 //! conflicts), crashes mid-transaction, batch reads, acks, lane restarts and reopenings run
 //! against the SQLite queue and a plain in-memory model. No acked reading may come back, no
 //! committed, unacked reading may be lost, a replay (same identity and value) is dropped and
-//! a conflict (same identity, another value) is stored.
+//! a conflict (same identity, another value) is stored. A batch the cloud refuses is split
+//! and its readings sent again, except a refused single reading, which goes to quarantine
+//! and is never sent again.
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
@@ -10,7 +12,7 @@ mod common;
 use std::collections::HashSet;
 
 use edge_agent::config::Synchronous;
-use edge_agent::store::{Insert, Options, Store};
+use edge_agent::store::{Insert, Options, Refused, Store};
 use plantlink_model::{Reading, Timestamp};
 use proptest::prelude::*;
 
@@ -24,6 +26,7 @@ enum Op {
     AppendThenCrash(Vec<Key>),
     Read(usize),
     Ack(prop::sample::Index),
+    Refuse(prop::sample::Index),
     RestartLanes,
     Reopen,
 }
@@ -38,6 +41,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => prop::collection::vec(key(), 1..6).prop_map(Op::AppendThenCrash),
         3 => (1usize..10).prop_map(Op::Read),
         3 => any::<prop::sample::Index>().prop_map(Op::Ack),
+        2 => any::<prop::sample::Index>().prop_map(Op::Refuse),
         1 => Just(Op::RestartLanes),
         1 => Just(Op::Reopen),
     ]
@@ -81,6 +85,7 @@ proptest! {
         let mut ever: HashSet<Key> = HashSet::new();
         let mut in_flight: Vec<(u64, Vec<Key>)> = Vec::new();
         let mut acked: HashSet<Key> = HashSet::new();
+        let mut quarantined: HashSet<Key> = HashSet::new();
 
         for op in ops {
             match op {
@@ -112,6 +117,7 @@ proptest! {
                         for k in &keys {
                             prop_assert!(stored.contains(k), "{:?} read but not stored", k);
                             prop_assert!(!acked.contains(k), "{:?} came back after its ack", k);
+                            prop_assert!(!quarantined.contains(k), "{:?} came back from quarantine", k);
                             prop_assert!(
                                 !in_flight.iter().any(|(_, ks)| ks.contains(k)),
                                 "{:?} is in two batches at once", k
@@ -132,6 +138,24 @@ proptest! {
                         prop_assert_eq!(store.ack(id).unwrap(), keys.len() as u64);
                         stored.retain(|k| !keys.contains(k));
                         acked.extend(keys);
+                    }
+                }
+                Op::Refuse(i) => {
+                    if !in_flight.is_empty() {
+                        let (id, keys) = in_flight.remove(i.index(in_flight.len()));
+                        match store.refuse(id, "malformed", "test", 1).unwrap() {
+                            Refused::Quarantined(r) => {
+                                prop_assert_eq!(keys.len(), 1);
+                                prop_assert_eq!(key_of(&r), keys[0]);
+                                stored.retain(|k| *k != keys[0]);
+                                quarantined.insert(keys[0]);
+                            }
+                            Refused::Split { first, second } => {
+                                prop_assert!(first >= 1 && second >= 1);
+                                prop_assert_eq!(first + second, keys.len());
+                            }
+                            Refused::Unknown => prop_assert!(false, "batch {} was in flight", id),
+                        }
                     }
                 }
                 Op::RestartLanes => {

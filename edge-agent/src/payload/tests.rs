@@ -4,9 +4,7 @@ use super::*;
 
 const NOW: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z
 
-fn decoder() -> Decoder {
-    let cfg = Config::parse(
-        r#"
+const CONFIG: &str = r#"
 [gateway]
 id = "gw"
 tenant = "acme"
@@ -34,11 +32,14 @@ ignore = ["rssi"]
 device_type = "th-100"
 version = "2.*"
 fields = { temp_c = "temperature", rh = "humidity" }
-"#,
-        Path::new("t.toml"),
-    )
-    .unwrap();
-    Decoder::new(&cfg)
+"#;
+
+fn decoder() -> Decoder {
+    decoder_with(CONFIG)
+}
+
+fn decoder_with(config: &str) -> Decoder {
+    Decoder::new(&Config::parse(config, Path::new("t.toml")).unwrap())
 }
 
 fn one(d: &Decoded) -> &Reading {
@@ -358,4 +359,45 @@ fn topic_match_names_the_template() {
     let (i, ctx) = dec.topic_match("unit/p1/l3/u7").unwrap();
     assert_eq!((i, ctx.device.as_deref()), (2, Some("p1-l3-u7")));
     assert!(dec.topic_match("elsewhere/x").is_none());
+}
+
+#[test]
+fn readings_over_the_wire_limits_are_refused_at_the_edge() {
+    let mut dec =
+        decoder_with(&CONFIG.replace("max_payload_bytes = 1000", "max_payload_bytes = 65536"));
+    // The plant shape with 40 extra text fields: 42 tags with site and line, over 32.
+    let mut fields: Vec<String> = (0..40).map(|i| format!("\"note{i}\": \"x\"")).collect();
+    fields.push(
+        "\"sensor_id\": \"press01\", \"measurement\": \"temperature\", \"value\": 80.5".into(),
+    );
+    let json = format!("{{{}}}", fields.join(", "));
+    let d = dec.decode_mqtt("plant/p1/l3/press01", json.as_bytes(), NOW);
+    assert!(d.readings.is_empty(), "{:?}", d.readings);
+    assert_eq!(d.rejects.len(), 1, "{:?}", d.rejects);
+    assert_eq!(d.rejects[0].reason, Reason::TooManyTags);
+    assert!(
+        d.rejects[0].detail.contains("42 tags") && d.rejects[0].detail.contains("at most 32"),
+        "{}",
+        d.rejects[0].detail
+    );
+    // Exactly at the limit passes: 30 text fields plus site and line.
+    let mut fields: Vec<String> = (0..30).map(|i| format!("\"note{i}\": \"x\"")).collect();
+    fields.push("\"value\": 1".into());
+    let json = format!("{{{}}}", fields.join(", "));
+    let d = dec.decode_mqtt("plant/p1/l3/press01/temperature", json.as_bytes(), NOW);
+    assert_eq!(one(&d).tags.len(), 32);
+
+    // A 2 KB text field, on a message that also carries a good value of another shape.
+    let long = "y".repeat(2048);
+    let json = format!("{{\"value\": 3.5, \"comment\": \"{long}\"}}");
+    let d = dec.decode_mqtt("plant/p1/l3/press01/temperature", json.as_bytes(), NOW);
+    assert!(d.readings.is_empty());
+    assert_eq!(d.rejects[0].reason, Reason::TooLong);
+    assert!(
+        d.rejects[0].detail.contains("\"comment\"") && d.rejects[0].detail.contains("2048 bytes"),
+        "{}",
+        d.rejects[0].detail
+    );
+    assert_eq!(Reason::TooLong.as_str(), "too_long");
+    assert_eq!(Reason::TooManyTags.as_str(), "too_many_tags");
 }

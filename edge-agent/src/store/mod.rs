@@ -13,6 +13,8 @@
 //!     -- committed MQTT messages, newest MQTT_MSGS_KEEP kept
 //! dead_letters(id INTEGER PRIMARY KEY AUTOINCREMENT, received_us, source, origin, reason,
 //!              detail, size, payload)                    -- payload capped at 4 KiB
+//! quarantine(id INTEGER PRIMARY KEY AUTOINCREMENT, at_us, reason, detail, device, metric,
+//!            tags, ts, value, seq)     -- readings the cloud refused on their own
 //! ```
 //!
 //! # Invariants
@@ -36,6 +38,12 @@
 //!   identity, value and tags) is dropped for at least one window and at most two, across
 //!   restarts. A *conflict* (same identity, another value or other tags) hashes differently
 //!   and is stored and shipped: the cloud keeps the first value and reports it.
+//! - A batch the cloud refuses (it cannot decode it, or it is over a limit) is not sent
+//!   again whole: it is split in two, and the halves are sent again in the backlog lane, so
+//!   the readings at fault are isolated in about log2(batch) round trips while the rest is
+//!   delivered. A single reading the cloud refuses moves to `quarantine`, in the same
+//!   transaction as its deletion from `readings`; `edge-agent queue dead-letters` shows it.
+//!   Quarantine keeps the newest `dead_letters_keep` rows, as dead letters do.
 //! - The queue holds at most `max_bytes / ROW_COST` readings. Past that, the oldest readings
 //!   of the devices holding the most are evicted in the same transaction ([`evict::plan`]).
 
@@ -53,7 +61,10 @@ use plantlink_wire::frame::Lane;
 use rusqlite::{Connection, OptionalExtension, params};
 
 pub use identity::identity_hash;
-pub use read::{DeadLetter, DeviceStats, QueueStats, dead_letters, open_read_only, stats};
+pub use read::{
+    DeadLetter, DeviceStats, Quarantined, QueueStats, dead_letters, open_read_only, quarantined,
+    stats,
+};
 
 use crate::config::{Config, Synchronous};
 
@@ -91,6 +102,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, received_us INTEGER NOT NULL, source TEXT NOT NULL,
     origin TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL,
     payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at_us INTEGER NOT NULL, reason TEXT NOT NULL,
+    detail TEXT NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL, tags TEXT NOT NULL,
+    ts INTEGER NOT NULL, value REAL, seq INTEGER);
 ";
 
 /// A queue error, naming the file.
@@ -179,6 +194,23 @@ pub struct Eviction {
     pub readings: u64,
 }
 
+/// What became of a batch the cloud refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refused {
+    /// The batch was no longer in flight (a reconnect forgot it), or its readings were
+    /// evicted meanwhile.
+    Unknown,
+    /// Split in two; both halves wait in the backlog lane.
+    Split {
+        /// Readings in the first half.
+        first: usize,
+        /// Readings in the second half.
+        second: usize,
+    },
+    /// A single reading, now in quarantine.
+    Quarantined(Box<Reading>),
+}
+
 /// A batch read from the queue and now in flight.
 #[derive(Debug, Clone)]
 pub struct QueuedBatch {
@@ -225,6 +257,8 @@ pub struct Store {
     backlog_cursor: i64,
     in_flight: BTreeMap<u64, InFlight>,
     next_batch: u64,
+    // Id ranges of refused batches' halves, sent again (in the backlog lane) before the rest.
+    retry: std::collections::VecDeque<InFlight>,
 }
 
 impl std::fmt::Debug for Store {
@@ -307,6 +341,7 @@ impl Store {
             backlog_cursor: 0,
             in_flight: BTreeMap::new(),
             next_batch: 1,
+            retry: std::collections::VecDeque::new(),
         };
         store.load()?;
         store.restart_lanes();
@@ -409,6 +444,7 @@ impl Store {
                 r.get(0)
             })
             .map_err(e)?;
+
         let meta = |key: &str| -> Result<Option<i64>, StoreError> {
             self.conn
                 .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -728,6 +764,7 @@ impl Store {
     /// connection to the cloud (re)starts, after which unacked readings are sent again.
     pub fn restart_lanes(&mut self) {
         self.in_flight.clear();
+        self.retry.clear();
         self.boundary = self.last_id;
         self.live_cursor = self.last_id;
         self.backlog_cursor = 0;
@@ -742,7 +779,7 @@ impl Store {
 
     /// Whether backlog readings are waiting to be read.
     pub fn has_backlog(&self) -> bool {
-        self.backlog_cursor < self.boundary && self.total > 0
+        (self.backlog_cursor < self.boundary || !self.retry.is_empty()) && self.total > 0
     }
 
     /// Reads up to `max` readings of `lane`, oldest first, and puts them in flight.
@@ -752,6 +789,34 @@ impl Store {
         max: usize,
     ) -> Result<Option<QueuedBatch>, StoreError> {
         assert!(!self.in_txn, "read_batch inside a write transaction");
+        if lane == Lane::Backlog && max > 0 {
+            while let Some(range) = self.retry.pop_front() {
+                let rows = self.read_range(range.first - 1, range.last, max)?;
+                let Some(&(last, _)) = rows.last() else {
+                    continue; // evicted meanwhile
+                };
+                if last < range.last {
+                    self.retry.push_front(InFlight {
+                        first: last + 1,
+                        last: range.last,
+                    });
+                }
+                let id = self.next_batch;
+                self.next_batch += 1;
+                self.in_flight.insert(
+                    id,
+                    InFlight {
+                        first: range.first,
+                        last,
+                    },
+                );
+                return Ok(Some(QueuedBatch {
+                    id,
+                    lane,
+                    readings: rows.into_iter().map(|(_, r)| r).collect(),
+                }));
+            }
+        }
         let (after, upto) = match lane {
             Lane::Live => (self.live_cursor, i64::MAX),
             Lane::Backlog => (self.backlog_cursor, self.boundary),
@@ -875,6 +940,104 @@ impl Store {
         }
         self.total -= devices.len() as u64;
         Ok(devices.len() as u64)
+    }
+
+    /// The cloud refused batch `batch` (`reason` is its code's label, `detail` its words):
+    /// splits it, or quarantines it when it holds one reading. See the module's invariants.
+    pub fn refuse(
+        &mut self,
+        batch: u64,
+        reason: &str,
+        detail: &str,
+        now_us: i64,
+    ) -> Result<Refused, StoreError> {
+        assert!(!self.in_txn, "refuse inside a write transaction");
+        let Some(f) = self.in_flight.remove(&batch) else {
+            return Ok(Refused::Unknown);
+        };
+        let ids: Vec<i64> = self
+            .conn
+            .prepare_cached("SELECT id FROM readings WHERE id >= ?1 AND id <= ?2 ORDER BY id")
+            .and_then(|mut s| {
+                s.query_map(params![f.first, f.last], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()
+            })
+            .map_err(self.sql_err("reading a refused batch"))?;
+        match ids.len() {
+            0 => Ok(Refused::Unknown),
+            1 => {
+                let rows = self.read_range(ids[0] - 1, ids[0], 1)?;
+                let (id, r) = rows.into_iter().next().expect("the row just found");
+                self.quarantine(id, &r, reason, detail, now_us)?;
+                Ok(Refused::Quarantined(Box::new(r)))
+            }
+            n => {
+                let mid = n / 2;
+                // The second half first, so that the first half ends up in front.
+                self.retry.push_front(InFlight {
+                    first: ids[mid],
+                    last: f.last,
+                });
+                self.retry.push_front(InFlight {
+                    first: f.first,
+                    last: ids[mid - 1],
+                });
+                Ok(Refused::Split {
+                    first: mid,
+                    second: n - mid,
+                })
+            }
+        }
+    }
+
+    fn quarantine(
+        &mut self,
+        id: i64,
+        r: &Reading,
+        reason: &str,
+        detail: &str,
+        now_us: i64,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(self.sql_err("quarantining a reading"))?;
+        tx.prepare_cached(
+            "INSERT INTO quarantine (at_us, reason, detail, device, metric, tags, ts, value, seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                now_us,
+                reason,
+                detail,
+                r.device,
+                r.metric,
+                tags_key(&r.tags),
+                r.ts.0,
+                r.value,
+                r.seq.map(|s| s as i64)
+            ])
+        })
+        .map_err(self.sql_err("quarantining a reading"))?;
+        let qid = tx.last_insert_rowid();
+        let device: i64 = tx
+            .prepare_cached("DELETE FROM readings WHERE id = ?1 RETURNING device")
+            .and_then(|mut s| s.query_row([id], |row| row.get(0)))
+            .map_err(self.sql_err("quarantining a reading"))?;
+        let keep = self.opts.dead_letters_keep as i64;
+        if qid > keep {
+            tx.prepare_cached("DELETE FROM quarantine WHERE id <= ?1")
+                .and_then(|mut s| s.execute([qid - keep]))
+                .map_err(self.sql_err("trimming the quarantine"))?;
+        }
+        tx.commit()
+            .map_err(self.sql_err("quarantining a reading"))?;
+        if let Some(d) = self.devices.get_mut(&device) {
+            d.readings = d.readings.saturating_sub(1);
+        }
+        self.total -= 1;
+        Ok(())
     }
 
     /// Batches in flight.

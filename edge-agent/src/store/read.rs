@@ -19,6 +19,8 @@ pub struct QueueStats {
     pub devices: u64,
     /// Dead letters kept.
     pub dead_letters: u64,
+    /// Readings in quarantine (refused by the cloud on their own).
+    pub quarantined: u64,
     /// Timestamp (µs since the epoch) of the oldest waiting reading.
     pub oldest_ts: Option<i64>,
     /// Readings evicted over the queue's life.
@@ -93,6 +95,11 @@ pub fn stats(conn: &Connection) -> rusqlite::Result<QueueStats> {
     drop(stmt);
     let readings: u64 = per_device.iter().map(|d| d.readings).sum();
     let dead_letters: i64 = tx.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
+    let quarantined: i64 = if has_quarantine(&tx)? {
+        tx.query_row("SELECT count(*) FROM quarantine", [], |r| r.get(0))?
+    } else {
+        0
+    };
     let oldest_ts: Option<i64> = tx
         .query_row("SELECT ts FROM readings ORDER BY id LIMIT 1", [], |r| {
             r.get(0)
@@ -106,6 +113,7 @@ pub fn stats(conn: &Connection) -> rusqlite::Result<QueueStats> {
         file_bytes: (pages * page_size) as u64,
         devices: per_device.iter().filter(|d| d.readings > 0).count() as u64,
         dead_letters: dead_letters as u64,
+        quarantined: quarantined as u64,
         oldest_ts,
         evicted: per_device.iter().map(|d| d.evicted).sum(),
         per_device,
@@ -128,6 +136,65 @@ pub fn dead_letters(conn: &Connection, limit: u64) -> rusqlite::Result<Vec<DeadL
             detail: r.get(5)?,
             size: r.get::<_, i64>(6)? as u64,
             payload: r.get(7)?,
+        })
+    })?
+    .collect()
+}
+
+/// One reading in quarantine: the cloud refused it on its own, so it is kept here instead of
+/// being sent again forever.
+#[derive(Debug, Clone, Serialize)]
+pub struct Quarantined {
+    /// Its id.
+    pub id: i64,
+    /// When it was quarantined, µs since the epoch.
+    pub at_us: i64,
+    /// The cloud's refusal code, as a label (`malformed`, `too_large`).
+    pub reason: String,
+    /// The cloud's words.
+    pub detail: String,
+    /// The device id.
+    pub device: String,
+    /// The metric.
+    pub metric: String,
+    /// The tags, as canonical JSON (empty if none).
+    pub tags: String,
+    /// The reading's time, µs since the epoch.
+    pub ts: i64,
+    /// Its value (`None` for NaN, which SQLite stores as NULL).
+    pub value: Option<f64>,
+}
+
+// A queue file written by an agent older than the quarantine has no such table.
+fn has_quarantine(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'quarantine'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
+/// The newest `limit` quarantined readings, newest first.
+pub fn quarantined(conn: &Connection, limit: u64) -> rusqlite::Result<Vec<Quarantined>> {
+    if !has_quarantine(conn)? {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare(
+        "SELECT id, at_us, reason, detail, device, metric, tags, ts, value
+         FROM quarantine ORDER BY id DESC LIMIT ?1",
+    )?;
+    stmt.query_map([limit as i64], |r| {
+        Ok(Quarantined {
+            id: r.get(0)?,
+            at_us: r.get(1)?,
+            reason: r.get(2)?,
+            detail: r.get(3)?,
+            device: r.get(4)?,
+            metric: r.get(5)?,
+            tags: r.get(6)?,
+            ts: r.get(7)?,
+            value: r.get(8)?,
         })
     })?
     .collect()

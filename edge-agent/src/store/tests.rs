@@ -340,3 +340,52 @@ fn a_newer_schema_is_refused_clearly() {
         "{err}"
     );
 }
+
+#[test]
+fn a_refused_batch_is_split_until_the_reading_at_fault_is_quarantined() {
+    let (_d, mut s) = temp_store(1 << 20);
+    let readings: Vec<Reading> = (0..8).map(|i| r("d1", i, i as f64)).collect();
+    put(&mut s, &readings);
+    let b = s.read_next(8).unwrap().unwrap();
+    assert_eq!(b.readings.len(), 8);
+    // Reading 5 is the poison: the cloud refuses every batch that holds it.
+    let mut batch = b;
+    let mut round_trips = 1;
+    let mut delivered = Vec::new();
+    loop {
+        let poisoned = batch.readings.iter().any(|x| x.ts.0 == 5);
+        if poisoned {
+            match s.refuse(batch.id, "malformed", "tag too long", 42).unwrap() {
+                Refused::Quarantined(q) => {
+                    assert_eq!(q.ts.0, 5);
+                    break;
+                }
+                Refused::Split { first, second } => assert!(first > 0 && second > 0),
+                Refused::Unknown => panic!("batch in flight"),
+            }
+        } else {
+            delivered.extend(batch.readings.iter().map(|x| x.ts.0));
+            s.ack(batch.id).unwrap();
+        }
+        assert!(s.has_backlog(), "the halves wait in the backlog lane");
+        batch = s.read_batch(Lane::Backlog, 8).unwrap().unwrap();
+        assert_eq!(batch.lane, Lane::Backlog);
+        round_trips += 1;
+    }
+    assert!(round_trips <= 7, "{round_trips} round trips for 8 readings");
+    // The rest is delivered, oldest first, and nothing else is left.
+    while let Some(b) = s.read_batch(Lane::Backlog, 8).unwrap() {
+        delivered.extend(b.readings.iter().map(|x| x.ts.0));
+        s.ack(b.id).unwrap();
+    }
+    delivered.sort();
+    assert_eq!(delivered, vec![0, 1, 2, 3, 4, 6, 7]);
+    assert!(s.is_empty());
+    let held = quarantined(s.connection(), 10).unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!((held[0].ts, held[0].reason.as_str()), (5, "malformed"));
+    assert_eq!(held[0].detail, "tag too long");
+    assert_eq!(stats(s.connection()).unwrap().quarantined, 1);
+    // An unknown batch (forgotten by a reconnect) changes nothing.
+    assert_eq!(s.refuse(999, "malformed", "", 0).unwrap(), Refused::Unknown);
+}

@@ -2,6 +2,13 @@
 //! driven by the [`Scheduler`](super::schedule::Scheduler). Readings are deleted from the
 //! queue only when the cloud acknowledges their batch; a lost connection restarts the lanes,
 //! so whatever was unacknowledged is sent again (the cloud's writes are idempotent).
+//!
+//! Poison never blocks a lane. Batches are cut to fit what the cloud announced in `Welcome`
+//! (payload bytes, batches in flight) and the wire's decoding limits. A batch the cloud
+//! refuses as malformed or too large anyway is not sent again whole: the queue splits it,
+//! and a single reading refused on its own goes to the quarantine, while the connection
+//! and the other batches carry on. Only transient refusals (a sink unavailable) end the
+//! session, and only an ack resets the reconnect backoff.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +16,8 @@ use std::time::Duration;
 use anyhow::Context;
 use metrics::{counter, gauge};
 use plantlink_wire::BatchEncoder;
-use plantlink_wire::frame::{self, Batch, Frame, Hello, Lane, Status};
+use plantlink_wire::batch::Limits;
+use plantlink_wire::frame::{self, Batch, ErrorCode, Frame, Hello, Lane, Status};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -129,16 +137,19 @@ async fn session(
         codec_version: plantlink_wire::batch::CODEC_VERSION,
     });
     write_frame(&mut control, &hello).await?;
-    match read_frame(&mut control_rx).await? {
+    let max_batch_bytes = match read_frame(&mut control_rx).await? {
         Frame::Welcome(w) => {
-            tracing::info!(server = %cfg.server, tenant = %w.tenant, "uplink connected")
+            tracing::info!(server = %cfg.server, tenant = %w.tenant, max_batch_bytes = w.max_batch_bytes,
+                max_in_flight = w.max_in_flight, "uplink connected");
+            sched.limit_in_flight(w.max_in_flight as usize);
+            (w.max_batch_bytes as usize).max(1024)
         }
         Frame::Error(e) => anyhow::bail!("cloud refused the gateway: {}", e.reason),
         other => anyhow::bail!("unexpected answer to Hello: {other:?}"),
-    }
+    };
     ask(queue, UplinkRequest::Restart).await?;
-    sched.on_connected();
     gauge!("plantlink_edge_uplink_connected").set(1.0);
+    let mut fit = Fit::new(max_batch_bytes);
 
     // One stream per lane; a task per stream forwards what the cloud answers.
     let (answers_tx, mut answers) = mpsc::unbounded_channel::<anyhow::Result<Frame>>();
@@ -184,7 +195,16 @@ async fn session(
                             counter!("plantlink_edge_readings_acked_total").increment(deleted.min(n as u64));
                         }
                     }
-                    Frame::Error(e) => anyhow::bail!("cloud refused batch {:?}: {} (code {})", e.seq, e.reason, e.code.0),
+                    Frame::Error(e) => match (e.seq, permanent(e.code)) {
+                        (Some(seq), Some(reason)) => {
+                            if let Some((batch, _lane, n)) = sched.on_refused(seq) {
+                                tracing::warn!(seq, readings = n, reason, detail = %e.reason,
+                                    "the cloud refused a batch; isolating the readings at fault");
+                                refuse(queue, batch, reason, e.reason).await?;
+                            }
+                        }
+                        _ => anyhow::bail!("cloud refused batch {:?}: {} (code {})", e.seq, e.reason, e.code.0),
+                    },
                     other => anyhow::bail!("unexpected frame from the cloud: {other:?}"),
                 }
                 counter!("plantlink_edge_uplink_bytes_sent_total").absolute(conn.stats().udp_tx.bytes);
@@ -207,18 +227,25 @@ async fn session(
             };
             match sched.next(now - start, live, view.backlog_waiting) {
                 Decision::Send { lane, max } => {
+                    let max = max.min(fit.readings);
                     let read = ask(queue, |reply| UplinkRequest::Read { lane, max, reply }).await?;
                     let Some(batch) = read.map_err(anyhow::Error::msg)? else {
                         // The estimate was high (evictions): nothing to send in this lane.
                         wake = now + Duration::from_millis(50);
                         break;
                     };
+                    let payload = encoder.encode(&batch.readings);
+                    if let Err(why) = fit.check(&batch.readings, payload.len()) {
+                        tracing::debug!(readings = batch.readings.len(), %why, "batch cut smaller");
+                        refuse(queue, batch.id, "too_large", why).await?;
+                        continue;
+                    }
                     let seq = sched.on_sent(now - start, batch.id, lane, batch.readings.len());
                     let f = Frame::Batch(Batch {
                         seq,
                         lane,
                         readings: batch.readings.len() as u32,
-                        payload: encoder.encode(&batch.readings),
+                        payload,
                     });
                     let stream = &mut lanes[if lane == Lane::Live { 0 } else { 1 }];
                     write_frame(stream, &f).await?;
@@ -237,6 +264,95 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// The refusals that sending again cannot cure: the batch is split or quarantined. Others
+/// (a sink unavailable) end the session, and the batch is sent again after the backoff.
+fn permanent(code: ErrorCode) -> Option<&'static str> {
+    match code {
+        ErrorCode::MALFORMED => Some("malformed"),
+        ErrorCode::TOO_LARGE => Some("too_large"),
+        _ => None,
+    }
+}
+
+async fn refuse(
+    queue: &Requests,
+    batch: u64,
+    reason: &'static str,
+    detail: String,
+) -> anyhow::Result<()> {
+    let r = ask(queue, |reply| UplinkRequest::Refuse {
+        batch,
+        reason,
+        detail,
+        reply,
+    })
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    counter!("plantlink_edge_batches_refused_total", "reason" => reason).increment(1);
+    tracing::debug!(?r, "refused batch handled");
+    Ok(())
+}
+
+/// How many readings fit in a batch the cloud accepts, learnt from the batches encoded so
+/// far: their payload bytes per reading against `Welcome.max_batch_bytes` (with a quarter
+/// spare), and the strings the cloud's decoder would hold against [`Limits`].
+#[derive(Debug)]
+struct Fit {
+    max_bytes: usize,
+    limits: Limits,
+    /// Most readings to ask the queue for.
+    readings: usize,
+}
+
+impl Fit {
+    fn new(max_bytes: usize) -> Self {
+        let limits = Limits::default();
+        Self {
+            max_bytes,
+            readings: limits.max_readings,
+            limits,
+        }
+    }
+
+    /// Whether a batch of `readings`, encoded in `payload` bytes, fits; learns from it.
+    fn check(
+        &mut self,
+        readings: &[plantlink_model::Reading],
+        payload: usize,
+    ) -> Result<(), String> {
+        let n = readings.len().max(1);
+        let per_reading = payload.div_ceil(n).max(1);
+        let strings: usize = readings
+            .iter()
+            .map(|r| {
+                r.device.len()
+                    + r.metric.len()
+                    + r.tags.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            })
+            .sum();
+        let strings_per_reading = strings.div_ceil(n).max(1);
+        let string_budget = self
+            .limits
+            .max_decoded_string_bytes
+            .min(self.limits.max_body_bytes / 2);
+        self.readings = (self.max_bytes * 3 / 4 / per_reading)
+            .min(string_budget / strings_per_reading)
+            .clamp(1, self.limits.max_readings);
+        if payload > self.max_bytes {
+            return Err(format!(
+                "{n} readings encode to {payload} bytes, over the cloud's max_batch_bytes = {}",
+                self.max_bytes
+            ));
+        }
+        if strings > string_budget {
+            return Err(format!(
+                "{n} readings hold {strings} bytes of names and tags, over the {string_budget} a batch may expand to"
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -11,7 +11,8 @@
 //!   for acks.
 //! - **Backoff.** Reconnects wait `backoff_min` doubling up to `backoff_max`, with "equal
 //!   jitter" (half fixed, half random) so a fleet that lost the cloud together does not
-//!   come back together.
+//!   come back together. Only an ack resets it: a cloud that accepts the connection and then
+//!   refuses or drops every batch is not hammered with reconnects.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -76,6 +77,7 @@ pub struct Scheduler {
     tokens: f64,
     tokens_at: Duration,
     failures: u32,
+    configured_in_flight: usize,
 }
 
 impl Scheduler {
@@ -83,6 +85,7 @@ impl Scheduler {
     pub fn new(settings: Settings, now: Duration) -> Self {
         let tokens = settings.batch_max_readings as f64;
         Self {
+            configured_in_flight: settings.max_in_flight,
             s: settings,
             in_flight: BTreeMap::new(),
             next_seq: 1,
@@ -153,21 +156,29 @@ impl Scheduler {
     }
 
     /// The cloud acknowledged `seq`: the queue batch to delete, if the ack is for a batch in
-    /// flight (a duplicate or unknown ack releases nothing).
+    /// flight (a duplicate or unknown ack releases nothing). An ack resets the backoff.
     pub fn on_ack(&mut self, seq: u64) -> Option<(u64, Lane, usize)> {
+        let f = self.in_flight.remove(&seq)?;
+        self.failures = 0;
+        Some((f.queue_batch, f.lane, f.readings))
+    }
+
+    /// The cloud refused `seq`: the queue batch to split or quarantine, if it was in flight.
+    /// The backoff stays as it is.
+    pub fn on_refused(&mut self, seq: u64) -> Option<(u64, Lane, usize)> {
         self.in_flight
             .remove(&seq)
             .map(|f| (f.queue_batch, f.lane, f.readings))
     }
 
+    /// The cloud's `Welcome` announced its window: never more in flight than it allows.
+    pub fn limit_in_flight(&mut self, cloud_max: usize) {
+        self.s.max_in_flight = self.configured_in_flight.min(cloud_max.max(1));
+    }
+
     /// Batches in flight.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
-    }
-
-    /// The connection is up: reset the backoff.
-    pub fn on_connected(&mut self) {
-        self.failures = 0;
     }
 
     /// The connection is gone: everything in flight will be sent again (the queue's lanes
@@ -310,6 +321,24 @@ mod tests {
     }
 
     #[test]
+    fn the_clouds_window_caps_the_configured_one() {
+        let mut s = Scheduler::new(settings(), Duration::ZERO);
+        s.limit_in_flight(2);
+        let live = Live {
+            waiting: 5000,
+            oldest_wait: Duration::ZERO,
+        };
+        s.on_sent(Duration::ZERO, 1, Lane::Live, 1000);
+        s.on_sent(Duration::ZERO, 2, Lane::Live, 1000);
+        assert_eq!(s.next(Duration::ZERO, live, false), Decision::Idle);
+        // A larger window from the cloud never raises the agent's own setting (4).
+        s.limit_in_flight(100);
+        s.on_sent(Duration::ZERO, 3, Lane::Live, 1000);
+        s.on_sent(Duration::ZERO, 4, Lane::Live, 1000);
+        assert_eq!(s.next(Duration::ZERO, live, false), Decision::Idle);
+    }
+
+    #[test]
     fn backoff_doubles_to_its_cap_with_equal_jitter() {
         let mut s = Scheduler::new(settings(), Duration::ZERO);
         let lows: Vec<Duration> = (0..12).map(|_| s.on_disconnected(0.0)).collect();
@@ -321,11 +350,18 @@ mod tests {
             Duration::from_secs(15),
             "half of the 30 s cap"
         );
-        s.on_connected();
+        // A connection alone does not reset it (a cloud that refuses every batch would be
+        // hammered); an ack does.
+        let seq = s.on_sent(Duration::ZERO, 7, Lane::Live, 10);
+        assert_eq!(s.on_refused(seq), Some((7, Lane::Live, 10)));
+        assert_eq!(s.on_disconnected(0.0), Duration::from_secs(15));
+        let _ = s.on_disconnected(0.0);
+        let seq = s.on_sent(Duration::ZERO, 8, Lane::Live, 10);
+        assert!(s.on_ack(seq).is_some());
         let d = s.on_disconnected(0.999_999);
         assert!(
             d > 199 * MS && d < 200 * MS,
-            "{d:?}: the backoff restarts after a connection"
+            "{d:?}: the backoff restarts after an ack"
         );
     }
 
