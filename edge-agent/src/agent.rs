@@ -58,6 +58,7 @@ pub async fn run_until(
         confirmed_rx,
         WriterOptions {
             commit_interval: Duration::from_millis(config.store.commit_interval_ms),
+            devices: config.devices.clone(),
         },
     );
     let (stop_tx, stop_rx) = watch::channel(false);

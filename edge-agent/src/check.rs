@@ -55,7 +55,17 @@ pub fn summary(path: &Path, c: &Config) -> String {
         o,
         "  firmware   {} mapping(s), {} known device(s)",
         c.firmware.len(),
-        c.devices.len()
+        c.devices.known.len()
+    );
+    let _ = writeln!(
+        o,
+        "  devices    {}, at most {} tracked at once",
+        if c.devices.allow.is_empty() {
+            "any id".to_owned()
+        } else {
+            format!("only {}", c.devices.allow.join(", "))
+        },
+        c.devices.max
     );
     o
 }

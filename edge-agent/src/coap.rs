@@ -232,6 +232,8 @@ pub fn verdict(o: &Outcome) -> (ResponseType, String) {
             let code = match r.reason {
                 Reason::Oversize => ResponseType::RequestEntityTooLarge,
                 Reason::UnsupportedFormat => ResponseType::UnsupportedContentFormat,
+                Reason::NotAllowed => ResponseType::Forbidden,
+                Reason::DeviceCap => ResponseType::ServiceUnavailable,
                 _ => ResponseType::BadRequest,
             };
             (code, format!("{}: {}", r.reason.as_str(), r.detail))

@@ -32,11 +32,9 @@ pub struct Config {
     pub dedupe: Dedupe,
     /// The Prometheus endpoint; absent means no endpoint.
     pub metrics: Option<Metrics>,
-    /// Known devices: device id (as composed by `[[mqtt.topics]] device`, where set) to
-    /// its type and firmware version, used to pick a `[[firmware]]` mapping when neither
-    /// the topic nor the payload says.
+    /// Which devices may send, how many the queue tracks, and what is known of them.
     #[serde(default)]
-    pub devices: BTreeMap<String, Device>,
+    pub devices: Devices,
     /// Field mappings per device type and firmware version.
     #[serde(default)]
     pub firmware: Vec<Firmware>,
@@ -298,6 +296,67 @@ pub struct Metrics {
     pub bind: SocketAddr,
 }
 
+/// `[devices]`: `allow` and `max`, then one `[devices.<id>]` table per known device.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Devices {
+    /// Device id patterns that may send (`*` matches any run of characters, e.g.
+    /// `"press*"`, `"l3-*"`). Empty (the default) allows every device. Readings of other
+    /// devices become dead letters with reason `not_allowed`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Most devices the queue tracks at once (default 10000). A device not yet known when
+    /// that many are is refused (dead letter `device_cap`) until idle ones are pruned;
+    /// devices already known never are.
+    #[serde(default = "default_max_devices")]
+    pub max: usize,
+    /// `[devices.<id>]`: the device's type and firmware version, used to pick a
+    /// `[[firmware]]` mapping when neither the topic nor the payload says. The id is as
+    /// composed by `[[mqtt.topics]] device`, where set.
+    #[serde(flatten)]
+    pub known: BTreeMap<String, Device>,
+}
+
+fn default_max_devices() -> usize {
+    10_000
+}
+
+impl Default for Devices {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            max: default_max_devices(),
+            known: BTreeMap::new(),
+        }
+    }
+}
+
+impl Devices {
+    /// Whether `device` matches the allow list (always, when the list is empty).
+    pub fn allowed(&self, device: &str) -> bool {
+        self.allow.is_empty() || self.allow.iter().any(|p| glob(p, device))
+    }
+}
+
+/// `*`-only glob matching: `*` matches any run of characters, everything else itself.
+fn glob(pattern: &str, s: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = s.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no `*`: exact
+    };
+    for m in middle {
+        match rest.find(m) {
+            Some(i) => rest = &rest[i + m.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
 /// `[devices.<id>]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -445,6 +504,20 @@ impl Config {
         let bad = |key: &str, msg: String| Err((key.to_owned(), msg));
         if self.gateway.id.trim().is_empty() {
             return bad("gateway.id", "must not be empty".into());
+        }
+        if self.devices.max == 0 {
+            return bad(
+                "devices.max",
+                "0 would refuse every device; give the most devices the gateway serves, with headroom (default 10000)".into(),
+            );
+        }
+        for p in &self.devices.allow {
+            if p.is_empty() {
+                return bad(
+                    "devices.allow",
+                    "holds an empty pattern; write e.g. \"press*\" (`*` matches anything)".into(),
+                );
+            }
         }
         if self.store.max_bytes.0 < 1 << 20 {
             return bad(
@@ -602,6 +675,35 @@ mod tests {
             let caps = t.captures(topic).unwrap();
             assert_eq!(t.device_id(&caps).as_deref(), Some("l3-press01"), "{topic}");
         }
+    }
+
+    #[test]
+    fn devices_section_holds_allow_max_and_known_devices() {
+        let c = parse(
+            "[gateway]\nid = \"g\"\n[devices]\nallow = [\"press*\", \"l3-*-b\"]\nmax = 50\n\
+             [devices.th7]\ntype = \"th-100\"\nfirmware = \"2.0.1\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.devices.max, 50);
+        assert_eq!(c.devices.known["th7"].device_type, "th-100");
+        for (id, ok) in [
+            ("press01", true),
+            ("press", true),
+            ("l3-x-b", true),
+            ("l3--b", true),
+            ("l3-x-c", false),
+            ("xpress01", false),
+            ("th7", false),
+        ] {
+            assert_eq!(c.devices.allowed(id), ok, "{id}");
+        }
+        let open = parse("[gateway]\nid = \"g\"\n").unwrap();
+        assert!(open.devices.allowed("anything") && open.devices.known.is_empty());
+        assert_eq!(open.devices.max, 10_000);
+        let err = parse("[gateway]\nid = \"g\"\n[devices]\nmax = 0\n").unwrap_err();
+        assert!(err.to_string().contains("devices.max"), "{err}");
+        assert!(glob("a*b*c", "a-b-c") && glob("*", "") && !glob("a*b", "ab-"));
+        assert!(glob("exact", "exact") && !glob("exact", "exact1"));
     }
 
     #[test]

@@ -13,12 +13,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use metrics::{counter, gauge};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::payload::{Context, Decoder, Format, Reject};
+use crate::payload::{Context, Decoder, Format, Reason, Reject};
 use crate::ratelimit::RateLimiter;
 use crate::store::{Insert, Store, StoreError};
 
 /// Most messages in one commit.
 pub const MAX_GROUP: usize = 4096;
+
+/// How often devices and series without readings are looked for.
+const STATE_PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How long a device or series goes without readings before its row is pruned.
+const STATE_IDLE: Duration = Duration::from_secs(600);
 
 /// Where a message came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +225,8 @@ pub fn now_us() -> i64 {
 pub struct WriterOptions {
     /// Longest time to keep gathering messages before a commit.
     pub commit_interval: Duration,
+    /// Which devices may send, and how many the queue tracks.
+    pub devices: crate::config::Devices,
 }
 
 /// Starts the writer thread. It runs until every sender of `rx` is dropped and all that
@@ -248,6 +255,7 @@ struct Writer {
     started: Instant,
     last_gauges: Option<Instant>,
     last_prune: Instant,
+    last_state_prune: Instant,
     confirmed: mpsc::UnboundedReceiver<Vec<i64>>,
 }
 
@@ -268,6 +276,7 @@ impl Writer {
             started: Instant::now(),
             last_gauges: None,
             last_prune: Instant::now(),
+            last_state_prune: Instant::now(),
         }
     }
 
@@ -400,6 +409,8 @@ impl Writer {
         let mut redeliveries = 0u64;
         // One clock read per group: the rate limiter needs no finer resolution than a commit.
         let mono = self.started.elapsed().as_micros() as i64;
+        let wall = now_us();
+        let mut pruned = false;
         for m in group {
             let mut outcome = Outcome::default();
             if let Some((pkid, dup)) = m.redelivery {
@@ -427,7 +438,16 @@ impl Writer {
                     .decode_topic(&m.origin, m.format, &m.payload, m.received_us),
             };
             received[m.source as usize] += decoded.readings.len() as u64;
+            let mut decoded = decoded;
+            let mut refused: Vec<(Reason, &str, usize)> = Vec::new();
             for r in &decoded.readings {
+                if let Some(reason) = self.admit(&r.device, wall, &mut pruned)? {
+                    match refused.iter_mut().find(|(x, _, _)| *x == reason) {
+                        Some(e) => e.2 += 1,
+                        None => refused.push((reason, &r.device, 1)),
+                    }
+                    continue;
+                }
                 if !self.limiter.allow(&r.device, mono) {
                     self.store.count_rate_limited(&r.device)?;
                     limited += 1;
@@ -445,6 +465,14 @@ impl Writer {
                     }
                 }
             }
+            let refused: Vec<Reject> = refused
+                .into_iter()
+                .map(|(reason, device, n)| Reject {
+                    reason,
+                    detail: self.refusal(reason, device, n),
+                })
+                .collect();
+            decoded.rejects.extend(refused);
             // One dead letter per message, however many fields were refused.
             if let Some(first) = decoded.rejects.first() {
                 let mut detail: Vec<&str> = decoded
@@ -498,12 +526,79 @@ impl Writer {
                 capacity = self.store.capacity(),
                 "queue full: evicted the device's oldest readings (store.max_bytes)");
         }
-        if self.last_prune.elapsed() > Duration::from_secs(60) {
-            // Devices whose buckets are full again behave exactly like new ones: forget them.
+        if self.last_prune.elapsed() > Duration::from_secs(60)
+            || self.limiter.len() > 2 * self.opts.devices.max
+        {
+            // Devices whose buckets are full again behave exactly like new ones: forget them;
+            // and never keep more buckets than twice the devices the queue may track.
             self.limiter.prune(mono);
+            self.limiter.bound(2 * self.opts.devices.max, mono);
             self.last_prune = Instant::now();
         }
+        if self.last_state_prune.elapsed() > STATE_PRUNE_EVERY {
+            // Devices and series without readings for a while: their rows go (in a
+            // transaction of their own, so a failure here costs no readings).
+            self.last_state_prune = Instant::now();
+            let before = now_us() - STATE_IDLE.as_micros() as i64;
+            let pruned = self
+                .store
+                .begin(now_us())
+                .and_then(|()| self.store.prune_idle(before))
+                .and_then(|p| self.store.commit().map(|_| p));
+            match pruned {
+                Ok((0, 0)) => {}
+                Ok((devices, series)) => {
+                    counter!("plantlink_edge_devices_pruned_total").increment(devices as u64);
+                    tracing::debug!(devices, series, "pruned idle devices and series");
+                }
+                Err(e) => {
+                    self.store.rollback();
+                    tracing::warn!(error = %e, "pruning idle devices failed; trying again later");
+                }
+            }
+        }
         Ok(outcomes)
+    }
+
+    /// Whether a reading of `device` may be stored: the allow list, then the device cap for
+    /// a device the queue does not track yet (pruning idle ones once per group when at it).
+    fn admit(
+        &mut self,
+        device: &str,
+        wall: i64,
+        pruned: &mut bool,
+    ) -> Result<Option<Reason>, StoreError> {
+        if !self.opts.devices.allowed(device) {
+            return Ok(Some(Reason::NotAllowed));
+        }
+        if self.store.knows(device) || self.store.devices() < self.opts.devices.max {
+            return Ok(None);
+        }
+        if !*pruned {
+            *pruned = true;
+            let (devices, _) = self.store.prune_idle(wall + 1)?;
+            counter!("plantlink_edge_devices_pruned_total").increment(devices as u64);
+        }
+        Ok((self.store.devices() >= self.opts.devices.max).then_some(Reason::DeviceCap))
+    }
+
+    fn refusal(&self, reason: Reason, device: &str, n: usize) -> String {
+        let what = match reason {
+            Reason::NotAllowed => format!(
+                "device {device:?} is not in [devices] allow = {:?}",
+                self.opts.devices.allow
+            ),
+            _ => format!(
+                "device {device:?} is new while the queue tracks [devices] max = {} devices; \
+                 raise it if the plant has that many, or find who sends invented ids",
+                self.opts.devices.max
+            ),
+        };
+        if n > 1 {
+            format!("{what} ({n} readings)")
+        } else {
+            what
+        }
     }
 
     fn update_gauges(&mut self, force: bool) {

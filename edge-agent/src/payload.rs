@@ -49,11 +49,15 @@ pub enum Reason {
     TooManyTags,
     /// A tag key or value longer than the uplink carries.
     TooLong,
+    /// A device that `[devices] allow` does not list.
+    NotAllowed,
+    /// A new device while the queue tracks `[devices] max` devices.
+    DeviceCap,
 }
 
 impl Reason {
     /// Every reason, for zeroing the counters at start.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Oversize,
         Reason::Malformed,
         Reason::WrongType,
@@ -64,6 +68,8 @@ impl Reason {
         Reason::UnsupportedFormat,
         Reason::TooManyTags,
         Reason::TooLong,
+        Reason::NotAllowed,
+        Reason::DeviceCap,
     ];
 
     /// The label value.
@@ -79,6 +85,8 @@ impl Reason {
             Reason::UnsupportedFormat => "unsupported_format",
             Reason::TooManyTags => "too_many_tags",
             Reason::TooLong => "too_long",
+            Reason::NotAllowed => "not_allowed",
+            Reason::DeviceCap => "device_cap",
         }
     }
 }
@@ -266,7 +274,7 @@ impl Decoder {
         Self {
             tenant: config.gateway.tenant.clone(),
             templates: config.templates(),
-            devices: config.devices.clone(),
+            devices: config.devices.known.clone(),
             firmware: config.firmware.clone(),
             max_payload: config.limits.max_payload_bytes,
             last_stamp: HashMap::new(),

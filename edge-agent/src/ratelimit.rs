@@ -59,6 +59,26 @@ impl RateLimiter {
             .retain(|_, b| b.tokens + (now_us - b.last_us) as f64 * rate < burst);
     }
 
+    /// Keeps at most `max` buckets: after [`prune`](Self::prune), the fullest buckets go
+    /// first (they are the closest to behaving like new ones), so the devices being held to
+    /// their rate stay held.
+    pub fn bound(&mut self, max: usize, now_us: i64) {
+        if self.buckets.len() <= max {
+            return;
+        }
+        let rate = self.rate_per_us;
+        let mut fill: Vec<(f64, String)> = self
+            .buckets
+            .iter()
+            .map(|(k, b)| (b.tokens + (now_us - b.last_us) as f64 * rate, k.clone()))
+            .collect();
+        fill.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let surplus = self.buckets.len() - max;
+        for (_, k) in fill.into_iter().take(surplus) {
+            self.buckets.remove(&k);
+        }
+    }
+
     /// How many devices have state.
     pub fn len(&self) -> usize {
         self.buckets.len()

@@ -241,7 +241,7 @@ fn con_non_duplicates_and_errors() {
         "plantlink_edge_dead_letters_total{reason=\"oversize\"} 1",
         "plantlink_edge_evicted_total 0",
         "plantlink_edge_queue_readings 4",
-        "plantlink_edge_queue_bytes 256",
+        "plantlink_edge_queue_bytes ",
         "plantlink_edge_queue_oldest_age_seconds",
         "plantlink_edge_coap_duplicates_total 2",
     ] {
@@ -262,7 +262,38 @@ fn con_non_duplicates_and_errors() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["readings"], 4);
-    assert_eq!(v["bytes"], 256);
+    // 4 readings at 64 bytes, and the rows of their devices and series at their size.
+    let (devices, series, series_rows): (u64, u64, u64) = {
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+        conn.query_row(
+            "SELECT (SELECT sum(length(name)) FROM devices),
+                    (SELECT sum(length(metric) + length(tags)) FROM series),
+                    (SELECT count(*) FROM series)",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            },
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        series_rows, 4,
+        "press01 temperature, th1 temperature and humidity, th2 humidity"
+    );
+    assert_eq!(
+        v["bytes"].as_u64().unwrap(),
+        256 + 3 * 48 + 2 * devices + series_rows * 48 + 2 * series
+    );
+    assert!(
+        text.contains(&format!("plantlink_edge_queue_bytes {}\n", v["bytes"])),
+        "the gauge and queue stats agree"
+    );
     assert_eq!(v["devices"], 3);
     assert_eq!(v["dead_letters"], 4);
     assert_eq!(v["oldest_ts"], 1_767_225_600_000_000i64);
@@ -275,6 +306,161 @@ fn con_non_duplicates_and_errors() {
     assert_eq!(text.lines().count(), 2, "{text}");
     assert!(
         text.contains("unsupported_format") && text.contains("oversize"),
+        "{text}"
+    );
+}
+
+/// Issue 14: a LAN host POSTing invented device ids (`/t/<uuid>/x`) cannot fill the disk or
+/// crowd out real devices. 100,000 of them against `[devices] max = 300`: the queue tracks at
+/// most 300 devices and stays inside `max_bytes`; every reading of the real devices, sent
+/// throughout, is stored; the invented ids over the cap are dead-lettered (`device_cap`) and
+/// counted, and answered 5.03.
+#[test]
+fn invented_device_ids_stay_within_the_cap_and_real_devices_lose_nothing() {
+    let dir = TempDir::new("coap-flood");
+    let port = common::free_udp_port();
+    let metrics = common::free_tcp_port();
+    let cfg = dir.path().join("agent.toml");
+    let db = dir.path().join("queue.db");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nid = \"gw\"\n[store]\npath = \"{}\"\nmax_bytes = \"1MiB\"\ndead_letters_keep = 100\n\
+             synchronous = \"normal\"\n[coap]\nbind = \"127.0.0.1:{port}\"\n[devices]\nmax = 300\n\
+             [metrics]\nbind = \"127.0.0.1:{metrics}\"\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let _agent = start_agent(&cfg);
+    let c = Client::new(port);
+    let flood = Client::new(port);
+    let real = ["real-1", "real-2", "real-3"];
+    let mut mid = 0u16;
+    let mut sent_real = 0;
+    let mut cap_answers = 0;
+    const INVENTED: u32 = 100_000;
+    for i in 0..INVENTED {
+        let id = format!(
+            "{:08x}-{:04x}-4{:03x}",
+            i.wrapping_mul(2_654_435_761),
+            i % 65_536,
+            i % 4096
+        );
+        let body = format!("{{\"value\": {i}}}");
+        if i % 10 == 0 {
+            // Every tenth invented id waits for its answer, which paces the flood to what the
+            // agent commits; the others are sent without waiting.
+            mid = mid.wrapping_add(1);
+            let r = flood.con(mid, &["t", &id, "x"], Some(50), body.as_bytes());
+            if code(&r) == ResponseType::ServiceUnavailable {
+                cap_answers += 1;
+                assert!(
+                    String::from_utf8_lossy(&r.payload).contains("device_cap"),
+                    "{:?}",
+                    String::from_utf8_lossy(&r.payload)
+                );
+            }
+        } else {
+            flood.non(
+                mid.wrapping_add(30_000),
+                &["t", &id, "x"],
+                Some(50),
+                body.as_bytes(),
+            );
+        }
+        if i % 2000 == 0 {
+            for d in real {
+                mid = mid.wrapping_add(1);
+                let body = format!(
+                    "{{\"ts\": {}, \"value\": {i}}}",
+                    1_767_225_600_000i64 + i as i64
+                );
+                let r = c.con(mid, &["t", d, "temperature"], Some(50), body.as_bytes());
+                assert_eq!(code(&r), ResponseType::Changed, "{d} at {i}");
+                sent_real += 1;
+            }
+        }
+    }
+    assert!(cap_answers > 5_000, "{cap_answers} requests answered 5.03");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["queue", "stats", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tracked = v["per_device"].as_array().unwrap().len();
+    assert!(
+        tracked <= 300,
+        "{tracked} devices tracked, over the cap of 300"
+    );
+    assert!(
+        v["bytes"].as_u64().unwrap() <= 1 << 20,
+        "accounted {} bytes, over max_bytes",
+        v["bytes"]
+    );
+    assert!(
+        v["file_bytes"].as_u64().unwrap() <= 2 << 20,
+        "the file is {} bytes for a 1 MiB queue and 100 dead letters",
+        v["file_bytes"]
+    );
+    let stored_real = all_readings(&db)
+        .iter()
+        .filter(|r| r.0.starts_with("real-"))
+        .count();
+    assert_eq!(
+        stored_real, sent_real,
+        "every reading of the real devices is stored"
+    );
+    let text = scrape(metrics);
+    let capped: f64 = text
+        .lines()
+        .find(|l| l.starts_with("plantlink_edge_dead_letters_total") && l.contains("device_cap"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(
+        capped >= cap_answers as f64,
+        "{capped} device_cap dead letters counted"
+    );
+}
+
+/// `[devices] allow`: a device it does not list is refused 4.03 and dead-lettered.
+#[test]
+fn devices_outside_the_allow_list_are_refused() {
+    let dir = TempDir::new("coap-allow");
+    let port = common::free_udp_port();
+    let cfg = dir.path().join("agent.toml");
+    let db = dir.path().join("queue.db");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nid = \"gw\"\n[store]\npath = \"{}\"\n[coap]\nbind = \"127.0.0.1:{port}\"\n\
+             [devices]\nallow = [\"press*\"]\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let _agent = start_agent(&cfg);
+    let c = Client::new(port);
+    let r = c.con(1, &["t", "press01", "temperature"], Some(0), b"80.5");
+    assert_eq!(code(&r), ResponseType::Changed);
+    let r = c.con(2, &["t", "intruder", "temperature"], Some(0), b"80.5");
+    assert_eq!(code(&r), ResponseType::Forbidden);
+    let why = String::from_utf8_lossy(&r.payload).into_owned();
+    assert!(
+        why.contains("not_allowed") && why.contains("press*"),
+        "{why}"
+    );
+    assert_eq!(queued(&db), 1);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["queue", "dead-letters", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("not_allowed") && text.contains("intruder"),
         "{text}"
     );
 }

@@ -232,6 +232,29 @@ struct InFlight {
 struct DeviceState {
     name: String,
     readings: u64,
+    /// Wall-clock time of its last stored reading (0 when loaded from the file).
+    last_us: i64,
+}
+
+#[derive(Debug)]
+struct SeriesState {
+    device: i64,
+    metric: String,
+    tags: Tags,
+    /// Bytes of its canonical tags, for [`series_cost`].
+    tags_len: usize,
+    readings: u64,
+    last_us: i64,
+}
+
+/// Bytes of disk a `devices` row is accounted at: the row and its unique index entry.
+fn device_cost(name: &str) -> u64 {
+    48 + 2 * name.len() as u64
+}
+
+/// Bytes of disk a `series` row is accounted at: the row and its unique index entry.
+fn series_cost(metric: &str, tags_len: usize) -> u64 {
+    48 + 2 * (metric.len() + tags_len) as u64
 }
 
 /// The open queue. One owner (the agent's writer thread) does all reads and writes.
@@ -242,7 +265,11 @@ pub struct Store {
     device_ids: HashMap<String, i64>,
     devices: HashMap<i64, DeviceState>,
     series_ids: HashMap<(i64, String, String), i64>,
-    series: HashMap<i64, (i64, String, Tags)>,
+    series: HashMap<i64, SeriesState>,
+    /// Bytes accounted to `devices` and `series` rows.
+    state_bytes: u64,
+    /// Wall-clock time of the open transaction.
+    txn_us: i64,
     total: u64,
     last_id: i64,
     seen_current: u8,
@@ -328,6 +355,8 @@ impl Store {
             devices: HashMap::new(),
             series_ids: HashMap::new(),
             series: HashMap::new(),
+            state_bytes: 0,
+            txn_us: 0,
             total: 0,
             last_id: 0,
             seen_current: 0,
@@ -367,6 +396,7 @@ impl Store {
         self.devices.clear();
         self.series_ids.clear();
         self.series.clear();
+        self.state_bytes = 0;
         let mut stmt = self
             .conn
             .prepare("SELECT id, name FROM devices")
@@ -376,8 +406,16 @@ impl Store {
             .map_err(e)?;
         for row in rows {
             let (id, name) = row.map_err(e)?;
+            self.state_bytes += device_cost(&name);
             self.device_ids.insert(name.clone(), id);
-            self.devices.insert(id, DeviceState { name, readings: 0 });
+            self.devices.insert(
+                id,
+                DeviceState {
+                    name,
+                    readings: 0,
+                    last_us: 0,
+                },
+            );
         }
         drop(stmt);
         let mut stmt = self
@@ -401,8 +439,19 @@ impl Store {
             } else {
                 serde_json::from_str(&tags).unwrap_or_default()
             };
-            self.series_ids.insert((device, metric.clone(), tags), id);
-            self.series.insert(id, (device, metric, parsed));
+            self.state_bytes += series_cost(&metric, tags.len());
+            self.series.insert(
+                id,
+                SeriesState {
+                    device,
+                    metric: metric.clone(),
+                    tags: parsed,
+                    tags_len: tags.len(),
+                    readings: 0,
+                    last_us: 0,
+                },
+            );
+            self.series_ids.insert((device, metric, tags), id);
         }
         drop(stmt);
         let mut stmt = self
@@ -423,6 +472,23 @@ impl Store {
         for (device, n) in counts {
             if let Some(d) = self.devices.get_mut(&device) {
                 d.readings = n;
+            }
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT series, count(*) FROM readings GROUP BY series")
+            .map_err(e)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(e)?;
+        let mut counts = Vec::new();
+        for row in rows {
+            counts.push(row.map_err(e)?);
+        }
+        drop(stmt);
+        for (series, n) in counts {
+            if let Some(st) = self.series.get_mut(&series) {
+                st.readings = n as u64;
             }
         }
         self.total = total;
@@ -467,14 +533,88 @@ impl Store {
         self.total == 0
     }
 
-    /// Bytes accounted to queued readings ([`ROW_COST`] each).
+    /// Bytes accounted to the queue: [`ROW_COST`] per reading, and the device and series
+    /// rows at their size.
     pub fn bytes(&self) -> u64 {
-        self.total * ROW_COST
+        self.total * ROW_COST + self.state_bytes
     }
 
-    /// The most readings the queue holds before it evicts.
+    /// The most readings the queue holds now before it evicts: what `max_bytes` leaves
+    /// after the device and series rows.
     pub fn capacity(&self) -> u64 {
-        self.max_readings
+        self.reading_budget()
+    }
+
+    fn reading_budget(&self) -> u64 {
+        let left = self.opts.max_bytes.saturating_sub(self.state_bytes) / ROW_COST;
+        left.min(self.max_readings).max(1)
+    }
+
+    /// Devices the queue tracks (with readings waiting, or not yet pruned).
+    pub fn devices(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Whether `device` is tracked.
+    pub fn knows(&self, device: &str) -> bool {
+        self.device_ids.contains_key(device)
+    }
+
+    /// Forgets, inside a transaction, the devices and series that hold no readings and
+    /// stored none since `before_us` (wall clock): their rows would otherwise grow without
+    /// bound as device ids come and go. The devices' lifetime eviction and rate-limit counts
+    /// are added to the queue's totals first. Returns (devices, series) pruned.
+    pub fn prune_idle(&mut self, before_us: i64) -> Result<(usize, usize), StoreError> {
+        debug_assert!(self.in_txn, "prune outside a transaction");
+        let idle_series: Vec<i64> = self
+            .series
+            .iter()
+            .filter(|(_, st)| st.readings == 0 && st.last_us < before_us)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &idle_series {
+            self.conn
+                .prepare_cached("DELETE FROM series WHERE id = ?1")
+                .and_then(|mut s| s.execute([id]))
+                .map_err(self.sql_err("pruning idle series"))?;
+            if let Some(st) = self.series.remove(id) {
+                self.state_bytes = self
+                    .state_bytes
+                    .saturating_sub(series_cost(&st.metric, st.tags_len));
+                let tags = tags_key(&st.tags);
+                self.series_ids.remove(&(st.device, st.metric, tags));
+            }
+        }
+        let idle_devices: Vec<i64> = self
+            .devices
+            .iter()
+            .filter(|(id, d)| {
+                d.readings == 0 && d.last_us < before_us && !self.rate_limited.contains_key(id)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &idle_devices {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO meta (key, value)
+                     SELECT 'pruned_' || k, v FROM (
+                       SELECT 'evicted' AS k, evicted AS v FROM devices WHERE id = ?1
+                       UNION ALL SELECT 'rate_limited', rate_limited FROM devices WHERE id = ?1)
+                     WHERE true
+                     ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+                )
+                .and_then(|mut s| s.execute([id]))
+                .map_err(self.sql_err("pruning idle devices"))?;
+            self.conn
+                .prepare_cached("DELETE FROM devices WHERE id = ?1")
+                .and_then(|mut s| s.execute([id]))
+                .map_err(self.sql_err("pruning idle devices"))?;
+            if let Some(d) = self.devices.remove(id) {
+                self.state_bytes = self.state_bytes.saturating_sub(device_cost(&d.name));
+                self.device_ids.remove(&d.name);
+            }
+        }
+        Ok((idle_devices.len(), idle_series.len()))
     }
 
     /// The connection, for read-only queries such as [`stats`].
@@ -493,6 +633,7 @@ impl Store {
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(self.sql_err("beginning a transaction"))?;
         self.in_txn = true;
+        self.txn_us = now_us;
         if now_us.saturating_sub(self.seen_rotated_us) >= self.opts.dedupe_window_us {
             let next = 1 - self.seen_current;
             let r = self
@@ -522,12 +663,14 @@ impl Store {
             .and_then(|mut s| s.execute([name]))
             .map_err(self.sql_err("adding a device"))?;
         let id = self.conn.last_insert_rowid();
+        self.state_bytes += device_cost(name);
         self.device_ids.insert(name.to_owned(), id);
         self.devices.insert(
             id,
             DeviceState {
                 name: name.to_owned(),
                 readings: 0,
+                last_us: self.txn_us,
             },
         );
         Ok(id)
@@ -544,8 +687,18 @@ impl Store {
             .and_then(|mut s| s.execute(params![device, key.1, key.2]))
             .map_err(self.sql_err("adding a series"))?;
         let id = self.conn.last_insert_rowid();
-        self.series
-            .insert(id, (device, r.metric.clone(), r.tags.clone()));
+        self.state_bytes += series_cost(&r.metric, key.2.len());
+        self.series.insert(
+            id,
+            SeriesState {
+                device,
+                metric: r.metric.clone(),
+                tags: r.tags.clone(),
+                tags_len: key.2.len(),
+                readings: 0,
+                last_us: self.txn_us,
+            },
+        );
         self.series_ids.insert(key, id);
         Ok(id)
     }
@@ -595,6 +748,11 @@ impl Store {
         self.total += 1;
         if let Some(d) = self.devices.get_mut(&device) {
             d.readings += 1;
+            d.last_us = self.txn_us;
+        }
+        if let Some(st) = self.series.get_mut(&series) {
+            st.readings += 1;
+            st.last_us = self.txn_us;
         }
         Ok(Insert::Stored)
     }
@@ -725,10 +883,11 @@ impl Store {
     }
 
     fn evict_over_capacity(&mut self) -> Result<Vec<Eviction>, StoreError> {
-        if self.total <= self.max_readings {
+        let budget = self.reading_budget();
+        if self.total <= budget {
             return Ok(Vec::new());
         }
-        let need = self.total - self.max_readings;
+        let need = self.total - budget;
         let ids: Vec<i64> = self.devices.keys().copied().collect();
         let counts: Vec<u64> = ids.iter().map(|id| self.devices[id].readings).collect();
         let plan = evict::plan(&counts, need);
@@ -737,14 +896,24 @@ impl Store {
             if n == 0 {
                 continue;
             }
-            let gone = self
+            let series: Vec<i64> = self
                 .conn
                 .prepare_cached(
                     "DELETE FROM readings WHERE id IN
-                       (SELECT id FROM readings WHERE device = ?1 ORDER BY id LIMIT ?2)",
+                       (SELECT id FROM readings WHERE device = ?1 ORDER BY id LIMIT ?2)
+                     RETURNING series",
                 )
-                .and_then(|mut s| s.execute(params![device, n as i64]))
-                .map_err(self.sql_err("evicting readings"))? as u64;
+                .and_then(|mut s| {
+                    s.query_map(params![device, n as i64], |r| r.get(0))?
+                        .collect::<rusqlite::Result<_>>()
+                })
+                .map_err(self.sql_err("evicting readings"))?;
+            let gone = series.len() as u64;
+            for s in series {
+                if let Some(st) = self.series.get_mut(&s) {
+                    st.readings = st.readings.saturating_sub(1);
+                }
+            }
             self.conn
                 .prepare_cached("UPDATE devices SET evicted = evicted + ?1 WHERE id = ?2")
                 .and_then(|mut s| s.execute(params![gone as i64, device]))
@@ -889,7 +1058,13 @@ impl Store {
             let (id, series, ts, bits, seq) = row.map_err(self.sql_err("reading a batch"))?;
             // Never skip a row: an ack covers the whole id range, so a skipped row would be
             // deleted without ever having been sent.
-            let Some((device, metric, tags)) = self.series.get(&series) else {
+            let Some(SeriesState {
+                device,
+                metric,
+                tags,
+                ..
+            }) = self.series.get(&series)
+            else {
                 return Err(StoreError::Damaged {
                     path: self.opts.path.clone(),
                     id,
@@ -926,20 +1101,30 @@ impl Store {
         };
         let mut stmt = self
             .conn
-            .prepare_cached("DELETE FROM readings WHERE id >= ?1 AND id <= ?2 RETURNING device")
+            .prepare_cached(
+                "DELETE FROM readings WHERE id >= ?1 AND id <= ?2 RETURNING device, series",
+            )
             .map_err(self.sql_err("deleting an acked batch"))?;
-        let devices: Vec<i64> = stmt
-            .query_map(params![f.first, f.last], |r| r.get(0))
+        let gone: Vec<(i64, i64)> = stmt
+            .query_map(params![f.first, f.last], |r| Ok((r.get(0)?, r.get(1)?)))
             .and_then(|rows| rows.collect())
             .map_err(self.sql_err("deleting an acked batch"))?;
         drop(stmt);
-        for d in &devices {
-            if let Some(dev) = self.devices.get_mut(d) {
-                dev.readings = dev.readings.saturating_sub(1);
-            }
+        for &(device, series) in &gone {
+            self.forget_one(device, series);
         }
-        self.total -= devices.len() as u64;
-        Ok(devices.len() as u64)
+        Ok(gone.len() as u64)
+    }
+
+    /// One reading of `device` in `series` left the queue.
+    fn forget_one(&mut self, device: i64, series: i64) {
+        if let Some(d) = self.devices.get_mut(&device) {
+            d.readings = d.readings.saturating_sub(1);
+        }
+        if let Some(st) = self.series.get_mut(&series) {
+            st.readings = st.readings.saturating_sub(1);
+        }
+        self.total = self.total.saturating_sub(1);
     }
 
     /// The cloud refused batch `batch` (`reason` is its code's label, `detail` its words):
@@ -1021,9 +1206,9 @@ impl Store {
         })
         .map_err(self.sql_err("quarantining a reading"))?;
         let qid = tx.last_insert_rowid();
-        let device: i64 = tx
-            .prepare_cached("DELETE FROM readings WHERE id = ?1 RETURNING device")
-            .and_then(|mut s| s.query_row([id], |row| row.get(0)))
+        let (device, series): (i64, i64) = tx
+            .prepare_cached("DELETE FROM readings WHERE id = ?1 RETURNING device, series")
+            .and_then(|mut s| s.query_row([id], |row| Ok((row.get(0)?, row.get(1)?))))
             .map_err(self.sql_err("quarantining a reading"))?;
         let keep = self.opts.dead_letters_keep as i64;
         if qid > keep {
@@ -1033,10 +1218,7 @@ impl Store {
         }
         tx.commit()
             .map_err(self.sql_err("quarantining a reading"))?;
-        if let Some(d) = self.devices.get_mut(&device) {
-            d.readings = d.readings.saturating_sub(1);
-        }
-        self.total -= 1;
+        self.forget_one(device, series);
         Ok(())
     }
 

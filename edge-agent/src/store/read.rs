@@ -11,7 +11,8 @@ use super::ROW_COST;
 pub struct QueueStats {
     /// Readings waiting for the cloud.
     pub readings: u64,
-    /// Bytes accounted to them (`readings` x the per-reading cost).
+    /// Bytes accounted against `store.max_bytes`: `readings` x the per-reading cost, plus
+    /// the device and series rows.
     pub bytes: u64,
     /// The file's size on disk, WAL excluded.
     pub file_bytes: u64,
@@ -25,7 +26,8 @@ pub struct QueueStats {
     pub oldest_ts: Option<i64>,
     /// Readings evicted over the queue's life.
     pub evicted: u64,
-    /// Per-device figures, most readings first.
+    /// Per-device figures, most readings first (devices pruned when idle are gone from
+    /// here, and their evictions counted in `evicted` only).
     pub per_device: Vec<DeviceStats>,
 }
 
@@ -105,17 +107,30 @@ pub fn stats(conn: &Connection) -> rusqlite::Result<QueueStats> {
             r.get(0)
         })
         .optional()?;
+    // Counts of devices pruned when idle.
+    let pruned_evicted: i64 = tx.query_row(
+        "SELECT coalesce(max(value), 0) FROM meta WHERE key = 'pruned_evicted'",
+        [],
+        |r| r.get(0),
+    )?;
+    // Device and series rows, at the cost the writer accounts them (see `Store::bytes`).
+    let state: i64 = tx.query_row(
+        "SELECT (SELECT coalesce(sum(48 + 2 * length(CAST(name AS BLOB))), 0) FROM devices)
+              + (SELECT coalesce(sum(48 + 2 * (length(CAST(metric AS BLOB)) + length(CAST(tags AS BLOB)))), 0) FROM series)",
+        [],
+        |r| r.get(0),
+    )?;
     let pages: i64 = tx.query_row("PRAGMA page_count", [], |r| r.get(0))?;
     let page_size: i64 = tx.query_row("PRAGMA page_size", [], |r| r.get(0))?;
     Ok(QueueStats {
         readings,
-        bytes: readings * ROW_COST,
+        bytes: readings * ROW_COST + state as u64,
         file_bytes: (pages * page_size) as u64,
         devices: per_device.iter().filter(|d| d.readings > 0).count() as u64,
         dead_letters: dead_letters as u64,
         quarantined: quarantined as u64,
         oldest_ts,
-        evicted: per_device.iter().map(|d| d.evicted).sum(),
+        evicted: per_device.iter().map(|d| d.evicted).sum::<u64>() + pruned_evicted as u64,
         per_device,
     })
 }

@@ -246,8 +246,9 @@ fn live_goes_first_and_backlog_follows_oldest_first() {
 
 #[test]
 fn eviction_takes_the_oldest_of_the_biggest_device_and_counts_it() {
-    // Room for 100 readings.
-    let (_d, mut s) = temp_store(100 * ROW_COST);
+    // Room for 100 readings besides the rows of two devices and their series:
+    // (48 + 2 x 5) per device name, (48 + 2 x 11) per `temperature` series.
+    let (_d, mut s) = temp_store(100 * ROW_COST + 2 * 58 + 2 * 70);
     put(
         &mut s,
         &(0..20).map(|i| r("quiet", i, 0.0)).collect::<Vec<_>>(),
@@ -388,4 +389,66 @@ fn a_refused_batch_is_split_until_the_reading_at_fault_is_quarantined() {
     assert_eq!(stats(s.connection()).unwrap().quarantined, 1);
     // An unknown batch (forgotten by a reconnect) changes nothing.
     assert_eq!(s.refuse(999, "malformed", "", 0).unwrap(), Refused::Unknown);
+}
+
+#[test]
+fn device_and_series_rows_count_toward_max_bytes_and_idle_ones_are_pruned() {
+    let (_d, mut s) = temp_store(1 << 20);
+    let base = s.bytes();
+    assert_eq!(base, 0);
+    // 1,000 devices with one long-tagged series each: their rows take room from readings.
+    let mut readings = Vec::new();
+    for i in 0..1000 {
+        let mut x = r(&format!("dev-{i:04}"), i, 1.0);
+        x.tags.insert("note".into(), "n".repeat(200));
+        readings.push(x);
+    }
+    put(&mut s, &readings);
+    let state = s.bytes() - 1000 * ROW_COST;
+    assert!(
+        state > 1000 * 400,
+        "{state} bytes of device and series rows"
+    );
+    assert_eq!(s.capacity(), ((1 << 20) - state) / ROW_COST);
+    assert_eq!(s.devices(), 1000);
+    // Acked, they hold no readings; pruned, their rows and room come back.
+    let b = s.read_next(1000).unwrap().unwrap();
+    s.ack(b.id).unwrap();
+    s.begin(2).unwrap();
+    assert_eq!(
+        s.prune_idle(1).unwrap(),
+        (0, 0),
+        "stored at 1: not idle before 1"
+    );
+    assert_eq!(s.prune_idle(3).unwrap(), (1000, 1000));
+    s.commit().unwrap();
+    assert_eq!((s.devices(), s.bytes()), (0, 0));
+    assert!(!s.knows("dev-0001"));
+    // A device pruned comes back as new, and the file agrees after a reopen.
+    put(&mut s, &[r("dev-0001", 5000, 2.0)]);
+    assert!(s.knows("dev-0001"));
+    let bytes = s.bytes();
+    drop(s);
+    let s = Store::open(options(&_d, 1 << 20)).unwrap();
+    assert_eq!(s.bytes(), bytes);
+    assert_eq!(s.devices(), 1);
+    assert_eq!(stats(s.connection()).unwrap().bytes, bytes);
+}
+
+#[test]
+fn pruning_keeps_the_lifetime_counts_of_pruned_devices() {
+    let (_d, mut s) = temp_store(1 << 20);
+    // Fill past capacity with one device so it is evicted from, then drain and prune it.
+    let cap = s.capacity() as i64;
+    let readings: Vec<Reading> = (0..cap + 10).map(|i| r("big", i, 1.0)).collect();
+    put(&mut s, &readings);
+    let evicted = stats(s.connection()).unwrap().evicted;
+    assert!(evicted > 0);
+    while let Some(b) = s.read_next(10_000).unwrap() {
+        s.ack(b.id).unwrap();
+    }
+    s.begin(10).unwrap();
+    assert_eq!(s.prune_idle(11).unwrap().0, 1);
+    s.commit().unwrap();
+    assert_eq!(stats(s.connection()).unwrap().evicted, evicted);
 }
