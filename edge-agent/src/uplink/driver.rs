@@ -375,3 +375,41 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> anyhow::Result<Frame> {
         .context("reading from the cloud")?;
     Ok(frame::decode_frame(&buf, MAX_FRAME)?.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use plantlink_model::{Reading, Timestamp};
+
+    use super::*;
+
+    fn readings(n: usize, tag_len: usize) -> Vec<Reading> {
+        (0..n)
+            .map(|i| {
+                let mut r = Reading::new("t", "press01", "temperature", Timestamp(i as i64), 1.0);
+                r.tags.insert("note".into(), "x".repeat(tag_len));
+                r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_are_cut_to_the_clouds_bytes_and_the_decoders_string_budget() {
+        let mut fit = Fit::new(10_000);
+        assert_eq!(fit.readings, Limits::default().max_readings);
+        // 1000 readings in 20,000 bytes: over 10,000; next time at most 3/4 x 10,000 / 20.
+        let err = fit.check(&readings(1000, 1), 20_000).unwrap_err();
+        assert!(err.contains("max_batch_bytes = 10000"), "{err}");
+        assert_eq!(fit.readings, 375);
+        assert!(fit.check(&readings(375, 1), 7_500).is_ok());
+        // Long tag values compress well but expand when decoded: the string budget caps them.
+        let mut fit = Fit::new(8 << 20);
+        let budget = Limits::default()
+            .max_decoded_string_bytes
+            .min(Limits::default().max_body_bytes / 2);
+        let big = readings(20_000, 1000);
+        let err = fit.check(&big, 100_000).unwrap_err();
+        assert!(err.contains("may expand to"), "{err}");
+        // 7 + 11 + 4 + 1000 bytes of names and tags per reading.
+        assert_eq!(fit.readings, budget / 1022);
+    }
+}
