@@ -24,6 +24,39 @@ pub struct Config {
     /// Stream alerting; on with defaults when absent.
     #[serde(default)]
     pub alerting: Alerting,
+    /// What readings the cloud takes; defaults when absent.
+    #[serde(default)]
+    pub ingest: Ingest,
+}
+
+/// `[ingest]`: the event-time window of accepted readings, measured against the cloud's
+/// clock when a batch arrives. A reading outside it is left out of its batch (which is still
+/// acknowledged), put on the DLQ as `too_old` or `in_future`, and counted per tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ingest {
+    /// How far ahead of the cloud's clock a reading may be stamped, in seconds.
+    #[serde(default = "default_max_future")]
+    pub max_future_secs: u64,
+    /// How old a reading may be, in days; `None` means `postgres.retention.raw_days`.
+    #[serde(default)]
+    pub max_past_days: Option<u32>,
+}
+
+/// The largest `ingest.max_future_secs` accepted (7 days).
+pub const MAX_FUTURE_SECS: u64 = 7 * 86_400;
+
+fn default_max_future() -> u64 {
+    3_600
+}
+
+/// The event-time window of accepted readings, relative to the cloud's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// A reading older than `now - past_us` is `too_old`.
+    pub past_us: i64,
+    /// A reading newer than `now + future_us` is `in_future`.
+    pub future_us: i64,
 }
 
 /// `[alerting]`
@@ -84,6 +117,26 @@ impl Default for Alerting {
             queue: default_alert_queue(),
             webhook_queue: default_webhook_queue(),
             webhooks: Vec::new(),
+        }
+    }
+}
+
+impl Ingest {
+    /// The window, with the raw retention of `retention` for an unset `max_past_days`.
+    pub fn window(&self, retention: &Retention) -> Window {
+        let days = self.max_past_days.unwrap_or(retention.raw_days);
+        Window {
+            past_us: i64::from(days) * 86_400_000_000,
+            future_us: self.max_future_secs.min(MAX_FUTURE_SECS) as i64 * 1_000_000,
+        }
+    }
+}
+
+impl Default for Ingest {
+    fn default() -> Self {
+        Self {
+            max_future_secs: default_max_future(),
+            max_past_days: None,
         }
     }
 }
@@ -341,7 +394,41 @@ pub struct Metrics {
     pub bind: SocketAddr,
 }
 
+impl Ingest {
+    /// Checks the window against the raw retention; the error names the key and the fix.
+    pub fn check(&self, retention: &Retention) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_future_secs <= MAX_FUTURE_SECS,
+            "ingest.max_future_secs = {} is more than {MAX_FUTURE_SECS} (7 days); a gateway \
+             clock that far ahead is wrong: fix its time (NTP) instead, and keep the bound small \
+             (default 3600)",
+            self.max_future_secs
+        );
+        if let Some(days) = self.max_past_days {
+            anyhow::ensure!(
+                days >= 1,
+                "ingest.max_past_days = 0 would refuse every reading older than now; give at \
+                 least 1, or leave it out to follow postgres.retention.raw_days"
+            );
+            anyhow::ensure!(
+                days <= retention.raw_days,
+                "ingest.max_past_days = {days} is more than postgres.retention.raw_days = {}: \
+                 readings older than the raw retention are dropped with their partitions and \
+                 never reach the rollups; raise postgres.retention.raw_days to at least {days} \
+                 as well (or leave max_past_days out to follow it)",
+                retention.raw_days
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Config {
+    /// The event-time window of accepted readings (`[ingest]`, with the raw retention).
+    pub fn window(&self) -> Window {
+        self.ingest.window(&self.postgres.retention)
+    }
+
     /// Reads and checks a config file; errors name the file and the key.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -439,6 +526,9 @@ impl Config {
             r.hourly_days,
             r.daily_days
         );
+        c.ingest
+            .check(r)
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
         anyhow::ensure!(
             c.postgres.rollup_interval_ms >= 100,
             "config {}: postgres.rollup_interval_ms = {} is below 100",
@@ -472,6 +562,7 @@ mod tests {
         assert_eq!(c.quic.bind.port(), 4433);
         assert_eq!(c.quic.cert, p.parent().unwrap().join("pki/server.pem"));
         assert_eq!(c.quic.revoked, Vec::<String>::new());
+        assert_eq!(c.window(), Ingest::default().window(&c.postgres.retention));
     }
 
     #[test]
@@ -480,6 +571,47 @@ mod tests {
         let c = Config::load(&p).unwrap();
         assert_eq!(c.postgres.timescaledb, Timescale::On);
         assert!(c.kafka.is_some() && c.api.is_some());
+    }
+
+    #[test]
+    fn the_ingest_window_follows_the_raw_retention_and_names_bad_values() {
+        let r = Retention::default();
+        let w = Ingest::default().window(&r);
+        assert_eq!(w.past_us, 7 * 86_400_000_000);
+        assert_eq!(w.future_us, 3_600_000_000);
+        let own = Ingest {
+            max_future_secs: 60,
+            max_past_days: Some(2),
+        };
+        own.check(&r).unwrap();
+        assert_eq!(own.window(&r).past_us, 2 * 86_400_000_000);
+        assert_eq!(own.window(&r).future_us, 60_000_000);
+        let far = Ingest {
+            max_future_secs: MAX_FUTURE_SECS + 1,
+            max_past_days: None,
+        };
+        let err = far.check(&r).unwrap_err().to_string();
+        assert!(err.contains("ingest.max_future_secs = 604801"), "{err}");
+        let old = Ingest {
+            max_future_secs: 3600,
+            max_past_days: Some(30),
+        };
+        let err = old.check(&r).unwrap_err().to_string();
+        assert!(
+            err.contains("ingest.max_past_days = 30")
+                && err.contains("raise postgres.retention.raw_days"),
+            "{err}"
+        );
+        let zero = Ingest {
+            max_future_secs: 3600,
+            max_past_days: Some(0),
+        };
+        assert!(
+            zero.check(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("max_past_days = 0")
+        );
     }
 
     #[test]

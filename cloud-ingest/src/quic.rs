@@ -167,21 +167,43 @@ pub enum HandshakeError {
     },
 }
 
+/// Why [`read_frame`] returned no frame. The message is the transport's or the codec's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// The stream or its connection ended: finished by the peer, reset, closed or lost. Not
+    /// the peer's fault as far as the frames go; there is nothing more to read.
+    #[error("{0}")]
+    Ended(String),
+    /// The bytes are not an acceptable frame: a bad length prefix or encoding, or larger
+    /// than allowed.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl ReadError {
+    /// Whether the stream merely ended (as opposed to carrying a bad frame).
+    pub fn is_end(&self) -> bool {
+        matches!(self, Self::Ended(_))
+    }
+}
+
+fn ended(e: quinn::ReadExactError) -> ReadError {
+    ReadError::Ended(e.to_string())
+}
+
 /// Reads one frame from a QUIC stream.
-pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Frame, String> {
+pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Frame, ReadError> {
     let mut prefix = [0u8; frame::LENGTH_PREFIX];
-    recv.read_exact(&mut prefix)
-        .await
-        .map_err(|e| e.to_string())?;
-    let total = frame::frame_len(&prefix, max).map_err(|e| e.to_string())?;
+    recv.read_exact(&mut prefix).await.map_err(ended)?;
+    let total = frame::frame_len(&prefix, max).map_err(|e| ReadError::Protocol(e.to_string()))?;
     let mut buf = vec![0u8; total];
     buf[..frame::LENGTH_PREFIX].copy_from_slice(&prefix);
     recv.read_exact(&mut buf[frame::LENGTH_PREFIX..])
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ended)?;
     frame::decode_frame(&buf, max)
         .map(|(f, _)| f)
-        .map_err(|e| e.to_string())
+        .map_err(|e| ReadError::Protocol(e.to_string()))
 }
 
 /// Writes one frame to a QUIC stream.
@@ -212,7 +234,7 @@ pub async fn admit(
         .map_err(|e| HandshakeError::Hello(e.to_string()))?;
     let hello = match read_frame(&mut recv, MAX_HELLO)
         .await
-        .map_err(HandshakeError::Hello)?
+        .map_err(|e| HandshakeError::Hello(e.to_string()))?
     {
         Frame::Hello(h) => h,
         other => {

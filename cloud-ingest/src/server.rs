@@ -10,9 +10,16 @@
 //!
 //! A batch that cannot be decoded gets an Error frame with its sequence number, a log line
 //! naming the gateway, and a count in `plantlink_cloud_batches_rejected_total{reason}`; the
-//! connection and its other batches carry on. Readings that no database can hold (a
-//! timestamp outside years 1 to 9999, a NUL character in a name) are left out of their
-//! batch and counted in `plantlink_cloud_readings_rejected_total{reason}`.
+//! connection and its other batches carry on.
+//!
+//! Single readings are refused, not their batch ([`verdict`]): those that no database can
+//! hold (a timestamp outside years 1 to 9999, a NUL character in a name) and those outside
+//! the event-time window (`[ingest]`: older than `max_past_days`, by default the raw
+//! retention, or more than `max_future_secs` ahead of the cloud's clock when the batch
+//! arrived). They are not stored, not alerted on and not sent to the readings topic; each
+//! goes to the DLQ with its reason, is counted in
+//! `plantlink_cloud_readings_rejected_total{tenant,reason}`, and the batch gets one log line
+//! for all of them. The rest of the batch is stored and acknowledged as usual.
 
 use std::sync::Arc;
 
@@ -24,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::alerting::service::{Alerts, Feed};
 use crate::api::App;
-use crate::config::Config;
+use crate::config::{Config, Window};
 use crate::kafka::{self, DeadLetter, Deliveries, Kafka};
 use crate::pki::GatewayIdentity;
 use crate::postgres::maintain;
@@ -194,6 +201,8 @@ struct Ctx {
     tenant: Arc<str>,
     gateway: Arc<str>,
     sinks: Sinks,
+    /// The event-time window of accepted readings.
+    window: Window,
 }
 
 async fn connection(conn: quinn::Connection, config: Arc<Config>, sinks: Sinks) {
@@ -215,6 +224,7 @@ async fn connection(conn: quinn::Connection, config: Arc<Config>, sinks: Sinks) 
         gateway: Arc::from(id.gateway.as_str()),
         id,
         sinks,
+        window: config.window(),
     });
     // The first stream carries the gateway's queue reports after Hello/Welcome.
     {
@@ -361,16 +371,70 @@ async fn report_conflicts(ctx: &Ctx, seq: u64, conflicts: &[postgres::Conflict])
     }
 }
 
-/// Why no database can hold a reading, if that is so.
-fn unstorable(r: &Reading) -> Option<&'static str> {
+/// Why a single reading is left out of its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Outside years 1 to 9999: no database can hold it.
+    TimestampOutOfRange,
+    /// A NUL character in the device, the metric or a tag: PostgreSQL text cannot hold it.
+    NulCharacter,
+    /// Older than the window (`ingest.max_past_days`).
+    TooOld,
+    /// Further ahead of the cloud's clock than the window (`ingest.max_future_secs`).
+    InFuture,
+}
+
+impl Refusal {
+    /// The `reason` label of the counter and of the DLQ record.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::TimestampOutOfRange => "timestamp_out_of_range",
+            Self::NulCharacter => "nul_character",
+            Self::TooOld => "too_old",
+            Self::InFuture => "in_future",
+        }
+    }
+}
+
+/// Whether the cloud takes a reading that arrived at `now_us` (the cloud's clock, µs since
+/// the epoch): its event time must be within `window` of `now_us`, edges included.
+pub fn verdict(r: &Reading, window: &Window, now_us: i64) -> Result<(), Refusal> {
     if !maintain::storable(r.ts.0) {
-        return Some("timestamp_out_of_range");
+        return Err(Refusal::TimestampOutOfRange);
     }
     let nul = |s: &str| s.contains('\0');
     if nul(&r.device) || nul(&r.metric) || r.tags.iter().any(|(k, v)| nul(k) || nul(v)) {
-        return Some("nul_character");
+        return Err(Refusal::NulCharacter);
     }
-    None
+    if r.ts.0 < now_us.saturating_sub(window.past_us) {
+        return Err(Refusal::TooOld);
+    }
+    if r.ts.0 > now_us.saturating_add(window.future_us) {
+        return Err(Refusal::InFuture);
+    }
+    Ok(())
+}
+
+/// What the DLQ record of a refused reading says, for a human.
+fn refusal_detail(r: &Reading, why: Refusal, window: &Window, now_us: i64, seq: u64) -> String {
+    let device = r.device.escape_debug();
+    match why {
+        Refusal::TooOld | Refusal::InFuture => format!(
+            "reading of {device} at {} is outside the accepted window ({} days back to {} s \
+             ahead of the cloud's clock, {} on arrival); left out of batch {seq}",
+            kafka::rfc3339(r.ts.0),
+            window.past_us / 86_400_000_000,
+            window.future_us / 1_000_000,
+            kafka::rfc3339(now_us),
+        ),
+        _ => format!("reading of {device} left out of batch {seq}"),
+    }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 fn reject_reason(e: &DecodeError) -> (&'static str, ErrorCode) {
@@ -397,16 +461,15 @@ async fn stream(
     loop {
         let frame = match quic::read_frame(&mut recv, max_frame + 1024).await {
             Ok(f) => f,
-            Err(e) => {
-                if !e.contains("closed") && !e.contains("finished") && !e.contains("lost") {
-                    counter!("plantlink_cloud_batches_rejected_total", "reason" => "protocol")
-                        .increment(1);
-                    tracing::warn!(gateway = %id.gateway, error = %e, "unreadable frame; closing the stream");
-                    dead_letter(&ctx, "protocol", e.clone(), None, None).await;
-                    let _ = replies
-                        .send(Reply::Now(error(ErrorCode::PROTOCOL, None, e)))
-                        .await;
-                }
+            Err(quic::ReadError::Ended(_)) => return,
+            Err(quic::ReadError::Protocol(e)) => {
+                counter!("plantlink_cloud_batches_rejected_total", "reason" => "protocol")
+                    .increment(1);
+                tracing::warn!(gateway = %id.gateway, error = %e, "unreadable frame; closing the stream");
+                dead_letter(&ctx, "protocol", e.clone(), None, None).await;
+                let _ = replies
+                    .send(Reply::Now(error(ErrorCode::PROTOCOL, None, e)))
+                    .await;
                 return;
             }
         };
@@ -470,37 +533,22 @@ async fn accept(
     mut readings: Vec<Reading>,
 ) -> bool {
     counter!("plantlink_cloud_readings_received_total").increment(readings.len() as u64);
+    let now = now_us();
     let mut refused = Vec::new();
-    readings.retain(|r| match unstorable(r) {
-        None => true,
-        Some(reason) => {
-            refused.push((reason, r.clone()));
+    readings.retain(|r| match verdict(r, &ctx.window, now) {
+        Ok(()) => true,
+        Err(why) => {
+            refused.push((why, r.clone()));
             false
         }
     });
-    for (reason, r) in refused {
-        counter!("plantlink_cloud_readings_rejected_total", "reason" => reason).increment(1);
-        tracing::warn!(gateway = %ctx.id.gateway, device = %r.device.escape_debug(), metric = %r.metric.escape_debug(), ts_us = r.ts.0, reason, "reading left out");
-        let reading =
-            serde_json::from_slice(&kafka::record_json(&ctx.tenant, &ctx.gateway, &r)).ok();
-        if let Some(k) = &ctx.sinks.kafka {
-            let letter = DeadLetter {
-                reason,
-                detail: format!(
-                    "reading of {} left out of batch {seq}",
-                    r.device.escape_debug()
-                ),
-                tenant: &ctx.tenant,
-                gateway: &ctx.gateway,
-                seq: Some(seq),
-                reading,
-                payload_hex: None,
-                payload_bytes: None,
-            };
-            k.send_dlq(&ctx.gateway, &letter).await;
-        }
-    }
-    if let Some(a) = ctx.sinks.alerts.as_ref().filter(|a| a.watches(&ctx.tenant)) {
+    refuse(ctx, seq, now, &refused).await;
+    if let Some(a) = ctx
+        .sinks
+        .alerts
+        .as_ref()
+        .filter(|a| !readings.is_empty() && a.watches(&ctx.tenant))
+    {
         a.feed(Feed {
             tenant: ctx.tenant.clone(),
             readings: readings.clone(),
@@ -541,6 +589,52 @@ async fn accept(
         .is_ok()
 }
 
+/// Counts the readings [`verdict`] refused per tenant and reason, logs them in one line
+/// (with an example), and puts each on the DLQ when Kafka is on.
+async fn refuse(ctx: &Ctx, seq: u64, now: i64, refused: &[(Refusal, Reading)]) {
+    let Some((first_why, first)) = refused.first() else {
+        return;
+    };
+    let mut by_reason: Vec<(&'static str, u64)> = Vec::new();
+    for (why, _) in refused {
+        match by_reason.iter_mut().find(|(r, _)| *r == why.reason()) {
+            Some((_, n)) => *n += 1,
+            None => by_reason.push((why.reason(), 1)),
+        }
+    }
+    for (reason, n) in &by_reason {
+        counter!("plantlink_cloud_readings_rejected_total", "tenant" => ctx.tenant.to_string(), "reason" => *reason)
+            .increment(*n);
+    }
+    let counts = by_reason
+        .iter()
+        .map(|(r, n)| format!("{r}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::warn!(
+        gateway = %ctx.id.gateway, tenant = %ctx.tenant, seq, refused = refused.len(), %counts,
+        example.reason = first_why.reason(), example.device = %first.device.escape_debug(),
+        example.metric = %first.metric.escape_debug(), example.ts_us = first.ts.0,
+        now_us = now, "readings left out of their batch (on the DLQ; the rest is stored and acknowledged)"
+    );
+    let Some(k) = &ctx.sinks.kafka else { return };
+    for (why, r) in refused {
+        let reading =
+            serde_json::from_slice(&kafka::record_json(&ctx.tenant, &ctx.gateway, r)).ok();
+        let letter = DeadLetter {
+            reason: why.reason(),
+            detail: refusal_detail(r, *why, &ctx.window, now, seq),
+            tenant: &ctx.tenant,
+            gateway: &ctx.gateway,
+            seq: Some(seq),
+            reading,
+            payload_hex: None,
+            payload_bytes: None,
+        };
+        k.send_dlq(&ctx.gateway, &letter).await;
+    }
+}
+
 /// Sends what the cloud refused to the dead-letter topic, when Kafka is on.
 async fn dead_letter(
     ctx: &Ctx,
@@ -565,4 +659,89 @@ async fn dead_letter(
 
 fn error(code: ErrorCode, seq: Option<u64>, reason: String) -> Frame {
     Frame::Error(ErrorFrame { code, seq, reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plantlink_model::Timestamp;
+
+    const NOW: i64 = 1_795_000_000_000_000; // 2026-11-18
+    const W: Window = Window {
+        past_us: 7 * 86_400_000_000,
+        future_us: 3_600_000_000,
+    };
+
+    fn at(ts_us: i64) -> Reading {
+        Reading::new("acme", "pump-1", "temperature", Timestamp(ts_us), 1.0)
+    }
+
+    #[test]
+    fn the_window_edges_are_inside() {
+        assert_eq!(verdict(&at(NOW), &W, NOW), Ok(()));
+        assert_eq!(verdict(&at(NOW - W.past_us), &W, NOW), Ok(()));
+        assert_eq!(verdict(&at(NOW + W.future_us), &W, NOW), Ok(()));
+        assert_eq!(
+            verdict(&at(NOW - W.past_us - 1), &W, NOW),
+            Err(Refusal::TooOld)
+        );
+        assert_eq!(
+            verdict(&at(NOW + W.future_us + 1), &W, NOW),
+            Err(Refusal::InFuture)
+        );
+        assert_eq!(
+            verdict(&at(NOW + 10 * 86_400_000_000), &W, NOW),
+            Err(Refusal::InFuture)
+        );
+        assert_eq!(verdict(&at(0), &W, NOW), Err(Refusal::TooOld));
+    }
+
+    #[test]
+    fn what_no_database_can_hold_is_named_first() {
+        assert_eq!(
+            verdict(&at(i64::MAX), &W, NOW),
+            Err(Refusal::TimestampOutOfRange)
+        );
+        assert_eq!(
+            verdict(&at(i64::MIN), &W, NOW),
+            Err(Refusal::TimestampOutOfRange)
+        );
+        let mut r = at(NOW);
+        r.device = "pump\0".into();
+        assert_eq!(verdict(&r, &W, NOW), Err(Refusal::NulCharacter));
+        let mut r = at(NOW - W.past_us - 1);
+        r.tags.insert("line\0".into(), "l3".into());
+        assert_eq!(verdict(&r, &W, NOW), Err(Refusal::NulCharacter));
+        let mut r = at(NOW);
+        r.metric = "t\0".into();
+        assert_eq!(
+            verdict(&r, &W, NOW).map_err(Refusal::reason),
+            Err("nul_character")
+        );
+    }
+
+    #[test]
+    fn the_clock_edges_do_not_overflow() {
+        let wide = Window {
+            past_us: i64::MAX,
+            future_us: i64::MAX,
+        };
+        assert_eq!(verdict(&at(NOW), &wide, i64::MAX), Ok(()));
+        assert_eq!(verdict(&at(-2), &wide, i64::MIN), Ok(()));
+        assert_eq!(
+            [
+                Refusal::TimestampOutOfRange,
+                Refusal::NulCharacter,
+                Refusal::TooOld,
+                Refusal::InFuture
+            ]
+            .map(Refusal::reason),
+            [
+                "timestamp_out_of_range",
+                "nul_character",
+                "too_old",
+                "in_future"
+            ]
+        );
+    }
 }

@@ -93,7 +93,13 @@ impl Sink {
         let shared = Arc::new(Shared {
             budget: budget.clone(),
             flavor,
-            partitions: Partitions::default(),
+            // The event-time window reaches back at most the raw retention and ahead at most
+            // MAX_FUTURE_SECS; a day of slack for writes that waited (upkeep drops what is
+            // older anyway).
+            partitions: Partitions::bounded(
+                cfg.retention.raw_days + 1,
+                (crate::config::MAX_FUTURE_SECS / 86_400) as u32 + 1,
+            ),
             last_seen: Mutex::new(HashMap::new()),
             jobs: Mutex::new(Vec::new()),
             cfg,
@@ -321,13 +327,26 @@ async fn flush(
                 unreachable!("connected above")
             };
             if !days.is_empty() {
-                shared.partitions.ensure(c, &days).await?;
+                let outside = shared.partitions.ensure(c, &days).await?;
+                if let (Some(first), Some(last)) = (outside.first(), outside.last()) {
+                    return Ok(Err(format!(
+                        "readings for {} to {} are outside the days this service creates \
+                         partitions for (the raw retention back, a week ahead); retry, and the \
+                         cloud's window leaves them out",
+                        maintain::partition_name(*first).unwrap_or_default(),
+                        maintain::partition_name(*last).unwrap_or_default(),
+                    )));
+                }
             }
-            postgres::write(c, shared.flavor, &parts).await
+            postgres::write(c, shared.flavor, &parts).await.map(Ok)
         }
         .await;
         match result {
-            Ok(n) => return Ok(n),
+            Ok(Ok(n)) => return Ok(n),
+            Ok(Err(why)) => {
+                tracing::error!(writer = id, %why, "write refused before it reached PostgreSQL");
+                return Err(format!("storage refused the batch: {why}"));
+            }
             Err(e) if postgres::transient(&e) => {
                 counter!("plantlink_cloud_write_retries_total").increment(1);
                 if e.code().map(|c| c.code()) == Some("23514") {

@@ -51,7 +51,9 @@ pub fn describe() {
         ),
         (
             "plantlink_cloud_readings_rejected_total",
-            "Readings left out of their batch because no database can hold them, by reason.",
+            "Readings left out of their batch (on the DLQ; the batch is acknowledged), by tenant and \
+             reason: no database can hold them (timestamp_out_of_range, nul_character) or their \
+             event time is outside [ingest]'s window (too_old, in_future).",
         ),
         (
             "plantlink_cloud_handshakes_refused_total",

@@ -50,6 +50,16 @@ async fn drain(tag: &str, kafka: Option<String>) -> f64 {
     let mut readings =
         firmware_sim::refdata::generate(&firmware_sim::refdata::RefSpec::reference(1));
     readings.truncate(1_000_000);
+    // Moved to the last hour: the cloud refuses readings older than the raw retention.
+    let shift = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+        - readings[0].ts.0
+        - 3_600_000_000;
+    for r in &mut readings {
+        r.ts.0 += shift;
+    }
     let n = readings.len() as i64;
     let t = Instant::now();
     let opts = edge_agent::store::Options {

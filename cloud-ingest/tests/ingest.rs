@@ -37,6 +37,13 @@ async fn batches_are_stored_once_and_acked_after_commit() {
     let ep = client(&d.0.join("ca.pem"), Some((&d.0, "gw-1")));
     let conn = connect(&ep, addr, "gw-1").await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // An hour ago, inside the cloud's event-time window.
+    let base_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        * 1_000_000
+        - 3_600_000_000;
     // The batch claims another tenant: the certificate's tenant wins.
     let readings: Vec<Reading> = (0..2000)
         .map(|i| {
@@ -44,7 +51,7 @@ async fn batches_are_stored_once_and_acked_after_commit() {
                 "evil",
                 format!("dev-{}", i % 20),
                 "temperature",
-                Timestamp(1_767_225_600_000_000 + i * 1000),
+                Timestamp(base_us + i * 1000),
                 i as f64 / 10.0,
             )
         })
@@ -95,7 +102,7 @@ async fn batches_are_stored_once_and_acked_after_commit() {
                 "x",
                 "dev-new",
                 "pressure",
-                Timestamp(1_767_225_700_000_000 + i),
+                Timestamp(base_us + 100_000_000 + i),
                 1013.0,
             )
         })

@@ -432,7 +432,12 @@ async fn a_composed_device_id_keeps_two_lines_apart_end_to_end() {
     tokio::spawn(async move { while pel.poll().await.is_ok() {} });
     // Both presses stamp whole seconds: the same timestamps, different values.
     const EACH: i64 = 200;
-    let base_s = 1_795_910_400; // 2026-11-29 00:00 UTC
+    // An hour ago, inside the cloud's event-time window.
+    let base_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        - 3_600;
     for i in 0..EACH {
         for (line, value) in [("l3", 20.0), ("l4", 40.0)] {
             let body = format!(

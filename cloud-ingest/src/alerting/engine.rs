@@ -2,6 +2,11 @@
 //!
 //! - **Event time.** Each device has a watermark: the newest event time seen from it minus
 //!   `out_of_orderness`. A window is evaluated as soon as the watermark passes its end.
+//! - **Clock sanity.** For the watermark, a reading's event time counts as at most its
+//!   processing time plus `out_of_orderness`, so a device's watermark never runs ahead of
+//!   processing time: one reading stamped a day ahead (a wrong gateway clock) does not close
+//!   the windows of the day in one go and make every correct reading after it late. The
+//!   reading itself still goes to the window of its own event time.
 //! - **Lateness.** A reading behind the watermark still updates its window while the window's
 //!   end is within `allowed_lateness` of the watermark; if that window was the latest one
 //!   evaluated, the alert is corrected. Later readings are counted and reported as
@@ -394,12 +399,14 @@ impl Engine {
             Some(d) => d,
             None => tenant_devices.entry(r.device.clone()).or_default(),
         };
+        // The event time as the clock sees it: at most processing time plus the bound.
+        let clock_ts = r.ts.0.min(now_us.saturating_add(s.out_of_orderness_us));
         if has_absence {
-            heard_from(device, &self.rules, input.tenant, r, now_us, out);
+            heard_from(device, &self.rules, input.tenant, r, clock_ts, now_us, out);
         }
         let track = &mut device.lanes[lane(backfill)];
         let old_wm = track.max_ts.map(|m| m - s.out_of_orderness_us);
-        track.max_ts = Some(track.max_ts.map_or(r.ts.0, |m| m.max(r.ts.0)));
+        track.max_ts = Some(track.max_ts.map_or(clock_ts, |m| m.max(clock_ts)));
         track.last_arrival = now_us;
         track.idle = false;
         let wm = track.max_ts.map_or(i64::MIN, |m| m - s.out_of_orderness_us);
@@ -569,22 +576,25 @@ fn advance(
     t.next_due = next_due;
 }
 
+/// Notes a live reading for absence rules; `clock_ts` is its event time clamped as the
+/// watermark takes it.
 fn heard_from(
     d: &mut Device,
     rules: &HashMap<i64, Arc<Rule>>,
     tenant: &str,
     r: &Reading,
+    clock_ts: i64,
     now_us: i64,
     out: &mut Vec<Output>,
 ) {
     let seen = d.seen.get_or_insert_with(|| Seen {
         last_arrival: now_us,
-        last_ts: r.ts.0,
+        last_ts: clock_ts,
         tags: r.tags.clone(),
         absent: HashSet::new(),
     });
     seen.last_arrival = now_us;
-    seen.last_ts = seen.last_ts.max(r.ts.0);
+    seen.last_ts = seen.last_ts.max(clock_ts);
     if seen.tags != r.tags {
         seen.tags = r.tags.clone();
     }

@@ -1,5 +1,5 @@
 //! Upkeep on plain PostgreSQL: daily partitions of `raw_metrics` (created ahead, created on
-//! demand for late or early readings, dropped past retention), rollups re-rolled from the
+//! demand for late or early readings within a bound around today, dropped past retention), rollups re-rolled from the
 //! buckets that new readings touched (per tenant), and rollup retention. On TimescaleDB its
 //! policies do all of this and these functions are not called, except [`last_seen`] and
 //! [`expire_conflicts`], which both flavours use.
@@ -67,13 +67,34 @@ fn literal(day: i64) -> String {
     )
 }
 
-/// The days that have a partition, as far as this process knows.
+/// The days that have a partition, as far as this process knows, and the days it may create.
 #[derive(Debug, Default)]
 pub struct Partitions {
     known: Mutex<BTreeSet<i64>>,
+    /// Days before and after today that [`Partitions::ensure`] creates; `None`: any day.
+    bound: Option<(i64, i64)>,
 }
 
 impl Partitions {
+    /// Creates partitions only from `past_days` before today to `future_days` after it (UTC
+    /// days, counted when [`Partitions::ensure`] runs): a batch spread over many days cannot
+    /// ask for a partition per day. cloud-ingest refuses readings outside its event-time
+    /// window before they reach the sink, so this is a second line.
+    pub fn bounded(past_days: u32, future_days: u32) -> Self {
+        Self {
+            known: Mutex::default(),
+            bound: Some((i64::from(past_days), i64::from(future_days))),
+        }
+    }
+
+    /// The days [`Partitions::ensure`] creates when today is `today` (a UTC day number).
+    pub fn allowed(&self, today: i64) -> std::ops::RangeInclusive<i64> {
+        match self.bound {
+            Some((past, future)) => today - past..=today + future,
+            None => i64::MIN..=i64::MAX,
+        }
+    }
+
     fn missing(&self, days: &BTreeSet<i64>) -> Vec<i64> {
         let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         days.iter()
@@ -82,11 +103,21 @@ impl Partitions {
             .collect()
     }
 
-    /// Makes sure every day in `days` has a partition, creating the missing ones.
-    pub async fn ensure(&self, client: &mut Client, days: &BTreeSet<i64>) -> Result<(), Error> {
-        let missing = self.missing(days);
+    /// Makes sure every day in `days` has a partition, creating the missing ones within the
+    /// bound; returns the days outside it, for which nothing was done (the caller must not
+    /// write their readings: they would find no partition).
+    pub async fn ensure(
+        &self,
+        client: &mut Client,
+        days: &BTreeSet<i64>,
+    ) -> Result<Vec<i64>, Error> {
+        let allowed = self.allowed(today());
+        let (missing, outside): (Vec<i64>, Vec<i64>) = self
+            .missing(days)
+            .into_iter()
+            .partition(|d| allowed.contains(d));
         if missing.is_empty() {
-            return Ok(());
+            return Ok(outside);
         }
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
@@ -99,7 +130,7 @@ impl Partitions {
         tx.commit().await?;
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         known.extend(missing);
-        Ok(())
+        Ok(outside)
     }
 
     /// Forgets what it knows, after a write found a partition missing.
@@ -367,5 +398,13 @@ mod tests {
         assert!(storable(0));
         assert_eq!(day_of_name("raw_metrics_p2026111"), None);
         assert_eq!(day_of_name("raw_metrics_default"), None);
+    }
+
+    #[test]
+    fn a_bounded_set_allows_only_days_around_today() {
+        let p = Partitions::bounded(8, 8);
+        assert_eq!(p.allowed(20_000), 19_992..=20_008);
+        assert!(!p.allowed(20_000).contains(&(20_000 - 100_000)));
+        assert_eq!(Partitions::default().allowed(0), i64::MIN..=i64::MAX);
     }
 }

@@ -74,7 +74,9 @@ pub async fn attempt(
         codec_version: 1,
     });
     quic::write_frame(&mut send, &hello).await?;
-    quic::read_frame(&mut recv, 1 << 16).await
+    quic::read_frame(&mut recv, 1 << 16)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Connects and completes Hello/Welcome as `gateway`; returns the connection.
@@ -330,6 +332,7 @@ pub fn cloud_config(
         kafka: None,
         api: None,
         alerting: Default::default(),
+        ingest: Default::default(),
     }
 }
 

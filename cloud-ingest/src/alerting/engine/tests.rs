@@ -393,6 +393,59 @@ fn changing_the_rules_drops_their_state() {
     assert_eq!(e.series_count(), 0);
 }
 
+#[test]
+fn a_reading_stamped_a_day_ahead_does_not_freeze_the_device() {
+    // The same correct readings with and without one reading stamped a day ahead in the
+    // middle: the alerts are the same. Without the clamp its watermark would jump a day
+    // ahead and every correct reading after it would be late.
+    let rules = || vec![rule(1, Aggregate::Avg, Op::Gt, 80.0, tumbling(10), 1)];
+    let before: Vec<(&str, f64, f64)> = (0..12).map(|t| ("p1", t as f64, 90.0)).collect();
+    let after: Vec<(&str, f64, f64)> = (12..45)
+        .map(|t| ("p1", t as f64, if t < 30 { 20.0 } else { 95.0 }))
+        .collect();
+    let mut clean = engine(rules());
+    let mut expected = alerts(&feed(&mut clean, &before, false));
+    expected.extend(alerts(&feed(&mut clean, &after, false)));
+    assert_eq!(
+        expected,
+        vec![
+            (AlertState::Firing, 0, 10, 90.0, false),
+            (AlertState::Resolved, 10, 20, 34.0, false),
+            (AlertState::Firing, 30, 40, 95.0, false),
+        ]
+    );
+
+    let mut e = engine(rules());
+    let mut got = alerts(&feed(&mut e, &before, false));
+    let ahead = reading("p1", 86_400.0, 20.0);
+    let mut out = Vec::new();
+    e.on_reading(
+        Input {
+            tenant: "acme",
+            reading: &ahead,
+            backfill: false,
+        },
+        (11.5 * S as f64) as i64, // processing time: just after the correct readings
+        &mut out,
+    );
+    assert!(out.is_empty(), "{out:?}");
+    let out = feed(&mut e, &after, false);
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Late { .. })),
+        "no correct reading is late: {out:?}"
+    );
+    got.extend(alerts(&out));
+    assert_eq!(got, expected);
+    // Quiet time on processing time closes the open windows, not the day-ahead one.
+    let mut out = Vec::new();
+    e.on_tick(60 * S, &mut out);
+    assert!(
+        alerts(&out).iter().all(|a| a.1 < 86_400),
+        "{:?}",
+        alerts(&out)
+    );
+}
+
 proptest! {
     /// Whatever arrives, in whatever order: per (rule, device, lane) transitions alternate
     /// firing/resolved starting with firing, so at most one alert is open.
