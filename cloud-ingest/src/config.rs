@@ -41,6 +41,15 @@ pub struct Ingest {
     /// How old a reading may be, in days; `None` means `postgres.retention.raw_days`.
     #[serde(default)]
     pub max_past_days: Option<u32>,
+    /// Most memory, in MiB, that batches being read, decoded and written may hold at once
+    /// (reserved before a batch's body is read, at its worst case while it is decoded, and
+    /// at its decoded size until it is acknowledged). One gateway may hold a quarter of it.
+    #[serde(default = "default_max_buffered_mib")]
+    pub max_buffered_mib: u64,
+}
+
+fn default_max_buffered_mib() -> u64 {
+    512
 }
 
 /// The largest `ingest.max_future_secs` accepted (7 days).
@@ -82,10 +91,31 @@ pub struct Alerting {
     /// replica's API apply at once).
     #[serde(default = "default_reload")]
     pub rules_reload_ms: u64,
-    /// Most (rule, device) series evaluated at once.
-    #[serde(default = "default_series")]
-    pub max_series: usize,
-    /// Batches and alert events waiting for the engine or for delivery.
+    /// No longer used (it was a cap over all tenants, which one tenant could fill): accepted
+    /// so that older configs load, with a warning. See the per-tenant caps below.
+    #[serde(default)]
+    pub max_series: Option<usize>,
+    /// Rules evaluated per tenant: the first this many by id; the others are counted
+    /// (`plantlink_cloud_alert_rules_over_cap{tenant}`) and not evaluated.
+    #[serde(default = "default_rules_per_tenant")]
+    pub max_rules_per_tenant: usize,
+    /// (rule, device) series tracked per tenant; readings for new series beyond it are
+    /// counted (`plantlink_cloud_alert_series_dropped_total{tenant}`), not evaluated.
+    #[serde(default = "default_series_per_tenant")]
+    pub max_series_per_tenant: usize,
+    /// Devices tracked per tenant; readings of new devices beyond it are counted
+    /// (`plantlink_cloud_alert_devices_dropped_total{tenant}`), not evaluated.
+    #[serde(default = "default_devices_per_tenant")]
+    pub max_devices_per_tenant: usize,
+    /// Readings waiting for the engine, all tenants. Ingest never waits on alerting: a batch
+    /// that does not fit is not evaluated (it is stored), and is counted in
+    /// `plantlink_cloud_alert_readings_shed_total{tenant}`.
+    #[serde(default = "default_feed_readings")]
+    pub feed_max_readings: usize,
+    /// Readings waiting for the engine, per tenant (tenants are served in turn).
+    #[serde(default = "default_feed_readings_per_tenant")]
+    pub feed_max_readings_per_tenant: usize,
+    /// Alert events waiting for delivery.
     #[serde(default = "default_alert_queue")]
     pub queue: usize,
     /// Events waiting per webhook; more are counted as failures.
@@ -113,7 +143,12 @@ impl Default for Alerting {
             idle_grace_ms: default_grace(),
             tick_ms: default_tick(),
             rules_reload_ms: default_reload(),
-            max_series: default_series(),
+            max_series: None,
+            max_rules_per_tenant: default_rules_per_tenant(),
+            max_series_per_tenant: default_series_per_tenant(),
+            max_devices_per_tenant: default_devices_per_tenant(),
+            feed_max_readings: default_feed_readings(),
+            feed_max_readings_per_tenant: default_feed_readings_per_tenant(),
             queue: default_alert_queue(),
             webhook_queue: default_webhook_queue(),
             webhooks: Vec::new(),
@@ -137,6 +172,7 @@ impl Default for Ingest {
         Self {
             max_future_secs: default_max_future(),
             max_past_days: None,
+            max_buffered_mib: default_max_buffered_mib(),
         }
     }
 }
@@ -159,8 +195,20 @@ fn default_tick() -> u64 {
 fn default_reload() -> u64 {
     10_000
 }
-fn default_series() -> usize {
+fn default_rules_per_tenant() -> usize {
+    1_000
+}
+fn default_series_per_tenant() -> usize {
+    100_000
+}
+fn default_devices_per_tenant() -> usize {
+    100_000
+}
+fn default_feed_readings() -> usize {
     1_000_000
+}
+fn default_feed_readings_per_tenant() -> usize {
+    100_000
 }
 fn default_alert_queue() -> usize {
     1_024
@@ -178,6 +226,72 @@ pub struct Api {
     /// Bearer token of each tenant: `acme = "..."`.
     #[serde(default)]
     pub tokens: std::collections::BTreeMap<String, String>,
+    /// PostgreSQL connections for the tenants' queries (`/readyz` has one of its own).
+    #[serde(default = "default_api_pool_size")]
+    pub pool_size: usize,
+    /// How long a request waits for a pooled connection (or to open one) before a 503.
+    #[serde(default = "default_api_pool_timeout_ms")]
+    pub pool_timeout_ms: u64,
+    /// The `statement_timeout` of each query connection; a query cut off by it gets a 503.
+    #[serde(default = "default_api_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    /// Requests of one tenant served at once; more wait up to `tenant_queue_ms`, then 429.
+    #[serde(default = "default_api_max_concurrent_per_tenant")]
+    pub max_concurrent_per_tenant: usize,
+    /// How long a tenant's request over `max_concurrent_per_tenant` waits for its turn.
+    #[serde(default = "default_api_tenant_queue_ms")]
+    pub tenant_queue_ms: u64,
+    /// The longest range that `resolution=raw` reads, in days; longer ones get a 400.
+    #[serde(default = "default_api_max_raw_range_days")]
+    pub max_raw_range_days: u32,
+}
+
+impl Api {
+    /// `[api]` on `bind` with `tokens`, every limit at its default.
+    pub fn new(bind: SocketAddr, tokens: std::collections::BTreeMap<String, String>) -> Self {
+        let l = crate::api::Limits::default();
+        Self {
+            bind,
+            tokens,
+            pool_size: l.pool_size,
+            pool_timeout_ms: l.pool_timeout_ms,
+            statement_timeout_ms: l.statement_timeout_ms,
+            max_concurrent_per_tenant: l.max_concurrent_per_tenant,
+            tenant_queue_ms: l.tenant_queue_ms,
+            max_raw_range_days: l.max_raw_range_days,
+        }
+    }
+
+    /// Its limits, for [`crate::api::App::with_limits`].
+    pub fn limits(&self) -> crate::api::Limits {
+        crate::api::Limits {
+            pool_size: self.pool_size,
+            pool_timeout_ms: self.pool_timeout_ms,
+            statement_timeout_ms: self.statement_timeout_ms,
+            max_concurrent_per_tenant: self.max_concurrent_per_tenant,
+            tenant_queue_ms: self.tenant_queue_ms,
+            max_raw_range_days: self.max_raw_range_days,
+        }
+    }
+}
+
+fn default_api_pool_size() -> usize {
+    crate::api::Limits::default().pool_size
+}
+fn default_api_pool_timeout_ms() -> u64 {
+    crate::api::Limits::default().pool_timeout_ms
+}
+fn default_api_statement_timeout_ms() -> u64 {
+    crate::api::Limits::default().statement_timeout_ms
+}
+fn default_api_max_concurrent_per_tenant() -> usize {
+    crate::api::Limits::default().max_concurrent_per_tenant
+}
+fn default_api_tenant_queue_ms() -> u64 {
+    crate::api::Limits::default().tenant_queue_ms
+}
+fn default_api_max_raw_range_days() -> u32 {
+    crate::api::Limits::default().max_raw_range_days
 }
 
 /// `[kafka]`
@@ -251,9 +365,18 @@ pub struct Quic {
     pub key: PathBuf,
     /// The fleet CA that gateway certificates must chain to.
     pub client_ca: PathBuf,
-    /// Gateway ids refused at the handshake although their certificates are valid.
+    /// Gateway ids refused at the handshake although their certificates are valid. Read
+    /// only at start; `revocation_file` is the list that can be reloaded.
     #[serde(default)]
     pub revoked: Vec<String>,
+    /// The revocation list (`serial:<hex>`, `sha256:<hex>`, `gateway:<id>` lines; see
+    /// deploy/PKI.md), read at start and again on SIGHUP; relative to the config's folder.
+    #[serde(default)]
+    pub revocation_file: Option<PathBuf>,
+    /// How often to look whether `revocation_file` changed, in seconds (it is reloaded
+    /// when it did); 0 leaves reloading to SIGHUP.
+    #[serde(default = "default_revocation_poll")]
+    pub revocation_poll_secs: u64,
     /// Batches a gateway may have unacknowledged.
     #[serde(default = "default_in_flight")]
     pub max_in_flight: u32,
@@ -264,6 +387,9 @@ pub struct Quic {
 
 fn default_in_flight() -> u32 {
     16
+}
+fn default_revocation_poll() -> u64 {
+    5
 }
 fn default_batch_bytes() -> u32 {
     8 << 20
@@ -398,6 +524,13 @@ impl Ingest {
     /// Checks the window against the raw retention; the error names the key and the fix.
     pub fn check(&self, retention: &Retention) -> anyhow::Result<()> {
         anyhow::ensure!(
+            self.max_buffered_mib >= 256,
+            "ingest.max_buffered_mib = {} is too small: one batch may need about 100 MiB while \
+             it is decoded, and one gateway may hold a quarter of the budget; give at least 256 \
+             (default 512)",
+            self.max_buffered_mib
+        );
+        anyhow::ensure!(
             self.max_future_secs <= MAX_FUTURE_SECS,
             "ingest.max_future_secs = {} is more than {MAX_FUTURE_SECS} (7 days); a gateway \
              clock that far ahead is wrong: fix its time (NTP) instead, and keep the bound small \
@@ -437,7 +570,11 @@ impl Config {
             anyhow::anyhow!("config {}: {}", path.display(), e.to_string().trim_end())
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut c.quic.cert, &mut c.quic.key, &mut c.quic.client_ca] {
+        let q = &mut c.quic;
+        for p in [&mut q.cert, &mut q.key, &mut q.client_ca]
+            .into_iter()
+            .chain(q.revocation_file.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -470,6 +607,17 @@ impl Config {
             }
         }
         if let Some(api) = &c.api {
+            anyhow::ensure!(
+                api.max_concurrent_per_tenant >= 1
+                    && api.pool_size > api.max_concurrent_per_tenant
+                    && api.statement_timeout_ms >= 1
+                    && api.pool_timeout_ms >= 1
+                    && api.max_raw_range_days >= 1,
+                "config {}: api.max_concurrent_per_tenant must be at least 1 and less than \
+                 api.pool_size (so another tenant always finds a connection), and \
+                 statement_timeout_ms, pool_timeout_ms and max_raw_range_days at least 1",
+                path.display()
+            );
             for (tenant, token) in &api.tokens {
                 anyhow::ensure!(
                     token.len() >= 16 && token.is_ascii() && !token.contains(char::is_whitespace),
@@ -501,6 +649,19 @@ impl Config {
             a.tick_ms >= 10 && a.rules_reload_ms >= 100 && a.queue >= 1 && a.webhook_queue >= 1,
             "config {}: alerting.tick_ms must be >= 10, rules_reload_ms >= 100, queue and webhook_queue >= 1",
             path.display()
+        );
+        anyhow::ensure!(
+            a.max_rules_per_tenant >= 1
+                && a.max_series_per_tenant >= 1
+                && a.max_devices_per_tenant >= 1
+                && a.feed_max_readings_per_tenant >= 1
+                && a.feed_max_readings >= a.feed_max_readings_per_tenant,
+            "config {}: alerting.max_rules_per_tenant, max_series_per_tenant, max_devices_per_tenant \
+             and feed_max_readings_per_tenant must be >= 1, and feed_max_readings = {} at least \
+             feed_max_readings_per_tenant = {}",
+            path.display(),
+            a.feed_max_readings,
+            a.feed_max_readings_per_tenant
         );
         let pg = &c.postgres;
         anyhow::ensure!(
@@ -566,6 +727,43 @@ mod tests {
     }
 
     #[test]
+    fn the_api_limits_in_the_example_are_the_defaults_and_a_bad_one_is_refused() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cloud-ingest.example.toml");
+        let example = std::fs::read_to_string(&p).unwrap();
+        let keys = [
+            "pool_size",
+            "pool_timeout_ms",
+            "statement_timeout_ms",
+            "max_concurrent_per_tenant",
+            "tenant_queue_ms",
+            "max_raw_range_days",
+        ];
+        let mut text = example.clone();
+        for k in keys {
+            let commented = format!("\n# {k} = ");
+            assert!(text.contains(&commented), "{k} is not documented in [api]");
+            text = text.replace(&commented, &format!("\n{k} = "));
+        }
+        let tmp =
+            std::env::temp_dir().join(format!("plantlink-api-limits-{}.toml", std::process::id()));
+        let load = |text: &str| {
+            std::fs::write(&tmp, text).unwrap();
+            let c = Config::load(&tmp);
+            let _ = std::fs::remove_file(&tmp);
+            c
+        };
+        let api = load(&text).unwrap().api.unwrap();
+        assert_eq!(api.limits(), crate::api::Limits::default());
+        let err = load(&text.replace(
+            "\nmax_concurrent_per_tenant = 4",
+            "\nmax_concurrent_per_tenant = 8",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("api.max_concurrent_per_tenant"), "{err}");
+    }
+
+    #[test]
     fn the_compose_config_loads() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose/cloud-ingest.toml");
         let c = Config::load(&p).unwrap();
@@ -582,6 +780,7 @@ mod tests {
         let own = Ingest {
             max_future_secs: 60,
             max_past_days: Some(2),
+            ..Ingest::default()
         };
         own.check(&r).unwrap();
         assert_eq!(own.window(&r).past_us, 2 * 86_400_000_000);
@@ -589,12 +788,14 @@ mod tests {
         let far = Ingest {
             max_future_secs: MAX_FUTURE_SECS + 1,
             max_past_days: None,
+            ..Ingest::default()
         };
         let err = far.check(&r).unwrap_err().to_string();
         assert!(err.contains("ingest.max_future_secs = 604801"), "{err}");
         let old = Ingest {
             max_future_secs: 3600,
             max_past_days: Some(30),
+            ..Ingest::default()
         };
         let err = old.check(&r).unwrap_err().to_string();
         assert!(
@@ -605,6 +806,7 @@ mod tests {
         let zero = Ingest {
             max_future_secs: 3600,
             max_past_days: Some(0),
+            ..Ingest::default()
         };
         assert!(
             zero.check(&r)

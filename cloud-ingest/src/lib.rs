@@ -21,6 +21,7 @@ pub mod alerting;
 pub mod api;
 pub mod config;
 pub mod kafka;
+pub mod memory;
 pub mod pki;
 pub mod postgres;
 pub mod quic;

@@ -37,7 +37,8 @@ struct ConfigArg {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Accepts gateways and writes their batches until SIGTERM or Ctrl-C.
+    /// Accepts gateways and writes their batches until SIGTERM or Ctrl-C. SIGHUP reloads
+    /// the revocation list (`quic.revocation_file`) and closes the connections it revokes.
     Run(ConfigArg),
     /// Creates or completes the database schema, or upgrades one that an earlier release
     /// made, in place and in one transaction; safe to run again, and from several replicas at
@@ -93,6 +94,35 @@ enum PkiCommand {
         #[arg(long, default_value_t = 825)]
         days: i64,
     },
+    /// Revokes a certificate (by serial, fingerprint or certificate file) or every
+    /// certificate of a gateway id: appends to DIR/revoked.txt, the file `quic.revocation_file`
+    /// points at. A running cloud-ingest picks it up on SIGHUP (or within
+    /// `quic.revocation_poll_secs`) and closes the revoked gateway's connection.
+    ///
+    /// Example: cloud-ingest pki revoke --dir pki --cert pki/gw-plant1-01.pem
+    #[command(group(clap::ArgGroup::new("what").required(true)
+        .args(["serial", "fingerprint", "gateway_id", "cert"])))]
+    Revoke {
+        /// The PKI folder; the list is DIR/revoked.txt (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// A certificate serial number in hex (as `openssl x509 -serial` prints it).
+        #[arg(long)]
+        serial: Option<String>,
+        /// A certificate's SHA-256 fingerprint in hex (`openssl x509 -fingerprint -sha256`).
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// Every certificate of this gateway id, also those issued later; to reissue the
+        /// same id, revoke its certificate instead.
+        #[arg(long)]
+        gateway_id: Option<String>,
+        /// A certificate file (PEM): its serial and fingerprint are revoked.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// A note written above the entry (who, why).
+        #[arg(long)]
+        note: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -105,6 +135,15 @@ fn main() -> anyhow::Result<()> {
                     cloud_ingest::telemetry::install(m.bind)?;
                 }
                 let server = cloud_ingest::server::Server::bind(config)?;
+                // Registered before serving, so that SIGHUP never falls to its default (exit).
+                let mut hangup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+                let reloader = server.reloader();
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        let _ = reloader.reload("SIGHUP");
+                    }
+                });
                 let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
                     shutdown_signal().await;
@@ -168,7 +207,79 @@ fn main() -> anyhow::Result<()> {
                 dir.join(format!("{gateway_id}.key")).display()
             );
         }
+        Command::Pki(PkiCommand::Revoke {
+            dir,
+            serial,
+            fingerprint,
+            gateway_id,
+            cert,
+            note,
+        }) => revoke(&dir, serial, fingerprint, gateway_id, cert, note)?,
     }
+    Ok(())
+}
+
+fn revoke(
+    dir: &std::path::Path,
+    serial: Option<String>,
+    fingerprint: Option<String>,
+    gateway_id: Option<String>,
+    cert: Option<PathBuf>,
+    note: Option<String>,
+) -> anyhow::Result<()> {
+    use pki::revocation::{self, Entry};
+    let bad = |what: &str, e: String| anyhow::anyhow!("{what}: {e}");
+    let (entries, what) = if let Some(s) = serial {
+        (
+            vec![Entry::serial(&s).map_err(|e| bad("--serial", e))?],
+            format!("serial {s}"),
+        )
+    } else if let Some(f) = fingerprint {
+        (
+            vec![Entry::fingerprint(&f).map_err(|e| bad("--fingerprint", e))?],
+            format!("fingerprint {f}"),
+        )
+    } else if let Some(g) = gateway_id {
+        (
+            vec![Entry::gateway(&g).map_err(|e| bad("--gateway-id", e))?],
+            format!("every certificate of gateway {g}"),
+        )
+    } else if let Some(c) = cert {
+        let der = pki::read_certificate(&c)?;
+        let (serial, fp) = pki::serial_and_fingerprint(&der)?;
+        let whose = match pki::identity(&der) {
+            Ok(id) => format!(" (gateway {}, tenant {})", id.gateway, id.tenant),
+            Err(_) => String::new(),
+        };
+        (
+            vec![Entry::Serial(serial), Entry::Fingerprint(fp)],
+            format!("certificate {}{whose}", c.display()),
+        )
+    } else {
+        anyhow::bail!("give one of --serial, --fingerprint, --gateway-id or --cert");
+    };
+    let path = dir.join(revocation::FILE_NAME);
+    let when = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let note = match note {
+        Some(n) => format!("{when} revoked {what}: {n}"),
+        None => format!("{when} revoked {what}"),
+    };
+    let written = revocation::append(&path, &entries, &note)?;
+    if written.is_empty() {
+        println!("{} already revokes {what}; nothing written", path.display());
+        return Ok(());
+    }
+    for e in &written {
+        println!("{}: {e}", path.display());
+    }
+    println!(
+        "Point quic.revocation_file at {} (once); a running cloud-ingest reloads it on SIGHUP \
+         (systemctl reload cloud-ingest, or kill -HUP <pid>) and, if quic.revocation_poll_secs \
+         is not 0, by itself within that many seconds; it then closes the revoked connections.",
+        path.display()
+    );
     Ok(())
 }
 

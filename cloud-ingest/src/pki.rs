@@ -59,15 +59,35 @@ pub enum PkiError {
     /// A certificate presented to the cloud is not a gateway certificate.
     #[error("certificate carries no gateway identity ({0})")]
     NoIdentity(String),
+    /// A file is not a PEM certificate.
+    #[error("{path}: not a PEM certificate ({why})")]
+    NotCertificate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The revocation list does not parse; nothing was written to it.
+    #[error("revocation list {path}: {error}; fix that line first (nothing was written)")]
+    BadList {
+        /// The file.
+        path: PathBuf,
+        /// The line at fault.
+        error: revocation::LineError,
+    },
 }
 
-/// Who a gateway certificate says it is.
+/// Who a gateway certificate says it is, and which certificate it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayIdentity {
     /// The tenant.
     pub tenant: String,
     /// The gateway id.
     pub gateway: String,
+    /// The certificate's serial number: lowercase hex without leading zeros.
+    pub serial: String,
+    /// The SHA-256 fingerprint of the certificate (DER), lowercase hex.
+    pub fingerprint: String,
 }
 
 fn check_id(what: &'static str, value: &str) -> Result<(), PkiError> {
@@ -261,7 +281,34 @@ pub fn gateway_between(
     issue_between(dir, gateway_id, params, not_before, not_after)
 }
 
-/// The gateway identity in a (verified) certificate.
+/// The serial number (lowercase hex, no leading zeros) and SHA-256 fingerprint of a
+/// certificate.
+pub fn serial_and_fingerprint(cert_der: &[u8]) -> Result<(String, String), PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| PkiError::NoIdentity(format!("not X.509: {e}")))?;
+    Ok((
+        revocation::serial_hex(cert.raw_serial()),
+        revocation::sha256_hex(cert_der),
+    ))
+}
+
+/// The first certificate of a PEM file, in DER.
+pub fn read_certificate(path: &Path) -> Result<Vec<u8>, PkiError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let bad = |why: String| PkiError::NotCertificate {
+        path: path.to_owned(),
+        why,
+    };
+    let mut certs = CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))?;
+    match certs.next() {
+        Some(Ok(c)) => Ok(c.to_vec()),
+        Some(Err(e)) => Err(bad(e.to_string())),
+        None => Err(bad("holds no CERTIFICATE block".into())),
+    }
+}
+
+/// The gateway identity in a (verified) certificate, with its serial and fingerprint.
 pub fn identity(cert_der: &[u8]) -> Result<GatewayIdentity, PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
         .map_err(|e| PkiError::NoIdentity(format!("not X.509: {e}")))?;
@@ -279,11 +326,15 @@ pub fn identity(cert_der: &[u8]) -> Result<GatewayIdentity, PkiError> {
             return Ok(GatewayIdentity {
                 tenant: tenant.to_owned(),
                 gateway: gateway.to_owned(),
+                serial: revocation::serial_hex(cert.raw_serial()),
+                fingerprint: revocation::sha256_hex(cert_der),
             });
         }
     }
     Err(PkiError::NoIdentity(format!("no {IDENTITY_PREFIX}... URI")))
 }
+
+pub mod revocation;
 
 #[cfg(test)]
 mod tests;

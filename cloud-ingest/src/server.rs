@@ -26,7 +26,7 @@ use std::sync::Arc;
 use metrics::{counter, gauge};
 use plantlink_model::Reading;
 use plantlink_wire::batch::{BatchDecoder, DecodeError, Limits};
-use plantlink_wire::frame::{Ack, ErrorCode, ErrorFrame, Frame, Lane};
+use plantlink_wire::frame::{self, Ack, ErrorCode, ErrorFrame, Frame, Lane};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::alerting::service::{Alerts, Feed};
@@ -47,19 +47,37 @@ pub const STREAM_WINDOW: usize = 4;
 pub struct Server {
     endpoint: quinn::Endpoint,
     config: Arc<Config>,
+    /// The revocation list in force and the live connections, one per gateway.
+    reloader: quic::Reloader,
 }
 
 impl Server {
     /// Binds the QUIC listener of `config`.
     pub fn bind(config: Config) -> anyhow::Result<Self> {
         let q = &config.quic;
-        let tls = quic::server_config(&q.cert, &q.key, &q.client_ca, &q.revoked)?;
+        let revocations = quic::Revocations::load(q.revocation_file.as_deref(), &q.revoked)?;
+        if !q.revoked.is_empty() {
+            tracing::warn!(
+                "quic.revoked is read only at start; move its ids to quic.revocation_file as \
+                 gateway:<id> lines (see deploy/PKI.md) so that SIGHUP reloads them"
+            );
+        }
+        let tls = quic::server_config(&q.cert, &q.key, &q.client_ca, &revocations)?;
         let endpoint = quinn::Endpoint::server(tls, q.bind)
             .map_err(|e| anyhow::anyhow!("quic.bind = {}: cannot listen: {e}", q.bind))?;
         Ok(Self {
             endpoint,
             config: Arc::new(config),
+            reloader: quic::Reloader {
+                revocations,
+                live: quic::Live::default(),
+            },
         })
+    }
+
+    /// Reloads the revocation list and closes the connections it revokes (SIGHUP).
+    pub fn reloader(&self) -> quic::Reloader {
+        self.reloader.clone()
     }
 
     /// The address actually bound (useful with port 0).
@@ -125,6 +143,7 @@ impl Server {
                 kafka.clone(),
                 Some(sink.clone()),
             )
+            .with_limits(api.limits())
             .with_alerts(alerts.clone());
             let mut stop = shutdown.clone();
             tracing::info!(bind = %api.bind, "query API listening");
@@ -139,23 +158,36 @@ impl Server {
                 }
             });
         }
+        let memory =
+            crate::memory::Memory::new((self.config.ingest.max_buffered_mib as usize) << 20);
         tracing::info!(bind = %self.config.quic.bind, ?flavor, kafka = kafka.is_some(), "accepting gateways");
+        quic::describe_metrics(&self.reloader.revocations);
+        let poll = self.config.quic.revocation_poll_secs;
+        if poll > 0 && self.reloader.revocations.file().is_some() {
+            tokio::spawn(
+                self.reloader
+                    .clone()
+                    .watch(std::time::Duration::from_secs(poll), shutdown.clone()),
+            );
+        }
         loop {
             let incoming = tokio::select! {
                 i = self.endpoint.accept() => match i { Some(i) => i, None => break },
                 _ = shutdown.changed() => break,
             };
             let config = self.config.clone();
+            let reloader = self.reloader.clone();
             let sinks = Sinks {
                 postgres: sink.clone(),
                 kafka: kafka.clone(),
                 gateways: gateways.clone(),
                 alerts: alerts.clone(),
+                memory: memory.clone(),
             };
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 match incoming.await {
-                    Ok(conn) => connection(conn, config, sinks).await,
+                    Ok(conn) => connection(conn, config, sinks, reloader).await,
                     Err(e) => {
                         counter!("plantlink_cloud_handshakes_refused_total").increment(1);
                         tracing::warn!(%remote, error = %e, "gateway refused at the TLS handshake");
@@ -192,6 +224,8 @@ struct Sinks {
     kafka: Option<Kafka>,
     gateways: Gateways,
     alerts: Option<Alerts>,
+    /// The bytes that batches being read, decoded and written may hold.
+    memory: crate::memory::Memory,
 }
 
 /// What a stream's reader and acker share.
@@ -205,20 +239,33 @@ struct Ctx {
     window: Window,
 }
 
-async fn connection(conn: quinn::Connection, config: Arc<Config>, sinks: Sinks) {
+async fn connection(
+    conn: quinn::Connection,
+    config: Arc<Config>,
+    sinks: Sinks,
+    reloader: quic::Reloader,
+) {
     let q = &config.quic;
     let (id, control_send, mut control_recv) =
         match quic::admit(&conn, q.max_batch_bytes, q.max_in_flight).await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(remote = %conn.remote_address(), error = %e, "gateway not admitted");
-                conn.close(1u32.into(), e.to_string().as_bytes());
+                conn.close(quic::CLOSE_NOT_ADMITTED.into(), e.to_string().as_bytes());
                 return;
             }
         };
+    // One connection per gateway: this one replaces an older one. A certificate revoked
+    // since its handshake is closed here.
+    if let Err(m) = reloader.live.register(&conn, &id, &reloader.revocations) {
+        tracing::warn!(gateway = %id.gateway, serial = %id.serial, by = m.label(), "refused a revoked certificate");
+        let reason = format!("certificate revoked (by {})", m.label());
+        conn.close(quic::CLOSE_REVOKED.into(), reason.as_bytes());
+        return;
+    }
     gauge!("plantlink_cloud_connections").increment(1.0);
     sinks.gateways.connected(&id.gateway, &id.tenant);
-    tracing::info!(gateway = %id.gateway, tenant = %id.tenant, remote = %conn.remote_address(), "gateway connected");
+    tracing::info!(gateway = %id.gateway, tenant = %id.tenant, serial = %id.serial, remote = %conn.remote_address(), "gateway connected");
     let ctx = Arc::new(Ctx {
         tenant: Arc::from(id.tenant.as_str()),
         gateway: Arc::from(id.gateway.as_str()),
@@ -251,9 +298,14 @@ async fn connection(conn: quinn::Connection, config: Arc<Config>, sinks: Sinks) 
             q.max_batch_bytes as usize,
         ));
     }
+    reloader.live.deregister(&conn, &ctx.id.gateway);
     gauge!("plantlink_cloud_connections").decrement(1.0);
     ctx.sinks.gateways.disconnected(&ctx.id.gateway);
-    tracing::info!(gateway = %ctx.id.gateway, "gateway disconnected");
+    let why = conn
+        .close_reason()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    tracing::info!(gateway = %ctx.id.gateway, reason = %why, "gateway disconnected");
 }
 
 /// What the acker sends for a batch, in the order the batches came.
@@ -268,6 +320,8 @@ enum Reply {
         kafka: Option<Deliveries>,
         /// Holds the batch's share of the budget until both are done.
         _ticket: Ticket,
+        /// Holds the decoded readings' bytes of the memory budget until both are done.
+        _memory: crate::memory::Hold,
     },
 }
 
@@ -281,6 +335,7 @@ async fn acker(mut send: quinn::SendStream, mut pending: mpsc::Receiver<Reply>, 
                 postgres,
                 kafka,
                 _ticket,
+                _memory,
             } => {
                 let stored = match postgres.await {
                     Ok(Ok(conflicts)) => {
@@ -454,12 +509,24 @@ async fn stream(
     max_frame: usize,
 ) {
     let id = &ctx.id;
-    let mut decoder = BatchDecoder::new(Limits {
+    let limits = Limits {
         max_payload_bytes: max_frame,
         ..Limits::default()
-    });
+    };
+    let mut decoder = Some(BatchDecoder::new(limits));
+    let memory = &ctx.sinks.memory;
     loop {
-        let frame = match quic::read_frame(&mut recv, max_frame + 1024).await {
+        // The frame's length first: its bytes are reserved before the body is read.
+        let read = match read_prefix(&mut recv, max_frame + 1024).await {
+            Ok(total) => match memory.reserve(&ctx.gateway, total).await {
+                Some(hold) => read_body(&mut recv, total, max_frame + 1024)
+                    .await
+                    .map(|f| (f, hold)),
+                None => return,
+            },
+            Err(e) => Err(e),
+        };
+        let (frame, mut hold) = match read {
             Ok(f) => f,
             Err(quic::ReadError::Ended(_)) => return,
             Err(quic::ReadError::Protocol(e)) => {
@@ -486,10 +553,39 @@ async fn stream(
             }
             continue;
         };
-        let (reason, code, why) = match decoder.decode(&b.payload) {
+        // Then its worst case while decoding, which the decoder's limits bound, with no
+        // more readings than the frame says.
+        let body = plantlink_wire::batch::declared_body_len(&b.payload).unwrap_or(0);
+        let worst = crate::memory::worst_case(b.readings as usize, body, &limits);
+        if worst > hold.bytes() {
+            // Given back first and taken again whole: a stream never waits while holding
+            // part of what it needs, so two streams of a gateway cannot wait on each other.
+            // (The frame, read already, is unaccounted while it waits.)
+            drop(hold);
+            hold = match memory.reserve(&ctx.gateway, worst).await {
+                Some(h) => h,
+                None => return,
+            };
+        }
+        // Decoding is CPU work: off the async workers.
+        let mut dec = decoder.take().unwrap_or_else(|| BatchDecoder::new(limits));
+        dec.limits_mut().max_readings = (b.readings as usize).min(limits.max_readings);
+        let payload = b.payload;
+        let Ok((dec, decoded, payload)) = tokio::task::spawn_blocking(move || {
+            let r = dec.decode(&payload);
+            (dec, r, payload)
+        })
+        .await
+        else {
+            return; // the runtime is shutting down
+        };
+        decoder = Some(dec);
+        let (reason, code, why) = match decoded {
             Ok(readings) if readings.len() == b.readings as usize => {
                 let backfill = b.lane == Lane::Backlog;
-                if !accept(&ctx, &replies, b.seq, backfill, readings).await {
+                drop(payload);
+                hold.shrink_to(crate::memory::decoded_size(&readings));
+                if !accept(&ctx, &replies, b.seq, backfill, readings, hold).await {
                     return;
                 }
                 continue;
@@ -511,7 +607,7 @@ async fn stream(
         };
         counter!("plantlink_cloud_batches_rejected_total", "reason" => reason).increment(1);
         tracing::warn!(gateway = %id.gateway, tenant = %id.tenant, seq = b.seq, %why, "batch rejected");
-        dead_letter(&ctx, reason, why.clone(), Some(b.seq), Some(&b.payload)).await;
+        dead_letter(&ctx, reason, why.clone(), Some(b.seq), Some(&payload)).await;
         if replies
             .send(Reply::Now(error(code, Some(b.seq), why)))
             .await
@@ -531,6 +627,7 @@ async fn accept(
     seq: u64,
     backfill: bool,
     mut readings: Vec<Reading>,
+    hold: crate::memory::Hold,
 ) -> bool {
     counter!("plantlink_cloud_readings_received_total").increment(readings.len() as u64);
     let now = now_us();
@@ -584,6 +681,7 @@ async fn accept(
             postgres,
             kafka,
             _ticket: ticket,
+            _memory: hold,
         })
         .await
         .is_ok()
@@ -633,6 +731,32 @@ async fn refuse(ctx: &Ctx, seq: u64, now: i64, refused: &[(Refusal, Reading)]) {
         };
         k.send_dlq(&ctx.gateway, &letter).await;
     }
+}
+
+/// Reads a frame's length prefix: the frame's whole length.
+async fn read_prefix(recv: &mut quinn::RecvStream, max: usize) -> Result<usize, quic::ReadError> {
+    let mut prefix = [0u8; frame::LENGTH_PREFIX];
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| quic::ReadError::Ended(e.to_string()))?;
+    frame::frame_len(&prefix, max).map_err(|e| quic::ReadError::Protocol(e.to_string()))
+}
+
+/// Reads the rest of a frame of `total` bytes whose prefix was read, and decodes it.
+async fn read_body(
+    recv: &mut quinn::RecvStream,
+    total: usize,
+    max: usize,
+) -> Result<Frame, quic::ReadError> {
+    let mut buf = vec![0u8; total];
+    let len = (total - frame::LENGTH_PREFIX) as u32;
+    buf[..frame::LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+    recv.read_exact(&mut buf[frame::LENGTH_PREFIX..])
+        .await
+        .map_err(|e| quic::ReadError::Ended(e.to_string()))?;
+    frame::decode_frame(&buf, max)
+        .map(|(f, _)| f)
+        .map_err(|e| quic::ReadError::Protocol(e.to_string()))
 }
 
 /// Sends what the cloud refused to the dead-letter topic, when Kafka is on.

@@ -130,10 +130,10 @@ async fn alerts_fire_resolve_and_replays_are_backfill() {
         k.alerts_topic = alerts_topic.clone();
         k.partitions = 1;
         c.kafka = Some(k);
-        c.api = Some(Api {
-            bind: api,
-            tokens: [("acme".to_owned(), TOKEN.to_owned())].into(),
-        });
+        c.api = Some(Api::new(
+            api,
+            [("acme".to_owned(), TOKEN.to_owned())].into(),
+        ));
         c.alerting = Alerting {
             tick_ms: 100,
             rules_reload_ms: 200,

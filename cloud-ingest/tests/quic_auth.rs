@@ -4,6 +4,7 @@
 
 mod common;
 
+use cloud_ingest::pki::revocation::RevocationList;
 use cloud_ingest::{pki, quic};
 use common::{Dir, attempt, client};
 use plantlink_wire::frame::Frame;
@@ -33,7 +34,7 @@ async fn only_valid_unrevoked_fleet_gateways_are_admitted() {
         &d.0.join("server.pem"),
         &d.0.join("server.key"),
         &d.0.join("ca.pem"),
-        &["gw-revoked".to_owned()],
+        &quic::Revocations::fixed(RevocationList::parse("gateway:gw-revoked\n").unwrap()),
     )
     .unwrap();
     let server = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();

@@ -120,14 +120,14 @@ async fn two_tenants_one_device_name_and_a_conflicting_gateway() {
         k.alerts_topic = format!("test.tn.alerts.{pid}");
         k.partitions = 1;
         c.kafka = Some(k);
-        c.api = Some(Api {
-            bind: api,
-            tokens: [
+        c.api = Some(Api::new(
+            api,
+            [
                 ("acme".to_owned(), ACME.to_owned()),
                 ("beta".to_owned(), BETA.to_owned()),
             ]
             .into(),
-        });
+        ));
         c.alerting = Alerting {
             tick_ms: 100,
             rules_reload_ms: 200,

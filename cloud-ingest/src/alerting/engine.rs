@@ -23,8 +23,19 @@
 //!   is what absence rules are for).
 //! - **Absence.** A rule of kind absence fires for a selected device that has sent no live
 //!   reading for its `seconds` of processing time, and resolves at its next reading.
-//! - **Bounded.** Only windows of rules are kept, and only until they pass the lateness;
-//!   idle series go; at most `max_series` series exist (more are counted, not tracked).
+//! - **Bounded, per tenant.** Only windows of rules are kept, and only until they pass the
+//!   lateness; idle series go. Each tenant has its own caps ([`Settings`]): at most
+//!   `max_rules_per_tenant` rules are active (the first by id; the others are counted in
+//!   [`Quota::rules_over_cap`] and never evaluated), at most `max_devices_per_tenant` devices
+//!   and `max_series_per_tenant` (rule, device) series are tracked. A reading that would start
+//!   a device or series over its tenant's cap is counted ([`Quota::devices_dropped`],
+//!   [`Quota::series_dropped`]) and not evaluated for it; nothing that is tracked is evicted.
+//!   There is no global cap, so one tenant at its caps never takes room from another: the
+//!   state is bounded by tenants x caps (tenants come from the fleet PKI).
+//! - **Indexed.** Rules are found by tenant, then metric, then the selector's `device_id`
+//!   (rules without one are visited for every device): a reading visits only its own
+//!   tenant's rules of its metric that can select its device, and a tick visits only each
+//!   tenant's own absence rules. [`Engine::rule_visits`] counts the visits.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -43,8 +54,12 @@ pub struct Settings {
     /// Processing time, beyond `out_of_orderness_us`, after which a quiet device's windows
     /// are closed.
     pub idle_grace_us: i64,
-    /// Most (rule, device) series tracked.
-    pub max_series: usize,
+    /// Most (rule, device) series tracked per tenant.
+    pub max_series_per_tenant: usize,
+    /// Most devices tracked per tenant.
+    pub max_devices_per_tenant: usize,
+    /// Most rules active per tenant (the first by id).
+    pub max_rules_per_tenant: usize,
 }
 
 impl Default for Settings {
@@ -53,9 +68,30 @@ impl Default for Settings {
             out_of_orderness_us: 1_000_000,
             allowed_lateness_us: 30_000_000,
             idle_grace_us: 5_000_000,
-            max_series: 1_000_000,
+            max_series_per_tenant: 100_000,
+            max_devices_per_tenant: 100_000,
+            max_rules_per_tenant: 1_000,
         }
     }
+}
+
+/// What one tenant holds of the engine, and what its caps kept out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Quota {
+    /// Rules active.
+    pub rules: usize,
+    /// Rules over `max_rules_per_tenant` (the highest ids), not evaluated.
+    pub rules_over_cap: usize,
+    /// (rule, device) series tracked now.
+    pub series: usize,
+    /// Devices tracked now.
+    pub devices: usize,
+    /// Since start: (reading, rule) pairs not evaluated because the tenant was at
+    /// `max_series_per_tenant` and the series was new.
+    pub series_dropped: u64,
+    /// Since start: readings not evaluated because the tenant was at
+    /// `max_devices_per_tenant` and the device was new.
+    pub devices_dropped: u64,
 }
 
 /// An alert's state after a transition.
@@ -251,22 +287,32 @@ struct Device {
     seen: Option<Seen>,
 }
 
-/// The threshold rules of one (tenant, metric).
-type ByMetric = HashMap<String, HashMap<String, Vec<Arc<Rule>>>>;
+/// The threshold rules of one (tenant, metric): by the selector's device, and the others.
+#[derive(Debug, Default)]
+struct MetricRules {
+    by_device: HashMap<String, Vec<Arc<Rule>>>,
+    any_device: Vec<Arc<Rule>>,
+}
+
+/// The active rules of one tenant.
+#[derive(Debug, Default)]
+struct TenantRules {
+    by_metric: HashMap<String, MetricRules>,
+    /// Its absence rules: its live readings are all noted.
+    absence: Vec<Arc<Rule>>,
+}
 
 /// The engine. Feed it with [`Engine::on_reading`] and [`Engine::on_tick`]; it returns
 /// what happened.
 #[derive(Debug, Default)]
 pub struct Engine {
     s: Settings,
-    rules: HashMap<i64, Arc<Rule>>,
-    by_metric: ByMetric,
-    /// Tenants with absence rules: their live readings are all noted.
-    absence: HashSet<String>,
+    /// Active rules by id.
+    rules: ById<Arc<Rule>>,
+    by_tenant: HashMap<String, TenantRules>,
     devices: HashMap<String, HashMap<String, Device>>,
-    series: usize,
-    /// Series not tracked because `max_series` was reached.
-    pub untracked: u64,
+    quotas: HashMap<String, Quota>,
+    visits: u64,
 }
 
 fn lane(backfill: bool) -> usize {
@@ -282,16 +328,32 @@ impl Engine {
         }
     }
 
-    /// Replaces the rules. Series of rules that are gone or changed are dropped (an open
-    /// alert of a changed rule starts over).
-    pub fn set_rules(&mut self, rules: Vec<Rule>) {
-        let new: HashMap<i64, Arc<Rule>> = rules.into_iter().map(|r| (r.id, Arc::new(r))).collect();
+    /// Replaces the rules and rebuilds the index. Per tenant the first
+    /// `max_rules_per_tenant` rules by id are active; the others are counted in
+    /// [`Quota::rules_over_cap`]. Series of rules that are gone, changed or over the cap are
+    /// dropped (an open alert of a changed rule starts over).
+    pub fn set_rules(&mut self, mut rules: Vec<Rule>) {
+        rules.sort_by(|a, b| (a.tenant.as_str(), a.id).cmp(&(b.tenant.as_str(), b.id)));
+        let mut per_tenant: HashMap<String, (usize, usize)> = HashMap::new();
+        let mut new: ById<Arc<Rule>> = ById::default();
+        for r in rules {
+            let (active, over) = per_tenant.entry(r.tenant.clone()).or_default();
+            if *active >= self.s.max_rules_per_tenant {
+                *over += 1;
+                continue;
+            }
+            *active += 1;
+            new.insert(r.id, Arc::new(r));
+        }
         let same = |id: &i64| {
             new.get(id)
                 .is_some_and(|r| self.rules.get(id).is_some_and(|o| **o == **r))
         };
-        let mut kept = 0;
-        for devices in self.devices.values_mut() {
+        for q in self.quotas.values_mut() {
+            (q.rules, q.rules_over_cap, q.series) = (0, 0, 0);
+        }
+        for (tenant, devices) in self.devices.iter_mut() {
+            let mut kept = 0;
             for d in devices.values_mut() {
                 for t in &mut d.lanes {
                     t.series.retain(|id, _| same(id));
@@ -301,22 +363,26 @@ impl Engine {
                     seen.absent.retain(|id| same(id));
                 }
             }
+            self.quotas.entry(tenant.clone()).or_default().series = kept;
         }
-        self.series = kept;
-        self.by_metric.clear();
-        self.absence.clear();
-        for r in new.values() {
+        for (tenant, (active, over)) in per_tenant {
+            let q = self.quotas.entry(tenant).or_default();
+            (q.rules, q.rules_over_cap) = (active, over);
+        }
+        self.by_tenant.clear();
+        let mut ordered: Vec<&Arc<Rule>> = new.values().collect();
+        ordered.sort_by_key(|r| r.id);
+        for r in ordered {
+            let t = self.by_tenant.entry(r.tenant.clone()).or_default();
             match &r.condition {
-                Condition::Threshold { metric, .. } => self
-                    .by_metric
-                    .entry(r.tenant.clone())
-                    .or_default()
-                    .entry(metric.clone())
-                    .or_default()
-                    .push(r.clone()),
-                Condition::Absence { .. } => {
-                    self.absence.insert(r.tenant.clone());
+                Condition::Threshold { metric, .. } => {
+                    let m = t.by_metric.entry(metric.clone()).or_default();
+                    match &r.selector.device_id {
+                        Some(d) => m.by_device.entry(d.clone()).or_default().push(r.clone()),
+                        None => m.any_device.push(r.clone()),
+                    }
                 }
+                Condition::Absence { .. } => t.absence.push(r.clone()),
             }
         }
         self.rules = new;
@@ -331,16 +397,16 @@ impl Engine {
         if rule.tenant != tenant {
             return;
         }
-        let d = self
-            .devices
-            .entry(tenant.to_owned())
-            .or_default()
-            .entry(device.to_owned())
-            .or_default();
+        let q = self.quotas.entry(tenant.to_owned()).or_default();
+        let devices = self.devices.entry(tenant.to_owned()).or_default();
+        let d = devices.entry(device.to_owned()).or_insert_with(|| {
+            q.devices += 1;
+            Device::default()
+        });
         match rule.condition {
             Condition::Threshold { for_windows, .. } => {
                 let s = d.lanes[0].series.entry(rule_id).or_insert_with(|| {
-                    self.series += 1;
+                    q.series += 1;
                     Series::default()
                 });
                 s.firing = true;
@@ -361,9 +427,25 @@ impl Engine {
         }
     }
 
-    /// Series tracked now (for a gauge and for tests of boundedness).
+    /// Series tracked now, all tenants (for a gauge and for tests of boundedness).
     pub fn series_count(&self) -> usize {
-        self.series
+        self.quotas.values().map(|q| q.series).sum()
+    }
+
+    /// What `tenant` holds and what its caps kept out (`None`: never seen).
+    pub fn quota(&self, tenant: &str) -> Option<&Quota> {
+        self.quotas.get(tenant)
+    }
+
+    /// Every tenant's [`Quota`].
+    pub fn quotas(&self) -> impl Iterator<Item = (&str, &Quota)> {
+        self.quotas.iter().map(|(t, q)| (t.as_str(), q))
+    }
+
+    /// Rules visited so far to evaluate readings and ticks: the cost of rule lookup, which
+    /// follows the rules that can match, not all rules.
+    pub fn rule_visits(&self) -> u64 {
+        self.visits
     }
 
     /// Windows held now.
@@ -382,22 +464,49 @@ impl Engine {
         let r = input.reading;
         let backfill = input.backfill;
         let s = self.s;
-        let rules: &[Arc<Rule>] = self
-            .by_metric
-            .get(input.tenant)
-            .and_then(|m| m.get(&r.metric))
-            .map_or(&[], Vec::as_slice);
-        let has_absence = !backfill && self.absence.contains(input.tenant);
-        if rules.is_empty() && !has_absence {
+        let Some(tenant_rules) = self.by_tenant.get(input.tenant) else {
+            return;
+        };
+        let (for_device, for_any): (&[Arc<Rule>], &[Arc<Rule>]) =
+            match tenant_rules.by_metric.get(&r.metric) {
+                Some(m) => (
+                    m.by_device.get(&r.device).map_or(&[], Vec::as_slice),
+                    &m.any_device,
+                ),
+                None => (&[], &[]),
+            };
+        let has_absence = !backfill && !tenant_rules.absence.is_empty();
+        if for_device.is_empty() && for_any.is_empty() && !has_absence {
             return;
         }
+        let quota = match self.quotas.get_mut(input.tenant) {
+            Some(q) => q,
+            None => self.quotas.entry(input.tenant.to_owned()).or_default(),
+        };
         let tenant_devices = match self.devices.get_mut(input.tenant) {
             Some(m) => m,
             None => self.devices.entry(input.tenant.to_owned()).or_default(),
         };
         let device = match tenant_devices.get_mut(&r.device) {
             Some(d) => d,
-            None => tenant_devices.entry(r.device.clone()).or_default(),
+            None => {
+                // A new device is tracked only if something would track it, and only
+                // within its tenant's cap.
+                if !has_absence
+                    && !for_device
+                        .iter()
+                        .chain(for_any)
+                        .any(|rule| rule.selector.matches(&r.device, &r.tags))
+                {
+                    return;
+                }
+                if quota.devices >= s.max_devices_per_tenant {
+                    quota.devices_dropped += 1;
+                    return;
+                }
+                quota.devices += 1;
+                tenant_devices.entry(r.device.clone()).or_default()
+            }
         };
         // The event time as the clock sees it: at most processing time plus the bound.
         let clock_ts = r.ts.0.min(now_us.saturating_add(s.out_of_orderness_us));
@@ -410,7 +519,8 @@ impl Engine {
         track.last_arrival = now_us;
         track.idle = false;
         let wm = track.max_ts.map_or(i64::MIN, |m| m - s.out_of_orderness_us);
-        for rule in rules {
+        for rule in for_device.iter().chain(for_any) {
+            self.visits += 1;
             let Condition::Threshold { window, .. } = &rule.condition else {
                 continue;
             };
@@ -421,11 +531,11 @@ impl Engine {
             let series = match track.series.get_mut(&rule.id) {
                 Some(x) => x,
                 None => {
-                    if self.series >= s.max_series {
-                        self.untracked += 1;
+                    if quota.series >= s.max_series_per_tenant {
+                        quota.series_dropped += 1;
                         continue;
                     }
-                    self.series += 1;
+                    quota.series += 1;
                     track.series.entry(rule.id).or_default()
                 }
             };
@@ -474,8 +584,16 @@ impl Engine {
     pub fn on_tick(&mut self, now_us: i64, out: &mut Vec<Output>) {
         let quiet_after = self.s.out_of_orderness_us + self.s.idle_grace_us;
         let lateness = self.s.allowed_lateness_us;
-        let mut removed = 0;
         for (tenant, devices) in self.devices.iter_mut() {
+            let quota = match self.quotas.get_mut(tenant) {
+                Some(q) => q,
+                None => self.quotas.entry(tenant.clone()).or_default(),
+            };
+            let absence: &[Arc<Rule>] = self
+                .by_tenant
+                .get(tenant)
+                .map_or(&[], |t| t.absence.as_slice());
+            let mut removed = 0;
             for (name, d) in devices.iter_mut() {
                 for (i, t) in d.lanes.iter_mut().enumerate() {
                     let silence = now_us - t.last_arrival;
@@ -496,14 +614,12 @@ impl Engine {
                 }
                 // Absence rules of this tenant.
                 let Some(seen) = &mut d.seen else { continue };
-                for rule in self.rules.values() {
+                for rule in absence {
+                    self.visits += 1;
                     let Condition::Absence { seconds } = rule.condition else {
                         continue;
                     };
-                    if rule.tenant != *tenant
-                        || seen.absent.contains(&rule.id)
-                        || !rule.selector.matches(name, &seen.tags)
-                    {
+                    if seen.absent.contains(&rule.id) || !rule.selector.matches(name, &seen.tags) {
                         continue;
                     }
                     let silent_us = now_us - seen.last_arrival;
@@ -525,17 +641,20 @@ impl Engine {
                     }
                 }
             }
+            quota.series -= removed.min(quota.series);
             // Devices with nothing left to track go (one back later starts afresh); absence
             // rules need every device their tenant has been heard from.
-            let watch_absence = self.absence.contains(tenant);
+            let watch_absence = !absence.is_empty();
+            let before = devices.len();
             devices.retain(|_, d| {
                 (watch_absence && d.seen.is_some())
                     || d.lanes.iter().any(|t| {
                         !t.series.is_empty() || now_us - t.last_arrival <= quiet_after + lateness
                     })
             });
+            quota.devices -= (before - devices.len()).min(quota.devices);
         }
-        self.series -= removed;
+        self.devices.retain(|_, m| !m.is_empty());
     }
 }
 
@@ -543,7 +662,7 @@ impl Engine {
 /// lateness.
 fn advance(
     t: &mut Track,
-    rules: &HashMap<i64, Arc<Rule>>,
+    rules: &ById<Arc<Rule>>,
     device: &str,
     backfill: bool,
     wm: i64,
@@ -580,7 +699,7 @@ fn advance(
 /// watermark takes it.
 fn heard_from(
     d: &mut Device,
-    rules: &HashMap<i64, Arc<Rule>>,
+    rules: &ById<Arc<Rule>>,
     tenant: &str,
     r: &Reading,
     clock_ts: i64,

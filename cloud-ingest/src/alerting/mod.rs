@@ -3,6 +3,12 @@
 //! - [`rule`]: the rule contract of `/v1/alert-rules` and its checks.
 //! - [`engine`]: the sans-IO evaluator (watermarks, lateness, backfill, lifecycle).
 //! - [`service`]: runs the engine and delivers alerts (table, Kafka, webhooks).
+//!
+//! Tenants are kept apart: each has its own caps on rules, devices and series (the engine),
+//! and its own queue of readings waiting for the engine, bounded in readings and served in
+//! turn (the service). What a cap or a full queue keeps out is counted per tenant and
+//! warned about; ingest never waits on alerting (readings are stored whatever alerting makes
+//! of them).
 
 pub mod engine;
 pub mod rule;

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::params::{AggregateParams, QueryMap, now_us};
 use super::tenant::Tenant;
-use super::{ApiError, App, storage};
+use super::{ApiError, App};
 use crate::kafka::{json_number, rfc3339};
 use crate::postgres::queries::{self, AggregateQuery};
 
@@ -24,7 +24,7 @@ pub(super) async fn get(
             format!("this token is not allowed to read tenant {tenant_id:?}"),
         ));
     }
-    let p = AggregateParams::parse(&q, now_us())?;
+    let p = AggregateParams::parse(&q, now_us(), app.max_raw_us())?;
     let c = app.db.get().await?;
     let answer = queries::aggregate(
         &c,
@@ -38,7 +38,7 @@ pub(super) async fn get(
         },
     )
     .await
-    .map_err(storage)?;
+    .map_err(|e| app.storage(e))?;
     Ok(Json(json!({
         "tenant": tenant,
         "metric": p.metric,

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::params::{AlertParams, QueryMap, now_us};
 use super::tenant::Tenant;
-use super::{ApiError, App, storage};
+use super::{ApiError, App};
 use crate::kafka::{json_number, rfc3339};
 use crate::postgres::queries::{self, AlertQuery};
 
@@ -26,7 +26,9 @@ pub(super) async fn list(
         to_us: p.to_us,
         limit: p.limit,
     };
-    let rows = queries::alerts(&c, &query).await.map_err(storage)?;
+    let rows = queries::alerts(&c, &query)
+        .await
+        .map_err(|e| app.storage(e))?;
     let t = |us: Option<i64>| us.map(rfc3339);
     let alerts: Vec<Value> = rows
         .into_iter()

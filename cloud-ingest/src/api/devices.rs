@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::params::{QueryMap, SeriesParams, now_us};
 use super::tenant::Tenant;
-use super::{ApiError, App, storage};
+use super::{ApiError, App};
 use crate::kafka::{json_number, rfc3339};
 use crate::postgres::queries::{self, SeriesQuery};
 
@@ -28,7 +28,7 @@ pub(super) async fn metrics(
     Path(device): Path<String>,
     Query(q): Query<QueryMap>,
 ) -> Result<Json<Value>, ApiError> {
-    let p = SeriesParams::parse(&q, now_us())?;
+    let p = SeriesParams::parse(&q, now_us(), app.max_raw_us())?;
     let c = app.db.get().await?;
     let query = SeriesQuery {
         tenant: &tenant,
@@ -42,7 +42,7 @@ pub(super) async fn metrics(
     let points: Vec<(String, Value)> = match p.resolution.rollup() {
         None => queries::raw_series(&c, &query)
             .await
-            .map_err(storage)?
+            .map_err(|e| app.storage(e))?
             .into_iter()
             .map(|r| {
                 let point = json!({"ts": rfc3339(r.ts_us), "value": json_number(r.value)});
@@ -51,7 +51,7 @@ pub(super) async fn metrics(
             .collect(),
         Some(rollup) => queries::rollup_series(&c, rollup, &query)
             .await
-            .map_err(storage)?
+            .map_err(|e| app.storage(e))?
             .into_iter()
             .map(|r| {
                 let point = json!({
@@ -68,7 +68,7 @@ pub(super) async fn metrics(
     if points.is_empty()
         && !queries::device_known(&c, &tenant, &device)
             .await
-            .map_err(storage)?
+            .map_err(|e| app.storage(e))?
     {
         return Err(not_found(&device));
     }
@@ -102,7 +102,7 @@ pub(super) async fn latest(
     let c = app.db.get().await?;
     let rows = queries::latest(&c, &tenant, &device)
         .await
-        .map_err(storage)?;
+        .map_err(|e| app.storage(e))?;
     if rows.is_empty() {
         return Err(not_found(&device));
     }

@@ -1,14 +1,12 @@
 //! `/healthz` (the process answers) and `/readyz` (the database answers too, and any
 //! TimescaleDB policy job whose last run failed is named); neither needs a token.
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
-use super::{ApiError, App, storage};
+use super::{ApiError, App, READY_TIMEOUT};
 use crate::postgres::queries;
 
 pub(super) async fn healthz() -> Json<Value> {
@@ -16,11 +14,12 @@ pub(super) async fn healthz() -> Json<Value> {
 }
 
 pub(super) async fn readyz(State(app): State<App>) -> Result<Json<Value>, ApiError> {
+    // Its own connection, so it never waits behind a tenant's query.
     let check = async {
-        let c = app.db.get().await?;
-        queries::ping(&c).await.map_err(storage)
+        let c = app.db.ready().await?;
+        queries::ping(&c).await.map_err(|e| app.storage(e))
     };
-    match tokio::time::timeout(Duration::from_secs(2), check).await {
+    match tokio::time::timeout(READY_TIMEOUT, check).await {
         Ok(Ok(())) => {
             // Ready as long as the database answers; failing TimescaleDB policy jobs are
             // named here (and in the pipeline status) without taking the replica out.

@@ -27,7 +27,7 @@ const MAX_POINTS: i64 = 100_000;
 /// Most alerts one request returns.
 const MAX_ALERTS: i64 = 10_000;
 const HOUR_US: i64 = 3_600_000_000;
-const DAY_US: i64 = 24 * HOUR_US;
+pub(super) const DAY_US: i64 = 24 * HOUR_US;
 /// The earliest window end `/v1/alerts` reads (in 1934): before any alert, and well inside
 /// what a PostgreSQL timestamp holds.
 const EARLIEST_ALERT_US: i64 = -(1 << 50);
@@ -113,6 +113,11 @@ impl Range {
         }
         Ok(Self { from_us, to_us })
     }
+
+    /// Its length in µs (saturating).
+    fn span_us(self) -> i64 {
+        self.to_us.saturating_sub(self.from_us)
+    }
 }
 
 /// Which table answers a range.
@@ -142,10 +147,11 @@ impl Resolution {
         }
     }
 
-    /// `auto`: raw up to 2 days, 1h up to 90 days, 1d beyond.
-    fn auto(range: Range) -> Self {
-        let span = range.to_us.saturating_sub(range.from_us);
-        if span <= 2 * DAY_US {
+    /// `auto`: raw up to 2 days (or up to `max_raw_us`, if that is shorter), 1h up to 90
+    /// days, 1d beyond.
+    fn auto(range: Range, max_raw_us: i64) -> Self {
+        let span = range.span_us();
+        if span <= max_raw_us.min(2 * DAY_US) {
             Self::Raw
         } else if span <= 90 * DAY_US {
             Self::Hour
@@ -154,18 +160,36 @@ impl Resolution {
         }
     }
 
-    /// `resolution`: raw, 1h, 1d, or auto (the default).
-    fn parse(q: &QueryMap, range: Range) -> Result<Self, ApiError> {
-        match q.get("resolution").map(String::as_str).unwrap_or("auto") {
-            "raw" => Ok(Self::Raw),
-            "1h" => Ok(Self::Hour),
-            "1d" => Ok(Self::Day),
-            "auto" => Ok(Self::auto(range)),
-            other => Err(bad(
+    /// `resolution`: raw, 1h, 1d, or auto (the default). Raw readings are read over
+    /// `max_raw_us` at most (`[api] max_raw_range_days`); a longer raw range is refused
+    /// before any query, and `auto` never asks for one.
+    fn parse(q: &QueryMap, range: Range, max_raw_us: i64) -> Result<Self, ApiError> {
+        let r = match q.get("resolution").map(String::as_str).unwrap_or("auto") {
+            "raw" => Self::Raw,
+            "1h" => Self::Hour,
+            "1d" => Self::Day,
+            "auto" => Self::auto(range, max_raw_us),
+            other => {
+                return Err(bad(
+                    "resolution",
+                    format!("{other:?} is not one of raw, 1h, 1d, auto"),
+                ));
+            }
+        };
+        if r == Self::Raw && range.span_us() > max_raw_us {
+            let days = |us: i64| us.div_euclid(DAY_US) + i64::from(us.rem_euclid(DAY_US) > 0);
+            return Err(bad(
                 "resolution",
-                format!("{other:?} is not one of raw, 1h, 1d, auto"),
-            )),
+                format!(
+                    "raw readings are read over at most {} days ([api] max_raw_range_days) and \
+                     this range is {} days; use resolution=1h, 1d or auto, or a shorter range \
+                     (from, to)",
+                    days(max_raw_us),
+                    days(range.span_us())
+                ),
+            ));
         }
+        Ok(r)
     }
 }
 
@@ -181,11 +205,12 @@ pub(super) struct SeriesParams {
 }
 
 impl SeriesParams {
-    pub(super) fn parse(q: &QueryMap, now_us: i64) -> Result<Self, ApiError> {
+    /// `max_raw_us`: the longest raw range (see [`Resolution::parse`]).
+    pub(super) fn parse(q: &QueryMap, now_us: i64, max_raw_us: i64) -> Result<Self, ApiError> {
         known(q, &["metric", "from", "to", "resolution", "limit"])?;
         let range = Range::parse(q, now_us)?;
         Ok(Self {
-            resolution: Resolution::parse(q, range)?,
+            resolution: Resolution::parse(q, range, max_raw_us)?,
             limit: limit(q, 10_000, MAX_POINTS)?,
             metric: non_empty(q, "metric").map(str::to_owned),
             range,
@@ -204,13 +229,14 @@ pub(super) struct AggregateParams {
 }
 
 impl AggregateParams {
-    pub(super) fn parse(q: &QueryMap, now_us: i64) -> Result<Self, ApiError> {
+    /// `max_raw_us`: the longest raw range (see [`Resolution::parse`]).
+    pub(super) fn parse(q: &QueryMap, now_us: i64, max_raw_us: i64) -> Result<Self, ApiError> {
         known(q, &["metric", "from", "to", "agg", "resolution"])?;
         let metric = non_empty(q, "metric")
             .ok_or_else(|| bad("metric", "required, e.g. metric=temperature"))?
             .to_owned();
         let range = Range::parse(q, now_us)?;
-        let resolution = Resolution::parse(q, range)?;
+        let resolution = Resolution::parse(q, range, max_raw_us)?;
         let agg = match q.get("agg") {
             None => Agg::Avg,
             Some(v) => Agg::ALL

@@ -8,7 +8,7 @@ use axum::extract::State;
 use serde_json::{Value, json};
 
 use super::tenant::Tenant;
-use super::{ApiError, App, storage};
+use super::{ApiError, App};
 use crate::kafka::{Kafka, rfc3339};
 use crate::postgres::queries;
 use crate::sink::Sink;
@@ -20,7 +20,7 @@ pub(super) async fn lag(
     let c = app.db.get().await?;
     let conflicts: serde_json::Map<String, Value> = queries::conflicts_by_gateway(&c, &tenant)
         .await
-        .map_err(storage)?
+        .map_err(|e| app.storage(e))?
         .into_iter()
         .map(|(gw, n, at)| (gw, json!({"readings": n, "last_at": rfc3339(at)})))
         .collect();

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio_postgres::Client;
 
 use super::tenant::Tenant;
-use super::{ApiError, App, storage};
+use super::{ApiError, App};
 use crate::alerting::rule::{RuleBody, Window};
 use crate::postgres::queries::{self, RuleRow};
 
@@ -99,7 +99,7 @@ pub(super) async fn create(
     let c = app.db.get().await?;
     let id = queries::insert_rule(&c, &tenant, &row(&rule, &json))
         .await
-        .map_err(storage)?;
+        .map_err(|e| app.storage(e))?;
     app.rules_changed();
     Ok((StatusCode::CREATED, Json(rule_json(id, rule))))
 }
@@ -109,7 +109,9 @@ pub(super) async fn list(
     Tenant(tenant): Tenant,
 ) -> Result<Json<Value>, ApiError> {
     let c = app.db.get().await?;
-    let rows = queries::rules(&c, &tenant).await.map_err(storage)?;
+    let rows = queries::rules(&c, &tenant)
+        .await
+        .map_err(|e| app.storage(e))?;
     let rules: Vec<Value> = rows
         .into_iter()
         .filter_map(|(id, body)| Some(rule_json(id, serde_json::from_str(&body).ok()?)))
@@ -125,7 +127,7 @@ pub(super) async fn get(
     let c = app.db.get().await?;
     let stored = queries::rule(&c, &tenant, id)
         .await
-        .map_err(storage)?
+        .map_err(|e| app.storage(e))?
         .ok_or_else(|| rule_not_found(id))?;
     let body: RuleBody = serde_json::from_str(&stored).map_err(|e| {
         ApiError(
@@ -146,7 +148,7 @@ pub(super) async fn update(
     let c = app.db.get().await?;
     if !queries::update_rule(&c, &tenant, id, &row(&rule, &json))
         .await
-        .map_err(storage)?
+        .map_err(|e| app.storage(e))?
     {
         return Err(rule_not_found(id));
     }
@@ -162,7 +164,7 @@ pub(super) async fn delete(
     let c = app.db.get().await?;
     if !queries::delete_rule(&c, &tenant, id)
         .await
-        .map_err(storage)?
+        .map_err(|e| app.storage(e))?
     {
         return Err(rule_not_found(id));
     }
@@ -174,7 +176,7 @@ pub(super) async fn delete(
 async fn start_over(app: &App, c: &Client, tenant: &str, id: i64) -> Result<(), ApiError> {
     queries::close_alerts_of(c, tenant, id)
         .await
-        .map_err(storage)?;
+        .map_err(|e| app.storage(e))?;
     app.rules_changed();
     Ok(())
 }

@@ -21,7 +21,10 @@ impl FromRequestParts<App> for Tenant {
 }
 
 /// The tenant of the bearer token in `headers`, from `(token, tenant)` pairs.
-fn authenticate(tokens: &[(String, String)], headers: &HeaderMap) -> Result<String, ApiError> {
+pub(super) fn authenticate(
+    tokens: &[(String, String)],
+    headers: &HeaderMap,
+) -> Result<String, ApiError> {
     let unauthorized = |m: &str| ApiError(StatusCode::UNAUTHORIZED, m.to_owned());
     let value = headers
         .get(header::AUTHORIZATION)

@@ -102,13 +102,27 @@ fn issued_certificates_verify_against_the_fleet_ca_only() {
             .is_err()
     );
 
+    let id = identity(der(&gw).as_ref()).unwrap();
     assert_eq!(
-        identity(der(&gw).as_ref()).unwrap(),
-        GatewayIdentity {
-            tenant: "acme".into(),
-            gateway: "gw-plant1-01".into()
-        }
+        (id.tenant.as_str(), id.gateway.as_str()),
+        ("acme", "gw-plant1-01")
     );
+    // The serial and fingerprint are those of this certificate, as openssl would print them.
+    let gw_der = der(&gw);
+    let (_, x509) = x509_parser::parse_x509_certificate(gw_der.as_ref()).unwrap();
+    let openssl_serial = x509.raw_serial_as_string().replace(':', "");
+    assert_eq!(id.serial, openssl_serial.trim_start_matches('0'));
+    assert_eq!(id.fingerprint.len(), 64);
+    assert_eq!(
+        serial_and_fingerprint(der(&gw).as_ref()).unwrap(),
+        (id.serial.clone(), id.fingerprint.clone())
+    );
+    assert_eq!(read_certificate(&gw).unwrap(), der(&gw).to_vec());
+    // A new certificate for the same gateway id is another certificate.
+    let id2 = identity(der(&stranger).as_ref()).unwrap();
+    assert_eq!(id2.gateway, id.gateway);
+    assert_ne!(id.serial, id2.serial);
+    assert_ne!(id.fingerprint, id2.fingerprint);
     assert!(identity(der(&srv).as_ref()).is_err());
 }
 

@@ -324,6 +324,8 @@ pub fn cloud_config(
             key: dir.join("server.key"),
             client_ca: dir.join("ca.pem"),
             revoked: vec![],
+            revocation_file: None,
+            revocation_poll_secs: 0,
             max_in_flight,
             max_batch_bytes,
         },

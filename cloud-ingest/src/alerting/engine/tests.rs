@@ -481,3 +481,244 @@ proptest! {
         prop_assert_eq!(e.window_count(), 0);
     }
 }
+
+// --- Per-tenant quotas and the rule index ---
+
+/// A catch-all threshold rule of `tenant` on `metric`: avg > `threshold` over 2 s.
+fn tenant_rule(id: i64, tenant: &str, metric: &str, device: Option<&str>, threshold: f64) -> Rule {
+    Rule {
+        id,
+        tenant: tenant.into(),
+        selector: Selector {
+            device_id: device.map(str::to_owned),
+            ..Selector::default()
+        },
+        condition: Condition::Threshold {
+            metric: metric.into(),
+            aggregate: Aggregate::Avg,
+            op: Op::Gt,
+            threshold,
+            window: tumbling(2),
+            for_windows: 1,
+        },
+        severity: "critical".into(),
+    }
+}
+
+fn absence_rule(id: i64, tenant: &str, seconds: u32) -> Rule {
+    Rule {
+        id,
+        tenant: tenant.into(),
+        selector: Selector::default(),
+        condition: Condition::Absence { seconds },
+        severity: "warning".into(),
+    }
+}
+
+fn at(e: &mut Engine, tenant: &str, device: &str, metric: &str, ts_us: i64, v: f64) -> Vec<Output> {
+    let r = Reading::new(tenant, device, metric, Timestamp(ts_us), v);
+    let mut out = Vec::new();
+    e.on_reading(
+        Input {
+            tenant,
+            reading: &r,
+            backfill: false,
+        },
+        ts_us,
+        &mut out,
+    );
+    out
+}
+
+/// (tenant, rule, device, state) of the alerts.
+fn who(out: &[Output]) -> Vec<(String, i64, String, AlertState)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Alert(a) => Some((a.tenant.clone(), a.rule_id, a.device_id.clone(), a.state)),
+            Output::Late { .. } => None,
+        })
+        .collect()
+}
+
+fn small_caps() -> Settings {
+    Settings {
+        max_series_per_tenant: 500,
+        max_devices_per_tenant: 1_000,
+        max_rules_per_tenant: 3,
+        ..Settings::default()
+    }
+}
+
+#[test]
+fn a_tenant_over_its_series_and_device_caps_does_not_stop_another_tenants_alert() {
+    // A: pump-1 avg > 80 over 2 s windows. B: a catch-all rule on the same metric, and
+    // 200,000 invented device ids, all hot, interleaved with A's readings.
+    let rules = || {
+        vec![
+            tenant_rule(1, "a", "temperature", Some("pump-1"), 80.0),
+            tenant_rule(2, "b", "temperature", None, 80.0),
+        ]
+    };
+    let a_alone = {
+        let mut e = Engine::new(small_caps());
+        e.set_rules(rules());
+        let mut out = Vec::new();
+        for i in 0..40 {
+            out.extend(at(&mut e, "a", "pump-1", "temperature", i * S / 10, 95.0));
+        }
+        who(&out)
+    };
+    assert_eq!(
+        a_alone,
+        vec![("a".to_owned(), 1, "pump-1".to_owned(), AlertState::Firing)]
+    );
+
+    let mut e = Engine::new(small_caps());
+    e.set_rules(rules());
+    let mut a_out = Vec::new();
+    let mut b_firing = 0;
+    let mut id = 0u64;
+    for i in 0..40 {
+        let ts = i * S / 10;
+        for _ in 0..5_000 {
+            id += 1;
+            b_firing += who(&at(
+                &mut e,
+                "b",
+                &format!("fake-{id}"),
+                "temperature",
+                ts,
+                99.0,
+            ))
+            .len();
+        }
+        a_out.extend(at(&mut e, "a", "pump-1", "temperature", ts, 95.0));
+    }
+    // A's alert fires exactly as it does alone: same window, same reading.
+    assert_eq!(who(&a_out), a_alone);
+    // B got what its caps allow, and the rest is counted, for B only.
+    let b = e.quota("b").unwrap().clone();
+    assert_eq!((b.series, b.devices), (500, 1_000));
+    assert_eq!(
+        b.series_dropped, 500,
+        "devices 501..=1000: tracked, no series"
+    );
+    assert_eq!(b.devices_dropped, 200_000 - 1_000);
+    assert!(b_firing <= 500);
+    let a = e.quota("a").unwrap();
+    assert_eq!(
+        (a.series, a.devices, a.series_dropped, a.devices_dropped),
+        (1, 1, 0, 0)
+    );
+    // Once B's fakes go quiet their state goes, and new B devices are tracked again.
+    let mut out = Vec::new();
+    e.on_tick(3_600 * S, &mut out);
+    let b = e.quota("b").unwrap();
+    assert!(b.devices <= b.series && b.series <= 500, "{b:?}");
+    assert_eq!(e.series_count(), b.series + e.quota("a").unwrap().series);
+}
+
+#[test]
+fn rules_over_the_tenant_cap_are_counted_and_not_evaluated() {
+    // B has ten rules (ids 1..=10), A two (11, 12); the cap is three per tenant. B's first
+    // three by id are active, whatever the order they come in.
+    let mut rules: Vec<Rule> = (1..=10)
+        .rev()
+        .map(|id| tenant_rule(id, "b", &format!("m{id}"), None, 0.0))
+        .collect();
+    rules.push(tenant_rule(11, "a", "m11", None, 0.0));
+    rules.push(tenant_rule(12, "a", "m12", None, 0.0));
+    let mut e = Engine::new(small_caps());
+    e.set_rules(rules);
+    let b = e.quota("b").unwrap();
+    assert_eq!((b.rules, b.rules_over_cap), (3, 7));
+    let a = e.quota("a").unwrap();
+    assert_eq!((a.rules, a.rules_over_cap), (2, 0));
+    // Readings for each rule's metric, then one closing the window: only active rules fire.
+    let mut fired = Vec::new();
+    for (tenant, id) in (1..=10).map(|i| ("b", i)).chain([("a", 11), ("a", 12)]) {
+        let (m, d) = (format!("m{id}"), format!("d{id}"));
+        fired.extend(who(&at(&mut e, tenant, &d, &m, S / 2, 1.0)));
+        fired.extend(who(&at(&mut e, tenant, &d, &m, 4 * S, 1.0)));
+    }
+    let ids: Vec<i64> = fired.iter().map(|f| f.1).collect();
+    assert_eq!(ids, vec![1, 2, 3, 11, 12]);
+    // Fewer rules: nothing over the cap any more.
+    e.set_rules(vec![tenant_rule(1, "b", "m1", None, 0.0)]);
+    let b = e.quota("b").unwrap();
+    assert_eq!((b.rules, b.rules_over_cap), (1, 0));
+}
+
+/// A's rules: a catch-all, one for pump-1, 100 for other devices, and an absence rule.
+fn a_rules() -> Vec<Rule> {
+    let mut v = vec![
+        tenant_rule(1, "a", "temperature", None, 80.0),
+        tenant_rule(2, "a", "temperature", Some("pump-1"), 50.0),
+        absence_rule(3, "a", 30),
+    ];
+    v.extend(
+        (0..100).map(|i| tenant_rule(10 + i, "a", "temperature", Some(&format!("other-{i}")), 1.0)),
+    );
+    v
+}
+
+/// 50,000 rules of B: catch-alls on A's metric, rules for A's device names, absence
+/// rules, other metrics.
+fn b_rules() -> Vec<Rule> {
+    (0..50_000)
+        .map(|i| {
+            let id = 1_000_000 + i;
+            match i % 4 {
+                0 => tenant_rule(id, "b", "temperature", None, 80.0),
+                1 => tenant_rule(id, "b", "temperature", Some("pump-1"), 80.0),
+                2 => absence_rule(id, "b", 30),
+                _ => tenant_rule(id, "b", &format!("m{i}"), Some(&format!("d{i}")), 80.0),
+            }
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+    /// Whatever A sends, 50,000 rules of B change neither what A's readings and ticks cost
+    /// in rule visits nor what they produce.
+    #[test]
+    fn another_tenants_rules_do_not_change_a_readings_lookup_cost(
+        readings in prop::collection::vec((0u8..3, 0i64..120, 0.0f64..120.0), 1..200),
+    ) {
+        let settings = Settings { max_rules_per_tenant: 100_000, ..Settings::default() };
+        let mut alone = Engine::new(settings);
+        alone.set_rules(a_rules());
+        let mut crowded = Engine::new(settings);
+        let mut all = a_rules();
+        all.extend(b_rules());
+        crowded.set_rules(all);
+        prop_assert_eq!(crowded.quota("b").map(|q| q.rules), Some(50_000));
+        let (mut out1, mut out2) = (Vec::new(), Vec::new());
+        let mut expected_visits = 0;
+        for (n, (d, t, v)) in readings.into_iter().enumerate() {
+            let device = ["pump-1", "other-7", "new"][d as usize];
+            // pump-1: its own rule and the catch-all; other-7: likewise; new: the catch-all.
+            expected_visits += if device == "new" { 1 } else { 2 };
+            let ts = t * S;
+            out1.extend(at(&mut alone, "a", device, "temperature", ts, v));
+            out2.extend(at(&mut crowded, "a", device, "temperature", ts, v));
+            if n % 10 == 0 {
+                alone.on_tick(ts + 40 * S, &mut out1);
+                crowded.on_tick(ts + 40 * S, &mut out2);
+            }
+        }
+        // The same outputs (devices are visited in hash order on ticks, so compare sorted).
+        let sorted = |o: &[Output]| {
+            let mut v: Vec<String> = o.iter().map(|x| format!("{x:?}")).collect();
+            v.sort();
+            v
+        };
+        prop_assert!(sorted(&out1) == sorted(&out2), "outputs differ");
+        prop_assert_eq!(alone.rule_visits(), crowded.rule_visits());
+        prop_assert!(alone.rule_visits() >= expected_visits);
+        // The excess over the readings' visits is ticks visiting A's one absence rule per
+        // device: at most 3 devices per tick.
+        prop_assert!(alone.rule_visits() <= expected_visits + 3 * 20);
+    }
+}

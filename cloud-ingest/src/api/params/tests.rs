@@ -2,6 +2,8 @@ use super::*;
 
 /// 2026-11-21T08:00:00Z.
 const NOW: i64 = 1_795_248_000_000_000;
+/// The default `[api] max_raw_range_days`.
+const WEEK: i64 = 7 * DAY_US;
 
 fn q(pairs: &[(&str, &str)]) -> QueryMap {
     pairs
@@ -104,13 +106,13 @@ fn auto_reads_raw_up_to_two_days_hourly_up_to_ninety_and_daily_beyond() {
         (90 * DAY_US + 1, Resolution::Day),
         (i64::MAX, Resolution::Day),
     ] {
-        assert_eq!(Resolution::auto(span(us)), want, "{us} µs");
+        assert_eq!(Resolution::auto(span(us), WEEK), want, "{us} µs");
     }
     let whole = Range {
         from_us: i64::MIN,
         to_us: i64::MAX,
     };
-    assert_eq!(Resolution::auto(whole), Resolution::Day);
+    assert_eq!(Resolution::auto(whole, WEEK), Resolution::Day);
 }
 
 #[test]
@@ -125,12 +127,15 @@ fn an_explicit_resolution_wins_over_auto() {
         ("1d", Resolution::Day),
         ("auto", Resolution::Raw),
     ] {
-        let got = Resolution::parse(&q(&[("resolution", v)]), day).unwrap();
+        let got = Resolution::parse(&q(&[("resolution", v)]), day, WEEK).unwrap();
         assert_eq!((got, got.name()), (want, v.replace("auto", "raw").as_str()));
     }
-    assert_eq!(Resolution::parse(&q(&[]), day).unwrap(), Resolution::Raw);
     assert_eq!(
-        refused(Resolution::parse(&q(&[("resolution", "5m")]), day)),
+        Resolution::parse(&q(&[]), day, WEEK).unwrap(),
+        Resolution::Raw
+    );
+    assert_eq!(
+        refused(Resolution::parse(&q(&[("resolution", "5m")]), day, WEEK)),
         "parameter resolution: \"5m\" is not one of raw, 1h, 1d, auto"
     );
     assert_eq!(Resolution::Raw.rollup(), None);
@@ -140,7 +145,7 @@ fn an_explicit_resolution_wins_over_auto() {
 
 #[test]
 fn series_parameters_default_and_an_empty_metric_means_all() {
-    let p = SeriesParams::parse(&q(&[("metric", "")]), NOW).unwrap();
+    let p = SeriesParams::parse(&q(&[("metric", "")]), NOW, WEEK).unwrap();
     assert_eq!(
         p,
         SeriesParams {
@@ -153,38 +158,42 @@ fn series_parameters_default_and_an_empty_metric_means_all() {
             limit: 10_000,
         }
     );
-    let p = SeriesParams::parse(&q(&[("metric", "temperature"), ("limit", "5")]), NOW).unwrap();
+    let p =
+        SeriesParams::parse(&q(&[("metric", "temperature"), ("limit", "5")]), NOW, WEEK).unwrap();
     assert_eq!((p.metric.as_deref(), p.limit), (Some("temperature"), 5));
     assert!(
-        refused(SeriesParams::parse(&q(&[("limit", "100001")]), NOW))
+        refused(SeriesParams::parse(&q(&[("limit", "100001")]), NOW, WEEK))
             .starts_with("parameter limit: ")
     );
     assert!(
-        refused(SeriesParams::parse(&q(&[("agg", "avg")]), NOW)).starts_with("parameter agg: ")
+        refused(SeriesParams::parse(&q(&[("agg", "avg")]), NOW, WEEK))
+            .starts_with("parameter agg: ")
     );
 }
 
 #[test]
 fn an_aggregate_needs_a_metric_and_a_known_agg() {
     assert_eq!(
-        refused(AggregateParams::parse(&q(&[]), NOW)),
+        refused(AggregateParams::parse(&q(&[]), NOW, WEEK)),
         "parameter metric: required, e.g. metric=temperature"
     );
     assert!(
-        refused(AggregateParams::parse(&q(&[("metric", "")]), NOW))
+        refused(AggregateParams::parse(&q(&[("metric", "")]), NOW, WEEK))
             .starts_with("parameter metric: ")
     );
-    let p = AggregateParams::parse(&q(&[("metric", "t")]), NOW).unwrap();
+    let p = AggregateParams::parse(&q(&[("metric", "t")]), NOW, WEEK).unwrap();
     assert_eq!((p.metric.as_str(), p.agg), ("t", Agg::Avg));
     for agg in Agg::ALL {
-        let p = AggregateParams::parse(&q(&[("metric", "t"), ("agg", agg.name())]), NOW).unwrap();
+        let p =
+            AggregateParams::parse(&q(&[("metric", "t"), ("agg", agg.name())]), NOW, WEEK).unwrap();
         assert_eq!(p.agg, agg);
     }
     for v in ["median", ""] {
         assert_eq!(
             refused(AggregateParams::parse(
                 &q(&[("metric", "t"), ("agg", v)]),
-                NOW
+                NOW,
+                WEEK
             )),
             format!("parameter agg: {v:?} is not one of avg, min, max, count")
         );
@@ -192,7 +201,8 @@ fn an_aggregate_needs_a_metric_and_a_known_agg() {
     assert!(
         refused(AggregateParams::parse(
             &q(&[("metric", "t"), ("limit", "5")]),
-            NOW
+            NOW,
+            WEEK
         ))
         .starts_with("parameter limit: unknown")
     );
@@ -249,4 +259,67 @@ fn bad_alert_filters_name_the_parameter() {
         refused(AlertParams::parse(&q(&[("resolution", "1h")]), NOW))
             .starts_with("parameter resolution: unknown")
     );
+}
+
+/// `from` to `to` (µs before NOW) at `resolution`, as a query string.
+fn span_query(span_us: i64, resolution: &str) -> QueryMap {
+    let ms = |us: i64| (us / 1000).to_string();
+    q(&[
+        ("metric", "t"),
+        ("from", &ms(NOW - span_us)),
+        ("to", &ms(NOW)),
+        ("resolution", resolution),
+    ])
+}
+
+#[test]
+fn raw_reads_at_most_the_raw_range_and_the_400_names_the_limit_and_the_way_out() {
+    let ok = SeriesParams::parse(&span_query(WEEK, "raw"), NOW, WEEK).unwrap();
+    assert_eq!(ok.resolution, Resolution::Raw);
+    assert_eq!(
+        refused(SeriesParams::parse(
+            &span_query(WEEK + 1000, "raw"),
+            NOW,
+            WEEK
+        )),
+        "parameter resolution: raw readings are read over at most 7 days ([api] \
+         max_raw_range_days) and this range is 8 days; use resolution=1h, 1d or auto, or a \
+         shorter range (from, to)"
+    );
+    // Ten years, on both endpoints that read raw readings over a range.
+    let ten_years = span_query(3653 * DAY_US, "raw");
+    for msg in [
+        refused(SeriesParams::parse(&ten_years, NOW, WEEK)),
+        refused(AggregateParams::parse(&ten_years, NOW, WEEK)),
+    ] {
+        assert!(msg.contains("at most 7 days"), "{msg}");
+        assert!(msg.contains("this range is 3653 days"), "{msg}");
+        assert!(msg.contains("resolution=1h, 1d or auto"), "{msg}");
+    }
+    // The whole time line is refused without overflowing.
+    let whole = q(&[
+        ("from", "-9223372036854775"),
+        ("to", "9223372036854775"),
+        ("resolution", "raw"),
+    ]);
+    assert!(refused(SeriesParams::parse(&whole, NOW, WEEK)).starts_with("parameter resolution: "));
+}
+
+#[test]
+fn rollups_and_auto_never_trip_the_raw_limit() {
+    for res in ["1h", "1d", "auto"] {
+        let p = SeriesParams::parse(&span_query(3653 * DAY_US, res), NOW, WEEK).unwrap();
+        assert_ne!(p.resolution, Resolution::Raw, "{res}");
+        AggregateParams::parse(&span_query(3653 * DAY_US, res), NOW, WEEK).unwrap();
+    }
+    // A raw limit under auto's two days moves auto to the hourly rollup sooner.
+    let day = DAY_US;
+    for (span, want) in [
+        (day, Resolution::Raw),
+        (day + 1000, Resolution::Hour),
+        (2 * DAY_US, Resolution::Hour),
+    ] {
+        let p = SeriesParams::parse(&span_query(span, "auto"), NOW, day).unwrap();
+        assert_eq!(p.resolution, want, "{span} µs");
+    }
 }

@@ -36,6 +36,11 @@ impl BatchDecoder {
         &self.limits
     }
 
+    /// The limits, to tighten for one batch (e.g. `max_readings` to what its frame says).
+    pub fn limits_mut(&mut self) -> &mut Limits {
+        &mut self.limits
+    }
+
     /// Decodes one payload into its readings, grouped by series.
     pub fn decode(&mut self, payload: &[u8]) -> Result<Vec<Reading>, DecodeError> {
         let lim = self.limits;
@@ -71,6 +76,16 @@ impl BatchDecoder {
 impl Default for BatchDecoder {
     fn default() -> Self {
         Self::new(Limits::default())
+    }
+}
+
+/// The decompressed body size a payload declares (its zstd frame header), without
+/// decompressing it; `None` if the payload is too short or the header does not say.
+pub fn declared_body_len(payload: &[u8]) -> Option<usize> {
+    let compressed = payload.get(1..)?;
+    match zstd::zstd_safe::get_frame_content_size(compressed) {
+        Ok(Some(n)) => usize::try_from(n).ok(),
+        _ => None,
     }
 }
 

@@ -37,7 +37,7 @@ mod decode;
 mod encode;
 mod values;
 
-pub use decode::{BatchDecoder, decode_batch};
+pub use decode::{BatchDecoder, declared_body_len, decode_batch};
 pub use encode::{BatchEncoder, encode_batch};
 
 /// The payload format version written by this build, as the payload's first byte.
