@@ -43,13 +43,14 @@ pub struct Ingest {
     pub max_past_days: Option<u32>,
     /// Most memory, in MiB, that batches being read, decoded and written may hold at once
     /// (reserved before a batch's body is read, at its worst case while it is decoded, and
-    /// at its decoded size until it is acknowledged). One gateway may hold a quarter of it.
+    /// at its decoded size until it is acknowledged). One gateway may hold a quarter of it;
+    /// a batch whose worst case is more than that is refused as too large.
     #[serde(default = "default_max_buffered_mib")]
     pub max_buffered_mib: u64,
 }
 
 fn default_max_buffered_mib() -> u64 {
-    512
+    1024
 }
 
 /// The largest `ingest.max_future_secs` accepted (7 days).
@@ -524,10 +525,10 @@ impl Ingest {
     /// Checks the window against the raw retention; the error names the key and the fix.
     pub fn check(&self, retention: &Retention) -> anyhow::Result<()> {
         anyhow::ensure!(
-            self.max_buffered_mib >= 256,
-            "ingest.max_buffered_mib = {} is too small: one batch may need about 100 MiB while \
-             it is decoded, and one gateway may hold a quarter of the budget; give at least 256 \
-             (default 512)",
+            self.max_buffered_mib >= 512,
+            "ingest.max_buffered_mib = {} is too small: a batch of 10,000 readings may need \
+             over 100 MiB while it is decoded, one gateway may hold a quarter of the budget, and \
+             a batch that needs more than that is refused; give at least 512 (default 1024)",
             self.max_buffered_mib
         );
         anyhow::ensure!(

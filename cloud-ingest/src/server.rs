@@ -16,8 +16,10 @@
 //! hold (a timestamp outside years 1 to 9999, a NUL character in a name) and those outside
 //! the event-time window (`[ingest]`: older than `max_past_days`, by default the raw
 //! retention, or more than `max_future_secs` ahead of the cloud's clock when the batch
-//! arrived). They are not stored, not alerted on and not sent to the readings topic; each
-//! goes to the DLQ with its reason, is counted in
+//! arrived). They are not stored in `raw_metrics`, not alerted on and not sent to the
+//! readings topic; each is kept in `refused_readings` (committed before the batch is
+//! acknowledged, so none is lost with Kafka off) and goes to the DLQ with its reason, is
+//! counted in
 //! `plantlink_cloud_readings_rejected_total{tenant,reason}`, and the batch gets one log line
 //! for all of them. The rest of the batch is stored and acknowledged as usual.
 
@@ -318,6 +320,8 @@ enum Reply {
         readings: u64,
         postgres: oneshot::Receiver<Outcome>,
         kafka: Option<Deliveries>,
+        /// The readings left out of the batch, once kept in `refused_readings`.
+        kept: Option<oneshot::Receiver<Result<(), String>>>,
         /// Holds the batch's share of the budget until both are done.
         _ticket: Ticket,
         /// Holds the decoded readings' bytes of the memory budget until both are done.
@@ -334,6 +338,7 @@ async fn acker(mut send: quinn::SendStream, mut pending: mpsc::Receiver<Reply>, 
                 readings,
                 postgres,
                 kafka,
+                kept,
                 _ticket,
                 _memory,
             } => {
@@ -344,6 +349,12 @@ async fn acker(mut send: quinn::SendStream, mut pending: mpsc::Receiver<Reply>, 
                     }
                     Ok(Err(e)) => Err(e),
                     Err(_) => Err("shutting down; retry".into()),
+                };
+                let kept = match kept {
+                    Some(k) => k
+                        .await
+                        .unwrap_or_else(|_| Err("shutting down; retry".into())),
+                    None => Ok(()),
                 };
                 let delivered = match kafka {
                     Some(d) => {
@@ -358,7 +369,7 @@ async fn acker(mut send: quinn::SendStream, mut pending: mpsc::Receiver<Reply>, 
                 };
                 drop(_ticket);
                 ctx.sinks.postgres.update_gauge();
-                let outcome = stored.and(delivered);
+                let outcome = stored.and(kept).and(delivered);
                 ctx.sinks
                     .gateways
                     .answered(&ctx.id.gateway, readings, outcome.is_ok());
@@ -557,29 +568,41 @@ async fn stream(
         // more readings than the frame says.
         let body = plantlink_wire::batch::declared_body_len(&b.payload).unwrap_or(0);
         let worst = crate::memory::worst_case(b.readings as usize, body, &limits);
-        if worst > hold.bytes() {
-            // Given back first and taken again whole: a stream never waits while holding
-            // part of what it needs, so two streams of a gateway cannot wait on each other.
-            // (The frame, read already, is unaccounted while it waits.)
-            drop(hold);
-            hold = match memory.reserve(&ctx.gateway, worst).await {
-                Some(h) => h,
-                None => return,
+        let mut payload = b.payload;
+        let decoded = if worst > memory.share() {
+            // Never reserved at less than its worst case: such a batch is refused whole, and
+            // the agent splits it.
+            Err(DecodeError::TooLarge {
+                what: "bytes this batch may take once decoded (ingest.max_buffered_mib / 4 per gateway)",
+                found: worst as u64,
+                limit: memory.share() as u64,
+            })
+        } else {
+            if worst > hold.bytes() {
+                // Given back first and taken again whole: a stream never waits while holding
+                // part of what it needs, so two streams of a gateway cannot wait on each
+                // other. (The frame, read already, is unaccounted while it waits.)
+                drop(hold);
+                hold = match memory.reserve(&ctx.gateway, worst).await {
+                    Some(h) => h,
+                    None => return,
+                };
+            }
+            // Decoding is CPU work: off the async workers.
+            let mut dec = decoder.take().unwrap_or_else(|| BatchDecoder::new(limits));
+            dec.limits_mut().max_readings = (b.readings as usize).min(limits.max_readings);
+            let Ok((dec, decoded, back)) = tokio::task::spawn_blocking(move || {
+                let r = dec.decode(&payload);
+                (dec, r, payload)
+            })
+            .await
+            else {
+                return; // the runtime is shutting down
             };
-        }
-        // Decoding is CPU work: off the async workers.
-        let mut dec = decoder.take().unwrap_or_else(|| BatchDecoder::new(limits));
-        dec.limits_mut().max_readings = (b.readings as usize).min(limits.max_readings);
-        let payload = b.payload;
-        let Ok((dec, decoded, payload)) = tokio::task::spawn_blocking(move || {
-            let r = dec.decode(&payload);
-            (dec, r, payload)
-        })
-        .await
-        else {
-            return; // the runtime is shutting down
+            decoder = Some(dec);
+            payload = back;
+            decoded
         };
-        decoder = Some(dec);
         let (reason, code, why) = match decoded {
             Ok(readings) if readings.len() == b.readings as usize => {
                 let backfill = b.lane == Lane::Backlog;
@@ -640,6 +663,17 @@ async fn accept(
         }
     });
     refuse(ctx, seq, now, &refused).await;
+    // Kept in PostgreSQL too (Kafka may be off): the batch is acknowledged only once they are.
+    let kept = (!refused.is_empty()).then(|| {
+        ctx.sinks.postgres.keep_refused(
+            ctx.tenant.clone(),
+            ctx.gateway.clone(),
+            refused
+                .into_iter()
+                .map(|(why, r)| (r, why.reason()))
+                .collect(),
+        )
+    });
     if let Some(a) = ctx
         .sinks
         .alerts
@@ -680,6 +714,7 @@ async fn accept(
             readings: n,
             postgres,
             kafka,
+            kept,
             _ticket: ticket,
             _memory: hold,
         })

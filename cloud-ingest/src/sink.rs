@@ -81,6 +81,8 @@ struct Shared {
     last_seen: LastSeen,
     /// TimescaleDB's policy jobs as last read (empty on plain PostgreSQL).
     jobs: Mutex<Vec<postgres::jobs::Job>>,
+    /// The connection that keeps refused readings, opened when first needed.
+    refused: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
 impl Sink {
@@ -102,6 +104,7 @@ impl Sink {
             ),
             last_seen: Mutex::new(HashMap::new()),
             jobs: Mutex::new(Vec::new()),
+            refused: tokio::sync::Mutex::new(None),
             cfg,
         });
         for w in 0..shared.cfg.writers {
@@ -117,6 +120,41 @@ impl Sink {
             budget,
             max_permits,
         }
+    }
+
+    /// Keeps readings left out of their batch in `refused_readings` (see
+    /// [`maintain::keep_refused`]); the receiver resolves once they are committed, and the
+    /// batch is acknowledged only then.
+    pub fn keep_refused(
+        &self,
+        tenant: Arc<str>,
+        gateway: Arc<str>,
+        refused: Vec<(Reading, &'static str)>,
+    ) -> oneshot::Receiver<Result<(), String>> {
+        let shared = self.shared.clone();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut c = shared.refused.lock().await;
+            let result = async {
+                if c.as_ref().is_none_or(|c| c.is_closed()) {
+                    *c = Some(postgres::connect(&shared.cfg.url).await?);
+                }
+                let client = c.as_ref().expect("connected above");
+                maintain::keep_refused(client, &tenant, &gateway, &refused).await
+            }
+            .await;
+            let _ = tx.send(match result {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    *c = None;
+                    Err(format!(
+                        "keeping {} refused readings in refused_readings failed: {e}; retry",
+                        refused.len()
+                    ))
+                }
+            });
+        });
+        rx
     }
 
     /// The storage flavour.

@@ -1,5 +1,5 @@
 //! Issue 14: the cloud's budget holds before decoding. Against the real cloud-ingest binary
-//! with `ingest.max_buffered_mib = 256`: one gateway opens many connections and streams and
+//! with `ingest.max_buffered_mib = 512`: one gateway opens many connections and streams and
 //! sends maximum-expansion batches (a few KB on the wire, 61 MB of strings once decoded)
 //! as fast as the cloud takes them. The cloud's RSS stays under a stated bound, and another
 //! gateway's batches keep being acknowledged and stored meanwhile.
@@ -19,7 +19,7 @@ use plantlink_model::{Reading, Timestamp};
 use plantlink_wire::BatchEncoder;
 use plantlink_wire::frame::{Batch, Frame, Lane};
 
-const BUDGET_MIB: u64 = 256;
+const BUDGET_MIB: u64 = 512;
 /// What the cloud may use besides the budget: the runtime, PostgreSQL's and the writers'
 /// copies of batches being written, allocator slack.
 const RSS_BOUND_MIB: u64 = 2 * BUDGET_MIB + 128;

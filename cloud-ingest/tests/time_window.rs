@@ -135,6 +135,30 @@ async fn readings_outside_the_window_go_to_the_dlq_and_the_batch_is_acked() {
         .await
         .unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (20, 0));
+    // Kept in refused_readings before the ack (Kafka or not), as they arrived.
+    let kept: Vec<(String, i64, f64, String)> = pgc
+        .query(
+            "SELECT reason, ts_us, value, gateway_id FROM refused_readings
+             WHERE tenant_id = 'acme' AND device_id = 'pump-1' ORDER BY reason",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        kept,
+        vec![
+            (
+                "in_future".to_owned(),
+                ahead * 1000,
+                99.0,
+                "gw-w".to_owned()
+            ),
+            ("too_old".to_owned(), old * 1000, 98.0, "gw-w".to_owned())
+        ]
+    );
 
     // 3. On the DLQ, each with its reason and the reading.
     let dlq = {

@@ -154,7 +154,9 @@ proptest! {
                                 prop_assert!(first >= 1 && second >= 1);
                                 prop_assert_eq!(first + second, keys.len());
                             }
-                            Refused::Unknown => prop_assert!(false, "batch {} was in flight", id),
+                            Refused::Again | Refused::Unknown => {
+                                prop_assert!(false, "batch {} was in flight, none evicted", id)
+                            }
                         }
                     }
                 }

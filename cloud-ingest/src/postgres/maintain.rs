@@ -375,8 +375,64 @@ pub async fn expire_conflicts(client: &Client, raw_days: u32) -> Result<u64, Err
     let cutoff = super::system_time(
         OffsetDateTime::now_utc().unix_timestamp() * 1_000_000 - i64::from(raw_days) * DAY_US,
     );
-    client
+    let conflicts = client
         .execute("DELETE FROM reading_conflicts WHERE ts < $1", &[&cutoff])
+        .await?;
+    let refused = client
+        .execute(
+            "DELETE FROM refused_readings WHERE refused_at < $1",
+            &[&cutoff],
+        )
+        .await?;
+    Ok(conflicts + refused)
+}
+
+/// Keeps readings that were left out of their batch in `refused_readings`, with the reason
+/// of each; text with NUL characters (which PostgreSQL cannot hold) is kept escaped.
+pub async fn keep_refused(
+    client: &Client,
+    tenant: &str,
+    gateway: &str,
+    refused: &[(plantlink_model::Reading, &'static str)],
+) -> Result<u64, Error> {
+    let clean = |s: &str| s.replace('\0', "\\0");
+    let mut device = Vec::with_capacity(refused.len());
+    let mut metric = Vec::with_capacity(refused.len());
+    let mut ts = Vec::with_capacity(refused.len());
+    let mut value = Vec::with_capacity(refused.len());
+    let mut tags: Vec<Option<String>> = Vec::with_capacity(refused.len());
+    let mut seq: Vec<Option<i64>> = Vec::with_capacity(refused.len());
+    let mut reason = Vec::with_capacity(refused.len());
+    for (r, why) in refused {
+        device.push(clean(&r.device));
+        metric.push(clean(&r.metric));
+        ts.push(r.ts.0);
+        value.push(r.value);
+        tags.push(
+            (!r.tags.is_empty())
+                .then(|| clean(&serde_json::to_string(&r.tags).unwrap_or_default())),
+        );
+        seq.push(r.seq.map(|s| s as i64));
+        reason.push(*why);
+    }
+    client
+        .execute(
+            "INSERT INTO refused_readings
+                 (tenant_id, gateway_id, device_id, metric_name, ts_us, value, tags, seq, reason)
+             SELECT $1, $2, * FROM unnest($3::text[], $4::text[], $5::int8[], $6::float8[],
+                                          $7::text[], $8::int8[], $9::text[])",
+            &[
+                &clean(tenant),
+                &clean(gateway),
+                &device,
+                &metric,
+                &ts,
+                &value,
+                &tags,
+                &seq,
+                &reason,
+            ],
+        )
         .await
 }
 

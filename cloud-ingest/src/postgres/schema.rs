@@ -78,6 +78,22 @@ CREATE TABLE IF NOT EXISTS reading_conflicts (
     PRIMARY KEY (tenant_id, device_id, metric_name, ts, value, tags)
 );
 CREATE INDEX IF NOT EXISTS reading_conflicts_gateway ON reading_conflicts (tenant_id, gateway_id);
+-- Readings left out of their acknowledged batch (outside the event-time window, or nothing a
+-- database can hold): kept here, as they arrived, for `postgres.retention.raw_days`. Text
+-- holds NUL characters escaped (\\0), and the time is µs since the epoch, as any may be.
+CREATE TABLE IF NOT EXISTS refused_readings (
+    tenant_id   text             NOT NULL,
+    gateway_id  text             NOT NULL,
+    device_id   text             NOT NULL,
+    metric_name text             NOT NULL,
+    ts_us       bigint           NOT NULL,
+    value       double precision NOT NULL,
+    tags        text,
+    seq         bigint,
+    reason      text             NOT NULL,
+    refused_at  timestamptz      NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS refused_readings_tenant ON refused_readings (tenant_id, refused_at);
 CREATE TABLE IF NOT EXISTS rollup_dirty (
     tenant_id   text        NOT NULL,
     device_id   text        NOT NULL,

@@ -207,6 +207,9 @@ pub enum Refused {
         /// Readings in the second half.
         second: usize,
     },
+    /// One reading is left of a larger batch (the others were evicted meanwhile): it is not
+    /// known to be at fault, so it waits to be sent again alone.
+    Again,
     /// A single reading, now in quarantine.
     Quarantined(Box<Reading>),
 }
@@ -226,6 +229,8 @@ pub struct QueuedBatch {
 struct InFlight {
     first: i64,
     last: i64,
+    /// Readings sent in the batch (0 for a range waiting in `retry`).
+    sent: usize,
 }
 
 #[derive(Debug)]
@@ -968,6 +973,7 @@ impl Store {
                     self.retry.push_front(InFlight {
                         first: last + 1,
                         last: range.last,
+                        sent: 0,
                     });
                 }
                 let id = self.next_batch;
@@ -977,6 +983,7 @@ impl Store {
                     InFlight {
                         first: range.first,
                         last,
+                        sent: rows.len(),
                     },
                 );
                 return Ok(Some(QueuedBatch {
@@ -1012,6 +1019,7 @@ impl Store {
             InFlight {
                 first: after + 1,
                 last,
+                sent: rows.len(),
             },
         );
         Ok(Some(QueuedBatch {
@@ -1150,6 +1158,16 @@ impl Store {
             .map_err(self.sql_err("reading a refused batch"))?;
         match ids.len() {
             0 => Ok(Refused::Unknown),
+            // Only a reading refused on its own is at fault: one left of a larger batch
+            // (the others evicted meanwhile) is sent again alone first.
+            1 if f.sent > 1 => {
+                self.retry.push_front(InFlight {
+                    first: ids[0],
+                    last: ids[0],
+                    sent: 0,
+                });
+                Ok(Refused::Again)
+            }
             1 => {
                 let rows = self.read_range(ids[0] - 1, ids[0], 1)?;
                 let (id, r) = rows.into_iter().next().expect("the row just found");
@@ -1162,10 +1180,12 @@ impl Store {
                 self.retry.push_front(InFlight {
                     first: ids[mid],
                     last: f.last,
+                    sent: 0,
                 });
                 self.retry.push_front(InFlight {
                     first: f.first,
                     last: ids[mid - 1],
+                    sent: 0,
                 });
                 Ok(Refused::Split {
                     first: mid,

@@ -362,7 +362,7 @@ fn a_refused_batch_is_split_until_the_reading_at_fault_is_quarantined() {
                     break;
                 }
                 Refused::Split { first, second } => assert!(first > 0 && second > 0),
-                Refused::Unknown => panic!("batch in flight"),
+                Refused::Again | Refused::Unknown => panic!("batch in flight, none evicted"),
             }
         } else {
             delivered.extend(batch.readings.iter().map(|x| x.ts.0));
@@ -451,4 +451,26 @@ fn pruning_keeps_the_lifetime_counts_of_pruned_devices() {
     assert_eq!(s.prune_idle(11).unwrap().0, 1);
     s.commit().unwrap();
     assert_eq!(stats(s.connection()).unwrap().evicted, evicted);
+}
+
+#[test]
+fn a_reading_left_alone_by_eviction_is_sent_again_not_quarantined() {
+    let (_d, mut s) = temp_store(1 << 20);
+    put(&mut s, &[r("d1", 1, 1.0), r("d1", 2, 2.0)]);
+    let b = s.read_next(10).unwrap().unwrap();
+    assert_eq!(b.readings.len(), 2);
+    // The poison (ts 1) is evicted before the cloud's refusal of the pair is handled.
+    s.connection()
+        .execute("DELETE FROM readings WHERE ts = 1", [])
+        .unwrap();
+    assert_eq!(s.refuse(b.id, "malformed", "x", 5).unwrap(), Refused::Again);
+    assert!(quarantined(s.connection(), 10).unwrap().is_empty());
+    // It goes out alone; refused alone, then it is quarantined.
+    let again = s.read_batch(Lane::Backlog, 10).unwrap().unwrap();
+    assert_eq!(again.readings.len(), 1);
+    assert_eq!(again.readings[0].ts.0, 2);
+    assert!(matches!(
+        s.refuse(again.id, "malformed", "x", 6).unwrap(),
+        Refused::Quarantined(_)
+    ));
 }

@@ -334,17 +334,26 @@ impl Fit {
             })
             .sum();
         let strings_per_reading = strings.div_ceil(n).max(1);
+        let tags: usize = readings.iter().map(|r| r.tags.len()).sum();
+        let tags_per_reading = tags.div_ceil(n).max(1);
         let string_budget = self
             .limits
             .max_decoded_string_bytes
             .min(self.limits.max_body_bytes / 2);
         self.readings = (self.max_bytes * 3 / 4 / per_reading)
             .min(string_budget / strings_per_reading)
+            .min(self.limits.max_decoded_tags / tags_per_reading)
             .clamp(1, self.limits.max_readings);
         if payload > self.max_bytes {
             return Err(format!(
                 "{n} readings encode to {payload} bytes, over the cloud's max_batch_bytes = {}",
                 self.max_bytes
+            ));
+        }
+        if tags > self.limits.max_decoded_tags {
+            return Err(format!(
+                "{n} readings hold {tags} tags, over the {} a batch may expand to",
+                self.limits.max_decoded_tags
             ));
         }
         if strings > string_budget {

@@ -56,18 +56,23 @@ impl BatchDecoder {
             payload.len(),
             lim.max_payload_bytes,
         )?;
-        match zstd::zstd_safe::get_frame_content_size(compressed) {
-            Ok(Some(n)) => check_size("decompressed body bytes", n as usize, lim.max_body_bytes)?,
+        let declared = match zstd::zstd_safe::get_frame_content_size(compressed) {
+            Ok(Some(n)) => {
+                check_size("decompressed body bytes", n as usize, lim.max_body_bytes)?;
+                n as usize
+            }
             Ok(None) => {
                 return Err(DecodeError::Corrupt(
                     "zstd frame has no content size".into(),
                 ));
             }
             Err(e) => return Err(DecodeError::Decompress(e.to_string())),
-        }
+        };
+        // The buffer is as large as the frame says (checked above), not the limit: a small
+        // batch must not cost the largest allowed body.
         let body = self
             .zstd
-            .decompress(compressed, lim.max_body_bytes)
+            .decompress(compressed, declared)
             .map_err(|e| DecodeError::Decompress(e.to_string()))?;
         parse_body(&body, &lim)
     }
@@ -145,6 +150,7 @@ fn parse_body(body: &[u8], lim: &Limits) -> Result<Vec<Reading>, DecodeError> {
     let mut idx = [0i64; 3];
     let mut ts: Vec<i64> = Vec::new();
     let mut string_bytes = 0usize;
+    let mut tag_instances = 0usize;
     for _ in 0..series_count {
         let mut names = [""; 3];
         for (slot, name) in names.iter_mut().enumerate() {
@@ -170,6 +176,8 @@ fn parse_body(body: &[u8], lim: &Limits) -> Result<Vec<Reading>, DecodeError> {
         string_bytes = string_bytes.saturating_add(
             n.saturating_mul(tenant.len() + device.len() + metric.len() + tag_bytes),
         );
+        tag_instances = tag_instances.saturating_add(n.saturating_mul(tag_count));
+        check_size("decoded tags", tag_instances, lim.max_decoded_tags)?;
         check_size(
             "decoded string bytes",
             string_bytes,

@@ -64,6 +64,9 @@ pub struct Limits {
     /// Most bytes of strings the decoded readings may hold in total, so that a small
     /// payload cannot expand into gigabytes of repeated long names.
     pub max_decoded_string_bytes: usize,
+    /// Most tags the decoded readings may hold in total (points x tags of their series):
+    /// each is a map entry of its own once decoded, however short.
+    pub max_decoded_tags: usize,
 }
 
 impl Default for Limits {
@@ -76,6 +79,7 @@ impl Default for Limits {
             max_string_len: 1024,
             max_tags: 32,
             max_decoded_string_bytes: 64 << 20,
+            max_decoded_tags: 500_000,
         }
     }
 }
