@@ -615,7 +615,7 @@ impl Config {
                     && api.pool_timeout_ms >= 1
                     && api.max_raw_range_days >= 1,
                 "config {}: api.max_concurrent_per_tenant must be at least 1 and less than \
-                 api.pool_size (so another tenant always finds a connection), and \
+                 api.pool_size (so one tenant alone cannot take every connection), and \
                  statement_timeout_ms, pool_timeout_ms and max_raw_range_days at least 1",
                 path.display()
             );

@@ -267,9 +267,9 @@ async fn rollup_refresh_against_group_by() {
          WHERE ts >= to_timestamp({from}) AND ts < to_timestamp({to})
          GROUP BY tenant_id, device_id, metric_name, date_trunc('hour', ts);
          INSERT INTO peer_1d
-         SELECT min(tenant_id), device_id, metric_name, date_trunc('day', bucket),
+         SELECT tenant_id, device_id, metric_name, date_trunc('day', bucket),
                 min(min_val), max(max_val), sum(sum_val) / sum(count), sum(sum_val), sum(count)
-         FROM peer_1h GROUP BY device_id, metric_name, date_trunc('day', bucket);"
+         FROM peer_1h GROUP BY tenant_id, device_id, metric_name, date_trunc('day', bucket);"
     );
     let (mut mine, mut peer) = (Vec::new(), Vec::new());
     for round in 0..3 {
@@ -280,7 +280,8 @@ async fn rollup_refresh_against_group_by() {
 
         c.batch_execute(
             "TRUNCATE downsampled_metrics_1h, downsampled_metrics_1d;
-             INSERT INTO rollup_dirty SELECT DISTINCT device_id, metric_name, date_trunc('hour', ts)
+             INSERT INTO rollup_dirty (tenant_id, device_id, metric_name, bucket)
+             SELECT DISTINCT tenant_id, device_id, metric_name, date_trunc('hour', ts)
              FROM raw_metrics ON CONFLICT DO NOTHING;",
         )
         .await
@@ -296,7 +297,7 @@ async fn rollup_refresh_against_group_by() {
     // Same answers.
     let diff: i64 = pgc
         .query_one(
-            "SELECT count(*) FROM downsampled_metrics_1h h FULL JOIN peer_1h p USING (device_id, metric_name, bucket)
+            "SELECT count(*) FROM downsampled_metrics_1h h FULL JOIN peer_1h p USING (tenant_id, device_id, metric_name, bucket)
              WHERE h.count IS DISTINCT FROM p.count OR h.min_val IS DISTINCT FROM p.min_val
                 OR h.max_val IS DISTINCT FROM p.max_val",
             &[],

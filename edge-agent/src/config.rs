@@ -505,6 +505,15 @@ impl Config {
         if self.gateway.id.trim().is_empty() {
             return bad("gateway.id", "must not be empty".into());
         }
+        if self.devices.max > 1_000_000 {
+            return bad(
+                "devices.max",
+                format!(
+                    "{} is more than 1000000; a gateway's queue tracks at most a million devices",
+                    self.devices.max
+                ),
+            );
+        }
         if self.devices.max == 0 {
             return bad(
                 "devices.max",

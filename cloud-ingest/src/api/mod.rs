@@ -14,7 +14,9 @@
 //!   read a rollup. A request that finds no connection free within `pool_timeout_ms` (or
 //!   the database down) is a 503 at once, never a hang.
 //! - A tenant runs at most `max_concurrent_per_tenant` requests at once (fewer than
-//!   `pool_size`, which the config checks, so another tenant always finds a connection); one
+//!   `pool_size`, which the config checks, so one tenant alone cannot take every connection;
+//!   tenants flooding together can, up to `pool_timeout_ms`: size the pool for the tenants
+//!   that may be busy at once); one
 //!   more waits up to `tenant_queue_ms` for a turn, then gets a 429 naming the limit.
 //! - `resolution=raw` reads at most `max_raw_range_days`; a longer raw range is a 400 before
 //!   any query (`auto` never asks for one). Raw series are also cut at `limit` points.
