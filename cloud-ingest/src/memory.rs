@@ -34,7 +34,9 @@ const TAG_OVERHEAD: usize = 128;
 pub struct Memory {
     global: Arc<Semaphore>,
     share: usize,
-    gateways: Arc<Mutex<HashMap<Arc<str>, Arc<Semaphore>>>>,
+    /// Each gateway's share, by (tenant, gateway id).
+    #[allow(clippy::type_complexity)]
+    gateways: Arc<Mutex<HashMap<(Arc<str>, Arc<str>), Arc<Semaphore>>>>,
 }
 
 /// Bytes reserved for one batch, given back when dropped.
@@ -93,11 +95,16 @@ impl Memory {
     /// Reserves `bytes` for `gateway` (at most its share: callers refuse what needs more),
     /// waiting until both its share and the whole budget have room. `None` once the server
     /// is stopping.
-    pub async fn reserve(&self, gateway: &Arc<str>, bytes: usize) -> Option<Hold> {
+    pub async fn reserve(
+        &self,
+        tenant: &Arc<str>,
+        gateway: &Arc<str>,
+        bytes: usize,
+    ) -> Option<Hold> {
         let n = bytes.clamp(1, self.share) as u32;
         let local = {
             let mut map = self.gateways.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(gateway.clone())
+            map.entry((tenant.clone(), gateway.clone()))
                 .or_insert_with(|| Arc::new(Semaphore::new(self.share)))
                 .clone()
         };
@@ -155,17 +162,19 @@ mod tests {
     async fn a_gateway_holds_at_most_its_share_and_shrinks_to_what_it_uses() {
         let m = Memory::new(1000);
         let (a, b): (Arc<str>, Arc<str>) = ("gw-a".into(), "gw-b".into());
-        let mut h = m.reserve(&a, 250).await.unwrap();
+        let t: Arc<str> = "acme".into();
+        let mut h = m.reserve(&t, &a, 250).await.unwrap();
         assert_eq!((h.bytes(), m.available()), (250, 750));
         // A's share is used up: a second reservation waits, B's does not.
-        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), m.reserve(&a, 1));
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(50), m.reserve(&t, &a, 1));
         assert!(waiting.await.is_err(), "over its share, gateway A waits");
-        let hb = m.reserve(&b, 5000).await.unwrap();
+        let hb = m.reserve(&t, &b, 5000).await.unwrap();
         assert_eq!(hb.bytes(), 250, "clamped to the share");
         // Shrinking gives the rest back to both the gateway and the budget.
         h.shrink_to(40);
         assert_eq!((h.bytes(), m.available()), (40, 710));
-        let h2 = m.reserve(&a, 210).await.unwrap();
+        let h2 = m.reserve(&t, &a, 210).await.unwrap();
         assert_eq!(h.bytes() + h2.bytes(), 250);
         drop((h, h2));
         drop(hb);

@@ -189,7 +189,8 @@ impl Revocations {
 
 /// The connections admitted and still open, one per gateway id.
 #[derive(Debug, Clone, Default)]
-pub struct Live(Arc<Mutex<HashMap<String, (quinn::Connection, GatewayIdentity)>>>);
+#[allow(clippy::type_complexity)]
+pub struct Live(Arc<Mutex<HashMap<(String, String), (quinn::Connection, GatewayIdentity)>>>);
 
 impl Live {
     /// Registers an admitted connection, closing the one of the same gateway it replaces
@@ -207,7 +208,9 @@ impl Live {
             counter!("plantlink_cloud_handshakes_revoked_total", "by" => m.label()).increment(1);
             return Err(m);
         }
-        if let Some((old, _)) = live.insert(id.gateway.clone(), (conn.clone(), id.clone())) {
+        // Keyed by tenant and gateway: the same id in two tenants is two gateways.
+        let key = (id.tenant.clone(), id.gateway.clone());
+        if let Some((old, _)) = live.insert(key, (conn.clone(), id.clone())) {
             old.close(VarInt::from_u32(CLOSE_REPLACED), REPLACED_REASON.as_bytes());
             counter!("plantlink_cloud_connections_replaced_total").increment(1);
             tracing::warn!(
@@ -220,13 +223,14 @@ impl Live {
     }
 
     /// Forgets a connection that ended, unless a newer one replaced it already.
-    pub fn deregister(&self, conn: &quinn::Connection, gateway: &str) {
+    pub fn deregister(&self, conn: &quinn::Connection, tenant: &str, gateway: &str) {
         let mut live = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (tenant.to_owned(), gateway.to_owned());
         if live
-            .get(gateway)
+            .get(&key)
             .is_some_and(|(c, _)| c.stable_id() == conn.stable_id())
         {
-            live.remove(gateway);
+            live.remove(&key);
         }
     }
 

@@ -282,7 +282,11 @@ async fn connection(
             let _keep = control_send;
             while let Ok(f) = quic::read_frame(&mut control_recv, 1 << 16).await {
                 match f {
-                    Frame::Status(s) => ctx.sinks.gateways.reported(&ctx.id.gateway, &s),
+                    Frame::Status(s) => {
+                        ctx.sinks
+                            .gateways
+                            .reported(&ctx.id.tenant, &ctx.id.gateway, &s)
+                    }
                     other => {
                         tracing::debug!(gateway = %ctx.id.gateway, frame = ?other, "ignored on the control stream")
                     }
@@ -300,9 +304,13 @@ async fn connection(
             q.max_batch_bytes as usize,
         ));
     }
-    reloader.live.deregister(&conn, &ctx.id.gateway);
+    reloader
+        .live
+        .deregister(&conn, &ctx.id.tenant, &ctx.id.gateway);
     gauge!("plantlink_cloud_connections").decrement(1.0);
-    ctx.sinks.gateways.disconnected(&ctx.id.gateway);
+    ctx.sinks
+        .gateways
+        .disconnected(&ctx.id.tenant, &ctx.id.gateway);
     let why = conn
         .close_reason()
         .map(|e| e.to_string())
@@ -370,9 +378,12 @@ async fn acker(mut send: quinn::SendStream, mut pending: mpsc::Receiver<Reply>, 
                 drop(_ticket);
                 ctx.sinks.postgres.update_gauge();
                 let outcome = stored.and(kept).and(delivered);
-                ctx.sinks
-                    .gateways
-                    .answered(&ctx.id.gateway, readings, outcome.is_ok());
+                ctx.sinks.gateways.answered(
+                    &ctx.id.tenant,
+                    &ctx.id.gateway,
+                    readings,
+                    outcome.is_ok(),
+                );
                 match outcome {
                     Ok(()) => Frame::Ack(Ack { seq }),
                     Err(why) => {
@@ -399,7 +410,9 @@ async fn report_conflicts(ctx: &Ctx, seq: u64, conflicts: &[postgres::Conflict])
     let n = conflicts.len() as u64;
     counter!("plantlink_cloud_readings_conflicting_total", "tenant" => ctx.tenant.to_string())
         .increment(n);
-    ctx.sinks.gateways.conflicting(&ctx.id.gateway, n);
+    ctx.sinks
+        .gateways
+        .conflicting(&ctx.id.tenant, &ctx.id.gateway, n);
     tracing::warn!(
         gateway = %ctx.id.gateway, tenant = %ctx.tenant, seq, conflicts = n,
         example.device = %first.device.escape_debug(), example.metric = %first.metric.escape_debug(),
@@ -529,7 +542,7 @@ async fn stream(
     loop {
         // The frame's length first: its bytes are reserved before the body is read.
         let read = match read_prefix(&mut recv, max_frame + 1024).await {
-            Ok(total) => match memory.reserve(&ctx.gateway, total).await {
+            Ok(total) => match memory.reserve(&ctx.tenant, &ctx.gateway, total).await {
                 Some(hold) => read_body(&mut recv, total, max_frame + 1024)
                     .await
                     .map(|f| (f, hold)),
@@ -583,7 +596,7 @@ async fn stream(
                 // part of what it needs, so two streams of a gateway cannot wait on each
                 // other. (The frame, read already, is unaccounted while it waits.)
                 drop(hold);
-                hold = match memory.reserve(&ctx.gateway, worst).await {
+                hold = match memory.reserve(&ctx.tenant, &ctx.gateway, worst).await {
                     Some(h) => h,
                     None => return,
                 };
@@ -695,7 +708,7 @@ async fn accept(
         None => None,
     };
     let n = readings.len() as u64;
-    ctx.sinks.gateways.received(&ctx.gateway, n);
+    ctx.sinks.gateways.received(&ctx.tenant, &ctx.gateway, n);
     let postgres = ctx
         .sinks
         .postgres

@@ -51,7 +51,9 @@ pub struct Reported {
 
 /// The table of gateways; cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct Gateways(Arc<Mutex<BTreeMap<String, Gateway>>>);
+// Keyed by (tenant, gateway id): the same id in two tenants is two gateways.
+#[allow(clippy::type_complexity)]
+pub struct Gateways(Arc<Mutex<BTreeMap<(String, String), Gateway>>>);
 
 fn now() -> String {
     crate::kafka::rfc3339(
@@ -60,14 +62,15 @@ fn now() -> String {
 }
 
 impl Gateways {
-    fn with(&self, gateway: &str, f: impl FnOnce(&mut Gateway)) {
+    fn with(&self, tenant: &str, gateway: &str, f: impl FnOnce(&mut Gateway)) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        f(m.entry(gateway.to_owned()).or_default());
+        f(m.entry((tenant.to_owned(), gateway.to_owned()))
+            .or_default());
     }
 
     /// A connection was admitted.
     pub fn connected(&self, gateway: &str, tenant: &str) {
-        self.with(gateway, |g| {
+        self.with(tenant, gateway, |g| {
             g.tenant = tenant.to_owned();
             g.connections += 1;
             g.last_connected_at = Some(now());
@@ -75,8 +78,8 @@ impl Gateways {
     }
 
     /// The gateway reported its queue.
-    pub fn reported(&self, gateway: &str, s: &plantlink_wire::frame::Status) {
-        self.with(gateway, |g| {
+    pub fn reported(&self, tenant: &str, gateway: &str, s: &plantlink_wire::frame::Status) {
+        self.with(tenant, gateway, |g| {
             g.queue = Some(Reported {
                 at: now(),
                 queued_readings: s.queued_readings,
@@ -88,21 +91,23 @@ impl Gateways {
     }
 
     /// A connection ended.
-    pub fn disconnected(&self, gateway: &str) {
-        self.with(gateway, |g| g.connections = g.connections.saturating_sub(1));
+    pub fn disconnected(&self, tenant: &str, gateway: &str) {
+        self.with(tenant, gateway, |g| {
+            g.connections = g.connections.saturating_sub(1)
+        });
     }
 
     /// A batch of `readings` entered the pipeline.
-    pub fn received(&self, gateway: &str, readings: u64) {
-        self.with(gateway, |g| {
+    pub fn received(&self, tenant: &str, gateway: &str, readings: u64) {
+        self.with(tenant, gateway, |g| {
             g.batches_in_flight += 1;
             g.readings_in_flight += readings;
         });
     }
 
     /// A batch that entered the pipeline was answered.
-    pub fn answered(&self, gateway: &str, readings: u64, acked: bool) {
-        self.with(gateway, |g| {
+    pub fn answered(&self, tenant: &str, gateway: &str, readings: u64, acked: bool) {
+        self.with(tenant, gateway, |g| {
             g.batches_in_flight = g.batches_in_flight.saturating_sub(1);
             g.readings_in_flight = g.readings_in_flight.saturating_sub(readings);
             if acked {
@@ -116,16 +121,43 @@ impl Gateways {
     }
 
     /// Readings of a batch of the gateway conflicted with stored ones.
-    pub fn conflicting(&self, gateway: &str, readings: u64) {
-        self.with(gateway, |g| g.readings_conflicting += readings);
+    pub fn conflicting(&self, tenant: &str, gateway: &str, readings: u64) {
+        self.with(tenant, gateway, |g| g.readings_conflicting += readings);
     }
 
     /// The gateways of `tenant`.
     pub fn of_tenant(&self, tenant: &str) -> BTreeMap<String, Gateway> {
         let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         m.iter()
-            .filter(|(_, g)| g.tenant == tenant)
-            .map(|(k, g)| (k.clone(), g.clone()))
+            .filter(|((t, _), _)| t == tenant)
+            .map(|((_, gw), g)| (gw.clone(), g.clone()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_gateway_id_in_two_tenants_is_two_gateways() {
+        let g = Gateways::default();
+        g.connected("gw-x", "acme");
+        g.connected("gw-x", "beta");
+        g.received("acme", "gw-x", 100);
+        g.answered("acme", "gw-x", 100, true);
+        g.disconnected("beta", "gw-x");
+        let acme = g.of_tenant("acme");
+        let beta = g.of_tenant("beta");
+        assert_eq!(
+            (acme["gw-x"].connections, acme["gw-x"].readings_acked),
+            (1, 100)
+        );
+        assert_eq!(
+            (beta["gw-x"].connections, beta["gw-x"].readings_acked),
+            (0, 0)
+        );
+        assert_eq!(beta["gw-x"].tenant, "beta");
+        assert!(g.of_tenant("gamma").is_empty());
     }
 }

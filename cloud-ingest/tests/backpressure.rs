@@ -76,6 +76,7 @@ async fn a_locked_table_holds_memory_bounded_and_metrics_add_up() {
         dedupe_window_us: 600_000_000,
         dead_letters_keep: 100,
         tenant: "acme".into(),
+        max_series_per_device: 1000,
     })
     .unwrap();
     store.begin(1).unwrap();

@@ -69,6 +69,7 @@ async fn drain(tag: &str, kafka: Option<String>) -> f64 {
         dedupe_window_us: 600_000_000,
         dead_letters_keep: 100,
         tenant: "acme".into(),
+        max_series_per_device: 1000,
     };
     let mut store = edge_agent::store::Store::open(opts).unwrap();
     for chunk in readings.chunks(100_000) {

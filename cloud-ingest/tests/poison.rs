@@ -87,6 +87,7 @@ async fn poison_is_isolated_and_good_readings_keep_flowing() {
             dedupe_window_us: 600_000_000,
             dead_letters_keep: 100,
             tenant: "acme".into(),
+            max_series_per_device: 1000,
         })
         .unwrap();
         q.begin(1).unwrap();

@@ -319,6 +319,29 @@ async fn a_second_connection_of_a_gateway_replaces_the_first() {
         .wait_metric("plantlink_cloud_connections", |v| v == 1.0)
         .await;
 
+    // The same gateway id in another tenant is another gateway: it replaces nothing.
+    let beta_dir = d.0.join("beta");
+    std::fs::create_dir_all(&beta_dir).unwrap();
+    for f in ["ca.pem", "ca.key"] {
+        std::fs::copy(d.0.join(f), beta_dir.join(f)).unwrap();
+    }
+    cloud_ingest::pki::gateway(&beta_dir, "gw-twice", "beta", 365).unwrap();
+    let beta_ep = client(&ca, Some((&beta_dir, "gw-twice")));
+    let beta = connect(&beta_ep, cloud.quic, "gw-twice").await;
+    assert_eq!(
+        send_batch(&beta, 1, "pump", 3).await,
+        Frame::Ack(Ack { seq: 1 })
+    );
+    cloud
+        .wait_metric("plantlink_cloud_connections", |v| v == 2.0)
+        .await;
+    assert_eq!(
+        send_batch(&second, 3, "pump", 3).await,
+        Frame::Ack(Ack { seq: 3 })
+    );
+    assert!(second.close_reason().is_none(), "acme's gw-twice stays up");
+    beta.close(0u32.into(), b"done");
+
     second.close(0u32.into(), b"done");
     drop(cloud);
     drop(pgc);

@@ -233,7 +233,7 @@ pub fn verdict(o: &Outcome) -> (ResponseType, String) {
                 Reason::Oversize => ResponseType::RequestEntityTooLarge,
                 Reason::UnsupportedFormat => ResponseType::UnsupportedContentFormat,
                 Reason::NotAllowed => ResponseType::Forbidden,
-                Reason::DeviceCap => ResponseType::ServiceUnavailable,
+                Reason::DeviceCap | Reason::SeriesCap => ResponseType::ServiceUnavailable,
                 _ => ResponseType::BadRequest,
             };
             (code, format!("{}: {}", r.reason.as_str(), r.detail))

@@ -309,6 +309,11 @@ pub struct Devices {
     /// devices already known never are.
     #[serde(default = "default_max_devices")]
     pub max: usize,
+    /// Most series (metric and tag values) one device may have: those with readings queued
+    /// or stored in the last 10 minutes (idle ones are pruned after that; default 1000). A reading that would start another is refused (dead letter `series_cap`):
+    /// invented metric names or tag values cannot grow the queue's rows without bound.
+    #[serde(default = "default_max_series")]
+    pub max_series_per_device: usize,
     /// `[devices.<id>]`: the device's type and firmware version, used to pick a
     /// `[[firmware]]` mapping when neither the topic nor the payload says. The id is as
     /// composed by `[[mqtt.topics]] device`, where set.
@@ -320,11 +325,16 @@ fn default_max_devices() -> usize {
     10_000
 }
 
+fn default_max_series() -> usize {
+    1_000
+}
+
 impl Default for Devices {
     fn default() -> Self {
         Self {
             allow: Vec::new(),
             max: default_max_devices(),
+            max_series_per_device: default_max_series(),
             known: BTreeMap::new(),
         }
     }
@@ -512,6 +522,12 @@ impl Config {
                     "{} is more than 1000000; a gateway's queue tracks at most a million devices",
                     self.devices.max
                 ),
+            );
+        }
+        if self.devices.max_series_per_device == 0 {
+            return bad(
+                "devices.max_series_per_device",
+                "0 would refuse every reading; give the most metrics x tag combinations a device sends, with headroom (default 1000)".into(),
             );
         }
         if self.devices.max == 0 {

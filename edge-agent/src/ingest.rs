@@ -463,6 +463,12 @@ impl Writer {
                         dups += 1;
                         outcome.dropped += 1;
                     }
+                    Insert::SeriesCap => {
+                        match refused.iter_mut().find(|(x, _, _)| *x == Reason::SeriesCap) {
+                            Some(e) => e.2 += 1,
+                            None => refused.push((Reason::SeriesCap, &r.device, 1)),
+                        }
+                    }
                 }
             }
             let refused: Vec<Reject> = refused
@@ -587,6 +593,12 @@ impl Writer {
             Reason::NotAllowed => format!(
                 "device {device:?} is not in [devices] allow = {:?}",
                 self.opts.devices.allow
+            ),
+            Reason::SeriesCap => format!(
+                "device {device:?} has [devices] max_series_per_device = {} series (metric and \
+                 tag values) in the queue; a new metric name or tag value starts another: \
+                 raise the cap, or find what invents names",
+                self.opts.devices.max_series_per_device
             ),
             _ => format!(
                 "device {device:?} is new while the queue tracks [devices] max = {} devices; \

@@ -53,11 +53,13 @@ pub enum Reason {
     NotAllowed,
     /// A new device while the queue tracks `[devices] max` devices.
     DeviceCap,
+    /// A new series of a device that has `[devices] max_series_per_device`.
+    SeriesCap,
 }
 
 impl Reason {
     /// Every reason, for zeroing the counters at start.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Oversize,
         Reason::Malformed,
         Reason::WrongType,
@@ -70,6 +72,7 @@ impl Reason {
         Reason::TooLong,
         Reason::NotAllowed,
         Reason::DeviceCap,
+        Reason::SeriesCap,
     ];
 
     /// The label value.
@@ -87,6 +90,7 @@ impl Reason {
             Reason::TooLong => "too_long",
             Reason::NotAllowed => "not_allowed",
             Reason::DeviceCap => "device_cap",
+            Reason::SeriesCap => "series_cap",
         }
     }
 }

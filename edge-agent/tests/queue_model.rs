@@ -69,6 +69,7 @@ fn options(dir: &common::TempDir) -> Options {
         dedupe_window_us: i64::MAX / 4,
         dead_letters_keep: 10,
         tenant: "t".into(),
+        max_series_per_device: 1000,
     }
 }
 

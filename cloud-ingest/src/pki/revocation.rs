@@ -95,21 +95,31 @@ impl Entry {
 
     /// A gateway id.
     pub fn gateway(value: &str) -> Result<Self, String> {
-        super::check_id("gateway id", value.trim()).map_err(|e| e.to_string())?;
-        Ok(Self::Gateway(value.trim().to_owned()))
+        let value = value.trim();
+        // `<tenant>/<id>` names one tenant's gateway; a bare id, that id in every tenant.
+        match value.split_once('/') {
+            Some((tenant, id)) => {
+                super::check_id("tenant", tenant).map_err(|e| e.to_string())?;
+                super::check_id("gateway id", id).map_err(|e| e.to_string())?;
+            }
+            None => super::check_id("gateway id", value).map_err(|e| e.to_string())?,
+        }
+        Ok(Self::Gateway(value.to_owned()))
     }
 
     /// One line of the list, without its comment: `serial:HEX`, `sha256:HEX` or `gateway:ID`.
     pub fn parse(line: &str) -> Result<Self, String> {
         let Some((kind, value)) = line.trim().split_once(':') else {
-            return Err("expected serial:<hex>, sha256:<hex> or gateway:<id>".into());
+            return Err(
+                "expected serial:<hex>, sha256:<hex>, gateway:<tenant>/<id> or gateway:<id>".into(),
+            );
         };
         match kind.trim().to_ascii_lowercase().as_str() {
             "serial" => Self::serial(value),
             "sha256" | "fingerprint" => Self::fingerprint(value),
             "gateway" => Self::gateway(value),
             other => Err(format!(
-                "unknown kind {other:?}; expected serial:<hex>, sha256:<hex> or gateway:<id>"
+                "unknown kind {other:?}; expected serial:<hex>, sha256:<hex>, gateway:<tenant>/<id> or gateway:<id>"
             )),
         }
     }
@@ -242,7 +252,11 @@ impl RevocationList {
             Some(Match::Serial)
         } else if self.fingerprints.contains(&id.fingerprint) {
             Some(Match::Fingerprint)
-        } else if self.gateways.contains(&id.gateway) {
+        } else if self.gateways.contains(&id.gateway)
+            || self
+                .gateways
+                .contains(&format!("{}/{}", id.tenant, id.gateway))
+        {
             Some(Match::Gateway)
         } else {
             None
@@ -381,7 +395,8 @@ mod tests {
                 "serial has 'x', not a hex digit",
             ),
             ("\n\nsha256:abcd\n", 3, "64 hex digits, this one 4"),
-            ("gateway:../etc\n", 1, "\"../etc\""),
+            ("gateway:../etc\n", 1, "tenant \"..\""),
+            ("gateway:gw 1\n", 1, "\"gw 1\""),
             ("serial:\n", 1, "serial is empty"),
             ("crl:1234\n", 1, "unknown kind \"crl\""),
             (&format!("serial:{}\n", "1".repeat(41)), 1, "at most 40"),
@@ -403,6 +418,13 @@ mod tests {
         assert_eq!(l.check(&id("gw-old", "1", "00")), Some(Match::Gateway));
         // The same gateway id with another certificate is not revoked.
         assert_eq!(l.check(&id("gw-1", "6f0d", "00")), None);
+        // `<tenant>/<id>` revokes one tenant's gateway only.
+        let scoped = RevocationList::parse("gateway:beta/gw-9\n").unwrap();
+        let mut beta = id("gw-9", "01", "02");
+        assert_eq!(scoped.check(&beta), None, "acme's gw-9 is not beta's");
+        beta.tenant = "beta".into();
+        assert_eq!(scoped.check(&beta), Some(Match::Gateway));
+        assert!(RevocationList::parse("gateway:beta/\n").is_err());
         assert_eq!(
             [Match::Serial, Match::Fingerprint, Match::Gateway].map(Match::label),
             ["serial", "fingerprint", "gateway"]

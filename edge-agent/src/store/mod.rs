@@ -159,6 +159,8 @@ pub struct Options {
     pub dead_letters_keep: u64,
     /// The tenant put on readings read back.
     pub tenant: String,
+    /// Most series (metric and tags) one device may have in the queue.
+    pub max_series_per_device: usize,
 }
 
 impl Options {
@@ -171,6 +173,7 @@ impl Options {
             dedupe_window_us: (c.dedupe.window_secs as i64).saturating_mul(1_000_000),
             dead_letters_keep: c.store.dead_letters_keep,
             tenant: c.gateway.tenant.clone(),
+            max_series_per_device: c.devices.max_series_per_device,
         }
     }
 }
@@ -183,6 +186,9 @@ pub enum Insert {
     /// A replay of a reading stored within the dedupe window (same identity, value and
     /// tags); dropped.
     Duplicate,
+    /// A new series (metric and tags) of a device that has `max_series_per_device`; not
+    /// stored.
+    SeriesCap,
 }
 
 /// Readings evicted from one device by a commit.
@@ -239,6 +245,8 @@ struct DeviceState {
     readings: u64,
     /// Wall-clock time of its last stored reading (0 when loaded from the file).
     last_us: i64,
+    /// Its series rows.
+    series: usize,
 }
 
 #[derive(Debug)]
@@ -419,6 +427,7 @@ impl Store {
                     name,
                     readings: 0,
                     last_us: 0,
+                    series: 0,
                 },
             );
         }
@@ -445,6 +454,9 @@ impl Store {
                 serde_json::from_str(&tags).unwrap_or_default()
             };
             self.state_bytes += series_cost(&metric, tags.len());
+            if let Some(d) = self.devices.get_mut(&device) {
+                d.series += 1;
+            }
             self.series.insert(
                 id,
                 SeriesState {
@@ -586,6 +598,9 @@ impl Store {
                 self.state_bytes = self
                     .state_bytes
                     .saturating_sub(series_cost(&st.metric, st.tags_len));
+                if let Some(d) = self.devices.get_mut(&st.device) {
+                    d.series = d.series.saturating_sub(1);
+                }
                 let tags = tags_key(&st.tags);
                 self.series_ids.remove(&(st.device, st.metric, tags));
             }
@@ -676,6 +691,7 @@ impl Store {
                 name: name.to_owned(),
                 readings: 0,
                 last_us: self.txn_us,
+                series: 0,
             },
         );
         Ok(id)
@@ -693,6 +709,9 @@ impl Store {
             .map_err(self.sql_err("adding a series"))?;
         let id = self.conn.last_insert_rowid();
         self.state_bytes += series_cost(&r.metric, key.2.len());
+        if let Some(d) = self.devices.get_mut(&device) {
+            d.series += 1;
+        }
         self.series.insert(
             id,
             SeriesState {
@@ -730,6 +749,19 @@ impl Store {
     /// Offers one reading, inside a transaction.
     pub fn insert(&mut self, r: &Reading) -> Result<Insert, StoreError> {
         debug_assert!(self.in_txn, "insert outside a transaction");
+        // A new series of a device at its cap is refused before anything is recorded (a
+        // refused reading must not count as seen).
+        if let Some(&device) = self.device_ids.get(&r.device)
+            && self
+                .devices
+                .get(&device)
+                .is_some_and(|d| d.series >= self.opts.max_series_per_device)
+            && !self
+                .series_ids
+                .contains_key(&(device, r.metric.clone(), tags_key(&r.tags)))
+        {
+            return Ok(Insert::SeriesCap);
+        }
         if !self.first_sighting(identity_hash(&self.opts.tenant, r))? {
             return Ok(Insert::Duplicate);
         }

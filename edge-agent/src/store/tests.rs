@@ -16,6 +16,7 @@ pub(crate) fn options(dir: &tempdir::Dir, max_bytes: u64) -> Options {
         dedupe_window_us: 600_000_000,
         dead_letters_keep: 3,
         tenant: "acme".into(),
+        max_series_per_device: 1000,
     }
 }
 
@@ -473,4 +474,35 @@ fn a_reading_left_alone_by_eviction_is_sent_again_not_quarantined() {
         s.refuse(again.id, "malformed", "x", 6).unwrap(),
         Refused::Quarantined(_)
     ));
+}
+
+#[test]
+fn a_device_at_its_series_cap_is_refused_new_series_and_nothing_is_marked_seen() {
+    let d = tempdir::Dir::new();
+    let mut opts = options(&d, 1 << 20);
+    opts.max_series_per_device = 3;
+    let mut s = Store::open(opts.clone()).unwrap();
+    let metric = |m: &str, ts: i64| Reading::new("acme", "press01", m, Timestamp(ts), 1.0);
+    s.begin(1).unwrap();
+    for (i, m) in ["a", "b", "c"].iter().enumerate() {
+        assert_eq!(s.insert(&metric(m, i as i64)).unwrap(), Insert::Stored);
+    }
+    // A fourth metric name is refused; the three known ones, and other devices, go on.
+    let invented = metric("uuid-1", 10);
+    assert_eq!(s.insert(&invented).unwrap(), Insert::SeriesCap);
+    assert_eq!(s.insert(&metric("b", 11)).unwrap(), Insert::Stored);
+    assert_eq!(
+        s.insert(&Reading::new("acme", "press02", "x", Timestamp(12), 1.0))
+            .unwrap(),
+        Insert::Stored
+    );
+    s.commit().unwrap();
+    assert_eq!(s.len(), 5);
+    // The refused reading was not recorded as seen: with room, it is stored, not a replay.
+    drop(s);
+    opts.max_series_per_device = 10;
+    let mut s = Store::open(opts).unwrap();
+    s.begin(2).unwrap();
+    assert_eq!(s.insert(&invented).unwrap(), Insert::Stored);
+    s.commit().unwrap();
 }
