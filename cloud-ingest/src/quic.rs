@@ -516,11 +516,28 @@ fn ended(e: quinn::ReadExactError) -> ReadError {
 
 /// Reads one frame from a QUIC stream.
 pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Frame, ReadError> {
+    let total = read_prefix(recv, max).await?;
+    read_body(recv, total, max).await
+}
+
+/// Reads a frame's length prefix: the frame's whole length, so that a reader can reserve
+/// it before it reads the rest ([`read_body`]).
+pub async fn read_prefix(recv: &mut quinn::RecvStream, max: usize) -> Result<usize, ReadError> {
     let mut prefix = [0u8; frame::LENGTH_PREFIX];
     recv.read_exact(&mut prefix).await.map_err(ended)?;
-    let total = frame::frame_len(&prefix, max).map_err(|e| ReadError::Protocol(e.to_string()))?;
+    frame::frame_len(&prefix, max).map_err(|e| ReadError::Protocol(e.to_string()))
+}
+
+/// Reads the rest of a frame of `total` bytes whose prefix [`read_prefix`] read, and
+/// decodes it.
+pub async fn read_body(
+    recv: &mut quinn::RecvStream,
+    total: usize,
+    max: usize,
+) -> Result<Frame, ReadError> {
     let mut buf = vec![0u8; total];
-    buf[..frame::LENGTH_PREFIX].copy_from_slice(&prefix);
+    let len = (total - frame::LENGTH_PREFIX) as u32;
+    buf[..frame::LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
     recv.read_exact(&mut buf[frame::LENGTH_PREFIX..])
         .await
         .map_err(ended)?;

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use metrics::{counter, gauge};
 use plantlink_model::Reading;
 use plantlink_wire::batch::{BatchDecoder, DecodeError, Limits};
-use plantlink_wire::frame::{self, Ack, ErrorCode, ErrorFrame, Frame, Lane};
+use plantlink_wire::frame::{Ack, ErrorCode, ErrorFrame, Frame, Lane};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::alerting::service::{Alerts, Feed};
@@ -541,9 +541,9 @@ async fn stream(
     let memory = &ctx.sinks.memory;
     loop {
         // The frame's length first: its bytes are reserved before the body is read.
-        let read = match read_prefix(&mut recv, max_frame + 1024).await {
+        let read = match quic::read_prefix(&mut recv, max_frame + 1024).await {
             Ok(total) => match memory.reserve(&ctx.tenant, &ctx.gateway, total).await {
-                Some(hold) => read_body(&mut recv, total, max_frame + 1024)
+                Some(hold) => quic::read_body(&mut recv, total, max_frame + 1024)
                     .await
                     .map(|f| (f, hold)),
                 None => return,
@@ -779,32 +779,6 @@ async fn refuse(ctx: &Ctx, seq: u64, now: i64, refused: &[(Refusal, Reading)]) {
         };
         k.send_dlq(&ctx.gateway, &letter).await;
     }
-}
-
-/// Reads a frame's length prefix: the frame's whole length.
-async fn read_prefix(recv: &mut quinn::RecvStream, max: usize) -> Result<usize, quic::ReadError> {
-    let mut prefix = [0u8; frame::LENGTH_PREFIX];
-    recv.read_exact(&mut prefix)
-        .await
-        .map_err(|e| quic::ReadError::Ended(e.to_string()))?;
-    frame::frame_len(&prefix, max).map_err(|e| quic::ReadError::Protocol(e.to_string()))
-}
-
-/// Reads the rest of a frame of `total` bytes whose prefix was read, and decodes it.
-async fn read_body(
-    recv: &mut quinn::RecvStream,
-    total: usize,
-    max: usize,
-) -> Result<Frame, quic::ReadError> {
-    let mut buf = vec![0u8; total];
-    let len = (total - frame::LENGTH_PREFIX) as u32;
-    buf[..frame::LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
-    recv.read_exact(&mut buf[frame::LENGTH_PREFIX..])
-        .await
-        .map_err(|e| quic::ReadError::Ended(e.to_string()))?;
-    frame::decode_frame(&buf, max)
-        .map(|(f, _)| f)
-        .map_err(|e| quic::ReadError::Protocol(e.to_string()))
 }
 
 /// Sends what the cloud refused to the dead-letter topic, when Kafka is on.

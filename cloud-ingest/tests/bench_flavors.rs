@@ -86,31 +86,6 @@ async fn through_sink(b: &Backend, url: &str, readings: &[Reading]) -> f64 {
     secs
 }
 
-fn write_csv(path: &std::path::Path, readings: &[Reading]) {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    for r in readings {
-        let seq = r.seq.map(|s| s.to_string()).unwrap_or_default();
-        let tags = if r.tags.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "\"{}\"",
-                serde_json::to_string(&r.tags).unwrap().replace('"', "\"\"")
-            )
-        };
-        writeln!(
-            f,
-            "acme,{},{},{},{tags},{},{seq},gw-1",
-            r.device,
-            r.metric,
-            r.value,
-            cloud_ingest::kafka::rfc3339(r.ts.0)
-        )
-        .unwrap();
-    }
-}
-
 async fn psql_copy(b: &Backend, db: &str, csv: &std::path::Path, readings: &[Reading]) -> f64 {
     let (admin, url, pgc) = fresh(b, db).await;
     ensure_partitions(b, &url, readings).await;
@@ -315,7 +290,7 @@ async fn both_flavors_write_refresh_and_store() {
     let d = common::Dir::new("bench-flavors");
     std::fs::create_dir_all(&d.0).unwrap();
     let csv = d.0.join("rows.csv");
-    write_csv(&csv, &readings);
+    common::write_csv(&csv, &readings);
     let pid = std::process::id();
     for b in Backend::all("bench-flavors") {
         let name = match b.flavor() {

@@ -153,30 +153,7 @@ async fn postgres_path_against_psql_copy() {
     let d = common::Dir::new("bench-write");
     std::fs::create_dir_all(&d.0).unwrap();
     let csv = d.0.join("rows.csv");
-    {
-        use std::io::Write;
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&csv).unwrap());
-        for r in &readings {
-            let seq = r.seq.map(|s| s.to_string()).unwrap_or_default();
-            let tags = if r.tags.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "\"{}\"",
-                    serde_json::to_string(&r.tags).unwrap().replace('"', "\"\"")
-                )
-            };
-            writeln!(
-                f,
-                "acme,{},{},{},{tags},{},{seq},gw-1",
-                r.device,
-                r.metric,
-                r.value,
-                cloud_ingest::kafka::rfc3339(r.ts.0)
-            )
-            .unwrap();
-        }
-    }
+    common::write_csv(&csv, &readings);
     let pid = std::process::id();
     let (mut mine, mut peer, mut replay, mut conflict) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());

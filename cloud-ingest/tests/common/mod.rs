@@ -554,3 +554,31 @@ pub fn http_json(
 pub fn scrape(addr: SocketAddr) -> Option<String> {
     http_get(addr, "/metrics", None)
 }
+
+/// The rows of `readings` (tenant acme, gateway gw-1) as CSV in the column order of
+/// `\copy raw_metrics (tenant_id, device_id, metric_name, value, tags, ts, seq, gateway_id)`,
+/// for benchmarks against `psql \copy`.
+pub fn write_csv(path: &std::path::Path, readings: &[plantlink_model::Reading]) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for r in readings {
+        let seq = r.seq.map(|s| s.to_string()).unwrap_or_default();
+        let tags = if r.tags.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "\"{}\"",
+                serde_json::to_string(&r.tags).unwrap().replace('"', "\"\"")
+            )
+        };
+        writeln!(
+            f,
+            "acme,{},{},{},{tags},{},{seq},gw-1",
+            r.device,
+            r.metric,
+            r.value,
+            cloud_ingest::kafka::rfc3339(r.ts.0)
+        )
+        .unwrap();
+    }
+}
