@@ -6,6 +6,9 @@
 //!   Kafka alerts topic, and the webhook gets both;
 //! - a gateway that replays a 10-minute backlog which crossed a threshold (cloud-ingest was
 //!   down) produces alerts recorded as backfill, and the webhook gets nothing for them.
+//!
+//! On both storage flavours (TimescaleDB on a private cluster, skipped loudly where its files
+//! are not installed).
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
@@ -16,6 +19,7 @@ use std::time::{Duration, Instant};
 use cloud_ingest::config::{Alerting, Api, Webhook};
 use cloud_ingest::server::Server;
 use common::Dir;
+use common::timescale::Backend;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -111,10 +115,17 @@ async fn alert_rows(pgc: &tokio_postgres::Client, device: &str) -> Vec<(String, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_fire_resolve_and_replays_are_backfill() {
+    for b in Backend::all("alerting") {
+        eprintln!("alerting on {}", b.name());
+        alerts_on(&b).await;
+    }
+}
+
+async fn alerts_on(b: &Backend) {
     let d = Dir::new("alerting");
     common::fleet(&d.0, "gw-al");
     let db = format!("plantlink_test_alerting_{}", std::process::id());
-    let (admin, url, pgc) = common::database(&db).await;
+    let (admin, url, pgc) = b.database(&db).await;
     let (_tansu, tansu) = common::start_tansu(None);
     let (hook, mut hooks) = webhook_receiver().await;
     let api: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
@@ -124,6 +135,7 @@ async fn alerts_fire_resolve_and_replays_are_backfill() {
 
     let config = {
         let mut c = common::cloud_config(&d.0, url.clone(), 16, 8 << 20);
+        c.postgres = b.config(&url);
         let mut k = cloud_ingest::config::Kafka::with_brokers(tansu.to_string());
         k.readings_topic = format!("test.readings.{}", std::process::id());
         k.dlq_topic = format!("test.dlq.{}", std::process::id());

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cloud_ingest::postgres::maintain::{self, Partitions};
-use cloud_ingest::postgres::{self, Flavor};
+use cloud_ingest::postgres::{self, Flavor, refresh};
 use cloud_ingest::sink::{Batch, Sink};
 use common::timescale::Backend;
 use plantlink_model::Reading;
@@ -181,14 +181,10 @@ async fn round(b: &Backend, db: &str, readings: &[Reading]) -> Round {
             // invalidated after the sink's own refresh.
             let t = Instant::now();
             for view in ["downsampled_metrics_1h", "downsampled_metrics_1d"] {
-                c.execute(
-                    &format!(
-                        "CALL refresh_continuous_aggregate('{view}', $1::timestamptz, $2::timestamptz, force => true)"
-                    ),
-                    &[&from, &to],
-                )
-                .await
-                .unwrap();
+                let (from, to) = (postgres::micros(from), postgres::micros(to));
+                refresh::refresh_range(&c, view, Some(from), Some(to), true)
+                    .await
+                    .unwrap();
             }
             t
         }

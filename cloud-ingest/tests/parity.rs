@@ -8,11 +8,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::collections::BTreeSet;
 
 use cloud_ingest::api::App;
-use cloud_ingest::postgres::maintain::{self, Partitions};
-use cloud_ingest::postgres::{self, Flavor, Part, STAGING, refresh};
+use cloud_ingest::postgres::Part;
 use common::timescale::Backend;
 use plantlink_model::{Reading, Timestamp};
 use serde_json::Value;
@@ -38,14 +36,6 @@ fn series(start_us: i64, n: i64, step_us: i64, base: f64) -> Vec<Reading> {
 }
 
 async fn write(b: &Backend, c: &mut tokio_postgres::Client, acme: &[Reading], beta: &[Reading]) {
-    if b.flavor() == Flavor::Plain {
-        let days: BTreeSet<i64> = acme
-            .iter()
-            .chain(beta)
-            .map(|r| maintain::day_of(r.ts.0))
-            .collect();
-        Partitions::default().ensure(c, &days).await.unwrap();
-    }
     let parts = [
         Part {
             tenant: "acme",
@@ -58,19 +48,12 @@ async fn write(b: &Backend, c: &mut tokio_postgres::Client, acme: &[Reading], be
             readings: beta,
         },
     ];
-    postgres::write(c, b.flavor(), &parts).await.unwrap();
+    b.write(c, &parts).await;
 }
 
-/// What the upkeep does for the rollups, on each flavour.
+/// What the upkeep does for the rollups, on each flavour (the default raw retention).
 async fn upkeep(b: &Backend, c: &tokio_postgres::Client) {
-    match b.flavor() {
-        Flavor::Plain => {
-            maintain::roll(c).await.unwrap();
-        }
-        Flavor::Timescale => {
-            refresh::refresh(c, 7).await.unwrap();
-        }
-    }
+    b.roll(c, 7).await;
 }
 
 /// Numbers equal within rounding; everything else equal.
@@ -124,14 +107,7 @@ async fn both_flavours_answer_every_query_alike() {
     let mut servers = Vec::new();
     let mut admins = Vec::new();
     for b in &backends {
-        let admin = common::pg(&b.admin_dsn(), &db).await;
-        let url = b.dsn(&db);
-        let mut c = postgres::connect(&url).await.unwrap();
-        assert_eq!(
-            postgres::migrate(&c, &b.config(&url)).await.unwrap(),
-            b.flavor()
-        );
-        c.batch_execute(STAGING).await.unwrap();
+        let (admin, url, mut c) = b.database(&db).await;
         write(b, &mut c, &main_acme, &main_beta).await;
         upkeep(b, &c).await;
         // Late readings for a rolled-up hour, a replay of the main batch, the backfill.

@@ -2,7 +2,8 @@
 //! into the sink, the test's database refuses new connections and every session of it is
 //! killed (what a server restart looks like from here, without touching the shared server);
 //! no batch is acknowledged while it is away, none is refused, and once it is back every
-//! reading is stored exactly once.
+//! reading is stored exactly once. On both storage flavours (TimescaleDB on a private
+//! cluster, skipped loudly where its files are not installed).
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
@@ -11,25 +12,30 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cloud_ingest::config::{Postgres, Timescale};
-use cloud_ingest::postgres::Flavor;
 use cloud_ingest::sink::{Batch, Sink};
+use common::timescale::Backend;
 use plantlink_model::{Reading, Timestamp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_delays_acks_and_loses_nothing() {
+    for b in Backend::all("pg-outage") {
+        eprintln!("a database outage on {}", b.name());
+        an_outage_on(&b).await;
+    }
+}
+
+async fn an_outage_on(b: &Backend) {
     const BATCHES: usize = 120;
     const PER: usize = 1_000;
     let db = format!("plantlink_test_pgout_{}", std::process::id());
-    let (admin, url, pgc) = common::database(&db).await;
+    let (admin, url, pgc) = b.database(&db).await;
     drop(pgc);
-    let mut cfg = Postgres::with_url(&url);
-    cfg.timescaledb = Timescale::Off;
+    let mut cfg = b.config(&url);
     cfg.max_pending_readings = 20_000;
     cfg.flush_max_readings = 5_000;
     cfg.rollup_interval_ms = 200;
     let mut tasks = tokio::task::JoinSet::new();
-    let sink = Sink::start(cfg, Flavor::Plain, &mut tasks);
+    let sink = Sink::start(cfg, b.flavor(), &mut tasks);
 
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

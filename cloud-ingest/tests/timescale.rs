@@ -215,3 +215,153 @@ async fn failing_policy_jobs_are_visible() {
     drop(sink);
     while tasks.join_next().await.is_some() {}
 }
+
+/// The id of the policy job `proc` (`policy_compression`, `policy_retention`) on `table`.
+async fn job(c: &tokio_postgres::Client, proc: &str, table: &str) -> i32 {
+    c.query_one(
+        "SELECT job_id FROM timescaledb_information.jobs j
+         LEFT JOIN timescaledb_information.continuous_aggregates ca
+                ON ca.materialization_hypertable_name = j.hypertable_name
+         WHERE j.proc_name = $1 AND coalesce(ca.view_name, j.hypertable_name) = $2",
+        &[&proc, &table],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+async fn int(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// The policies as `migrate` made them, run with `CALL run_job(...)` (this build's scheduler
+/// cannot run them): compression compresses the chunks past `compress_after_days`; backfill,
+/// replays and conflicting values written into those compressed chunks stay exactly once
+/// (the first value kept); retention drops raw chunks past `raw_days` and keeps every rollup
+/// row of them; the rollups' own retention policies keep what is younger than theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_compress_and_drop_raw_and_keep_the_rollups() {
+    let Some(cluster) = Cluster::start("policies") else {
+        return;
+    };
+    let b = Backend::Timescale(cluster);
+    let (_admin, url, mut c) = b.database("plantlink_policies").await;
+    c.batch_execute(STAGING).await.unwrap();
+    let cfg = b.config(&url);
+    let raw_days = i64::from(cfg.retention.raw_days);
+    assert!(cfg.compress_after_days < cfg.retention.raw_days);
+    let now = now_us();
+    let today = now.div_euclid(DAY_US) * DAY_US;
+    // Two old days past the raw retention, and one inside it but past compress_after_days.
+    let gone = today - (raw_days + 3) * DAY_US;
+    let kept = today - i64::from(cfg.compress_after_days + 2) * DAY_US;
+    for start in [gone, gone + DAY_US, kept] {
+        write(&mut c, &readings(start + HOUR_US, 120, 60_000_000, 10.0)).await;
+    }
+    // Rolled up while their raw rows exist (as when they arrived).
+    refresh::refresh(&c, 36_500).await.unwrap();
+    assert_eq!(both(&c).await, (0, 0));
+
+    let compression = job(&c, "policy_compression", "raw_metrics").await;
+    c.batch_execute(&format!("CALL run_job({compression})"))
+        .await
+        .unwrap();
+    let compressed = int(
+        &c,
+        "SELECT count(*) FROM timescaledb_information.chunks
+         WHERE hypertable_name = 'raw_metrics' AND is_compressed",
+    )
+    .await;
+    assert_eq!(compressed, 3, "the three old days' chunks are compressed");
+
+    // Into the compressed chunk of `kept`: 30 new readings (backfill), a replay of all of
+    // them and of the original 120, and 10 of the original identities with other values.
+    let backfill = readings(kept + 5 * HOUR_US, 30, 60_000_000, 50.0);
+    let mut again = readings(kept + HOUR_US, 120, 60_000_000, 10.0);
+    again.extend_from_slice(&backfill);
+    let clash: Vec<Reading> = readings(kept + HOUR_US, 10, 60_000_000, 999.0);
+    let parts = [Part {
+        tenant: "acme",
+        gateway: "gw-a",
+        readings: &backfill,
+    }];
+    let w = postgres::write(&mut c, Flavor::Timescale, &parts)
+        .await
+        .unwrap();
+    assert_eq!((w.inserted, w.replays, w.conflicts.len()), (30, 0, 0));
+    for (rs, want) in [(&again, (0, 150, 0)), (&clash, (0, 0, 10))] {
+        let parts = [Part {
+            tenant: "acme",
+            gateway: "gw-a",
+            readings: rs,
+        }];
+        let w = postgres::write(&mut c, Flavor::Timescale, &parts)
+            .await
+            .unwrap();
+        assert_eq!((w.inserted, w.replays, w.conflicts.len()), want);
+    }
+    let day = |d: i64| {
+        format!(
+            "SELECT count(*) FROM raw_metrics WHERE tenant_id = 'acme' AND ts >= '{}' AND ts < '{}'",
+            cloud_ingest::kafka::rfc3339(d),
+            cloud_ingest::kafka::rfc3339(d + DAY_US)
+        )
+    };
+    assert_eq!(int(&c, &day(kept)).await, 150, "each reading once");
+    assert_eq!(
+        int(
+            &c,
+            "SELECT count(*) FROM raw_metrics WHERE tenant_id = 'acme' AND value >= 999"
+        )
+        .await,
+        0,
+        "the first values stay"
+    );
+    refresh::refresh(&c, 36_500).await.unwrap();
+    assert_eq!(
+        both(&c).await,
+        (0, 0),
+        "backfill into compressed chunks rolls up"
+    );
+
+    // Retention: the two days past raw_days go from raw, their rollups stay.
+    let rollups = async |c: &tokio_postgres::Client, view: &str| -> (i64, i64) {
+        let r = c
+            .query_one(
+                &format!(
+                    "SELECT count(*), coalesce(sum(count), 0)::bigint FROM {view} WHERE bucket < $1"
+                ),
+                &[&postgres::system_time(kept)],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let hourly = rollups(&c, "downsampled_metrics_1h").await;
+    let daily = rollups(&c, "downsampled_metrics_1d").await;
+    assert_eq!(hourly.1, 2 * 2 * 120, "two tenants, two days");
+    assert_eq!(daily, (2 * 2, 2 * 2 * 120));
+    let retention = job(&c, "policy_retention", "raw_metrics").await;
+    c.batch_execute(&format!("CALL run_job({retention})"))
+        .await
+        .unwrap();
+    assert_eq!(int(&c, &day(gone)).await, 0);
+    assert_eq!(int(&c, &day(gone + DAY_US)).await, 0);
+    assert_eq!(int(&c, &day(kept)).await, 150, "inside raw_days stays");
+    assert_eq!(
+        int(
+            &c,
+            "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = 'raw_metrics'"
+        )
+        .await,
+        1
+    );
+    for view in ["downsampled_metrics_1h", "downsampled_metrics_1d"] {
+        let retention = job(&c, "policy_retention", view).await;
+        c.batch_execute(&format!("CALL run_job({retention})"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(rollups(&c, "downsampled_metrics_1h").await, hourly);
+    assert_eq!(rollups(&c, "downsampled_metrics_1d").await, daily);
+}

@@ -1,8 +1,10 @@
 //! `migrate` upgrades a database of the first release (schema version 1, keys without the
 //! tenant) in place, on plain PostgreSQL and on TimescaleDB (a private cluster that preloads
 //! it; skipped loudly where the extension is not installed): no row lost, keys that lead with
-//! the tenant, rollups per tenant, devices per tenant, safe with two replicas at once; and a
-//! schema newer than the binary makes `migrate` and `run` refuse to start.
+//! the tenant, rollups per tenant, devices per tenant, safe with two replicas at once; a
+//! version 2 TimescaleDB database gets its daily aggregate rebuilt on the hourly one where
+//! that loses nothing, and keeps it where it would; and a schema newer than the binary makes
+//! `migrate` and `run` refuse to start.
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
@@ -362,6 +364,12 @@ async fn migrate_upgrades_a_version_1_timescaledb_database_in_place() {
         "tenant_id, device_id, metric_name, ts"
     );
     assert_eq!(key_of(&c, "devices").await, "tenant_id, device_id");
+    assert!(
+        daily_definition(&c)
+            .await
+            .contains("downsampled_metrics_1h"),
+        "the daily aggregate is rebuilt on the hourly one"
+    );
     let segmentby: String = c
         .query_one(
             "SELECT segmentby FROM timescaledb_information.hypertable_compression_settings
@@ -458,4 +466,184 @@ async fn migrate_upgrades_a_version_1_timescaledb_database_in_place() {
         0
     );
     drop((c, c2, w));
+}
+
+/// The definition of the daily continuous aggregate.
+async fn daily_definition(c: &tokio_postgres::Client) -> String {
+    c.query_one(
+        "SELECT view_definition FROM timescaledb_information.continuous_aggregates
+         WHERE view_name = 'downsampled_metrics_1d'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Every daily rollup row: key, count, min, max, and the sum rounded to 1e-6.
+async fn daily_rows(c: &tokio_postgres::Client) -> Vec<String> {
+    c.query(
+        "SELECT concat_ws(' ', tenant_id, device_id, metric_name, bucket, count, min_val,
+                          max_val, round(sum_val::numeric, 6))
+         FROM downsampled_metrics_1d ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Turns a current TimescaleDB database back into version 2: its daily aggregate read raw.
+async fn as_version_2(c: &tokio_postgres::Client, today: &str) {
+    c.batch_execute(
+        "DROP MATERIALIZED VIEW downsampled_metrics_1d;
+         CREATE MATERIALIZED VIEW downsampled_metrics_1d
+         WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
+         SELECT tenant_id, device_id, metric_name, time_bucket(INTERVAL '1 day', ts) AS bucket,
+                min(value) AS min_val, max(value) AS max_val, avg(value) AS avg_val,
+                sum(value) AS sum_val, count(*) AS count
+         FROM raw_metrics
+         GROUP BY tenant_id, device_id, metric_name, time_bucket(INTERVAL '1 day', ts)
+         WITH NO DATA;
+         DELETE FROM plantlink_schema WHERE version > 2;
+         INSERT INTO plantlink_schema (version, applied_by) VALUES (2, 'the test')
+         ON CONFLICT DO NOTHING;",
+    )
+    .await
+    .unwrap();
+    c.batch_execute(&format!(
+        "CALL refresh_continuous_aggregate('downsampled_metrics_1d', NULL, '{today}')"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(postgres::upgrade::current(c).await.unwrap(), 2);
+    assert!(!daily_definition(c).await.contains("downsampled_metrics_1h"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_daily_aggregate_is_rebuilt_on_the_hourly_one_where_nothing_is_lost() {
+    let Some(cluster) = common::timescale::Cluster::start("upgrade-v2") else {
+        return;
+    };
+    let b = common::timescale::Backend::Timescale(cluster);
+    let (_admin, url, mut c) = b.database("plantlink_upgrade_v2").await;
+    let mut cfg = b.config(&url);
+    cfg.retention.raw_days = 36_500;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    const DAY_US: i64 = 86_400_000_000;
+    let today_us = now.div_euclid(DAY_US) * DAY_US;
+    let today = cloud_ingest::kafka::rfc3339(today_us);
+    // Three complete days of two tenants' readings, every 10 minutes, rolled up.
+    let rs: Vec<Reading> = (0..3 * 144)
+        .map(|i| {
+            Reading::new(
+                "x",
+                format!("dev-{}", i % 3),
+                "temperature",
+                Timestamp(today_us - 3 * DAY_US + i * 600_000_000),
+                (i % 41) as f64 / 3.0,
+            )
+        })
+        .collect();
+    let parts = [
+        Part {
+            tenant: "acme",
+            gateway: "gw-a",
+            readings: &rs,
+        },
+        Part {
+            tenant: "beta",
+            gateway: "gw-b",
+            readings: &rs[..200],
+        },
+    ];
+    b.write(&mut c, &parts).await;
+    b.roll(&c, cfg.retention.raw_days).await;
+
+    // Hourly rollups that reproduce every daily row: rebuilt on the hourly one, refreshed,
+    // the same rows. `run` does this upgrade itself (its tables stay as version 2 wrote them).
+    as_version_2(&c, &today).await;
+    let before = daily_rows(&c).await;
+    assert_eq!(before.len(), 3 * 3 + 3 * 2, "{before:?}");
+    assert_eq!(
+        postgres::upgrade::v3_daily(&c).await.unwrap(),
+        postgres::upgrade::Daily::Rebuild
+    );
+    assert_eq!(
+        postgres::migrate_for_run(&c, &cfg).await.unwrap(),
+        Flavor::Timescale
+    );
+    assert_eq!(
+        postgres::upgrade::current(&c).await.unwrap(),
+        postgres::schema::VERSION
+    );
+    assert!(
+        daily_definition(&c)
+            .await
+            .contains("downsampled_metrics_1h")
+    );
+    assert_eq!(daily_rows(&c).await, before);
+    // Materialized, not only computed at query time: the rows are in its hypertable.
+    let materialized: i64 = c
+        .query_one(
+            "SELECT count(*) FROM downsampled_metrics_1d WHERE bucket < $1",
+            &[&postgres::system_time(today_us)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute(
+        "ALTER MATERIALIZED VIEW downsampled_metrics_1d SET (timescaledb.materialized_only = true)",
+    )
+    .await
+    .unwrap();
+    let only: i64 = c
+        .query_one("SELECT count(*) FROM downsampled_metrics_1d", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(only, materialized);
+    c.batch_execute("ALTER MATERIALIZED VIEW downsampled_metrics_1d SET (timescaledb.materialized_only = false)")
+        .await
+        .unwrap();
+    assert_eq!(
+        common::rollup_mismatches(&c, "downsampled_metrics_1d", "day").await,
+        0
+    );
+
+    // Hourly rollups that lost days the daily ones hold (as the hourly retention does after
+    // two years, long after the raw retention): the daily aggregate keeps its version 2
+    // definition and its rows.
+    as_version_2(&c, &today).await;
+    c.batch_execute(&format!(
+        "SELECT drop_chunks('raw_metrics', older_than => '{today}'::timestamptz);
+         SELECT drop_chunks('downsampled_metrics_1h', older_than => now() + INTERVAL '3650 days');"
+    ))
+    .await
+    .unwrap();
+    let before = daily_rows(&c).await;
+    assert_eq!(before.len(), 3 * 3 + 3 * 2, "{before:?}");
+    assert_eq!(
+        postgres::upgrade::v3_daily(&c).await.unwrap(),
+        postgres::upgrade::Daily::Keep { rows: 15 }
+    );
+    assert_eq!(
+        postgres::migrate(&c, &cfg).await.unwrap(),
+        Flavor::Timescale
+    );
+    assert_eq!(
+        postgres::upgrade::current(&c).await.unwrap(),
+        postgres::schema::VERSION
+    );
+    assert!(
+        !daily_definition(&c)
+            .await
+            .contains("downsampled_metrics_1h")
+    );
+    assert_eq!(daily_rows(&c).await, before);
 }

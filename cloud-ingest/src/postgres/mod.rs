@@ -30,6 +30,7 @@ pub mod upgrade;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context as _;
 use plantlink_model::Reading;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
@@ -61,11 +62,12 @@ pub async fn migrate(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> 
     migrate_with(client, cfg, true).await
 }
 
-/// [`migrate`] as `run` does it: a new database is created, a current one completed, but one
-/// that an earlier release made is refused with the command that upgrades it. An upgrade
-/// rewrites keys over all raw data and can take long; it belongs to a `cloud-ingest migrate`
-/// run while the old replicas are stopped, not to a replica's start (whose probes would kill
-/// it half way, and whose old peers still write the old keys).
+/// [`migrate`] as `run` does it: a new database is created, a current one completed, and one
+/// of version 2 upgraded (version 3 changes no table that version 2 replicas write, so they
+/// may run on meanwhile); but one of version 1 is refused with the command that upgrades it.
+/// That upgrade rewrites keys over all raw data and can take long; it belongs to a
+/// `cloud-ingest migrate` run while the old replicas are stopped, not to a replica's start
+/// (whose probes would kill it half way, and whose old peers still write the old keys).
 pub async fn migrate_for_run(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> {
     migrate_with(client, cfg, false).await
 }
@@ -88,7 +90,7 @@ async fn migrate_locked(
 ) -> anyhow::Result<Flavor> {
     let version = upgrade::current(client).await?;
     upgrade::check_known(version)?;
-    if version > 0 && version < schema::VERSION && !may_upgrade {
+    if version == 1 && !may_upgrade {
         anyhow::bail!(
             "the database has Plantlink schema version {version}, older than this cloud-ingest's \
              ({}); stop every cloud-ingest of the earlier release, run `cloud-ingest migrate \
@@ -148,6 +150,24 @@ async fn migrate_locked(
         );
         sql.push_str(&upgrade::v2_keys(flavor));
     }
+    let mut rebuilt_daily = false;
+    if flavor == Flavor::Timescale && (1..3).contains(&version) {
+        match upgrade::v3_daily(client).await? {
+            upgrade::Daily::Current => {}
+            upgrade::Daily::Rebuild => {
+                tracing::info!("rebuilding the daily continuous aggregate from the hourly one");
+                sql.push_str(upgrade::DROP_DAILY);
+                rebuilt_daily = true;
+            }
+            upgrade::Daily::Keep { rows } => tracing::warn!(
+                rows,
+                "downsampled_metrics_1d keeps its earlier definition (from raw_metrics): {rows} \
+                 of its rows hold days the hourly rollups no longer reproduce, which rebuilding \
+                 it from them would lose. It answers alike; its refreshes read raw readings \
+                 again (slower)"
+            ),
+        }
+    }
     sql.push_str(schema::COMMON);
     match flavor {
         Flavor::Plain => sql.push_str(&schema::plain()),
@@ -179,6 +199,18 @@ async fn migrate_locked(
              version {}); nothing was changed",
             schema::VERSION
         )));
+    }
+    if rebuilt_daily {
+        // Every complete day, from the hourly rollups; today stays real-time (refreshing it
+        // would hide what arrives later today until tomorrow's refresh).
+        let today = refresh::today_start_us();
+        refresh::refresh_range(client, "downsampled_metrics_1d", None, Some(today), false)
+            .await
+            .context(
+                "refreshing the rebuilt daily continuous aggregate (the schema is upgraded; \
+                 until a refresh the daily answers are computed from the hourly rollups at \
+                 query time)",
+            )?;
     }
     if flavor == Flavor::Plain {
         maintain::partitions(client, cfg).await?;

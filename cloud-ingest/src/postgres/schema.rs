@@ -8,7 +8,8 @@
 //! - **TimescaleDB**: `raw_metrics` is a hypertable with daily chunks, a compression policy
 //!   and a retention policy; `downsampled_metrics_1h` and `_1d` are real-time continuous
 //!   aggregates (`materialized_only = false`: what is newer than their materialization comes
-//!   from raw at query time) with refresh and retention policies. Writes mark the hours they
+//!   from raw at query time; the daily one is built on the hourly one) with refresh and
+//!   retention policies. Writes mark the hours they
 //!   touched in `rollup_dirty`, as on plain PostgreSQL, and [`super::refresh`] refreshes
 //!   exactly those once complete, so late readings and days-old backfill reach the rollups
 //!   whatever the policies' window and whether or not TimescaleDB's scheduler runs them.
@@ -23,8 +24,9 @@
 use crate::config::Retention;
 
 /// The schema version this binary writes and understands; recorded in `plantlink_schema`.
-/// Version 1 (the first release) keyed readings, rollups and devices without the tenant.
-pub const VERSION: i32 = 2;
+/// Version 1 (the first release) keyed readings, rollups and devices without the tenant;
+/// version 2's daily continuous aggregate read raw (version 3's reads the hourly one).
+pub const VERSION: i32 = 3;
 
 /// How far back the continuous aggregates are refreshed, in days.
 pub const REFRESH_DAYS: u32 = 3;
@@ -185,21 +187,34 @@ CREATE INDEX IF NOT EXISTS downsampled_metrics_1d_tenant ON downsampled_metrics_
 }
 
 /// One continuous aggregate over `raw_metrics`, in TimescaleDB's documented form.
-fn continuous_aggregate(name: &str, bucket: &str) -> String {
-    format!(
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS {name}
+/// The hourly continuous aggregate, from raw.
+const HOURLY: &str = "CREATE MATERIALIZED VIEW IF NOT EXISTS downsampled_metrics_1h
 WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
 SELECT tenant_id, device_id, metric_name,
-       time_bucket(INTERVAL '{bucket}', ts) AS bucket,
+       time_bucket(INTERVAL '1 hour', ts) AS bucket,
        min(value) AS min_val, max(value) AS max_val, avg(value) AS avg_val,
        sum(value) AS sum_val, count(*) AS count
 FROM raw_metrics
-GROUP BY tenant_id, device_id, metric_name, time_bucket(INTERVAL '{bucket}', ts)
+GROUP BY tenant_id, device_id, metric_name, time_bucket(INTERVAL '1 hour', ts)
 WITH NO DATA;
-ALTER MATERIALIZED VIEW {name} SET (timescaledb.materialized_only = false);
-"
-    )
-}
+ALTER MATERIALIZED VIEW downsampled_metrics_1h SET (timescaledb.materialized_only = false);
+";
+
+/// The daily continuous aggregate, from the hourly one (a hierarchical aggregate, since
+/// schema version 3): a day's refresh reads 24 hourly rows per series instead of every raw
+/// reading again. The mean is the exact one, from the sums and counts.
+const DAILY: &str = "CREATE MATERIALIZED VIEW IF NOT EXISTS downsampled_metrics_1d
+WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
+SELECT tenant_id, device_id, metric_name,
+       time_bucket(INTERVAL '1 day', bucket) AS bucket,
+       min(min_val) AS min_val, max(max_val) AS max_val,
+       (sum(sum_val) / sum(count))::double precision AS avg_val,
+       sum(sum_val) AS sum_val, sum(count)::bigint AS count
+FROM downsampled_metrics_1h
+GROUP BY tenant_id, device_id, metric_name, time_bucket(INTERVAL '1 day', bucket)
+WITH NO DATA;
+ALTER MATERIALIZED VIEW downsampled_metrics_1d SET (timescaledb.materialized_only = false);
+";
 
 /// The TimescaleDB schema and policies. Policies are replaced on each run, so a changed
 /// retention in the config takes effect at the next `migrate`.
@@ -207,8 +222,8 @@ ALTER MATERIALIZED VIEW {name} SET (timescaledb.materialized_only = false);
 /// The refresh window of the continuous aggregates reaches back [`REFRESH_DAYS`]: inside the
 /// raw retention (at least 4 days, checked by the config), so a refresh never runs over raw
 /// chunks that retention dropped, which would empty those buckets of the rollups; and more
-/// than two daily buckets, as TimescaleDB requires. Readings later than that are stored raw
-/// but not rolled up on this flavour.
+/// than two daily buckets, as TimescaleDB requires. Readings older than the window reach the
+/// rollups through their marks ([`super::refresh`]), not through the policies.
 pub fn timescale(r: &Retention, compress_after_days: u32) -> String {
     let refresh_days = REFRESH_DAYS;
     let mut s = format!(
@@ -239,16 +254,11 @@ CREATE TABLE IF NOT EXISTS rollup_pending (
         compress = compress_after_days,
         raw = r.raw_days,
     );
-    for (name, bucket, days, schedule) in [
-        (
-            "downsampled_metrics_1h",
-            "1 hour",
-            r.hourly_days,
-            "5 minutes",
-        ),
-        ("downsampled_metrics_1d", "1 day", r.daily_days, "1 hour"),
+    for (name, view, days, schedule) in [
+        ("downsampled_metrics_1h", HOURLY, r.hourly_days, "5 minutes"),
+        ("downsampled_metrics_1d", DAILY, r.daily_days, "1 hour"),
     ] {
-        s.push_str(&continuous_aggregate(name, bucket));
+        s.push_str(view);
         s.push_str(&format!(
             "SELECT add_continuous_aggregate_policy('{name}',
     start_offset => INTERVAL '{refresh_days} days',

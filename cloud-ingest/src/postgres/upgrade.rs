@@ -19,6 +19,14 @@
 //! - `devices` gets one row per (tenant, device) that raw data holds, with its newest time;
 //! - the one-open-alert index leads with the tenant.
 //!
+//! Version 3 (TimescaleDB only) builds the daily continuous aggregate on the hourly one, so a
+//! day's refresh no longer reads every raw reading again ([`v3_daily`]). The version 2 daily
+//! aggregate is dropped and made anew from the hourly rollups, then refreshed over every
+//! complete day, when the hourly rollups reproduce every daily row; where they do not (the
+//! hourly retention, 730 days by default, dropped hours that the daily rollups still hold),
+//! the daily aggregate keeps its version 2 definition, which answers alike, and a warning says
+//! so. Plain PostgreSQL already rolled days up from hours: nothing changes there.
+//!
 //! A database of a newer version than this binary knows is refused, with the versions named.
 //!
 //! Replicas of the old release must be stopped first: their inserts name the old key in
@@ -132,6 +140,59 @@ ON CONFLICT DO NOTHING;
 ",
     );
     s
+}
+
+/// What the version 3 upgrade does with a TimescaleDB database's daily aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Daily {
+    /// It already reads the hourly aggregate, or does not exist yet: nothing to do.
+    Current,
+    /// Rebuild it from the hourly aggregate: [`DROP_DAILY`] before the schema, and a refresh
+    /// of the complete days after the commit.
+    Rebuild,
+    /// Keep the version 2 definition: this many daily rows hold days the hourly rollups no
+    /// longer reproduce.
+    Keep { rows: i64 },
+}
+
+/// Drops the version 2 daily aggregate, with its policies; the schema then makes it anew.
+pub const DROP_DAILY: &str = "DROP MATERIALIZED VIEW downsampled_metrics_1d;\n";
+
+/// Decides [`Daily`] for a TimescaleDB database of version 1 or 2.
+pub async fn v3_daily(client: &Client) -> Result<Daily, tokio_postgres::Error> {
+    let def: Option<String> = client
+        .query_opt(
+            "SELECT view_definition FROM timescaledb_information.continuous_aggregates
+             WHERE view_name = 'downsampled_metrics_1d'",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match def {
+        None => Ok(Daily::Current),
+        Some(d) if d.contains("downsampled_metrics_1h") => Ok(Daily::Current),
+        Some(_) => {
+            let rows: i64 = client
+                .query_one(
+                    "WITH h AS (
+                         SELECT tenant_id, device_id, metric_name,
+                                time_bucket(INTERVAL '1 day', bucket) AS bucket,
+                                sum(count)::bigint AS count
+                         FROM downsampled_metrics_1h GROUP BY 1, 2, 3, 4)
+                     SELECT count(*) FROM downsampled_metrics_1d d
+                     LEFT JOIN h USING (tenant_id, device_id, metric_name, bucket)
+                     WHERE h.count IS DISTINCT FROM d.count",
+                    &[],
+                )
+                .await?
+                .get(0);
+            Ok(if rows == 0 {
+                Daily::Rebuild
+            } else {
+                Daily::Keep { rows }
+            })
+        }
+    }
 }
 
 #[cfg(test)]

@@ -207,6 +207,71 @@ impl Backend {
         )
     }
 
+    /// Plain PostgreSQL or TimescaleDB, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Plain => "plain PostgreSQL",
+            Backend::Timescale(_) => "TimescaleDB",
+        }
+    }
+
+    /// A database `db` of the test's own on this backend, migrated to this flavour: the
+    /// admin client (to drop it with), its URL, and a client connected to it.
+    pub async fn database(
+        &self,
+        db: &str,
+    ) -> (tokio_postgres::Client, String, tokio_postgres::Client) {
+        let admin = super::pg(&self.admin_dsn(), db).await;
+        let url = self.dsn(db);
+        let client = cloud_ingest::postgres::connect(&url).await.unwrap();
+        let flavor = cloud_ingest::postgres::migrate(&client, &self.config(&url))
+            .await
+            .unwrap();
+        assert_eq!(flavor, self.flavor(), "{}", self.name());
+        (admin, url, client)
+    }
+
+    /// Writes `parts` in one transaction, as the sink does (on plain PostgreSQL, after
+    /// creating the partitions of their days).
+    pub async fn write(
+        &self,
+        c: &mut tokio_postgres::Client,
+        parts: &[cloud_ingest::postgres::Part<'_>],
+    ) -> cloud_ingest::postgres::Written {
+        use cloud_ingest::postgres::maintain;
+        c.batch_execute(cloud_ingest::postgres::STAGING)
+            .await
+            .unwrap();
+        if let Backend::Plain = self {
+            let days: std::collections::BTreeSet<i64> = parts
+                .iter()
+                .flat_map(|p| p.readings.iter().map(|r| maintain::day_of(r.ts.0)))
+                .collect();
+            maintain::Partitions::default()
+                .ensure(c, &days)
+                .await
+                .unwrap();
+        }
+        cloud_ingest::postgres::write(c, self.flavor(), parts)
+            .await
+            .unwrap()
+    }
+
+    /// What the upkeep does for the rollups on this flavour, for a raw retention of
+    /// `raw_days`: plain re-rolls the marked buckets, TimescaleDB refreshes them.
+    pub async fn roll(&self, c: &tokio_postgres::Client, raw_days: u32) {
+        match self {
+            Backend::Plain => {
+                cloud_ingest::postgres::maintain::roll(c).await.unwrap();
+            }
+            Backend::Timescale(_) => {
+                cloud_ingest::postgres::refresh::refresh(c, raw_days)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
     /// A `[postgres]` config for `url` that insists on this backend's flavour.
     pub fn config(&self, url: &str) -> cloud_ingest::config::Postgres {
         let mut cfg = cloud_ingest::config::Postgres::with_url(url);
