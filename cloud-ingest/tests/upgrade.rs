@@ -480,11 +480,11 @@ async fn daily_definition(c: &tokio_postgres::Client) -> String {
     .get(0)
 }
 
-/// Every daily rollup row: key, count, min, max, and the sum rounded to 1e-6.
+/// Every daily rollup row: key, count, min, max, the sum rounded to 1e-6 and the mean to 1e-9.
 async fn daily_rows(c: &tokio_postgres::Client) -> Vec<String> {
     c.query(
         "SELECT concat_ws(' ', tenant_id, device_id, metric_name, bucket, count, min_val,
-                          max_val, round(sum_val::numeric, 6))
+                          max_val, round(sum_val::numeric, 6), round(avg_val::numeric, 9))
          FROM downsampled_metrics_1d ORDER BY 1",
         &[],
     )
@@ -570,12 +570,22 @@ async fn a_version_2_daily_aggregate_is_rebuilt_on_the_hourly_one_where_nothing_
     as_version_2(&c, &today).await;
     let before = daily_rows(&c).await;
     assert_eq!(before.len(), 3 * 3 + 3 * 2, "{before:?}");
+    let hourly_days = cfg.retention.hourly_days;
     assert_eq!(
-        postgres::upgrade::v3_daily(&c).await.unwrap(),
+        postgres::upgrade::v3_daily(&c, hourly_days).await.unwrap(),
         postgres::upgrade::Daily::Rebuild
     );
+    // `run` leaves the upgrade to `migrate`, and says so.
+    let err = postgres::migrate_for_run(&c, &cfg)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("schema version 2") && err.contains("cloud-ingest migrate"),
+        "{err}"
+    );
     assert_eq!(
-        postgres::migrate_for_run(&c, &cfg).await.unwrap(),
+        postgres::migrate(&c, &cfg).await.unwrap(),
         Flavor::Timescale
     );
     assert_eq!(
@@ -616,6 +626,43 @@ async fn a_version_2_daily_aggregate_is_rebuilt_on_the_hourly_one_where_nothing_
         0
     );
 
+    // An upgrade stopped after the rebuild, before its refresh: still version 2, and the next
+    // `migrate` refreshes, adds the policies and records version 3.
+    as_version_2(&c, &today).await;
+    c.batch_execute(&format!(
+        "BEGIN; {}{}COMMIT;",
+        postgres::upgrade::DROP_DAILY,
+        postgres::schema::DAILY
+    ))
+    .await
+    .unwrap();
+    assert_eq!(postgres::upgrade::current(&c).await.unwrap(), 2);
+    assert_eq!(
+        postgres::upgrade::v3_daily(&c, hourly_days).await.unwrap(),
+        postgres::upgrade::Daily::Refresh
+    );
+    assert_eq!(
+        postgres::migrate(&c, &cfg).await.unwrap(),
+        Flavor::Timescale
+    );
+    assert_eq!(
+        postgres::upgrade::current(&c).await.unwrap(),
+        postgres::schema::VERSION
+    );
+    assert_eq!(daily_rows(&c).await, before);
+    let policies: i64 = c
+        .query_one(
+            "SELECT count(*) FROM timescaledb_information.jobs j
+             LEFT JOIN timescaledb_information.continuous_aggregates ca
+                    ON ca.materialization_hypertable_name = j.hypertable_name
+             WHERE coalesce(ca.view_name, j.hypertable_name) = 'downsampled_metrics_1d'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(policies, 2, "refresh and retention policies");
+
     // Hourly rollups that lost days the daily ones hold (as the hourly retention does after
     // two years, long after the raw retention): the daily aggregate keeps its version 2
     // definition and its rows.
@@ -629,7 +676,7 @@ async fn a_version_2_daily_aggregate_is_rebuilt_on_the_hourly_one_where_nothing_
     let before = daily_rows(&c).await;
     assert_eq!(before.len(), 3 * 3 + 3 * 2, "{before:?}");
     assert_eq!(
-        postgres::upgrade::v3_daily(&c).await.unwrap(),
+        postgres::upgrade::v3_daily(&c, hourly_days).await.unwrap(),
         postgres::upgrade::Daily::Keep { rows: 15 }
     );
     assert_eq!(

@@ -390,7 +390,7 @@ pub async fn expire_conflicts(client: &Client, raw_days: u32) -> Result<u64, Err
 /// Keeps readings that were left out of their batch in `refused_readings`, with the reason
 /// of each; text with NUL characters (which PostgreSQL cannot hold) is kept escaped.
 pub async fn keep_refused(
-    client: &Client,
+    client: &impl tokio_postgres::GenericClient,
     tenant: &str,
     gateway: &str,
     refused: &[(plantlink_model::Reading, &'static str)],

@@ -62,12 +62,11 @@ pub async fn migrate(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> 
     migrate_with(client, cfg, true).await
 }
 
-/// [`migrate`] as `run` does it: a new database is created, a current one completed, and one
-/// of version 2 upgraded (version 3 changes no table that version 2 replicas write, so they
-/// may run on meanwhile); but one of version 1 is refused with the command that upgrades it.
-/// That upgrade rewrites keys over all raw data and can take long; it belongs to a
-/// `cloud-ingest migrate` run while the old replicas are stopped, not to a replica's start
-/// (whose probes would kill it half way, and whose old peers still write the old keys).
+/// [`migrate`] as `run` does it: a new database is created, a current one completed, but one
+/// that an earlier release made is refused with the command that upgrades it. An upgrade can
+/// take long (version 2 rewrites keys over all raw data; version 3 re-aggregates the daily
+/// rollups on TimescaleDB); it belongs to a `cloud-ingest migrate` run, not to a replica's
+/// start, whose probes would kill it half way.
 pub async fn migrate_for_run(client: &Client, cfg: &Postgres) -> anyhow::Result<Flavor> {
     migrate_with(client, cfg, false).await
 }
@@ -90,7 +89,7 @@ async fn migrate_locked(
 ) -> anyhow::Result<Flavor> {
     let version = upgrade::current(client).await?;
     upgrade::check_known(version)?;
-    if version == 1 && !may_upgrade {
+    if version > 0 && version < schema::VERSION && !may_upgrade {
         anyhow::bail!(
             "the database has Plantlink schema version {version}, older than this cloud-ingest's \
              ({}); stop every cloud-ingest of the earlier release, run `cloud-ingest migrate \
@@ -150,24 +149,25 @@ async fn migrate_locked(
         );
         sql.push_str(&upgrade::v2_keys(flavor));
     }
-    let mut rebuilt_daily = false;
-    if flavor == Flavor::Timescale && (1..3).contains(&version) {
-        match upgrade::v3_daily(client).await? {
-            upgrade::Daily::Current => {}
-            upgrade::Daily::Rebuild => {
-                tracing::info!("rebuilding the daily continuous aggregate from the hourly one");
-                sql.push_str(upgrade::DROP_DAILY);
-                rebuilt_daily = true;
-            }
-            upgrade::Daily::Keep { rows } => tracing::warn!(
-                rows,
-                "downsampled_metrics_1d keeps its earlier definition (from raw_metrics): {rows} \
-                 of its rows hold days the hourly rollups no longer reproduce, which rebuilding \
-                 it from them would lose. It answers alike; its refreshes read raw readings \
-                 again (slower)"
-            ),
-        }
+    // Version 3's daily aggregate is rebuilt after this transaction, and the version is
+    // recorded only once that is done and refreshed: until then the database says 2, and a
+    // `migrate` that was stopped half way takes up where it stopped.
+    let daily = if flavor == Flavor::Timescale && (1..3).contains(&version) {
+        upgrade::v3_daily(client, cfg.retention.hourly_days).await?
+    } else {
+        upgrade::Daily::Current
+    };
+    if let upgrade::Daily::Keep { rows } = daily {
+        tracing::warn!(
+            rows,
+            "downsampled_metrics_1d keeps its earlier definition (from raw_metrics): {rows} of \
+             its rows hold days the hourly rollups do not reproduce (or soon will not: the \
+             hourly retention is near), which rebuilding it from them would lose. It answers \
+             alike; its refreshes read raw readings again (slower)"
+        );
     }
+    let daily_step = matches!(daily, upgrade::Daily::Rebuild | upgrade::Daily::Refresh);
+    let recorded = if daily_step { 2 } else { schema::VERSION };
     sql.push_str(schema::COMMON);
     match flavor {
         Flavor::Plain => sql.push_str(&schema::plain()),
@@ -184,7 +184,7 @@ async fn migrate_locked(
             .execute(
                 upgrade::RECORD,
                 &[
-                    &schema::VERSION,
+                    &recorded,
                     &concat!("cloud-ingest ", env!("CARGO_PKG_VERSION")),
                 ],
             )
@@ -200,17 +200,12 @@ async fn migrate_locked(
             schema::VERSION
         )));
     }
-    if rebuilt_daily {
-        // Every complete day, from the hourly rollups; today stays real-time (refreshing it
-        // would hide what arrives later today until tomorrow's refresh).
-        let today = refresh::today_start_us();
-        refresh::refresh_range(client, "downsampled_metrics_1d", None, Some(today), false)
-            .await
-            .context(
-                "refreshing the rebuilt daily continuous aggregate (the schema is upgraded; \
-                 until a refresh the daily answers are computed from the hourly rollups at \
-                 query time)",
-            )?;
+    if daily_step {
+        v3_daily_step(client, cfg, daily).await.context(
+            "rebuilding the daily continuous aggregate on the hourly one (schema version 3); \
+             the database stays at version 2 and `cloud-ingest migrate` takes up where this \
+             stopped",
+        )?;
     }
     if flavor == Flavor::Plain {
         maintain::partitions(client, cfg).await?;
@@ -221,6 +216,48 @@ async fn migrate_locked(
         }
     }
     Ok(flavor)
+}
+
+/// Version 3 on TimescaleDB: the daily aggregate made anew on the hourly one (for
+/// [`upgrade::Daily::Rebuild`]; without its policies, which would move its watermark past the
+/// days not yet materialized), every complete day refreshed from the hourly rollups (today
+/// stays real-time: refreshing it would hide what arrives later today until tomorrow), then
+/// the policies, and the version recorded.
+async fn v3_daily_step(
+    client: &Client,
+    cfg: &Postgres,
+    daily: upgrade::Daily,
+) -> anyhow::Result<()> {
+    if daily == upgrade::Daily::Rebuild {
+        tracing::info!("rebuilding the daily continuous aggregate on the hourly one");
+        client
+            .batch_execute(&format!(
+                "BEGIN; {}{}COMMIT;",
+                upgrade::DROP_DAILY,
+                schema::DAILY
+            ))
+            .await?;
+    }
+    let today = refresh::today_start_us();
+    refresh::refresh_range(client, "downsampled_metrics_1d", None, Some(today), false).await?;
+    client
+        .batch_execute(&format!(
+            "BEGIN;\n{}",
+            schema::timescale(&cfg.retention, cfg.compress_after_days)
+        ))
+        .await?;
+    client
+        .execute(
+            upgrade::RECORD,
+            &[
+                &schema::VERSION,
+                &concat!("cloud-ingest ", env!("CARGO_PKG_VERSION")),
+            ],
+        )
+        .await?;
+    client.batch_execute("COMMIT").await?;
+    tracing::info!("the daily continuous aggregate reads the hourly one (schema version 3)");
+    Ok(())
 }
 
 /// The flavour of an existing `raw_metrics`, or `None` when there is none yet.
@@ -381,6 +418,104 @@ pub async fn write(
     parts: &[Part<'_>],
 ) -> Result<Written, Error> {
     let tx = client.transaction().await?;
+    let written = write_in(&tx, parts).await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// One partition's consumed range of a Kafka topic, to be recorded in `pipeline_offsets` with
+/// the rows it holds: from `expected` (the offset stored now; `None` when none is) to `next`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advance {
+    /// The consumer group.
+    pub group: String,
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The committed offset this writer read from the table, if there was one.
+    pub expected: Option<i64>,
+    /// The next offset to read once these rows are committed.
+    pub next: i64,
+}
+
+/// Readings left out of their batch, to keep in `refused_readings` with the rows.
+#[derive(Debug, Clone, Copy)]
+pub struct RefusedPart<'a> {
+    /// The tenant.
+    pub tenant: &'a str,
+    /// The gateway.
+    pub gateway: &'a str,
+    /// Each reading with its reason.
+    pub readings: &'a [(Reading, &'static str)],
+}
+
+/// [`write`] with `refused` kept and `offsets` advanced in the same transaction: the rows and
+/// the consumer's position commit together or not at all. Each advance applies only if the
+/// stored offset is still `expected`; if any is not (another member of the group wrote that
+/// partition meanwhile), nothing is committed and the answer is `None`.
+pub async fn write_advancing(
+    client: &mut Client,
+    parts: &[Part<'_>],
+    refused: &[RefusedPart<'_>],
+    offsets: &[Advance],
+) -> Result<Option<Written>, Error> {
+    let tx = client.transaction().await?;
+    let written = write_in(&tx, parts).await?;
+    for r in refused.iter().filter(|r| !r.readings.is_empty()) {
+        maintain::keep_refused(&tx, r.tenant, r.gateway, r.readings).await?;
+    }
+    for a in offsets {
+        let moved = match a.expected {
+            None => {
+                tx.execute(
+                    "INSERT INTO pipeline_offsets (consumer_group, topic, partition_id, committed_offset)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    &[&a.group, &a.topic, &a.partition, &a.next],
+                )
+                .await?
+            }
+            Some(expected) => {
+                tx.execute(
+                    "UPDATE pipeline_offsets SET committed_offset = $4, updated_at = now()
+                     WHERE consumer_group = $1 AND topic = $2 AND partition_id = $3
+                       AND committed_offset = $5",
+                    &[&a.group, &a.topic, &a.partition, &a.next, &expected],
+                )
+                .await?
+            }
+        };
+        if moved != 1 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+    }
+    tx.commit().await?;
+    Ok(Some(written))
+}
+
+/// The committed offset of `group` on `topic`'s `partition`, if one is stored.
+pub async fn committed_offset(
+    client: &Client,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<i64>, Error> {
+    Ok(client
+        .query_opt(
+            "SELECT committed_offset FROM pipeline_offsets
+             WHERE consumer_group = $1 AND topic = $2 AND partition_id = $3",
+            &[&group, &topic, &partition],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}
+
+/// The staging, insert and conflict steps of a write, inside `tx`.
+async fn write_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    parts: &[Part<'_>],
+) -> Result<Written, Error> {
     let sink = tx
         .copy_in("COPY staging_readings FROM STDIN (FORMAT binary)")
         .await?;
@@ -418,7 +553,6 @@ pub async fn write(
             });
         }
     }
-    tx.commit().await?;
     Ok(Written {
         inserted,
         replays: (staged - inserted).saturating_sub(conflicts.len() as u64),

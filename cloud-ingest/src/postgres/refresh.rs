@@ -163,10 +163,13 @@ pub async fn refresh_range(
     };
     // refresh_continuous_aggregate refuses to run inside a transaction block: one simple
     // query of one statement is its own. The literals are timestamps formatted here.
+    // `force` exists since TimescaleDB 2.18; it is named only when wanted, so that earlier
+    // releases (the compose file's 2.17) take the call.
     let call = format!(
-        "CALL refresh_continuous_aggregate('{view}', {}, {}, force => {force})",
+        "CALL refresh_continuous_aggregate('{view}', {}, {}{})",
         bound(from),
         bound(to),
+        if force { ", force => true" } else { "" },
     );
     client.batch_execute("SET enable_sort = off").await?;
     let done = client.batch_execute(&call).await;

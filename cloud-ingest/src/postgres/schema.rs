@@ -65,6 +65,17 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen_at      timestamptz,
     PRIMARY KEY (tenant_id, device_id)
 );
+-- Where each Kafka consumer group of cloud-ingest (`--role writer`) has written up to: the
+-- next offset to read of each partition, committed in the transaction that wrote the rows
+-- (scale-out mode; see deploy/SCALING.md). No tenant's data: the key is the group's.
+CREATE TABLE IF NOT EXISTS pipeline_offsets (
+    consumer_group   text        NOT NULL,
+    topic            text        NOT NULL,
+    partition_id     integer     NOT NULL,
+    committed_offset bigint      NOT NULL,
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer_group, topic, partition_id)
+);
 CREATE TABLE IF NOT EXISTS reading_conflicts (
     tenant_id    text             NOT NULL,
     device_id    text             NOT NULL,
@@ -186,8 +197,7 @@ CREATE INDEX IF NOT EXISTS downsampled_metrics_1d_tenant ON downsampled_metrics_
     )
 }
 
-/// One continuous aggregate over `raw_metrics`, in TimescaleDB's documented form.
-/// The hourly continuous aggregate, from raw.
+/// The hourly continuous aggregate, from raw, in TimescaleDB's documented form.
 const HOURLY: &str = "CREATE MATERIALIZED VIEW IF NOT EXISTS downsampled_metrics_1h
 WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
 SELECT tenant_id, device_id, metric_name,
@@ -203,7 +213,7 @@ ALTER MATERIALIZED VIEW downsampled_metrics_1h SET (timescaledb.materialized_onl
 /// The daily continuous aggregate, from the hourly one (a hierarchical aggregate, since
 /// schema version 3): a day's refresh reads 24 hourly rows per series instead of every raw
 /// reading again. The mean is the exact one, from the sums and counts.
-const DAILY: &str = "CREATE MATERIALIZED VIEW IF NOT EXISTS downsampled_metrics_1d
+pub const DAILY: &str = "CREATE MATERIALIZED VIEW IF NOT EXISTS downsampled_metrics_1d
 WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
 SELECT tenant_id, device_id, metric_name,
        time_bucket(INTERVAL '1 day', bucket) AS bucket,
@@ -301,11 +311,13 @@ mod tests {
     #[test]
     fn every_key_leads_with_the_tenant() {
         let all = format!("{COMMON}{}{}", plain(), timescale(&Retention::default(), 2));
-        // rollup_pending holds time ranges waiting for a refresh, no tenant's data.
-        for line in all
-            .lines()
-            .filter(|l| l.contains("PRIMARY KEY (") && !l.contains("(kind, bucket)"))
-        {
+        // rollup_pending holds time ranges waiting for a refresh, pipeline_offsets consumer
+        // positions: no tenant's data.
+        for line in all.lines().filter(|l| {
+            l.contains("PRIMARY KEY (")
+                && !l.contains("(kind, bucket)")
+                && !l.contains("(consumer_group, topic, partition_id)")
+        }) {
             assert!(
                 line.contains("PRIMARY KEY (tenant_id,"),
                 "a key without the tenant first: {line}"

@@ -21,11 +21,15 @@
 //!
 //! Version 3 (TimescaleDB only) builds the daily continuous aggregate on the hourly one, so a
 //! day's refresh no longer reads every raw reading again ([`v3_daily`]). The version 2 daily
-//! aggregate is dropped and made anew from the hourly rollups, then refreshed over every
-//! complete day, when the hourly rollups reproduce every daily row; where they do not (the
-//! hourly retention, 730 days by default, dropped hours that the daily rollups still hold),
-//! the daily aggregate keeps its version 2 definition, which answers alike, and a warning says
-//! so. Plain PostgreSQL already rolled days up from hours: nothing changes there.
+//! aggregate is dropped and made anew on the hourly rollups, refreshed over every complete
+//! day, and only then given its policies and version 3 recorded, when the hourly rollups
+//! reproduce every daily row; where they do not (the hourly retention, 730 days by default,
+//! dropped hours that the daily rollups still hold, or is within a month of it), the daily
+//! aggregate keeps its version 2 definition, which answers alike, and a warning says so.
+//! Plain PostgreSQL already rolled days up from hours: only the version changes there.
+//! Version 2 replicas may keep running while `migrate` upgrades to version 3 (no table they
+//! write changes), but one that restarts afterwards refuses the newer schema: finish the
+//! rollout.
 //!
 //! A database of a newer version than this binary knows is refused, with the versions named.
 //!
@@ -145,21 +149,32 @@ ON CONFLICT DO NOTHING;
 /// What the version 3 upgrade does with a TimescaleDB database's daily aggregate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Daily {
-    /// It already reads the hourly aggregate, or does not exist yet: nothing to do.
+    /// It already reads the hourly aggregate and is refreshed, or does not exist yet.
     Current,
-    /// Rebuild it from the hourly aggregate: [`DROP_DAILY`] before the schema, and a refresh
-    /// of the complete days after the commit.
+    /// Make it anew on the hourly aggregate, then [`Daily::Refresh`].
     Rebuild,
-    /// Keep the version 2 definition: this many daily rows hold days the hourly rollups no
-    /// longer reproduce.
+    /// It reads the hourly aggregate but the version is not recorded yet (an upgrade that
+    /// stopped after the rebuild): refresh every complete day, add its policies, record 3.
+    Refresh,
+    /// Keep the version 2 definition: this many daily rows hold days the hourly rollups do
+    /// not reproduce (or will soon have dropped).
     Keep { rows: i64 },
 }
 
-/// Drops the version 2 daily aggregate, with its policies; the schema then makes it anew.
+/// Drops the version 2 daily aggregate, with its policies; [`super::schema::DAILY`] makes it
+/// anew.
 pub const DROP_DAILY: &str = "DROP MATERIALIZED VIEW downsampled_metrics_1d;\n";
 
-/// Decides [`Daily`] for a TimescaleDB database of version 1 or 2.
-pub async fn v3_daily(client: &Client) -> Result<Daily, tokio_postgres::Error> {
+/// Days the daily rollups must stay clear of the hourly retention for a rebuild: the hourly
+/// retention may drop a chunk of hours (TimescaleDB's default chunk of a continuous aggregate
+/// spans ten days) while the upgrade reads them.
+const RETENTION_MARGIN_DAYS: u32 = 30;
+
+/// Decides [`Daily`] for a TimescaleDB database of version 1 or 2, whose hourly rollups are
+/// kept `hourly_days`. A rebuild must lose nothing: every daily row must come out of the
+/// hourly rollups again (count, minimum, maximum, and the sum within rounding), and no daily
+/// row may be so old that the hourly retention could drop its hours during the upgrade.
+pub async fn v3_daily(client: &Client, hourly_days: u32) -> Result<Daily, tokio_postgres::Error> {
     let def: Option<String> = client
         .query_opt(
             "SELECT view_definition FROM timescaledb_information.continuous_aggregates
@@ -168,31 +183,38 @@ pub async fn v3_daily(client: &Client) -> Result<Daily, tokio_postgres::Error> {
         )
         .await?
         .map(|r| r.get(0));
-    match def {
-        None => Ok(Daily::Current),
-        Some(d) if d.contains("downsampled_metrics_1h") => Ok(Daily::Current),
-        Some(_) => {
-            let rows: i64 = client
-                .query_one(
-                    "WITH h AS (
-                         SELECT tenant_id, device_id, metric_name,
-                                time_bucket(INTERVAL '1 day', bucket) AS bucket,
-                                sum(count)::bigint AS count
-                         FROM downsampled_metrics_1h GROUP BY 1, 2, 3, 4)
-                     SELECT count(*) FROM downsampled_metrics_1d d
-                     LEFT JOIN h USING (tenant_id, device_id, metric_name, bucket)
-                     WHERE h.count IS DISTINCT FROM d.count",
-                    &[],
-                )
-                .await?
-                .get(0);
-            Ok(if rows == 0 {
-                Daily::Rebuild
-            } else {
-                Daily::Keep { rows }
-            })
-        }
+    let Some(def) = def else {
+        return Ok(Daily::Current);
+    };
+    if def.contains("downsampled_metrics_1h") {
+        return Ok(Daily::Refresh);
     }
+    let margin =
+        i32::try_from(hourly_days.saturating_sub(RETENTION_MARGIN_DAYS)).unwrap_or(i32::MAX);
+    let rows: i64 = client
+        .query_one(
+            "WITH h AS (
+                 SELECT tenant_id, device_id, metric_name,
+                        time_bucket(INTERVAL '1 day', bucket) AS bucket,
+                        sum(count)::bigint AS count, min(min_val) AS min_val,
+                        max(max_val) AS max_val, sum(sum_val) AS sum_val
+                 FROM downsampled_metrics_1h GROUP BY 1, 2, 3, 4)
+             SELECT count(*) FROM downsampled_metrics_1d d
+             LEFT JOIN h USING (tenant_id, device_id, metric_name, bucket)
+             WHERE h.count IS DISTINCT FROM d.count
+                OR h.min_val IS DISTINCT FROM d.min_val
+                OR h.max_val IS DISTINCT FROM d.max_val
+                OR abs(h.sum_val - d.sum_val) > 1e-9 * greatest(1, abs(d.sum_val))
+                OR d.bucket < now() - make_interval(days => $1)",
+            &[&margin],
+        )
+        .await?
+        .get(0);
+    Ok(if rows == 0 {
+        Daily::Rebuild
+    } else {
+        Daily::Keep { rows }
+    })
 }
 
 #[cfg(test)]

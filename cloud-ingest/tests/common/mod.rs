@@ -231,7 +231,8 @@ pub async fn rollup_mismatches(c: &tokio_postgres::Client, table: &str, unit: &s
                ON t.tenant_id = r.tenant_id AND t.device_id = r.device_id
               AND t.metric_name = r.metric_name AND t.bucket = r.bucket
              WHERE t.n IS NULL OR r.count IS NULL OR t.n <> r.count OR t.mn <> r.min_val
-                OR t.mx <> r.max_val OR abs(t.s - r.sum_val) > 1e-6 * greatest(1, abs(t.s))"
+                OR t.mx <> r.max_val OR abs(t.s - r.sum_val) > 1e-6 * greatest(1, abs(t.s))
+                OR abs(t.s / t.n - r.avg_val) > 1e-9 * greatest(1, abs(t.s / t.n))"
         ),
         &[],
     )
