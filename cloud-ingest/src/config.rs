@@ -321,6 +321,27 @@ pub struct Kafka {
     /// `acks=all`, lz4, `linger.ms=20`, no local timeout), e.g. `"linger.ms" = "50"`.
     #[serde(default)]
     pub producer: std::collections::BTreeMap<String, String>,
+    /// Scale-out mode (`run --role ...` with the roles apart): the internal topic that
+    /// receivers produce every accepted batch to, regrouped per partition in the batch codec,
+    /// and that writers consume.
+    #[serde(default = "default_backbone_topic")]
+    pub backbone_topic: String,
+    /// Partitions of the backbone topic when cloud-ingest creates it: they bound how many
+    /// writers share the work (3-5x the peak number of writers; deploy/SCALING.md).
+    #[serde(default = "default_backbone_partitions")]
+    pub backbone_partitions: i32,
+    /// Whether receivers also put every reading on `readings_topic` as JSON, for consumers
+    /// of the public format (about 150 bytes a reading, where the backbone takes a few).
+    #[serde(default = "default_true")]
+    pub public_readings: bool,
+    /// The writers' consumer group.
+    #[serde(default = "default_writer_group")]
+    pub writer_group: String,
+    /// librdkafka consumer properties, overriding Plantlink's defaults
+    /// (`partition.assignment.strategy=roundrobin`, `session.timeout.ms=6000`,
+    /// `heartbeat.interval.ms=1000`, `queued.max.messages.kbytes=65536`).
+    #[serde(default)]
+    pub consumer: std::collections::BTreeMap<String, String>,
 }
 
 impl Kafka {
@@ -334,7 +355,123 @@ impl Kafka {
             partitions: default_partitions(),
             replication_factor: default_replication(),
             producer: Default::default(),
+            backbone_topic: default_backbone_topic(),
+            backbone_partitions: default_backbone_partitions(),
+            public_readings: true,
+            writer_group: default_writer_group(),
+            consumer: Default::default(),
         }
+    }
+}
+
+fn default_backbone_topic() -> String {
+    "plantlink.backbone".into()
+}
+fn default_backbone_partitions() -> i32 {
+    12
+}
+fn default_writer_group() -> String {
+    "plantlink-writer".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// What a `cloud-ingest run` process does (`--role receiver,writer,alerting`).
+///
+/// All three in one process is the single-node mode: batches go from the gateways' streams to
+/// PostgreSQL, Kafka and the alert engine in process. Any other set is the scale-out mode,
+/// with Kafka's backbone topic in the middle: receivers admit gateways and produce to it,
+/// writers consume it into PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// Admits gateways over QUIC.
+    pub receiver: bool,
+    /// Writes PostgreSQL (in scale-out mode, from the backbone topic).
+    pub writer: bool,
+    /// Evaluates alert rules.
+    pub alerting: bool,
+}
+
+impl Default for Roles {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
+impl Roles {
+    /// The single-node mode.
+    pub const ALL: Roles = Roles {
+        receiver: true,
+        writer: true,
+        alerting: true,
+    };
+
+    /// Whether batches travel through Kafka's backbone topic.
+    pub fn scale_out(&self) -> bool {
+        *self != Self::ALL
+    }
+
+    /// What `config` lacks to run these roles, as one message naming the keys; `Ok` if none.
+    pub fn check(&self, config: &Config) -> anyhow::Result<()> {
+        if self.scale_out() {
+            if config.kafka.as_ref().is_none_or(|k| k.brokers.is_empty()) {
+                anyhow::bail!(
+                    "--role {self}: the roles apart talk through Kafka; set [kafka] brokers \
+                     (or run all three roles in one process, the default)"
+                );
+            }
+            if self.alerting {
+                anyhow::bail!(
+                    "--role {self}: alerting apart from the receivers is not available in this \
+                     release; run alerting in the single-node mode (receiver,writer,alerting)"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Roles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = [
+            (self.receiver, "receiver"),
+            (self.writer, "writer"),
+            (self.alerting, "alerting"),
+        ]
+        .into_iter()
+        .filter_map(|(on, n)| on.then_some(n))
+        .collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+impl std::str::FromStr for Roles {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut r = Roles {
+            receiver: false,
+            writer: false,
+            alerting: false,
+        };
+        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "receiver" => r.receiver = true,
+                "writer" => r.writer = true,
+                "alerting" => r.alerting = true,
+                other => {
+                    return Err(format!(
+                        "unknown role {other:?}; the roles are receiver, writer and alerting, \
+                         comma-separated (e.g. --role receiver or --role writer)"
+                    ));
+                }
+            }
+        }
+        if !(r.receiver || r.writer || r.alerting) {
+            return Err("no role given; name at least one of receiver, writer, alerting".into());
+        }
+        Ok(r)
     }
 }
 

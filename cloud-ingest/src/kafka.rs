@@ -35,6 +35,9 @@ use crate::config;
 pub struct Kafka {
     producer: Arc<ThreadedProducer<Tracking>>,
     cfg: config::Kafka,
+    /// The backbone topic's partitions, as the cluster reports them once the topics are
+    /// checked (the configured count until then).
+    backbone_partitions: Arc<std::sync::atomic::AtomicI32>,
 }
 
 /// The producer's context: each record carries its batch's [`Tracker`], and its delivery
@@ -97,6 +100,19 @@ impl std::fmt::Debug for Kafka {
     }
 }
 
+/// The consumer settings Plantlink starts from; `[kafka.consumer]` overrides any of them.
+/// Round-robin assignment and the shorter session are what Tansu's group coordinator needs
+/// for a second member to get partitions; Apache Kafka and Redpanda take them as well.
+pub const CONSUMER_DEFAULTS: [(&str, &str); 6] = [
+    ("partition.assignment.strategy", "roundrobin"),
+    ("session.timeout.ms", "6000"),
+    ("heartbeat.interval.ms", "1000"),
+    ("auto.offset.reset", "earliest"),
+    // The bound on what a writer holds prefetched while its database is slow.
+    ("queued.max.messages.kbytes", "65536"),
+    ("enable.partition.eof", "false"),
+];
+
 /// The producer settings Plantlink starts from; `[kafka.producer]` overrides any of them.
 pub const PRODUCER_DEFAULTS: [(&str, &str); 6] = [
     ("enable.idempotence", "true"),
@@ -129,7 +145,54 @@ impl Kafka {
         Ok(Self {
             producer: Arc::new(producer),
             cfg: cfg.clone(),
+            backbone_partitions: Arc::new(std::sync::atomic::AtomicI32::new(
+                cfg.backbone_partitions.max(1),
+            )),
         })
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &config::Kafka {
+        &self.cfg
+    }
+
+    /// A consumer configuration for `group`: Plantlink's defaults, then `[kafka.consumer]`.
+    /// Offsets are never committed automatically: writers store theirs in PostgreSQL with the
+    /// rows and commit to Kafka only after that, so Kafka's offset is never ahead.
+    pub fn consumer_config(cfg: &config::Kafka, group: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &cfg.brokers);
+        c.set("group.id", group);
+        for (k, v) in CONSUMER_DEFAULTS {
+            c.set(k, v);
+        }
+        for (k, v) in &cfg.consumer {
+            c.set(k, v);
+        }
+        c.set("enable.auto.commit", "false");
+        c
+    }
+
+    /// The (low, high) watermarks of each partition of `topic`.
+    pub async fn watermarks(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+        let producer = self.producer.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let client = producer.client();
+            let timeout = Duration::from_secs(5);
+            let md = client.fetch_metadata(Some(&topic), timeout)?;
+            let mut out = Vec::new();
+            for t in md.topics() {
+                for p in t.partitions() {
+                    let (lo, hi) = client.fetch_watermarks(&topic, p.id(), timeout)?;
+                    out.push((p.id(), lo, hi));
+                }
+            }
+            out.sort_unstable();
+            Ok::<_, KafkaError>(out)
+        })
+        .await?
+        .map_err(|e| anyhow::anyhow!("kafka.brokers = {}: {e}", self.cfg.brokers))
     }
 
     /// Creates the three topics where missing, with `partitions` and `replication_factor`.
@@ -140,16 +203,17 @@ impl Kafka {
             .create()
             .map_err(|e| anyhow::anyhow!("kafka: cannot create the admin client: {e}"))?;
         let names = [
-            &self.cfg.readings_topic,
-            &self.cfg.alerts_topic,
-            &self.cfg.dlq_topic,
+            (&self.cfg.readings_topic, self.cfg.partitions),
+            (&self.cfg.alerts_topic, self.cfg.partitions),
+            (&self.cfg.dlq_topic, self.cfg.partitions),
+            (&self.cfg.backbone_topic, self.cfg.backbone_partitions),
         ];
         let topics: Vec<NewTopic<'_>> = names
             .iter()
-            .map(|n| {
+            .map(|(n, partitions)| {
                 NewTopic::new(
                     n,
-                    self.cfg.partitions,
+                    *partitions,
                     TopicReplication::Fixed(self.cfg.replication_factor),
                 )
             })
@@ -168,7 +232,44 @@ impl Kafka {
                 Err((name, e)) => anyhow::bail!("kafka: cannot create topic {name}: {e}"),
             }
         }
+        let n = self.watermarks(&self.cfg.backbone_topic).await?.len() as i32;
+        if n > 0 {
+            if n != self.cfg.backbone_partitions {
+                tracing::info!(topic = %self.cfg.backbone_topic, partitions = n, "the backbone topic has its own partition count; using it");
+            }
+            self.backbone_partitions.store(n, Ordering::Relaxed);
+        }
         Ok(())
+    }
+
+    /// Produces one accepted batch to the backbone topic: its readings regrouped by the
+    /// partition of their (tenant, device) ([`crate::backbone::partition`]), one record per
+    /// partition in the batch codec, with the batch's identity in the headers; `refused`
+    /// readings (left out by the event-time window) go the same way with their reason, for
+    /// the writer to keep in `refused_readings`. Returns the deliveries.
+    pub async fn send_backbone(
+        &self,
+        batch: &crate::backbone::Origin<'_>,
+        readings: &[Reading],
+        refused: &[(Reading, &'static str)],
+    ) -> Deliveries {
+        let tracker = Tracker::new();
+        let n = self.backbone_partitions.load(Ordering::Relaxed).max(1);
+        for (partition, reason, payload) in
+            crate::backbone::records(batch.tenant, readings, refused, n)
+        {
+            let headers = batch.headers(reason);
+            self.enqueue_to(
+                &self.cfg.backbone_topic,
+                Some(partition),
+                batch.tenant,
+                &payload,
+                headers,
+                &tracker,
+            )
+            .await;
+        }
+        Deliveries::sealed(tracker)
     }
 
     /// Enqueues one record per reading, in order, and returns their deliveries. Waits
@@ -260,11 +361,28 @@ impl Kafka {
         headers: OwnedHeaders,
         tracker: &Arc<Tracker>,
     ) {
+        self.enqueue_to(topic, None, key, payload, headers, tracker)
+            .await
+    }
+
+    /// [`Self::enqueue`] to a chosen partition (`None`: by the key, as librdkafka hashes it).
+    async fn enqueue_to(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &str,
+        payload: &[u8],
+        headers: OwnedHeaders,
+        tracker: &Arc<Tracker>,
+    ) {
         tracker.outstanding.fetch_add(1, Ordering::AcqRel);
         let mut record = BaseRecord::with_opaque_to(topic, tracker.clone())
             .key(key)
             .payload(payload)
             .headers(headers);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
         loop {
             match self.producer.send(record) {
                 Ok(()) => return,

@@ -19,6 +19,7 @@
 
 pub mod alerting;
 pub mod api;
+pub mod backbone;
 pub mod config;
 pub mod kafka;
 pub mod memory;

@@ -14,8 +14,8 @@ use cloud_ingest::pki;
 /// hourly and daily rollups. It acknowledges a batch only when every sink has it, and
 /// serves a query API over what it stored.
 ///
-/// Today: the fleet PKI, the schema (`migrate`), and `run`, which admits gateways over QUIC
-/// and writes their batches to PostgreSQL. Kafka, rollups and alerting come next.
+/// Commands: the fleet PKI (`pki`), the schema (`migrate`), and `run`, which admits gateways
+/// over QUIC and fans their batches out, in one process or as roles apart (`--role`).
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -35,11 +35,31 @@ struct ConfigArg {
     config: PathBuf,
 }
 
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// What this process does, comma-separated: receiver (admits gateways over QUIC), writer
+    /// (writes PostgreSQL), alerting (evaluates rules). All three, the default, is the
+    /// single-node mode. Any other set is the scale-out mode, with Kafka in the middle
+    /// ([kafka] brokers required): `--role receiver` produces every accepted batch to the
+    /// backbone topic and acknowledges gateways once Kafka has it; `--role writer` is a
+    /// consumer group that writes it to PostgreSQL, its offsets kept in pipeline_offsets with
+    /// the rows. Alerting runs only in the single-node mode in this release. See
+    /// deploy/SCALING.md.
+    #[arg(
+        long,
+        default_value = "receiver,writer,alerting",
+        env = "PLANTLINK_ROLES"
+    )]
+    role: cloud_ingest::config::Roles,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Accepts gateways and writes their batches until SIGTERM or Ctrl-C. SIGHUP reloads
     /// the revocation list (`quic.revocation_file`) and closes the connections it revokes.
-    Run(ConfigArg),
+    Run(RunArgs),
     /// Creates or completes the database schema, or upgrades one that an earlier release
     /// made, in place and in one transaction; safe to run again, and from several replicas at
     /// once. Refuses a schema newer than this binary. `run` does the same at start.
@@ -129,12 +149,12 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(c) => {
             init_logging();
-            let config = cloud_ingest::config::Config::load(&c.config)?;
+            let config = cloud_ingest::config::Config::load(&c.config.config)?;
             runtime()?.block_on(async {
                 if let Some(m) = &config.metrics {
                     cloud_ingest::telemetry::install(m.bind)?;
                 }
-                let server = cloud_ingest::server::Server::bind(config)?;
+                let server = cloud_ingest::server::Server::bind_roles(config, c.role)?;
                 // Registered before serving, so that SIGHUP never falls to its default (exit).
                 let mut hangup =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;

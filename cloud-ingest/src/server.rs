@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::alerting::service::{Alerts, Feed};
 use crate::api::App;
-use crate::config::{Config, Window};
+use crate::config::{Config, Roles, Window};
 use crate::kafka::{self, DeadLetter, Deliveries, Kafka};
 use crate::pki::GatewayIdentity;
 use crate::postgres::maintain;
@@ -47,15 +47,24 @@ pub const STREAM_WINDOW: usize = 4;
 /// A bound listener, ready to serve.
 #[derive(Debug)]
 pub struct Server {
-    endpoint: quinn::Endpoint,
+    /// The QUIC listener; none when this process is not a receiver.
+    endpoint: Option<quinn::Endpoint>,
     config: Arc<Config>,
+    /// What this process does.
+    roles: Roles,
     /// The revocation list in force and the live connections, one per gateway.
     reloader: quic::Reloader,
 }
 
 impl Server {
-    /// Binds the QUIC listener of `config`.
+    /// Binds the QUIC listener of `config`, for all three roles in one process.
     pub fn bind(config: Config) -> anyhow::Result<Self> {
+        Self::bind_roles(config, Roles::ALL)
+    }
+
+    /// Prepares a process of `roles`: binds the QUIC listener if it is a receiver.
+    pub fn bind_roles(config: Config, roles: Roles) -> anyhow::Result<Self> {
+        roles.check(&config)?;
         let q = &config.quic;
         let revocations = quic::Revocations::load(q.revocation_file.as_deref(), &q.revoked)?;
         if !q.revoked.is_empty() {
@@ -64,12 +73,19 @@ impl Server {
                  gateway:<id> lines (see deploy/PKI.md) so that SIGHUP reloads them"
             );
         }
-        let tls = quic::server_config(&q.cert, &q.key, &q.client_ca, &revocations)?;
-        let endpoint = quinn::Endpoint::server(tls, q.bind)
-            .map_err(|e| anyhow::anyhow!("quic.bind = {}: cannot listen: {e}", q.bind))?;
+        let endpoint = if roles.receiver {
+            let tls = quic::server_config(&q.cert, &q.key, &q.client_ca, &revocations)?;
+            Some(
+                quinn::Endpoint::server(tls, q.bind)
+                    .map_err(|e| anyhow::anyhow!("quic.bind = {}: cannot listen: {e}", q.bind))?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             endpoint,
             config: Arc::new(config),
+            roles,
             reloader: quic::Reloader {
                 revocations,
                 live: quic::Live::default(),
@@ -84,26 +100,39 @@ impl Server {
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.endpoint.local_addr()
+        match &self.endpoint {
+            Some(e) => e.local_addr(),
+            None => Err(std::io::Error::other("not a receiver: no QUIC listener")),
+        }
     }
 
     /// Brings the schema up to date, then serves until `shutdown` turns true; then stops
     /// accepting, closes connections, and lets the writers finish what they hold.
     pub async fn serve(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let flavor = loop {
-            match postgres::connect(&self.config.postgres.url).await {
-                Ok(c) => break postgres::migrate_for_run(&c, &self.config.postgres).await?,
-                Err(e) => {
-                    tracing::warn!(error = %e, "PostgreSQL unavailable; trying again in 2 s");
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
-                        _ = shutdown.changed() => return Ok(()),
+        let roles = self.roles;
+        let mut tasks = tokio::task::JoinSet::new();
+        // A receiver of the scale-out mode needs no PostgreSQL: what it accepts goes to Kafka.
+        let sink = if roles.writer {
+            let flavor = loop {
+                match postgres::connect(&self.config.postgres.url).await {
+                    Ok(c) => break postgres::migrate_for_run(&c, &self.config.postgres).await?,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "PostgreSQL unavailable; trying again in 2 s");
+                        tokio::select! {
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                            _ = shutdown.changed() => return Ok(()),
+                        }
                     }
                 }
-            }
+            };
+            Some(Sink::start(
+                self.config.postgres.clone(),
+                flavor,
+                &mut tasks,
+            ))
+        } else {
+            None
         };
-        let mut tasks = tokio::task::JoinSet::new();
-        let sink = Sink::start(self.config.postgres.clone(), flavor, &mut tasks);
         let kafka = match &self.config.kafka {
             Some(k) => {
                 let kafka = Kafka::new(k, self.config.postgres.max_pending_readings)?;
@@ -122,7 +151,24 @@ impl Server {
             }
             None => None,
         };
-        let alerts = self.config.alerting.enabled.then(|| {
+        if roles.scale_out()
+            && roles.writer
+            && let (Some(k), Some(sink)) = (&kafka, &sink)
+        {
+            let writer = crate::backbone::Writer::new(
+                k.clone(),
+                sink.clone(),
+                &self.config.postgres.url,
+                self.config.postgres.flush_max_readings,
+            )?;
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(e) = writer.run(stop).await {
+                    tracing::error!(error = %e, "the backbone writer stopped");
+                }
+            });
+        }
+        let alerts = (roles.alerting && self.config.alerting.enabled).then(|| {
             crate::alerting::service::start(
                 self.config.alerting.clone(),
                 self.config.postgres.url.clone(),
@@ -143,7 +189,7 @@ impl Server {
                 &api.tokens,
                 gateways.clone(),
                 kafka.clone(),
-                Some(sink.clone()),
+                sink.clone(),
             )
             .with_limits(api.limits())
             .with_alerts(alerts.clone());
@@ -162,7 +208,19 @@ impl Server {
         }
         let memory =
             crate::memory::Memory::new((self.config.ingest.max_buffered_mib as usize) << 20);
-        tracing::info!(bind = %self.config.quic.bind, ?flavor, kafka = kafka.is_some(), "accepting gateways");
+        let Some(endpoint) = self.endpoint else {
+            // A writer only: it runs until told to stop.
+            tracing::info!(%roles, "running");
+            let _ = shutdown.wait_for(|s| *s).await;
+            drop(sink);
+            while tasks.join_next().await.is_some() {}
+            return Ok(());
+        };
+        let backbone = roles.scale_out().then(|| {
+            let max = self.config.postgres.max_pending_readings.max(1);
+            (Arc::new(tokio::sync::Semaphore::new(max)), max)
+        });
+        tracing::info!(bind = %self.config.quic.bind, %roles, flavor = ?sink.as_ref().map(Sink::flavor), kafka = kafka.is_some(), "accepting gateways");
         quic::describe_metrics(&self.reloader.revocations);
         let poll = self.config.quic.revocation_poll_secs;
         if poll > 0 && self.reloader.revocations.file().is_some() {
@@ -174,13 +232,18 @@ impl Server {
         }
         loop {
             let incoming = tokio::select! {
-                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+                i = endpoint.accept() => match i { Some(i) => i, None => break },
                 _ = shutdown.changed() => break,
             };
             let config = self.config.clone();
             let reloader = self.reloader.clone();
             let sinks = Sinks {
-                postgres: sink.clone(),
+                postgres: if roles.scale_out() {
+                    None
+                } else {
+                    sink.clone()
+                },
+                backbone: backbone.clone(),
                 kafka: kafka.clone(),
                 gateways: gateways.clone(),
                 alerts: alerts.clone(),
@@ -197,8 +260,8 @@ impl Server {
                 }
             });
         }
-        self.endpoint.close(0u32.into(), b"shutting down");
-        self.endpoint.wait_idle().await;
+        endpoint.close(0u32.into(), b"shutting down");
+        endpoint.wait_idle().await;
         drop(sink);
         drop(alerts);
         // Writers finish what they hold; a sink that cannot (Kafka unreachable, deliveries
@@ -222,7 +285,11 @@ impl Server {
 /// Where a stream's batches go.
 #[derive(Debug, Clone)]
 struct Sinks {
-    postgres: Sink,
+    /// The in-process writer (single-node mode).
+    postgres: Option<Sink>,
+    /// The scale-out mode: batches go to Kafka's backbone topic, holding this many readings
+    /// at most until Kafka has them.
+    backbone: Option<(Arc<tokio::sync::Semaphore>, usize)>,
     kafka: Option<Kafka>,
     gateways: Gateways,
     alerts: Option<Alerts>,
@@ -327,7 +394,8 @@ enum Reply {
         seq: u64,
         readings: u64,
         postgres: oneshot::Receiver<Outcome>,
-        kafka: Option<Deliveries>,
+        /// Every Kafka delivery the batch waits for.
+        kafka: Vec<Deliveries>,
         /// The readings left out of the batch, once kept in `refused_readings`.
         kept: Option<oneshot::Receiver<Result<(), String>>>,
         /// Holds the batch's share of the budget until both are done.
@@ -364,19 +432,21 @@ async fn acker(mut send: quinn::SendStream, mut pending: mpsc::Receiver<Reply>, 
                         .unwrap_or_else(|_| Err("shutting down; retry".into())),
                     None => Ok(()),
                 };
-                let delivered = match kafka {
-                    Some(d) => {
-                        let r = d.wait().await;
-                        if r.is_ok() {
-                            counter!("plantlink_cloud_readings_written_total", "sink" => "kafka")
-                                .increment(readings);
-                        }
-                        r.map_err(|e| format!("Kafka did not take the batch: {e}; retry"))
+                let mut delivered = Ok(());
+                let sent = !kafka.is_empty();
+                for d in kafka {
+                    if let Err(e) = d.wait().await {
+                        delivered = Err(format!("Kafka did not take the batch: {e}; retry"));
                     }
-                    None => Ok(()),
-                };
+                }
+                if sent && delivered.is_ok() {
+                    counter!("plantlink_cloud_readings_written_total", "sink" => "kafka")
+                        .increment(readings);
+                }
                 drop(_ticket);
-                ctx.sinks.postgres.update_gauge();
+                if let Some(p) = &ctx.sinks.postgres {
+                    p.update_gauge();
+                }
                 let outcome = stored.and(kept).and(delivered);
                 ctx.sinks.gateways.answered(
                     &ctx.id.tenant,
@@ -404,22 +474,42 @@ async fn acker(mut send: quinn::SendStream, mut pending: mpsc::Receiver<Reply>, 
 /// batch whose identity was already stored with another value or other tags. They were
 /// kept in `reading_conflicts`; the first value stays in `raw_metrics`.
 async fn report_conflicts(ctx: &Ctx, seq: u64, conflicts: &[postgres::Conflict]) {
+    ctx.sinks
+        .gateways
+        .conflicting(&ctx.id.tenant, &ctx.id.gateway, conflicts.len() as u64);
+    report_conflicts_to(
+        ctx.sinks.kafka.as_ref(),
+        &ctx.tenant,
+        &ctx.gateway,
+        Some(seq),
+        conflicts,
+    )
+    .await;
+}
+
+/// Counts per tenant, logs (one line, with an example) and dead-letters conflicting readings
+/// of `gateway`'s batch `seq` (when known); used by the single-node path and the backbone
+/// writer alike.
+pub(crate) async fn report_conflicts_to(
+    kafka: Option<&Kafka>,
+    tenant: &str,
+    gateway: &str,
+    seq: Option<u64>,
+    conflicts: &[postgres::Conflict],
+) {
     let Some(first) = conflicts.first() else {
         return;
     };
     let n = conflicts.len() as u64;
-    counter!("plantlink_cloud_readings_conflicting_total", "tenant" => ctx.tenant.to_string())
+    counter!("plantlink_cloud_readings_conflicting_total", "tenant" => tenant.to_string())
         .increment(n);
-    ctx.sinks
-        .gateways
-        .conflicting(&ctx.id.tenant, &ctx.id.gateway, n);
     tracing::warn!(
-        gateway = %ctx.id.gateway, tenant = %ctx.tenant, seq, conflicts = n,
+        gateway = %gateway, tenant = %tenant, seq, conflicts = n,
         example.device = %first.device.escape_debug(), example.metric = %first.metric.escape_debug(),
         example.ts = %kafka::rfc3339(first.ts_us), example.stored = first.stored, example.received = first.value,
         "readings conflict with stored ones (same device, metric and time, another value); the stored values stay, the others are in reading_conflicts and on the DLQ"
     );
-    let Some(k) = &ctx.sinks.kafka else { return };
+    let Some(k) = kafka else { return };
     for c in conflicts {
         let letter = DeadLetter {
             reason: "conflict",
@@ -431,9 +521,9 @@ async fn report_conflicts(ctx: &Ctx, seq: u64, conflicts: &[postgres::Conflict])
                 c.stored,
                 c.value
             ),
-            tenant: &ctx.tenant,
-            gateway: &ctx.gateway,
-            seq: Some(seq),
+            tenant,
+            gateway,
+            seq,
             reading: Some(serde_json::json!({
                 "tenant": c.tenant,
                 "device_id": c.device,
@@ -446,7 +536,7 @@ async fn report_conflicts(ctx: &Ctx, seq: u64, conflicts: &[postgres::Conflict])
             payload_hex: None,
             payload_bytes: None,
         };
-        k.send_dlq(&ctx.gateway, &letter).await;
+        k.send_dlq(gateway, &letter).await;
     }
 }
 
@@ -676,17 +766,16 @@ async fn accept(
         }
     });
     refuse(ctx, seq, now, &refused).await;
+    let refused: Vec<(Reading, &'static str)> = refused
+        .into_iter()
+        .map(|(why, r)| (r, why.reason()))
+        .collect();
+    let (Some(postgres), None) = (&ctx.sinks.postgres, &ctx.sinks.backbone) else {
+        return to_backbone(ctx, replies, seq, backfill, readings, refused, hold).await;
+    };
     // Kept in PostgreSQL too (Kafka may be off): the batch is acknowledged only once they are.
-    let kept = (!refused.is_empty()).then(|| {
-        ctx.sinks.postgres.keep_refused(
-            ctx.tenant.clone(),
-            ctx.gateway.clone(),
-            refused
-                .into_iter()
-                .map(|(why, r)| (r, why.reason()))
-                .collect(),
-        )
-    });
+    let kept = (!refused.is_empty())
+        .then(|| postgres.keep_refused(ctx.tenant.clone(), ctx.gateway.clone(), refused));
     if let Some(a) = ctx
         .sinks
         .alerts
@@ -700,18 +789,16 @@ async fn accept(
         })
         .await;
     }
-    let Some(ticket) = ctx.sinks.postgres.reserve(readings.len()).await else {
+    let Some(ticket) = postgres.reserve(readings.len()).await else {
         return false;
     };
     let kafka = match &ctx.sinks.kafka {
-        Some(k) => Some(k.send_readings(&ctx.tenant, &ctx.gateway, &readings).await),
-        None => None,
+        Some(k) => vec![k.send_readings(&ctx.tenant, &ctx.gateway, &readings).await],
+        None => Vec::new(),
     };
     let n = readings.len() as u64;
     ctx.sinks.gateways.received(&ctx.tenant, &ctx.gateway, n);
-    let postgres = ctx
-        .sinks
-        .postgres
+    let postgres = postgres
         .submit_reserved(
             Batch {
                 tenant: ctx.tenant.clone(),
@@ -729,6 +816,53 @@ async fn accept(
             kafka,
             kept,
             _ticket: ticket,
+            _memory: hold,
+        })
+        .await
+        .is_ok()
+}
+
+/// The scale-out receiver's [`accept`]: the batch (its refused readings too, for the writer
+/// to keep) goes to the backbone topic, and to the public readings topic unless that is off;
+/// it is acknowledged once Kafka has every record.
+async fn to_backbone(
+    ctx: &Ctx,
+    replies: &mpsc::Sender<Reply>,
+    seq: u64,
+    backfill: bool,
+    readings: Vec<Reading>,
+    refused: Vec<(Reading, &'static str)>,
+    hold: crate::memory::Hold,
+) -> bool {
+    let (Some(k), Some((budget, max))) = (&ctx.sinks.kafka, &ctx.sinks.backbone) else {
+        unreachable!("the scale-out mode has Kafka (Roles::check)");
+    };
+    let want = (readings.len() + refused.len()).clamp(1, *max) as u32;
+    let Ok(permit) = budget.clone().acquire_many_owned(want).await else {
+        return false;
+    };
+    let origin = crate::backbone::Origin {
+        tenant: &ctx.tenant,
+        gateway: &ctx.gateway,
+        seq,
+        backfill,
+    };
+    let mut deliveries = vec![k.send_backbone(&origin, &readings, &refused).await];
+    if k.config().public_readings && !readings.is_empty() {
+        deliveries.push(k.send_readings(&ctx.tenant, &ctx.gateway, &readings).await);
+    }
+    let n = readings.len() as u64;
+    ctx.sinks.gateways.received(&ctx.tenant, &ctx.gateway, n);
+    let (done, postgres) = oneshot::channel();
+    let _ = done.send(Ok(Vec::new()));
+    replies
+        .send(Reply::Later {
+            seq,
+            readings: n,
+            postgres,
+            kafka: deliveries,
+            kept: None,
+            _ticket: Ticket::from_permit(permit),
             _memory: hold,
         })
         .await

@@ -27,11 +27,14 @@ use tokio::task::JoinSet;
 
 use crate::config::Postgres;
 use crate::postgres::maintain::{self, Partitions};
-use crate::postgres::{self, Conflict, Flavor, Part, Written};
+use crate::postgres::{self, Advance, Conflict, Flavor, Part, RefusedPart, Written};
 
 /// What became of a batch: committed (with the readings that conflicted with ones already
 /// stored, which the caller reports), or refused and why.
 pub type Outcome = Result<Vec<Conflict>, String>;
+
+/// What became of a backbone round: as [`Outcome`], or `Ok(None)` when fenced.
+pub type Outcome2 = Result<Option<Vec<Conflict>>, String>;
 
 /// A gateway's decoded batch.
 #[derive(Debug)]
@@ -55,6 +58,13 @@ struct Job {
 /// and to whoever waits for other sinks); the share returns when the last one is dropped.
 #[derive(Debug, Clone)]
 pub struct Ticket(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+impl Ticket {
+    /// A share of another budget (the scale-out receiver's, until Kafka has the batch).
+    pub fn from_permit(permit: OwnedSemaphorePermit) -> Self {
+        Self(Arc::new(permit))
+    }
+}
 
 /// Newest reading time per (tenant, device), written to `devices.last_seen_at` now and
 /// then instead of once per reading.
@@ -83,6 +93,8 @@ struct Shared {
     jobs: Mutex<Vec<postgres::jobs::Job>>,
     /// The connection that keeps refused readings, opened when first needed.
     refused: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// The connection of [`Sink::write_round`], opened when first needed.
+    direct: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
 impl Sink {
@@ -105,6 +117,7 @@ impl Sink {
             last_seen: Mutex::new(HashMap::new()),
             jobs: Mutex::new(Vec::new()),
             refused: tokio::sync::Mutex::new(None),
+            direct: tokio::sync::Mutex::new(None),
             cfg,
         });
         for w in 0..shared.cfg.writers {
@@ -155,6 +168,41 @@ impl Sink {
             });
         });
         rx
+    }
+
+    /// Writes one round of the backbone writer at once, beside the queued batches: `parts`,
+    /// the `refused` readings and the consumer `offsets` in one transaction, retrying what may
+    /// pass, as a queued batch is. `Ok(None)`: another member of the group had moved one of
+    /// the offsets, and nothing was written. Its readings take no share of the budget: the
+    /// writer bounds its rounds itself.
+    pub async fn write_round(
+        &self,
+        parts: &[Part<'_>],
+        refused: &[RefusedPart<'_>],
+        offsets: &[Advance],
+    ) -> Outcome2 {
+        let mut client = self.shared.direct.lock().await;
+        let started = std::time::Instant::now();
+        let w = flush(
+            &self.shared,
+            &mut client,
+            parts,
+            refused,
+            offsets,
+            usize::MAX,
+        )
+        .await?;
+        histogram!("plantlink_cloud_flush_seconds").record(started.elapsed().as_secs_f64());
+        counter!("plantlink_cloud_flushes_total").increment(1);
+        Ok(w.map(|w| {
+            counter!("plantlink_cloud_readings_written_total", "sink" => "postgres")
+                .increment(w.inserted);
+            counter!("plantlink_cloud_readings_replayed_total").increment(w.replays);
+            for p in parts {
+                note_last_seen(&self.shared.last_seen, p.tenant, p.readings);
+            }
+            w.conflicts
+        }))
     }
 
     /// The storage flavour.
@@ -249,15 +297,20 @@ async fn writer(id: usize, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, sha
     let mut client: Option<tokio_postgres::Client> = None;
     while let Some(jobs) = take(&rx, shared.cfg.flush_max_readings).await {
         let started = std::time::Instant::now();
-        let outcomes: Vec<Result<Written, String>> = match flush(&shared, &mut client, &jobs, id)
-            .await
+        let outcomes: Vec<Result<Written, String>> = match flush_jobs(
+            &shared,
+            &mut client,
+            &jobs,
+            id,
+        )
+        .await
         {
             Ok(w) => share_out(&jobs, w),
             Err(e) if jobs.len() > 1 => {
                 tracing::warn!(writer = id, error = %e, "a merged write was refused; writing its batches one by one");
                 let mut out = Vec::with_capacity(jobs.len());
                 for j in &jobs {
-                    out.push(flush(&shared, &mut client, std::slice::from_ref(j), id).await);
+                    out.push(flush_jobs(&shared, &mut client, std::slice::from_ref(j), id).await);
                 }
                 out
             }
@@ -270,7 +323,7 @@ async fn writer(id: usize, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, sha
             if let Ok(w) = &outcome {
                 written += w.inserted;
                 replays += w.replays;
-                note_last_seen(&shared.last_seen, &job.batch);
+                note_last_seen(&shared.last_seen, &job.batch.tenant, &job.batch.readings);
             }
             let _ = job.done.send(outcome.map(|w| w.conflicts));
         }
@@ -305,16 +358,17 @@ fn share_out(jobs: &[Job], mut w: Written) -> Vec<Result<Written, String>> {
     out.into_iter().map(Ok).collect()
 }
 
-fn note_last_seen(seen: &LastSeen, b: &Batch) {
+fn note_last_seen(seen: &LastSeen, tenant: &str, readings: &[Reading]) {
     let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    let tenant: Arc<str> = Arc::from(tenant);
     let mut last: Option<(&str, i64)> = None;
     let mut put = |device: &str, ts: i64| {
         let e = seen
-            .entry((b.tenant.clone(), device.to_owned()))
+            .entry((tenant.clone(), device.to_owned()))
             .or_insert(ts);
         *e = (*e).max(ts);
     };
-    for r in &b.readings {
+    for r in readings {
         match &mut last {
             Some((d, t)) if *d == r.device => *t = (*t).max(r.ts.0),
             _ => {
@@ -331,7 +385,7 @@ fn note_last_seen(seen: &LastSeen, b: &Batch) {
 }
 
 /// Writes `jobs` in one transaction, retrying what may pass; `Err` only for a refusal.
-async fn flush(
+async fn flush_jobs(
     shared: &Shared,
     client: &mut Option<tokio_postgres::Client>,
     jobs: &[Job],
@@ -345,6 +399,20 @@ async fn flush(
             readings: &j.batch.readings,
         })
         .collect();
+    let w = flush(shared, client, &parts, &[], &[], id).await?;
+    Ok(w.unwrap_or_default())
+}
+
+/// Writes `parts`, `refused` and `offsets` in one transaction, retrying what may pass; `Err`
+/// only for a refusal, `Ok(None)` when an offset was fenced (never without offsets).
+async fn flush(
+    shared: &Shared,
+    client: &mut Option<tokio_postgres::Client>,
+    parts: &[Part<'_>],
+    refused: &[RefusedPart<'_>],
+    offsets: &[Advance],
+    id: usize,
+) -> Result<Option<Written>, String> {
     let days: BTreeSet<i64> = if shared.flavor == Flavor::Plain {
         parts
             .iter()
@@ -376,7 +444,9 @@ async fn flush(
                     )));
                 }
             }
-            postgres::write(c, shared.flavor, &parts).await.map(Ok)
+            postgres::write_advancing(c, parts, refused, offsets)
+                .await
+                .map(Ok)
         }
         .await;
         match result {

@@ -393,7 +393,7 @@ pub async fn keep_refused(
     client: &impl tokio_postgres::GenericClient,
     tenant: &str,
     gateway: &str,
-    refused: &[(plantlink_model::Reading, &'static str)],
+    refused: &[(plantlink_model::Reading, &str)],
 ) -> Result<u64, Error> {
     let clean = |s: &str| s.replace('\0', "\\0");
     let mut device = Vec::with_capacity(refused.len());

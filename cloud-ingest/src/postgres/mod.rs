@@ -447,7 +447,7 @@ pub struct RefusedPart<'a> {
     /// The gateway.
     pub gateway: &'a str,
     /// Each reading with its reason.
-    pub readings: &'a [(Reading, &'static str)],
+    pub readings: &'a [(Reading, &'a str)],
 }
 
 /// [`write`] with `refused` kept and `offsets` advanced in the same transaction: the rows and

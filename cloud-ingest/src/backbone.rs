@@ -1,0 +1,755 @@
+//! The scale-out mode's backbone: Kafka's internal topic between receivers and writers
+//! (`cloud-ingest run --role receiver` and `--role writer`).
+//!
+//! **Records.** A receiver regroups each accepted batch by the partition of each reading's
+//! (tenant, device) ([`partition`]) and produces one record per partition: the readings in
+//! the batch codec (columnar, zstd; a few bytes a reading where the public JSON record takes
+//! about 150), keyed by the tenant, with the batch's identity in the headers
+//! (`plantlink-format`, `plantlink-tenant`, `plantlink-gateway`, `plantlink-seq`,
+//! `plantlink-backfill`). Readings the event-time window left out travel the same way, in
+//! records of their own with `plantlink-refused` naming the reason, so the writer keeps them
+//! in `refused_readings`. A device's readings stay in order in one partition, and one writer
+//! owns them. The receiver acknowledges the gateway once Kafka has every record.
+//!
+//! **Writers** are a consumer group ([`Writer`]). Each round takes what its partitions hold
+//! (up to `postgres.flush_max_readings`), writes it in one transaction together with the
+//! partitions' next offsets in `pipeline_offsets` ([`crate::postgres::write_advancing`]),
+//! and only then commits the offsets to Kafka too (for lag tools; Kafka's offset is never
+//! ahead of the table's). On assignment a writer reads the table and seeks there, whatever
+//! Kafka's committed offset says; a record below the stored offset is skipped. The offset
+//! update is fenced (it applies only from the offset the writer read), so a writer that lost
+//! a partition while it wrote cannot commit that partition twice: its round rolls back and it
+//! reads the table again. A writer killed mid-round leaves nothing committed; whoever takes
+//! its partitions starts from the table. So every record reaches PostgreSQL exactly once.
+//! While a round waits on a slow database for more than [`PAUSE_AFTER`], the writer pauses
+//! its partitions: what it holds is one round plus librdkafka's bounded prefetch
+//! (`queued.max.messages.kbytes`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge};
+use plantlink_model::Reading;
+use plantlink_wire::{BatchDecoder, Limits};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::kafka::{DeadLetter, Kafka};
+use crate::postgres::{self, Advance, Part, RefusedPart};
+use crate::sink::Sink;
+
+/// The record format this release writes and reads.
+pub const FORMAT: &str = "batch/1";
+
+/// How long a round may wait on the database before the writer pauses its partitions.
+pub const PAUSE_AFTER: Duration = Duration::from_millis(500);
+
+/// How long a round gathers records after its first one.
+const LINGER: Duration = Duration::from_millis(50);
+
+/// How often a writer reports its lag.
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// The partition of (`tenant`, `device`) among `partitions`: FNV-1a (64 bits) over the
+/// tenant, a zero byte and the device, modulo the count. Stable across releases and
+/// processes, so every receiver sends a device to the same partition.
+pub fn partition(tenant: &str, device: &str, partitions: i32) -> i32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tenant.bytes().chain([0]).chain(device.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % u64::from(partitions.max(1).unsigned_abs())) as i32
+}
+
+/// Where an accepted batch came from: what every record of it carries in its headers.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    /// The tenant, from the gateway's certificate.
+    pub tenant: &'a str,
+    /// The gateway, from its certificate.
+    pub gateway: &'a str,
+    /// The gateway's batch sequence number.
+    pub seq: u64,
+    /// Whether it came on the backlog lane.
+    pub backfill: bool,
+}
+
+impl Origin<'_> {
+    /// The headers of one of its records; `refused` names the reason of a refused group.
+    pub fn headers(&self, refused: Option<&str>) -> OwnedHeaders {
+        let seq = self.seq.to_string();
+        let mut h = OwnedHeaders::new_with_capacity(6)
+            .insert(Header {
+                key: "plantlink-format",
+                value: Some(FORMAT),
+            })
+            .insert(Header {
+                key: "plantlink-tenant",
+                value: Some(self.tenant),
+            })
+            .insert(Header {
+                key: "plantlink-gateway",
+                value: Some(self.gateway),
+            })
+            .insert(Header {
+                key: "plantlink-seq",
+                value: Some(seq.as_str()),
+            })
+            .insert(Header {
+                key: "plantlink-backfill",
+                value: Some(if self.backfill { "1" } else { "0" }),
+            });
+        if let Some(why) = refused {
+            h = h.insert(Header {
+                key: "plantlink-refused",
+                value: Some(why),
+            });
+        }
+        h
+    }
+}
+
+/// The records of one batch: (partition, refusal reason, payload in the batch codec), the
+/// accepted readings grouped by partition, the refused ones by partition and reason.
+pub fn records(
+    tenant: &str,
+    readings: &[Reading],
+    refused: &[(Reading, &'static str)],
+    partitions: i32,
+) -> Vec<(i32, Option<&'static str>, Vec<u8>)> {
+    let mut groups: BTreeMap<(i32, Option<&'static str>), Vec<Reading>> = BTreeMap::new();
+    for r in readings {
+        groups
+            .entry((partition(tenant, &r.device, partitions), None))
+            .or_default()
+            .push(r.clone());
+    }
+    for (r, why) in refused {
+        groups
+            .entry((partition(tenant, &r.device, partitions), Some(*why)))
+            .or_default()
+            .push(r.clone());
+    }
+    groups
+        .into_iter()
+        .map(|((p, why), rs)| (p, why, plantlink_wire::batch::encode_batch(&rs)))
+        .collect()
+}
+
+/// One backbone record, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The tenant.
+    pub tenant: Arc<str>,
+    /// The gateway.
+    pub gateway: Arc<str>,
+    /// The gateway's batch sequence number.
+    pub seq: u64,
+    /// Whether it came on the backlog lane.
+    pub backfill: bool,
+    /// The reason the window refused these readings; `None` for accepted ones.
+    pub refused: Option<String>,
+    /// The readings, with the tenant set.
+    pub readings: Vec<Reading>,
+}
+
+/// Decodes a record's headers and payload; the error says what is wrong.
+pub fn decode(
+    headers: Option<&rdkafka::message::BorrowedHeaders>,
+    payload: Option<&[u8]>,
+    decoder: &mut BatchDecoder,
+) -> Result<Record, String> {
+    let mut get: HashMap<&str, &str> = HashMap::new();
+    if let Some(h) = headers {
+        for i in 0..h.count() {
+            let hd = h.get(i);
+            if let Some(v) = hd.value.and_then(|v| std::str::from_utf8(v).ok()) {
+                get.insert(hd.key, v);
+            }
+        }
+    }
+    let format = get.get("plantlink-format").copied().unwrap_or("");
+    if format != FORMAT {
+        return Err(format!(
+            "plantlink-format {format:?}: this release reads {FORMAT:?} (a newer receiver wrote it?)"
+        ));
+    }
+    let need = |k: &str| {
+        get.get(k)
+            .copied()
+            .ok_or_else(|| format!("header {k} missing"))
+    };
+    let tenant = need("plantlink-tenant")?;
+    let gateway = need("plantlink-gateway")?;
+    let seq = need("plantlink-seq")?
+        .parse()
+        .map_err(|e| format!("header plantlink-seq: {e}"))?;
+    let backfill = get.get("plantlink-backfill") == Some(&"1");
+    let payload = payload.ok_or("no payload")?;
+    let mut readings = decoder
+        .decode(payload)
+        .map_err(|e| format!("payload: {e}"))?;
+    for r in &mut readings {
+        r.tenant = tenant.to_owned();
+    }
+    Ok(Record {
+        tenant: Arc::from(tenant),
+        gateway: Arc::from(gateway),
+        seq,
+        backfill,
+        refused: get.get("plantlink-refused").map(|s| (*s).to_owned()),
+        readings,
+    })
+}
+
+/// The consumer's context: counts rebalances, so the writer knows to read its positions
+/// again from the table.
+#[derive(Debug, Default)]
+pub struct Rebalances(Arc<AtomicU64>);
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        match r {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = tpl.count(), "backbone partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = tpl.count(), "backbone partitions revoked")
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "backbone rebalance failed"),
+        }
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Where a writer stands on one partition.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    /// The offset stored in `pipeline_offsets` as this writer last read or wrote it.
+    stored: Option<i64>,
+    /// The next offset to take (stored, or the partition's start when none is).
+    next: i64,
+    /// Set after a seek: records are skipped until the one at `next` comes.
+    seeking: bool,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("group", &self.group)
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A writer: one member of the writers' consumer group.
+pub struct Writer {
+    consumer: Arc<StreamConsumer<Rebalances>>,
+    generation: Arc<AtomicU64>,
+    seen: u64,
+    group: String,
+    topic: String,
+    sink: Sink,
+    kafka: Kafka,
+    url: String,
+    db: Option<tokio_postgres::Client>,
+    positions: HashMap<i32, Position>,
+    decoder: BatchDecoder,
+    max_readings: usize,
+}
+
+impl Writer {
+    /// Joins the writers' group on the backbone topic of `kafka`, writing through `sink`.
+    pub fn new(kafka: Kafka, sink: Sink, url: &str, max_readings: usize) -> anyhow::Result<Self> {
+        let cfg = kafka.config().clone();
+        let ctx = Rebalances::default();
+        let generation = ctx.0.clone();
+        let consumer: StreamConsumer<Rebalances> = Kafka::consumer_config(&cfg, &cfg.writer_group)
+            .create_with_context(ctx)
+            .map_err(|e| anyhow::anyhow!("kafka: cannot create the writer's consumer: {e}"))?;
+        consumer.subscribe(&[&cfg.backbone_topic]).map_err(|e| {
+            anyhow::anyhow!("kafka: cannot subscribe to {}: {e}", cfg.backbone_topic)
+        })?;
+        Ok(Self {
+            consumer: Arc::new(consumer),
+            generation,
+            seen: 0,
+            group: cfg.writer_group.clone(),
+            topic: cfg.backbone_topic.clone(),
+            sink,
+            kafka,
+            url: url.to_owned(),
+            db: None,
+            positions: HashMap::new(),
+            decoder: BatchDecoder::new(Limits::default()),
+            max_readings: max_readings.max(1),
+        })
+    }
+
+    /// Writes rounds until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        tracing::info!(group = %self.group, topic = %self.topic, "writer consuming the backbone");
+        let mut last_lag = Instant::now();
+        // Messages borrow the consumer, not the writer they are taken into.
+        let consumer = self.consumer.clone();
+        loop {
+            let mut round = Round::default();
+            let first = tokio::select! {
+                m = consumer.recv() => Some(m),
+                _ = shutdown.changed() => return Ok(()),
+                _ = tokio::time::sleep(LAG_EVERY) => None,
+            };
+            if let Some(m) = first {
+                self.take(m, &mut round).await;
+                let deadline = tokio::time::Instant::now() + LINGER;
+                while round.readings() < self.max_readings {
+                    tokio::select! {
+                        m = consumer.recv() => self.take(m, &mut round).await,
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+            }
+            if !round.is_empty() {
+                self.write(round).await;
+            }
+            if last_lag.elapsed() >= LAG_EVERY {
+                last_lag = Instant::now();
+                self.report_lag().await;
+            }
+        }
+    }
+
+    /// Takes one consumed message into `round`, or skips it.
+    async fn take(
+        &mut self,
+        m: Result<BorrowedMessage<'_>, rdkafka::error::KafkaError>,
+        round: &mut Round,
+    ) {
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "backbone consumer error");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            }
+        };
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation != self.seen {
+            // Partitions moved: what this writer knew of the table may be stale.
+            self.seen = generation;
+            self.positions.clear();
+        }
+        let (p, off) = (m.partition(), m.offset());
+        let pos = match self.positions.get(&p) {
+            Some(pos) => *pos,
+            None => match self.load(p).await {
+                Ok(pos) => pos,
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "cannot read pipeline_offsets; reading the partition again from the table's offset");
+                    self.seek(p, None);
+                    return;
+                }
+            },
+        };
+        let next = round.next_of(p).unwrap_or(pos.next);
+        if off < next {
+            counter!("plantlink_cloud_backbone_records_skipped_total").increment(1);
+            return;
+        }
+        if off > next {
+            if !pos.seeking {
+                self.seek(p, Some(next));
+                self.positions.insert(
+                    p,
+                    Position {
+                        seeking: true,
+                        ..pos
+                    },
+                );
+            }
+            return;
+        }
+        if pos.seeking {
+            self.positions.insert(
+                p,
+                Position {
+                    seeking: false,
+                    ..pos
+                },
+            );
+        }
+        let record = match decode(m.headers(), m.payload(), &mut self.decoder) {
+            Ok(r) => Some(r),
+            Err(why) => {
+                counter!("plantlink_cloud_backbone_records_undecodable_total").increment(1);
+                tracing::error!(partition = p, offset = off, %why, "an undecodable backbone record goes to the DLQ");
+                let payload = m.payload().unwrap_or_default();
+                let detail = format!("backbone record {}/{p}@{off}: {why}", self.topic);
+                let letter = DeadLetter {
+                    reason: "undecodable",
+                    detail,
+                    tenant: "",
+                    gateway: "",
+                    seq: None,
+                    reading: None,
+                    payload_hex: Some(crate::kafka::hex_prefix(payload)),
+                    payload_bytes: Some(payload.len()),
+                };
+                self.kafka.send_dlq(&self.topic, &letter).await;
+                None
+            }
+        };
+        round.push(p, pos.stored, off, record);
+    }
+
+    /// Reads partition `p`'s stored offset, and seeks there.
+    async fn load(&mut self, p: i32) -> anyhow::Result<Position> {
+        if self.db.as_ref().is_none_or(|c| c.is_closed()) {
+            self.db = Some(postgres::connect(&self.url).await?);
+        }
+        let db = self.db.as_ref().expect("connected above");
+        let stored = postgres::committed_offset(db, &self.group, &self.topic, p).await?;
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        let (low, _) = tokio::task::spawn_blocking(move || {
+            consumer.fetch_watermarks(&topic, p, Duration::from_secs(5))
+        })
+        .await??;
+        let next = match stored {
+            Some(s) if s < low => {
+                tracing::error!(
+                    partition = p,
+                    stored = s,
+                    earliest = low,
+                    "records of this partition were deleted by Kafka's retention before the \
+                     writers stored them; raise the backbone topic's retention.ms above the \
+                     longest database outage"
+                );
+                counter!("plantlink_cloud_backbone_records_lost_total").increment((low - s) as u64);
+                low
+            }
+            Some(s) => s,
+            None => low,
+        };
+        let pos = Position {
+            stored,
+            next,
+            seeking: true,
+        };
+        self.positions.insert(p, pos);
+        self.seek(p, Some(next));
+        Ok(pos)
+    }
+
+    /// Seeks partition `p` to `to` (its stored offset, as far as known).
+    fn seek(&mut self, p: i32, to: Option<i64>) {
+        let offset = to.map_or(Offset::Stored, Offset::Offset);
+        if let Err(e) = self
+            .consumer
+            .seek(&self.topic, p, offset, Duration::from_secs(5))
+        {
+            tracing::warn!(partition = p, error = %e, "backbone seek failed; the partition is read again at the next rebalance");
+            self.positions.remove(&p);
+        }
+    }
+
+    /// Writes `round` with its offsets, pausing the partitions while the database is slow.
+    async fn write(&mut self, round: Round) {
+        let offsets = round.advances(&self.group, &self.topic);
+        let parts: Vec<Part<'_>> = round
+            .records
+            .iter()
+            .filter(|r| r.refused.is_none())
+            .map(|r| Part {
+                tenant: &r.tenant,
+                gateway: &r.gateway,
+                readings: &r.readings,
+            })
+            .collect();
+        let refused_readings: Vec<Vec<(Reading, &str)>> = round
+            .records
+            .iter()
+            .filter_map(|r| {
+                let why = r.refused.as_deref()?;
+                Some(r.readings.iter().map(|x| (x.clone(), why)).collect())
+            })
+            .collect();
+        let refused: Vec<RefusedPart<'_>> = round
+            .records
+            .iter()
+            .filter(|r| r.refused.is_some())
+            .zip(&refused_readings)
+            .map(|(r, readings)| RefusedPart {
+                tenant: &r.tenant,
+                gateway: &r.gateway,
+                readings,
+            })
+            .collect();
+        let write = self.sink.write_round(&parts, &refused, &offsets);
+        tokio::pin!(write);
+        let mut paused: Option<TopicPartitionList> = None;
+        let result = loop {
+            tokio::select! {
+                r = &mut write => break r,
+                _ = tokio::time::sleep(PAUSE_AFTER), if paused.is_none() => {
+                    if let Ok(a) = self.consumer.assignment()
+                        && self.consumer.pause(&a).is_ok()
+                    {
+                        tracing::warn!(partitions = a.count(), "the database is slow; the writer pauses its partitions until this round is written");
+                        gauge!("plantlink_cloud_writer_paused").set(1.0);
+                        paused = Some(a);
+                    }
+                }
+            }
+        };
+        if let Some(a) = paused {
+            let _ = self.consumer.resume(&a);
+            gauge!("plantlink_cloud_writer_paused").set(0.0);
+        }
+        let result = match result {
+            Err(e) => {
+                // PostgreSQL refused the rows for good (what the receivers' checks let
+                // through but the database will not hold). The partitions must move on and
+                // nothing may be lost: the round's readings are kept in refused_readings.
+                tracing::error!(error = %e, readings = round.readings(), "PostgreSQL refused a backbone round; its readings are kept in refused_readings (reason storage_refused)");
+                counter!("plantlink_cloud_backbone_rounds_refused_total").increment(1);
+                let all: Vec<Vec<(Reading, &str)>> = round
+                    .records
+                    .iter()
+                    .map(|r| {
+                        let why = r.refused.as_deref().unwrap_or("storage_refused");
+                        r.readings.iter().map(|x| (x.clone(), why)).collect()
+                    })
+                    .collect();
+                let kept: Vec<RefusedPart<'_>> = round
+                    .records
+                    .iter()
+                    .zip(&all)
+                    .map(|(r, readings)| RefusedPart {
+                        tenant: &r.tenant,
+                        gateway: &r.gateway,
+                        readings,
+                    })
+                    .collect();
+                self.sink.write_round(&[], &kept, &offsets).await
+            }
+            ok => ok,
+        };
+        match result {
+            Ok(Some(conflicts)) => {
+                let mut tpl = TopicPartitionList::new();
+                for a in &offsets {
+                    self.positions.insert(
+                        a.partition,
+                        Position {
+                            stored: Some(a.next),
+                            next: a.next,
+                            seeking: false,
+                        },
+                    );
+                    let _ =
+                        tpl.add_partition_offset(&self.topic, a.partition, Offset::Offset(a.next));
+                }
+                if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+                    tracing::debug!(error = %e, "Kafka offset commit failed (the table has them)");
+                }
+                counter!("plantlink_cloud_backbone_records_written_total")
+                    .increment(round.records() as u64);
+                report_conflicts(&self.kafka, &conflicts).await;
+            }
+            Ok(None) => {
+                tracing::info!(
+                    "another writer moved one of these partitions meanwhile; reading their offsets again"
+                );
+                counter!("plantlink_cloud_backbone_rounds_fenced_total").increment(1);
+                for a in &offsets {
+                    self.positions.remove(&a.partition);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a backbone round was not written; reading its partitions again");
+                for a in &offsets {
+                    self.positions.remove(&a.partition);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    /// Exports `plantlink_cloud_consumer_lag{group,topic,partition}` for the partitions this
+    /// writer holds: the end offset minus the stored one.
+    async fn report_lag(&self) {
+        let Ok(marks) = self.kafka.watermarks(&self.topic).await else {
+            return;
+        };
+        for (p, _, high) in marks {
+            if let Some(pos) = self.positions.get(&p) {
+                gauge!("plantlink_cloud_consumer_lag", "group" => self.group.clone(), "topic" => self.topic.clone(), "partition" => p.to_string())
+                    .set((high - pos.stored.unwrap_or(pos.next)).max(0) as f64);
+            }
+        }
+    }
+}
+
+/// Reports the conflicts a round found, per tenant and gateway, as the receiver does in the
+/// single-node mode.
+async fn report_conflicts(kafka: &Kafka, conflicts: &[postgres::Conflict]) {
+    let mut by: BTreeMap<(&str, &str), Vec<postgres::Conflict>> = BTreeMap::new();
+    for c in conflicts {
+        by.entry((&c.tenant, &c.gateway))
+            .or_default()
+            .push(c.clone());
+    }
+    for ((tenant, gateway), cs) in by {
+        crate::server::report_conflicts_to(Some(kafka), tenant, gateway, None, &cs).await;
+    }
+}
+
+/// What one writer round takes: records of its partitions in offset order, and how far
+/// each partition goes.
+#[derive(Debug, Default)]
+pub struct Round {
+    records: Vec<Record>,
+    /// Partition -> (the offset stored when the round began, the next offset after it).
+    ranges: BTreeMap<i32, (Option<i64>, i64)>,
+    readings: usize,
+    taken: usize,
+}
+
+impl Round {
+    /// Takes the record at `offset` of partition `p`, whose stored offset is `stored`; an
+    /// undecodable one only moves the offset (it went to the DLQ).
+    fn push(&mut self, p: i32, stored: Option<i64>, offset: i64, record: Option<Record>) {
+        self.ranges.entry(p).or_insert((stored, offset)).1 = offset + 1;
+        self.taken += 1;
+        if let Some(r) = record {
+            self.readings += r.readings.len();
+            self.records.push(r);
+        }
+    }
+
+    /// The next offset of `p` after what the round holds, if it holds any of `p`.
+    fn next_of(&self, p: i32) -> Option<i64> {
+        self.ranges.get(&p).map(|r| r.1)
+    }
+
+    fn readings(&self) -> usize {
+        self.readings
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Records taken, decodable or not.
+    fn records(&self) -> usize {
+        self.taken
+    }
+
+    /// The offsets to store with the round's rows.
+    fn advances(&self, group: &str, topic: &str) -> Vec<Advance> {
+        self.ranges
+            .iter()
+            .map(|(p, (expected, next))| Advance {
+                group: group.to_owned(),
+                topic: topic.to_owned(),
+                partition: *p,
+                expected: *expected,
+                next: *next,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plantlink_model::Timestamp;
+
+    #[test]
+    fn a_device_always_lands_in_one_partition_and_tenants_spread() {
+        assert_eq!(
+            partition("acme", "pump-1", 12),
+            partition("acme", "pump-1", 12)
+        );
+        assert!((0..12).contains(&partition("acme", "pump-1", 12)));
+        assert_eq!(partition("acme", "pump-1", 1), 0);
+        // The tenant takes part: the same device name spreads over partitions by tenant.
+        let ps: std::collections::BTreeSet<i32> = (0..50)
+            .map(|t| partition(&format!("t{t}"), "pump-1", 12))
+            .collect();
+        assert!(ps.len() > 6, "{ps:?}");
+        // The separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(partition("ab", "c", 1 << 30), partition("a", "bc", 1 << 30));
+    }
+
+    #[test]
+    fn records_regroup_by_partition_and_decode_back() {
+        let rs: Vec<Reading> = (0..40)
+            .map(|i| {
+                Reading::new(
+                    "",
+                    format!("dev-{}", i % 8),
+                    "temperature",
+                    Timestamp(1_800_000_000_000_000 + i),
+                    i as f64,
+                )
+            })
+            .collect();
+        let refused = vec![(rs[0].clone(), "too_old")];
+        let recs = records("acme", &rs, &refused, 4);
+        let origin = Origin {
+            tenant: "acme",
+            gateway: "gw-1",
+            seq: 7,
+            backfill: true,
+        };
+        let mut back = Vec::new();
+        let mut dec = BatchDecoder::new(Limits::default());
+        for (p, why, payload) in &recs {
+            assert!((0..4).contains(p));
+            let h = origin.headers(*why);
+            let r = decode_owned(&h, payload, &mut dec).unwrap();
+            assert_eq!(
+                (&*r.tenant, &*r.gateway, r.seq, r.backfill),
+                ("acme", "gw-1", 7, true)
+            );
+            assert_eq!(r.refused.as_deref(), *why);
+            for x in &r.readings {
+                assert_eq!(partition("acme", &x.device, 4), *p);
+                assert_eq!(x.tenant, "acme");
+            }
+            if why.is_none() {
+                back.extend(r.readings);
+            }
+        }
+        back.sort_by_key(|r| r.ts.0);
+        let mut want = rs.clone();
+        for r in &mut want {
+            r.tenant = "acme".into();
+        }
+        assert_eq!(back, want);
+        // A few bytes a reading, not JSON's ~150.
+        let bytes: usize = recs.iter().map(|r| r.2.len()).sum();
+        assert!(bytes < 40 * 20, "{bytes} bytes for 40 readings");
+    }
+
+    /// [`decode`] over owned headers, as a consumer would see them.
+    fn decode_owned(
+        h: &OwnedHeaders,
+        payload: &[u8],
+        dec: &mut BatchDecoder,
+    ) -> Result<Record, String> {
+        decode(Some(h.as_borrowed()), Some(payload), dec)
+    }
+}
