@@ -241,7 +241,13 @@ struct Position {
     next: i64,
     /// Set after a seek: records are skipped until the one at `next` comes.
     seeking: bool,
+    /// When the seek was made (a seek that never brings `next` is made again).
+    since: Instant,
 }
+
+/// How long a writer waits for the record it sought before reading the table and the
+/// partition's start again (retention may have deleted it meanwhile).
+const SEEK_PATIENCE: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -352,14 +358,7 @@ impl Writer {
         let (p, off) = (m.partition(), m.offset());
         let pos = match self.positions.get(&p) {
             Some(pos) => *pos,
-            None => match self.load(p).await {
-                Ok(pos) => pos,
-                Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "cannot read pipeline_offsets; reading the partition again from the table's offset");
-                    self.seek(p, None);
-                    return;
-                }
-            },
+            None => self.load_until(p).await,
         };
         let next = round.next_of(p).unwrap_or(pos.next);
         if off < next {
@@ -368,14 +367,23 @@ impl Writer {
         }
         if off > next {
             if !pos.seeking {
-                self.seek(p, Some(next));
+                self.seek(p, next);
                 self.positions.insert(
                     p,
                     Position {
                         seeking: true,
+                        since: Instant::now(),
                         ..pos
                     },
                 );
+            } else if pos.since.elapsed() > SEEK_PATIENCE && round.next_of(p).is_none() {
+                tracing::warn!(
+                    partition = p,
+                    want = next,
+                    got = off,
+                    "the sought backbone record did not come; reading the table and the partition's start again"
+                );
+                self.load_until(p).await;
             }
             return;
         }
@@ -412,6 +420,23 @@ impl Writer {
         round.push(p, pos.stored, off, record);
     }
 
+    /// [`Self::load`], again and again with a growing pause until it succeeds (the database
+    /// or Kafka may be away; nothing of `p` can be taken meanwhile).
+    async fn load_until(&mut self, p: i32) -> Position {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match self.load(p).await {
+                Ok(pos) => return pos,
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, retry_in = ?wait, "cannot read this partition's offset from pipeline_offsets");
+                    self.db = None;
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
     /// Reads partition `p`'s stored offset, and seeks there.
     async fn load(&mut self, p: i32) -> anyhow::Result<Position> {
         if self.db.as_ref().is_none_or(|c| c.is_closed()) {
@@ -445,29 +470,105 @@ impl Writer {
             stored,
             next,
             seeking: true,
+            since: Instant::now(),
         };
         self.positions.insert(p, pos);
-        self.seek(p, Some(next));
+        self.seek(p, next);
         Ok(pos)
     }
 
-    /// Seeks partition `p` to `to` (its stored offset, as far as known).
-    fn seek(&mut self, p: i32, to: Option<i64>) {
-        let offset = to.map_or(Offset::Stored, Offset::Offset);
-        if let Err(e) = self
-            .consumer
-            .seek(&self.topic, p, offset, Duration::from_secs(5))
+    /// Seeks partition `p` to `to`. If that fails, the position is forgotten, so the next
+    /// record of `p` reads the table and seeks again.
+    fn seek(&mut self, p: i32, to: i64) {
+        if let Err(e) =
+            self.consumer
+                .seek(&self.topic, p, Offset::Offset(to), Duration::from_secs(5))
         {
-            tracing::warn!(partition = p, error = %e, "backbone seek failed; the partition is read again at the next rebalance");
+            tracing::warn!(partition = p, error = %e, "backbone seek failed; trying again with the partition's next record");
             self.positions.remove(&p);
         }
+    }
+
+    /// After a round that did not commit (or committed only in part): every partition of it
+    /// is read from the table's offset again, at once.
+    async fn reread(&mut self, offsets: &[Advance]) {
+        for a in offsets {
+            self.positions.remove(&a.partition);
+            self.load_until(a.partition).await;
+        }
+    }
+
+    /// The last resort for a round PostgreSQL refused: its records one by one, each with its
+    /// own offset, so that only a record the database refuses is kept in `refused_readings`
+    /// (reason `storage_refused`) instead of its rows, and the partitions move on.
+    async fn write_one_by_one(&mut self, round: &Round) -> crate::sink::Outcome2 {
+        let mut stored: BTreeMap<i32, Option<i64>> =
+            round.ranges.iter().map(|(p, (e, _))| (*p, *e)).collect();
+        let mut conflicts = Vec::new();
+        for (p, off, r) in &round.records {
+            let advance = [Advance {
+                group: self.group.clone(),
+                topic: self.topic.clone(),
+                partition: *p,
+                expected: stored.get(p).copied().flatten(),
+                next: off + 1,
+            }];
+            let why = r.refused.as_deref();
+            let as_refused: Vec<(Reading, &str)> = r
+                .readings
+                .iter()
+                .map(|x| (x.clone(), why.unwrap_or("storage_refused")))
+                .collect();
+            let kept = [RefusedPart {
+                tenant: &r.tenant,
+                gateway: &r.gateway,
+                readings: &as_refused,
+            }];
+            let part = [Part {
+                tenant: &r.tenant,
+                gateway: &r.gateway,
+                readings: &r.readings,
+            }];
+            let mut result = if why.is_some() {
+                self.sink.write_round(&[], &kept, &advance).await
+            } else {
+                self.sink.write_round(&part, &[], &advance).await
+            };
+            if let Err(e) = &result {
+                tracing::error!(partition = p, offset = off, tenant = %r.tenant, gateway = %r.gateway, readings = r.readings.len(), error = %e, "PostgreSQL refused a backbone record; its readings are kept in refused_readings (reason storage_refused)");
+                counter!("plantlink_cloud_backbone_records_refused_total").increment(1);
+                result = self.sink.write_round(&[], &kept, &advance).await;
+            }
+            match result? {
+                Some(c) => conflicts.extend(c),
+                None => return Ok(None),
+            }
+            stored.insert(*p, Some(off + 1));
+        }
+        // Undecodable records after the last decodable one of a partition: move past them.
+        let rest: Vec<Advance> = round
+            .ranges
+            .iter()
+            .filter(|(p, (_, next))| stored.get(p).copied().flatten() != Some(*next))
+            .map(|(p, (_, next))| Advance {
+                group: self.group.clone(),
+                topic: self.topic.clone(),
+                partition: *p,
+                expected: stored.get(p).copied().flatten(),
+                next: *next,
+            })
+            .collect();
+        if !rest.is_empty() && self.sink.write_round(&[], &[], &rest).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(conflicts))
     }
 
     /// Writes `round` with its offsets, pausing the partitions while the database is slow.
     async fn write(&mut self, round: Round) {
         let offsets = round.advances(&self.group, &self.topic);
-        let parts: Vec<Part<'_>> = round
-            .records
+        let records: Vec<&Record> = round.records.iter().map(|(_, _, r)| r).collect();
+        let parts: Vec<Part<'_>> = records
             .iter()
             .filter(|r| r.refused.is_none())
             .map(|r| Part {
@@ -476,16 +577,14 @@ impl Writer {
                 readings: &r.readings,
             })
             .collect();
-        let refused_readings: Vec<Vec<(Reading, &str)>> = round
-            .records
+        let refused_readings: Vec<Vec<(Reading, &str)>> = records
             .iter()
             .filter_map(|r| {
                 let why = r.refused.as_deref()?;
                 Some(r.readings.iter().map(|x| (x.clone(), why)).collect())
             })
             .collect();
-        let refused: Vec<RefusedPart<'_>> = round
-            .records
+        let refused: Vec<RefusedPart<'_>> = records
             .iter()
             .filter(|r| r.refused.is_some())
             .zip(&refused_readings)
@@ -495,7 +594,8 @@ impl Writer {
                 readings,
             })
             .collect();
-        let write = self.sink.write_round(&parts, &refused, &offsets);
+        let sink = self.sink.clone();
+        let write = sink.write_round(&parts, &refused, &offsets);
         tokio::pin!(write);
         let mut paused: Option<TopicPartitionList> = None;
         let result = loop {
@@ -519,29 +619,10 @@ impl Writer {
         let result = match result {
             Err(e) => {
                 // PostgreSQL refused the rows for good (what the receivers' checks let
-                // through but the database will not hold). The partitions must move on and
-                // nothing may be lost: the round's readings are kept in refused_readings.
-                tracing::error!(error = %e, readings = round.readings(), "PostgreSQL refused a backbone round; its readings are kept in refused_readings (reason storage_refused)");
-                counter!("plantlink_cloud_backbone_rounds_refused_total").increment(1);
-                let all: Vec<Vec<(Reading, &str)>> = round
-                    .records
-                    .iter()
-                    .map(|r| {
-                        let why = r.refused.as_deref().unwrap_or("storage_refused");
-                        r.readings.iter().map(|x| (x.clone(), why)).collect()
-                    })
-                    .collect();
-                let kept: Vec<RefusedPart<'_>> = round
-                    .records
-                    .iter()
-                    .zip(&all)
-                    .map(|(r, readings)| RefusedPart {
-                        tenant: &r.tenant,
-                        gateway: &r.gateway,
-                        readings,
-                    })
-                    .collect();
-                self.sink.write_round(&[], &kept, &offsets).await
+                // through but the database will not hold): record by record, so that only
+                // what it refuses is kept aside and the partitions move on.
+                tracing::warn!(error = %e, records = round.records.len(), "PostgreSQL refused a backbone round; writing its records one by one");
+                self.write_one_by_one(&round).await
             }
             ok => ok,
         };
@@ -555,6 +636,7 @@ impl Writer {
                             stored: Some(a.next),
                             next: a.next,
                             seeking: false,
+                            since: Instant::now(),
                         },
                     );
                     let _ =
@@ -572,16 +654,12 @@ impl Writer {
                     "another writer moved one of these partitions meanwhile; reading their offsets again"
                 );
                 counter!("plantlink_cloud_backbone_rounds_fenced_total").increment(1);
-                for a in &offsets {
-                    self.positions.remove(&a.partition);
-                }
+                self.reread(&offsets).await;
             }
             Err(e) => {
                 tracing::error!(error = %e, "a backbone round was not written; reading its partitions again");
-                for a in &offsets {
-                    self.positions.remove(&a.partition);
-                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                self.reread(&offsets).await;
             }
         }
     }
@@ -619,7 +697,8 @@ async fn report_conflicts(kafka: &Kafka, conflicts: &[postgres::Conflict]) {
 /// each partition goes.
 #[derive(Debug, Default)]
 pub struct Round {
-    records: Vec<Record>,
+    /// (partition, offset, record) of the decodable records, in the order taken.
+    records: Vec<(i32, i64, Record)>,
     /// Partition -> (the offset stored when the round began, the next offset after it).
     ranges: BTreeMap<i32, (Option<i64>, i64)>,
     readings: usize,
@@ -634,7 +713,7 @@ impl Round {
         self.taken += 1;
         if let Some(r) = record {
             self.readings += r.readings.len();
-            self.records.push(r);
+            self.records.push((p, offset, r));
         }
     }
 

@@ -138,7 +138,10 @@ impl Server {
                 let kafka = Kafka::new(k, self.config.postgres.max_pending_readings)?;
                 let creator = kafka.clone();
                 // Topics are made in the background: an unreachable cluster must not keep
-                // the service from starting; records wait in the producer meanwhile.
+                // the service from starting; records wait in the producer meanwhile. A
+                // scale-out receiver waits for them before admitting gateways: it must know
+                // the backbone topic's partition count before it places a device.
+                let (checked_tx, mut checked) = watch::channel(false);
                 tokio::spawn(async move {
                     let mut wait = std::time::Duration::from_secs(1);
                     while let Err(e) = creator.ensure_topics().await {
@@ -146,7 +149,14 @@ impl Server {
                         tokio::time::sleep(wait).await;
                         wait = (wait * 2).min(std::time::Duration::from_secs(60));
                     }
+                    let _ = checked_tx.send(true);
                 });
+                if roles.scale_out() && roles.receiver {
+                    tokio::select! {
+                        _ = checked.wait_for(|c| *c) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                }
                 Some(kafka)
             }
             None => None,
@@ -209,11 +219,25 @@ impl Server {
         let memory =
             crate::memory::Memory::new((self.config.ingest.max_buffered_mib as usize) << 20);
         let Some(endpoint) = self.endpoint else {
-            // A writer only: it runs until told to stop.
+            // A writer only: it runs until told to stop, then stops as the receiver does
+            // (a round that cannot be written is read again by the next owner).
             tracing::info!(%roles, "running");
             let _ = shutdown.wait_for(|s| *s).await;
             drop(sink);
-            while tasks.join_next().await.is_some() {}
+            let drained = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                while tasks.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(
+                    "stopping with a round unwritten; its partitions are read again by the next writer"
+                );
+                tasks.abort_all();
+            }
+            if let Some(k) = kafka {
+                tokio::task::spawn_blocking(move || k.flush(std::time::Duration::from_secs(5)))
+                    .await?;
+            }
             return Ok(());
         };
         let backbone = roles.scale_out().then(|| {

@@ -132,44 +132,51 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let conn = common::connect(&ep, quic_addr, "gw-r").await;
-    let mut sent = 0i64;
-    for b in 0..BATCHES {
-        let readings = batch(b, start_us);
-        let (mut s, mut r) = conn.open_bi().await.unwrap();
-        let frame = Frame::Batch(Batch {
-            seq: b + 1,
-            lane: Lane::Live,
-            readings: readings.len() as u32,
-            payload: BatchEncoder::default().encode(&readings),
-        });
-        quic::write_frame(&mut s, &frame).await.unwrap();
-        let answer = quic::read_frame(&mut r, 1 << 16).await.unwrap();
-        assert_eq!(answer, Frame::Ack(Ack { seq: b + 1 }), "batch {b}");
-        sent += readings.len() as i64;
-        if b == BATCHES / 3 {
-            // Both writers hold partitions and have written rounds of them...
-            let written = |port: u16| {
-                common::scrape(format!("127.0.0.1:{port}").parse().unwrap()).map_or(0.0, |t| {
-                    metric(&t, "plantlink_cloud_backbone_records_written_total")
-                })
-            };
-            until(
-                "both writers writing",
-                Duration::from_secs(60),
-                async || written(metrics_a) > 0.0 && written(metrics_b) > 0.0,
-            )
-            .await;
-            // ...then writer A dies mid-stream, whatever it holds.
-            let rows: i64 = pgc
-                .query_one("SELECT count(*) FROM raw_metrics", &[])
-                .await
-                .unwrap()
-                .get(0);
-            eprintln!("killing writer A with {rows} of {sent} readings stored");
-            drop(writer_a.take());
+    // The gateway streams on its own while the test watches the writers.
+    let sender = tokio::spawn(async move {
+        let mut sent = 0i64;
+        for b in 0..BATCHES {
+            let readings = batch(b, start_us);
+            let (mut s, mut r) = conn.open_bi().await.unwrap();
+            let frame = Frame::Batch(Batch {
+                seq: b + 1,
+                lane: Lane::Live,
+                readings: readings.len() as u32,
+                payload: BatchEncoder::default().encode(&readings),
+            });
+            quic::write_frame(&mut s, &frame).await.unwrap();
+            let answer = quic::read_frame(&mut r, 1 << 16).await.unwrap();
+            assert_eq!(answer, Frame::Ack(Ack { seq: b + 1 }), "batch {b}");
+            sent += readings.len() as i64;
         }
-    }
-    conn.close(0u32.into(), b"done");
+        conn.close(0u32.into(), b"done");
+        sent
+    });
+    // Both writers hold partitions and have written rounds of them...
+    let written = |port: u16| {
+        common::scrape(format!("127.0.0.1:{port}").parse().unwrap()).map_or(0.0, |t| {
+            metric(&t, "plantlink_cloud_backbone_records_written_total")
+        })
+    };
+    until(
+        "both writers writing",
+        Duration::from_secs(60),
+        async || written(metrics_a) > 0.0 && written(metrics_b) > 0.0,
+    )
+    .await;
+    // ...then writer A dies while the backbone holds more than is written.
+    let rows: i64 = pgc
+        .query_one("SELECT count(*) FROM raw_metrics", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(writer_a.take());
+    let sent = sender.await.unwrap();
+    eprintln!("killed writer A with {rows} readings stored; {sent} sent");
+    assert!(
+        rows < sent,
+        "writer A was killed with nothing left to write ({rows} of {sent} stored)"
+    );
 
     // Everything lands, each reading once, with its value.
     until(
