@@ -5,7 +5,9 @@
 //! while batches stream in;
 //! the other takes its partitions from `pipeline_offsets`. Every reading the ledger sent is
 //! in PostgreSQL once with its value, the surviving writer replayed nothing (no round was
-//! committed twice), and the stored offsets reach every partition's end.
+//! committed twice), and the stored offsets reach every partition's end. The API's
+//! `/v1/pipeline/lag` shows the group's lag above zero while the killed writer's partitions
+//! wait to be handed over, and zero at the end.
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
@@ -25,6 +27,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 const BATCHES: u64 = 120;
 const PER: i64 = 400;
 const DEVICES: i64 = 20;
+const TOKEN: &str = "acme-token-0123456789abcdef";
 
 fn start(config: &std::path::Path, role: &str, log: &std::path::Path) -> common::Proc {
     common::Proc(
@@ -104,6 +107,34 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
     ] {
         std::fs::write(d.0.join(format!("{name}.toml")), config(m)).unwrap();
     }
+    // The receiver serves the API, with the groups' lag.
+    let api: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
+        .parse()
+        .unwrap();
+    let mut receiver_toml = config(None);
+    receiver_toml.push_str(&format!(
+        "[api]\nbind = \"{api}\"\n[api.tokens]\nacme = \"{TOKEN}\"\n"
+    ));
+    std::fs::write(d.0.join("receiver.toml"), receiver_toml).unwrap();
+    // Lag per partition of the writers' group, as the API reports it (None before any offset).
+    let (g2, t2) = (group.clone(), topic.clone());
+    let lag = move || -> Option<Vec<(i64, Option<i64>, i64)>> {
+        let (st, body) = common::http_json(api, "GET", "/v1/pipeline/lag", TOKEN, None);
+        assert_eq!(st, 200, "{body}");
+        let parts = body["consumer_groups"][&g2][&t2].as_object()?;
+        Some(
+            parts
+                .values()
+                .map(|p| {
+                    (
+                        p["end"].as_i64().unwrap(),
+                        p["committed"].as_i64(),
+                        p["lag"].as_i64().unwrap(),
+                    )
+                })
+                .collect(),
+        )
+    };
     let log = |n: &str| d.0.join(format!("{n}.log"));
     let _receiver = start(&d.0.join("receiver.toml"), "receiver", &log("receiver"));
     let mut writer_a = Some(start(
@@ -171,6 +202,16 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
         .unwrap()
         .get(0);
     drop(writer_a.take());
+    // The lag the API shows rises above zero while writer A's partitions wait for the group
+    // to hand them over (its session timeout), and falls back to zero.
+    let mut most = 0;
+    let start_watch = Instant::now();
+    while !sender.is_finished() || start_watch.elapsed() < Duration::from_secs(2) {
+        if let Some(l) = tokio::task::block_in_place(&lag) {
+            most = most.max(l.iter().map(|p| p.2).sum::<i64>());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let sent = sender.await.unwrap();
     eprintln!("killed writer A with {rows} readings stored; {sent} sent");
     assert!(
@@ -210,6 +251,15 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
             row.get::<_, i64>(3)
         ),
         (sent, sent, want_sum, 0)
+    );
+
+    assert!(most > 0, "the API never showed the writers behind");
+    let at_end = tokio::task::block_in_place(&lag).unwrap();
+    assert_eq!(at_end.len(), 6, "{at_end:?}");
+    assert!(
+        at_end.iter().all(|(end, committed, lag)| *lag == 0
+            && (*committed == Some(*end) || (*end == 0 && committed.is_none()))),
+        "{at_end:?}"
     );
 
     // The stored offsets reach the end of every partition.

@@ -110,6 +110,19 @@ pub async fn conflicts_by_gateway(
 }
 
 /// Whether the database answers at all.
+/// Every stored consumer offset: (group, topic, partition, committed offset).
+pub async fn pipeline_offsets(c: &Client) -> Result<Vec<(String, String, i32, i64)>, Error> {
+    Ok(c.query(
+        "SELECT consumer_group, topic, partition_id, committed_offset FROM pipeline_offsets
+             ORDER BY 1, 2, 3",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect())
+}
+
 pub async fn ping(c: &Client) -> Result<(), Error> {
     c.simple_query("SELECT 1").await.map(drop)
 }
