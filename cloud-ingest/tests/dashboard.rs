@@ -40,14 +40,6 @@ fn series(text: &str) -> String {
 /// Metrics only TimescaleDB's flavour exports.
 const TIMESCALE_ONLY: &str = "plantlink_cloud_timescale_";
 
-/// The sum of the values of `metric`'s series in a scrape.
-fn total(text: &str, metric: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Starts cloud-ingest on `b` and answers what its `/metrics` exports once `ready` holds
 /// for a scrape, with what it logged so far.
 async fn cloud_metrics_on(b: &Backend, ready: impl Fn(&str) -> bool) -> (String, String) {
@@ -155,7 +147,7 @@ async fn the_dashboard_queries_only_metrics_that_exist() {
             .iter()
             .filter(|n| n.starts_with(TIMESCALE_ONLY))
             .all(|n| jobs.contains(n));
-        all && (total(t, failures) > 0.0 || Instant::now() > deadline)
+        all && (common::metric_total(t, failures) > 0.0 || Instant::now() > deadline)
     })
     .await;
     let exported = names(&format!("{}\n{edge}", series(&ts)));
@@ -164,7 +156,7 @@ async fn the_dashboard_queries_only_metrics_that_exist() {
         missing.is_empty(),
         "queried but not exported on TimescaleDB: {missing:?}"
     );
-    if total(&ts, failures) > 0.0 {
+    if common::metric_total(&ts, failures) > 0.0 {
         assert!(
             logged.contains("a TimescaleDB policy job failed") && logged.contains("policy_"),
             "a failing job is logged with its name: {logged}"

@@ -66,13 +66,6 @@ fn batch(b: u64, start_us: i64) -> Vec<Reading> {
         .collect()
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothing() {
     let d = Dir::new("roles");
@@ -186,7 +179,7 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
     // Both writers hold partitions and have written rounds of them...
     let written = |port: u16| {
         common::scrape(format!("127.0.0.1:{port}").parse().unwrap()).map_or(0.0, |t| {
-            metric(&t, "plantlink_cloud_backbone_records_written_total")
+            common::metric_total(&t, "plantlink_cloud_backbone_records_written_total")
         })
     };
     until(
@@ -308,11 +301,11 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
     )
     .unwrap();
     assert_eq!(
-        metric(&text, "plantlink_cloud_readings_replayed_total"),
+        common::metric_total(&text, "plantlink_cloud_readings_replayed_total"),
         0.0,
         "{text}"
     );
-    assert!(metric(&text, "plantlink_cloud_backbone_records_written_total") > 0.0);
+    assert!(common::metric_total(&text, "plantlink_cloud_backbone_records_written_total") > 0.0);
 
     drop(pgc);
     admin

@@ -468,6 +468,15 @@ async fn migrate_upgrades_a_version_1_timescaledb_database_in_place() {
     drop((c, c2, w));
 }
 
+/// `migrate` on TimescaleDB, which must leave the current schema version.
+async fn migrate_to_current(c: &tokio_postgres::Client, cfg: &Postgres) {
+    assert_eq!(postgres::migrate(c, cfg).await.unwrap(), Flavor::Timescale);
+    assert_eq!(
+        postgres::upgrade::current(c).await.unwrap(),
+        postgres::schema::VERSION
+    );
+}
+
 /// The definition of the daily continuous aggregate.
 async fn daily_definition(c: &tokio_postgres::Client) -> String {
     c.query_one(
@@ -584,14 +593,7 @@ async fn a_version_2_daily_aggregate_is_rebuilt_on_the_hourly_one_where_nothing_
         err.contains("schema version 2") && err.contains("cloud-ingest migrate"),
         "{err}"
     );
-    assert_eq!(
-        postgres::migrate(&c, &cfg).await.unwrap(),
-        Flavor::Timescale
-    );
-    assert_eq!(
-        postgres::upgrade::current(&c).await.unwrap(),
-        postgres::schema::VERSION
-    );
+    migrate_to_current(&c, &cfg).await;
     assert!(
         daily_definition(&c)
             .await
@@ -641,14 +643,7 @@ async fn a_version_2_daily_aggregate_is_rebuilt_on_the_hourly_one_where_nothing_
         postgres::upgrade::v3_daily(&c, hourly_days).await.unwrap(),
         postgres::upgrade::Daily::Refresh
     );
-    assert_eq!(
-        postgres::migrate(&c, &cfg).await.unwrap(),
-        Flavor::Timescale
-    );
-    assert_eq!(
-        postgres::upgrade::current(&c).await.unwrap(),
-        postgres::schema::VERSION
-    );
+    migrate_to_current(&c, &cfg).await;
     assert_eq!(daily_rows(&c).await, before);
     let policies: i64 = c
         .query_one(
@@ -679,14 +674,7 @@ async fn a_version_2_daily_aggregate_is_rebuilt_on_the_hourly_one_where_nothing_
         postgres::upgrade::v3_daily(&c, hourly_days).await.unwrap(),
         postgres::upgrade::Daily::Keep { rows: 15 }
     );
-    assert_eq!(
-        postgres::migrate(&c, &cfg).await.unwrap(),
-        Flavor::Timescale
-    );
-    assert_eq!(
-        postgres::upgrade::current(&c).await.unwrap(),
-        postgres::schema::VERSION
-    );
+    migrate_to_current(&c, &cfg).await;
     assert!(
         !daily_definition(&c)
             .await

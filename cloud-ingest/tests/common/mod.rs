@@ -556,6 +556,14 @@ pub fn scrape(addr: SocketAddr) -> Option<String> {
     http_get(addr, "/metrics", None)
 }
 
+/// The sum of the values of `metric`'s series in a `/metrics` scrape (0 when it has none).
+pub fn metric_total(text: &str, metric: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The rows of `readings` (tenant acme, gateway gw-1) as CSV in the column order of
 /// `\copy raw_metrics (tenant_id, device_id, metric_name, value, tags, ts, seq, gateway_id)`,
 /// for benchmarks against `psql \copy`.
