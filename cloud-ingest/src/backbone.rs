@@ -42,6 +42,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use crate::kafka::{DeadLetter, Kafka};
+
+pub mod alerting;
 use crate::postgres::{self, Advance, Part, RefusedPart};
 use crate::sink::Sink;
 
@@ -212,19 +214,30 @@ pub fn decode(
 
 /// The consumer's context: counts rebalances, so the writer knows to read its positions
 /// again from the table.
+/// It also exports `plantlink_cloud_consumer_partitions{group}`: the partitions held.
 #[derive(Debug, Default)]
-pub struct Rebalances(Arc<AtomicU64>);
+pub struct Rebalances(Arc<AtomicU64>, String);
+
+impl Rebalances {
+    /// The context of a member of `group`.
+    pub fn of(group: &str) -> Self {
+        Self(Arc::default(), group.to_owned())
+    }
+}
 
 impl ClientContext for Rebalances {}
 
 impl ConsumerContext for Rebalances {
     fn post_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        let held = gauge!("plantlink_cloud_consumer_partitions", "group" => self.1.clone());
         match r {
             Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = tpl.count(), "backbone partitions assigned")
+                tracing::info!(group = %self.1, partitions = tpl.count(), "backbone partitions assigned");
+                held.set(tpl.count() as f64);
             }
             Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = tpl.count(), "backbone partitions revoked")
+                tracing::info!(group = %self.1, partitions = tpl.count(), "backbone partitions revoked");
+                held.set(0.0);
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "backbone rebalance failed"),
         }
@@ -278,7 +291,7 @@ impl Writer {
     /// Joins the writers' group on the backbone topic of `kafka`, writing through `sink`.
     pub fn new(kafka: Kafka, sink: Sink, url: &str, max_readings: usize) -> anyhow::Result<Self> {
         let cfg = kafka.config().clone();
-        let ctx = Rebalances::default();
+        let ctx = Rebalances::of(&cfg.writer_group);
         let generation = ctx.0.clone();
         let consumer: StreamConsumer<Rebalances> = Kafka::consumer_config(&cfg, &cfg.writer_group)
             .create_with_context(ctx)

@@ -337,6 +337,9 @@ pub struct Kafka {
     /// The writers' consumer group.
     #[serde(default = "default_writer_group")]
     pub writer_group: String,
+    /// The alerting members' consumer group (scale-out mode).
+    #[serde(default = "default_alerting_group")]
+    pub alerting_group: String,
     /// librdkafka consumer properties, overriding Plantlink's defaults
     /// (`partition.assignment.strategy=roundrobin`, `session.timeout.ms=6000`,
     /// `heartbeat.interval.ms=1000`, `queued.max.messages.kbytes=65536`).
@@ -359,6 +362,7 @@ impl Kafka {
             backbone_partitions: default_backbone_partitions(),
             public_readings: true,
             writer_group: default_writer_group(),
+            alerting_group: default_alerting_group(),
             consumer: Default::default(),
         }
     }
@@ -373,6 +377,9 @@ fn default_backbone_partitions() -> i32 {
 fn default_writer_group() -> String {
     "plantlink-writer".into()
 }
+fn default_alerting_group() -> String {
+    "plantlink-alerting".into()
+}
 fn default_true() -> bool {
     true
 }
@@ -382,7 +389,7 @@ fn default_true() -> bool {
 /// All three in one process is the single-node mode: batches go from the gateways' streams to
 /// PostgreSQL, Kafka and the alert engine in process. Any other set is the scale-out mode,
 /// with Kafka's backbone topic in the middle: receivers admit gateways and produce to it,
-/// writers consume it into PostgreSQL.
+/// writers consume it into PostgreSQL, alerting members evaluate the rules on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Roles {
     /// Admits gateways over QUIC.
@@ -414,22 +421,108 @@ impl Roles {
 
     /// What `config` lacks to run these roles, as one message naming the keys; `Ok` if none.
     pub fn check(&self, config: &Config) -> anyhow::Result<()> {
-        if self.scale_out() {
-            if config.kafka.as_ref().is_none_or(|k| k.brokers.is_empty()) {
-                anyhow::bail!(
-                    "--role {self}: the roles apart talk through Kafka; set [kafka] brokers \
-                     (or run all three roles in one process, the default)"
-                );
-            }
-            if self.alerting {
-                anyhow::bail!(
-                    "--role {self}: alerting apart from the receivers is not available in this \
-                     release; run alerting in the single-node mode (receiver,writer,alerting)"
-                );
-            }
+        let missing = self.missing(config);
+        if !missing.is_empty() {
+            anyhow::bail!("--role {self}: {}", missing.join("; "));
         }
         Ok(())
     }
+
+    /// What `config` lacks to run these roles, each naming the key and the fix.
+    pub fn missing(&self, config: &Config) -> Vec<String> {
+        let mut m = Vec::new();
+        if self.scale_out() && config.kafka.as_ref().is_none_or(|k| k.brokers.is_empty()) {
+            m.push(
+                "the roles apart talk through Kafka; set [kafka] brokers (or run all three \
+                 roles in one process, the default)"
+                    .to_owned(),
+            );
+        }
+        if self.receiver {
+            let q = &config.quic;
+            for (key, path) in [
+                ("quic.cert", &q.cert),
+                ("quic.key", &q.key),
+                ("quic.client_ca", &q.client_ca),
+            ] {
+                if !path.is_file() {
+                    m.push(format!(
+                        "{key} = {}: no such file (cloud-ingest pki writes it)",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        if self.alerting && self.scale_out() && !config.alerting.enabled {
+            m.push("alerting.enabled = false: an alerting member would evaluate nothing".into());
+        }
+        m
+    }
+
+    /// What a process of these roles uses of `config`, one line each (for `check-config`).
+    pub fn uses(&self, config: &Config) -> Vec<String> {
+        let mut u = Vec::new();
+        let k = config.kafka.as_ref().filter(|k| !k.brokers.is_empty());
+        if self.receiver {
+            u.push(format!("admits gateways on QUIC {}", config.quic.bind));
+            if let (true, Some(k)) = (self.scale_out(), k) {
+                u.push(format!(
+                    "produces accepted batches to {} ({} partitions when it creates the topic){}",
+                    k.backbone_topic,
+                    k.backbone_partitions,
+                    if k.public_readings {
+                        format!(" and every reading as JSON to {}", k.readings_topic)
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+        }
+        if self.writer {
+            match (self.scale_out(), k) {
+                (true, Some(k)) => u.push(format!(
+                    "writes PostgreSQL from {} as consumer group {} (offsets in pipeline_offsets)",
+                    k.backbone_topic, k.writer_group
+                )),
+                _ => u.push("writes PostgreSQL (postgres.url)".into()),
+            }
+        }
+        if self.alerting && config.alerting.enabled {
+            match (self.scale_out(), k) {
+                (true, Some(k)) => u.push(format!(
+                    "evaluates alert rules from {} as consumer group {}; alerts to the table and {}",
+                    k.backbone_topic, k.alerting_group, k.alerts_topic
+                )),
+                _ => u.push("evaluates alert rules in process".into()),
+            }
+        }
+        if (self.writer || self.alerting) && !self.scale_out() {
+            if let Some(k) = k {
+                u.push(format!("produces readings to {}", k.readings_topic));
+            }
+        }
+        u
+    }
+
+    /// The sets worth reporting: the single-node mode and each role alone.
+    pub const REPORTED: [Roles; 4] = [
+        Self::ALL,
+        Roles {
+            receiver: true,
+            writer: false,
+            alerting: false,
+        },
+        Roles {
+            receiver: false,
+            writer: true,
+            alerting: false,
+        },
+        Roles {
+            receiver: false,
+            writer: false,
+            alerting: true,
+        },
+    ];
 }
 
 impl std::fmt::Display for Roles {

@@ -152,6 +152,11 @@ impl Kafka {
     }
 
     /// The configuration it runs with.
+    /// The backbone topic's partition count (the broker's, once the topics are checked).
+    pub fn backbone_partitions(&self) -> i32 {
+        self.backbone_partitions.load(Ordering::Relaxed).max(1)
+    }
+
     pub fn config(&self) -> &config::Kafka {
         &self.cfg
     }

@@ -14,8 +14,9 @@ use cloud_ingest::pki;
 /// hourly and daily rollups. It acknowledges a batch only when every sink has it, and
 /// serves a query API over what it stored.
 ///
-/// Commands: the fleet PKI (`pki`), the schema (`migrate`), and `run`, which admits gateways
-/// over QUIC and fans their batches out, in one process or as roles apart (`--role`).
+/// Commands: the fleet PKI (`pki`), the schema (`migrate`), `check-config`, and `run`, which
+/// admits gateways over QUIC and fans their batches out, in one process or as roles apart
+/// (`--role`).
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -45,8 +46,9 @@ struct RunArgs {
     /// ([kafka] brokers required): `--role receiver` produces every accepted batch to the
     /// backbone topic and acknowledges gateways once Kafka has it; `--role writer` is a
     /// consumer group that writes it to PostgreSQL, its offsets kept in pipeline_offsets with
-    /// the rows. Alerting runs only in the single-node mode in this release. See
-    /// deploy/SCALING.md.
+    /// the rows; `--role alerting` is a consumer group that evaluates the rules per partition
+    /// and rebuilds a partition's windows when it moves. `check-config` says which roles a
+    /// config can run. See deploy/SCALING.md.
     #[arg(
         long,
         default_value = "receiver,writer,alerting",
@@ -64,9 +66,24 @@ enum Command {
     /// made, in place and in one transaction; safe to run again, and from several replicas at
     /// once. Refuses a schema newer than this binary. `run` does the same at start.
     Migrate(ConfigArg),
+    /// Checks a configuration without starting anything, and reports the roles it can run
+    /// (single node, receiver, writer, alerting) and what each would use; with --role, exits
+    /// non-zero unless that set can run.
+    ///
+    /// Example: cloud-ingest check-config --config /etc/plantlink/cloud-ingest.toml --role writer
+    CheckConfig(CheckArgs),
     /// The fleet PKI: a CA, the server certificate, and one certificate per gateway.
     #[command(subcommand)]
     Pki(PkiCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The roles this process is meant for; the check fails unless the config can run them.
+    #[arg(long)]
+    role: Option<cloud_ingest::config::Roles>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -197,6 +214,7 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })?;
         }
+        Command::CheckConfig(c) => check_config(&c)?,
         Command::Pki(PkiCommand::Init { dir, days }) => {
             let p = pki::init(&dir, days)?;
             println!(
@@ -235,6 +253,44 @@ fn main() -> anyhow::Result<()> {
             cert,
             note,
         }) => revoke(&dir, serial, fingerprint, gateway_id, cert, note)?,
+    }
+    Ok(())
+}
+
+fn check_config(c: &CheckArgs) -> anyhow::Result<()> {
+    use cloud_ingest::config::Roles;
+    let path = &c.config.config;
+    let config = cloud_ingest::config::Config::load(path)?;
+    println!("config {}: valid", path.display());
+    println!("roles it can run:");
+    let mut sets: Vec<Roles> = Roles::REPORTED.to_vec();
+    if let Some(r) = c.role
+        && !sets.contains(&r)
+    {
+        sets.push(r);
+    }
+    for r in &sets {
+        let mode = if r.scale_out() {
+            "scale-out"
+        } else {
+            "single node"
+        };
+        let missing = r.missing(&config);
+        if missing.is_empty() {
+            println!("  --role {r} ({mode}): yes");
+            for u in r.uses(&config) {
+                println!("      {u}");
+            }
+        } else {
+            println!("  --role {r} ({mode}): no");
+            for m in missing {
+                println!("      {m}");
+            }
+        }
+    }
+    if let Some(r) = c.role {
+        r.check(&config)?;
+        println!("--role {r}: this config can run it");
     }
     Ok(())
 }

@@ -112,10 +112,12 @@ impl Server {
         let roles = self.roles;
         let mut tasks = tokio::task::JoinSet::new();
         // A receiver of the scale-out mode needs no PostgreSQL: what it accepts goes to Kafka.
-        let sink = if roles.writer {
-            let flavor = loop {
+        let flavor = if roles.writer || roles.alerting {
+            loop {
                 match postgres::connect(&self.config.postgres.url).await {
-                    Ok(c) => break postgres::migrate_for_run(&c, &self.config.postgres).await?,
+                    Ok(c) => {
+                        break Some(postgres::migrate_for_run(&c, &self.config.postgres).await?);
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "PostgreSQL unavailable; trying again in 2 s");
                         tokio::select! {
@@ -124,7 +126,13 @@ impl Server {
                         }
                     }
                 }
-            };
+            }
+        } else {
+            None
+        };
+        let sink = if roles.writer
+            && let Some(flavor) = flavor
+        {
             Some(Sink::start(
                 self.config.postgres.clone(),
                 flavor,
@@ -151,7 +159,7 @@ impl Server {
                     }
                     let _ = checked_tx.send(true);
                 });
-                if roles.scale_out() && roles.receiver {
+                if roles.scale_out() && (roles.receiver || roles.alerting) {
                     tokio::select! {
                         _ = checked.wait_for(|c| *c) => {}
                         _ = shutdown.changed() => return Ok(()),
@@ -178,7 +186,26 @@ impl Server {
                 }
             });
         }
-        let alerts = (roles.alerting && self.config.alerting.enabled).then(|| {
+        if roles.scale_out()
+            && roles.alerting
+            && self.config.alerting.enabled
+            && let Some(k) = &kafka
+        {
+            let member = crate::backbone::alerting::Alerter::new(
+                k.clone(),
+                self.config.alerting.clone(),
+                &self.config.postgres.url,
+                &mut tasks,
+            )?;
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(e) = member.run(stop).await {
+                    tracing::error!(error = %e, "the alerting member stopped");
+                }
+            });
+        }
+        // The single-node mode evaluates in process what the receiver accepts.
+        let alerts = (!roles.scale_out() && self.config.alerting.enabled).then(|| {
             crate::alerting::service::start(
                 self.config.alerting.clone(),
                 self.config.postgres.url.clone(),

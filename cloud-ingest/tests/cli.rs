@@ -72,3 +72,69 @@ fn pki_commands_write_the_documented_files() {
     assert!(!ok && err.contains("--dns"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn check_config_reports_the_roles_a_config_can_run() {
+    let bin = env!("CARGO_BIN_EXE_cloud-ingest");
+    let dir = std::env::temp_dir().join(format!("plantlink-check-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    cloud_ingest::pki::init(&dir, 30).unwrap();
+    cloud_ingest::pki::server(&dir, &["localhost".into()], &[], 30).unwrap();
+    let base = "[quic]\nbind = \"127.0.0.1:4433\"\ncert = \"server.pem\"\nkey = \"server.key\"\n\
+                client_ca = \"ca.pem\"\n[postgres]\nurl = \"host=127.0.0.1 dbname=x\"\n";
+    let check = |toml: &str, role: Option<&str>| {
+        let path = dir.join("c.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.args(["check-config", "--config"]).arg(&path);
+        if let Some(r) = role {
+            cmd.args(["--role", r]);
+        }
+        let out = cmd.env_remove("PLANTLINK_ROLES").output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Without Kafka: the single node only.
+    let (ok, out, _) = check(base, None);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("--role receiver,writer,alerting (single node): yes"),
+        "{out}"
+    );
+    assert!(out.contains("--role writer (scale-out): no"), "{out}");
+    assert!(out.contains("set [kafka] brokers"), "{out}");
+    let (ok, _, err) = check(base, Some("writer"));
+    assert!(!ok);
+    assert!(
+        err.contains("--role writer: the roles apart talk through Kafka"),
+        "{err}"
+    );
+    // With Kafka: every role, each saying what it uses.
+    let kafka = format!("{base}[kafka]\nbrokers = \"127.0.0.1:9092\"\nwriter_group = \"w1\"\n");
+    let (ok, out, _) = check(&kafka, Some("alerting"));
+    assert!(ok, "{out}");
+    for want in [
+        "--role receiver (scale-out): yes",
+        "produces accepted batches to plantlink.backbone",
+        "--role writer (scale-out): yes",
+        "consumer group w1",
+        "--role alerting (scale-out): yes",
+        "consumer group plantlink-alerting",
+        "--role alerting: this config can run it",
+    ] {
+        assert!(out.contains(want), "{want:?} not in {out}");
+    }
+    // A receiver without its certificate is told which file is missing.
+    std::fs::remove_file(dir.join("server.pem")).unwrap();
+    let (ok, _, err) = check(&kafka, Some("receiver"));
+    assert!(!ok);
+    assert!(
+        err.contains("quic.cert") && err.contains("server.pem"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -313,3 +313,344 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
         .await
         .unwrap();
 }
+
+/// Readings of `device` with `value`, one every `every_us` from `from_us`.
+fn readings(
+    device: &str,
+    metric: &str,
+    from_us: i64,
+    n: i64,
+    every_us: i64,
+    value: f64,
+) -> Vec<Reading> {
+    (0..n)
+        .map(|i| {
+            Reading::new(
+                "claimed",
+                device,
+                metric,
+                Timestamp(from_us + i * every_us),
+                value,
+            )
+        })
+        .collect()
+}
+
+/// Two `--role alerting` members share the backbone's six partitions. A device's rule fires
+/// on the member that holds it; that member is killed (SIGKILL), the other takes its
+/// partitions, rebuilds their windows from Kafka and the tables, and resolves the alert:
+/// one firing and one resolution in `alerts`, one id each on the Kafka alerts topic. A
+/// second rule whose window holds readings from before and after the kill fires only
+/// because the window moved with its partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerting_members_move_windows_with_partitions_and_repeat_no_transition() {
+    let d = Dir::new("roles-alerting");
+    common::fleet(&d.0, "gw-al");
+    let db = format!("plantlink_test_roles_al_{}", std::process::id());
+    let (admin, url, pgc) = common::database(&db).await;
+    let (_tansu, tansu) = common::start_tansu(None);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let quic_addr = udp.local_addr().unwrap();
+    drop(udp);
+    let pid = std::process::id();
+    let topic = format!("test.backbone.al.{pid}");
+    let alerts_topic = format!("test.alerts.al.{pid}");
+    let group = format!("test-alerting-{pid}");
+    let config = |extra: &str| {
+        format!(
+            "[quic]\nbind = \"{quic_addr}\"\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\
+             [postgres]\nurl = \"{url}\"\n\
+             [alerting]\nrules_reload_ms = 300\ntick_ms = 100\n\
+             [kafka]\nbrokers = \"{tansu}\"\nreadings_topic = \"test.readings.al.{pid}\"\n\
+             dlq_topic = \"test.dlq.al.{pid}\"\nalerts_topic = \"{alerts_topic}\"\n\
+             backbone_topic = \"{topic}\"\nbackbone_partitions = 6\nalerting_group = \"{group}\"\n\
+             public_readings = false\n{extra}"
+        )
+    };
+    let api: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
+        .parse()
+        .unwrap();
+    std::fs::write(
+        d.0.join("receiver.toml"),
+        config(&format!(
+            "[api]\nbind = \"{api}\"\n[api.tokens]\nacme = \"{TOKEN}\"\n"
+        )),
+    )
+    .unwrap();
+    let ports = [common::free_tcp_port(), common::free_tcp_port()];
+    for (i, p) in ports.iter().enumerate() {
+        std::fs::write(
+            d.0.join(format!("alerting-{i}.toml")),
+            config(&format!("[metrics]\nbind = \"127.0.0.1:{p}\"\n")),
+        )
+        .unwrap();
+    }
+    let log = |n: &str| d.0.join(format!("{n}.log"));
+    let mut members: Vec<Option<common::Proc>> = (0..2)
+        .map(|i| {
+            Some(start(
+                &d.0.join(format!("alerting-{i}.toml")),
+                "alerting",
+                &log(&format!("alerting-{i}")),
+            ))
+        })
+        .collect();
+    let metric = |port: u16, name: &str| {
+        common::scrape(format!("127.0.0.1:{port}").parse().unwrap())
+            .map_or(-1.0, |t| common::metric_total(&t, name))
+    };
+    // Both members hold three partitions each before anything is sent.
+    until(
+        "the members sharing the partitions",
+        Duration::from_secs(60),
+        async || {
+            ports
+                .iter()
+                .all(|p| metric(*p, "plantlink_cloud_consumer_partitions") == 3.0)
+        },
+    )
+    .await;
+    let _receiver = start(&d.0.join("receiver.toml"), "receiver", &log("receiver"));
+    let ep = common::client(&d.0.join("ca.pem"), Some((&d.0, "gw-al")));
+    let began = Instant::now();
+    while !matches!(
+        common::attempt(&ep, quic_addr, "gw-al").await,
+        Ok(Frame::Welcome(_))
+    ) {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "the receiver did not come up; see {}",
+            log("receiver").display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two devices in one partition: `hot` trips an average over 2-s windows; `win` a count
+    // over one 60-s window that the kill cuts in two.
+    let hot = "hot-1";
+    let win = (0..)
+        .map(|i| format!("win-{i}"))
+        .find(|w| {
+            cloud_ingest::backbone::partition("acme", w, 6)
+                == cloud_ingest::backbone::partition("acme", hot, 6)
+        })
+        .unwrap();
+    let rules = [
+        serde_json::json!({"name": "hot", "metric": "temperature",
+            "selector": {"device_id": hot}, "aggregate": "avg", "op": ">", "threshold": 80.0,
+            "window": {"kind": "tumbling", "seconds": 2}, "for_windows": 1, "severity": "critical"}),
+        serde_json::json!({"name": "busy", "metric": "strokes",
+            "selector": {"device_id": win}, "aggregate": "count", "op": ">", "threshold": 15.0,
+            "window": {"kind": "tumbling", "seconds": 60}, "for_windows": 1, "severity": "warning"}),
+    ];
+    let mut ids = Vec::new();
+    for r in &rules {
+        let (st, body) = common::http_json(api, "POST", "/v1/alert-rules", TOKEN, Some(r));
+        assert_eq!(st, 201, "{body}");
+        ids.push(body["id"].as_i64().unwrap());
+    }
+    until(
+        "the members reading the rules",
+        Duration::from_secs(30),
+        async || {
+            ports
+                .iter()
+                .all(|p| metric(*p, "plantlink_cloud_alert_rules_loaded") == 2.0)
+        },
+    )
+    .await;
+    let conn = common::connect(&ep, quic_addr, "gw-al").await;
+    let mut seq = 0u64;
+    let mut send = async |rs: Vec<Reading>| {
+        seq += 1;
+        let (mut s, mut r) = conn.open_bi().await.unwrap();
+        let frame = Frame::Batch(Batch {
+            seq,
+            lane: Lane::Live,
+            readings: rs.len() as u32,
+            payload: BatchEncoder::default().encode(&rs),
+        });
+        quic::write_frame(&mut s, &frame).await.unwrap();
+        let answer = quic::read_frame(&mut r, 1 << 16).await.unwrap();
+        assert_eq!(answer, Frame::Ack(Ack { seq }), "batch {seq}");
+    };
+    // Event time: a minute boundary an hour ago; one second of it per batch.
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    let t0 = (now_us - 3_600_000_000) / 60_000_000 * 60_000_000;
+    let second = |b: i64, device: &str, metric: &str, n: i64, value: f64| {
+        readings(device, metric, t0 + b * 1_000_000, n, 1_000_000 / n, value)
+    };
+    for b in 0..6 {
+        let mut rs = second(b, hot, "temperature", 4, 90.0);
+        rs.extend(second(b, &win, "strokes", 2, 1.0));
+        send(rs).await;
+    }
+    let rows = async |device: &str| -> Vec<(String, Option<String>, Option<String>)> {
+        pgc.query(
+            "SELECT state, event_id, resolved_event_id FROM alerts WHERE device_id = $1 ORDER BY alert_id",
+            &[&device],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+    };
+    until(
+        "the hot device's alert firing",
+        Duration::from_secs(30),
+        async || !rows(hot).await.is_empty(),
+    )
+    .await;
+    // The member that fired holds the partition: it dies.
+    let fired: Vec<usize> = (0..2)
+        .filter(|i| {
+            common::scrape(format!("127.0.0.1:{}", ports[*i]).parse().unwrap()).is_some_and(|t| {
+                t.lines().any(|l| {
+                    l.starts_with("plantlink_cloud_alerts_total")
+                        && l.contains("state=\"firing\"")
+                        && !l.ends_with(" 0")
+                })
+            })
+        })
+        .collect();
+    assert_eq!(fired.len(), 1, "one member fired");
+    let (killed, survivor) = (fired[0], 1 - fired[0]);
+    drop(members[killed].take());
+    eprintln!("killed alerting member {killed}; {survivor} goes on");
+    // The hot device stays hot for three more seconds, then cools; `win` goes on counting
+    // in the same 60-s window; then event time passes the window's end.
+    for b in 6..12 {
+        let temp = if b < 9 { 90.0 } else { 20.0 };
+        let mut rs = second(b, hot, "temperature", 4, temp);
+        rs.extend(second(b, &win, "strokes", 2, 1.0));
+        send(rs).await;
+    }
+    let mut rs = second(62, hot, "temperature", 4, 20.0);
+    rs.extend(second(62, &win, "strokes", 1, 1.0));
+    send(rs).await;
+    conn.close(0u32.into(), b"done");
+    until(
+        "the survivor holding all six partitions",
+        Duration::from_secs(60),
+        async || metric(ports[survivor], "plantlink_cloud_consumer_partitions") == 6.0,
+    )
+    .await;
+    until(
+        "the hot alert resolved and the window rule fired",
+        Duration::from_secs(60),
+        async || {
+            rows(hot).await.first().is_some_and(|r| r.0 == "resolved")
+                && !rows(&win).await.is_empty()
+        },
+    )
+    .await;
+    // One alert each: the hot one fired once and resolved once; the window one fired with the
+    // readings of both members' time (12 before the kill, 12 after: 24 > 15, where 12 alone
+    // would not have fired).
+    let hot_rows = rows(hot).await;
+    assert_eq!(hot_rows.len(), 1, "{hot_rows:?}");
+    assert!(
+        hot_rows[0].1.is_some() && hot_rows[0].2.is_some(),
+        "{hot_rows:?}"
+    );
+    let win_rows = rows(&win).await;
+    assert_eq!(win_rows.len(), 1, "{win_rows:?}");
+    assert_eq!(win_rows[0].0, "firing");
+    let value: f64 = pgc
+        .query_one("SELECT value FROM alerts WHERE device_id = $1", &[&win])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(value, 24.0);
+    assert!(
+        metric(
+            ports[survivor],
+            "plantlink_cloud_alerting_records_replayed_total"
+        ) > 0.0,
+        "the survivor rebuilt nothing"
+    );
+    // On Kafka: one id per transition (a transition delivered again after the kill would
+    // carry the same id).
+    let total: i64 = {
+        let (b, t) = (tansu.to_string(), alerts_topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let c: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &b)
+                .create()
+                .unwrap();
+            let md = c.fetch_metadata(Some(&t), Duration::from_secs(10)).unwrap();
+            md.topics()[0]
+                .partitions()
+                .iter()
+                .map(|p| {
+                    c.fetch_watermarks(&t, p.id(), Duration::from_secs(10))
+                        .unwrap()
+                        .1
+                })
+                .sum()
+        })
+        .await
+        .unwrap()
+    };
+    let (events, _) = {
+        let (b, t) = (tansu.to_string(), alerts_topic.clone());
+        tokio::task::spawn_blocking(move || {
+            common::consume_all(&b, &t, total as usize, Duration::from_secs(30))
+        })
+        .await
+        .unwrap()
+    };
+    let mut by_id: BTreeMap<String, (String, String, usize)> = BTreeMap::new();
+    for (_, _, v, _) in &events {
+        let e = by_id
+            .entry(v["event_id"].as_str().unwrap().to_owned())
+            .or_insert_with(|| {
+                (
+                    v["device_id"].as_str().unwrap().to_owned(),
+                    v["state"].as_str().unwrap().to_owned(),
+                    0,
+                )
+            });
+        e.2 += 1;
+    }
+    let kinds: Vec<(String, String)> = by_id
+        .values()
+        .map(|(d, s, _)| (d.clone(), s.clone()))
+        .collect();
+    let mut want = vec![
+        (hot.to_owned(), "firing".to_owned()),
+        (hot.to_owned(), "resolved".to_owned()),
+        (win.clone(), "firing".to_owned()),
+    ];
+    want.sort();
+    let mut got = kinds.clone();
+    got.sort();
+    assert_eq!(got, want, "{by_id:?}");
+    eprintln!(
+        "alert events on Kafka: {} for {} ids",
+        events.len(),
+        by_id.len()
+    );
+    // The group's offsets are in pipeline_offsets, at every partition's end.
+    until(
+        "the alerting offsets at the ends",
+        Duration::from_secs(30),
+        async || {
+            let (st, body) = common::http_json(api, "GET", "/v1/pipeline/lag", TOKEN, None);
+            assert_eq!(st, 200, "{body}");
+            body["consumer_groups"][&group][&topic]
+                .as_object()
+                .is_some_and(|parts| parts.len() == 6 && parts.values().all(|p| p["lag"] == 0))
+        },
+    )
+    .await;
+    drop(members);
+    drop(pgc);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

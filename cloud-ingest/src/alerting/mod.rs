@@ -2,7 +2,8 @@
 //!
 //! - [`rule`]: the rule contract of `/v1/alert-rules` and its checks.
 //! - [`engine`]: the sans-IO evaluator (watermarks, lateness, backfill, lifecycle).
-//! - [`service`]: runs the engine and delivers alerts (table, Kafka, webhooks).
+//! - [`service`]: runs the engine for the single-node mode.
+//! - [`deliver`]: delivers transitions, once each by their id (Kafka, table, webhooks).
 //!
 //! Tenants are kept apart: each has its own caps on rules, devices and series (the engine),
 //! and its own queue of readings waiting for the engine, bounded in readings and served in
@@ -10,6 +11,7 @@
 //! warned about; ingest never waits on alerting (readings are stored whatever alerting makes
 //! of them).
 
+pub mod deliver;
 pub mod engine;
 pub mod rule;
 pub mod service;

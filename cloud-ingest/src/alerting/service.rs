@@ -32,13 +32,15 @@ use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge};
 use plantlink_model::Reading;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 
-use super::engine::{AlertEvent, AlertState, Engine, Input, Output, Quota, Settings};
+use super::engine::{AlertState, Engine, Input, Output, Quota, Settings};
 use super::rule::{Rule, RuleBody};
 use crate::config::Alerting;
-use crate::kafka::{Kafka, rfc3339};
+use crate::kafka::Kafka;
+
+use super::deliver::{Delivery, deliver, webhooks};
+pub use super::deliver::{event_id, event_json, split_http_url};
 
 /// Readings of one batch for the engine.
 #[derive(Debug)]
@@ -385,9 +387,9 @@ pub fn start(
     let status = Arc::new(RwLock::new(BTreeMap::new()));
     let reload = Arc::new(Notify::new());
     let loaded = Arc::new(Notify::new());
-    let (events_tx, events_rx) = mpsc::channel::<AlertEvent>(cfg.queue);
+    let (events_tx, events_rx) = mpsc::channel::<Delivery>(cfg.queue);
     let hooks = webhooks(&cfg, tasks);
-    tasks.spawn(deliver(events_rx, url.clone(), kafka, hooks));
+    tasks.spawn(deliver(events_rx, url.clone(), kafka, hooks, None));
     tasks.spawn(run(
         cfg,
         url,
@@ -527,21 +529,26 @@ fn export_quotas(
         .collect();
 }
 
-async fn run(
-    cfg: Alerting,
-    url: String,
-    mut inputs: Inputs,
-    shared: Shared,
-    events: mpsc::Sender<AlertEvent>,
-) {
-    let settings = Settings {
+/// The engine's settings from `[alerting]`.
+pub fn settings(cfg: &Alerting) -> Settings {
+    Settings {
         out_of_orderness_us: cfg.out_of_orderness_ms as i64 * 1000,
         allowed_lateness_us: cfg.allowed_lateness_ms as i64 * 1000,
         idle_grace_us: cfg.idle_grace_ms as i64 * 1000,
         max_series_per_tenant: cfg.max_series_per_tenant,
         max_devices_per_tenant: cfg.max_devices_per_tenant,
         max_rules_per_tenant: cfg.max_rules_per_tenant,
-    };
+    }
+}
+
+async fn run(
+    cfg: Alerting,
+    url: String,
+    mut inputs: Inputs,
+    shared: Shared,
+    events: mpsc::Sender<Delivery>,
+) {
+    let settings = settings(&cfg);
     let mut engine = Engine::new(settings);
     let mut db: Option<tokio_postgres::Client> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.tick_ms));
@@ -609,7 +616,7 @@ async fn run(
                     };
                     counter!("plantlink_cloud_alerts_total", "severity" => a.severity.clone(), "state" => state)
                         .increment(1);
-                    if events.send(a).await.is_err() {
+                    if events.send(Delivery::Event(a)).await.is_err() {
                         return;
                     }
                 }
@@ -643,191 +650,6 @@ async fn restore_open(c: &tokio_postgres::Client, engine: &mut Engine) -> bool {
             false
         }
     }
-}
-
-/// The JSON of an alert event (Kafka, webhooks).
-pub fn event_json(a: &AlertEvent) -> serde_json::Value {
-    serde_json::json!({
-        "rule_id": a.rule_id,
-        "tenant": a.tenant,
-        "device_id": a.device_id,
-        "metric": a.metric,
-        "state": a.state,
-        "severity": a.severity,
-        "value": crate::kafka::json_number(a.value),
-        "threshold": a.threshold,
-        "window_start": rfc3339(a.window_start_us),
-        "window_end": rfc3339(a.window_end_us),
-        "backfill": a.backfill,
-    })
-}
-
-/// Writes each event to the table, Kafka and the webhooks, in order, retrying the table and
-/// Kafka until they take it.
-async fn deliver(
-    mut events: mpsc::Receiver<AlertEvent>,
-    url: String,
-    kafka: Option<Kafka>,
-    hooks: Vec<mpsc::Sender<Arc<Vec<u8>>>>,
-) {
-    let mut db: Option<tokio_postgres::Client> = None;
-    while let Some(a) = events.recv().await {
-        let json = event_json(&a);
-        let bytes = Arc::new(serde_json::to_vec(&json).unwrap_or_default());
-        let mut wait = Duration::from_millis(100);
-        loop {
-            if db.as_ref().is_none_or(|c| c.is_closed()) {
-                db = connect(&url).await;
-            }
-            let stored = match &db {
-                Some(c) => store(c, &a).await.map_err(|e| e.to_string()),
-                None => Err("no connection".into()),
-            };
-            match stored {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?wait, "alert not stored yet");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        if let Some(k) = &kafka {
-            while let Err(e) = k.send_alert(&a.device_id, &bytes).await.wait().await {
-                tracing::warn!(error = %e, "alert not on Kafka yet; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-        if !a.backfill {
-            for h in &hooks {
-                if h.try_send(bytes.clone()).is_err() {
-                    counter!("plantlink_cloud_webhook_failures_total", "reason" => "queue_full")
-                        .increment(1);
-                }
-            }
-        }
-    }
-}
-
-async fn store(c: &tokio_postgres::Client, a: &AlertEvent) -> Result<(), tokio_postgres::Error> {
-    let ws = crate::postgres::system_time(a.window_start_us);
-    let we = crate::postgres::system_time(a.window_end_us);
-    match a.state {
-        AlertState::Firing => {
-            c.execute(
-                "INSERT INTO alerts (rule_id, tenant_id, device_id, state, severity, value, threshold,
-                                     window_start, window_end, backfill)
-                 VALUES ($1, $2, $3, 'firing', $4, $5, $6, $7, $8, $9)
-                 ON CONFLICT DO NOTHING",
-                &[&a.rule_id, &a.tenant, &a.device_id, &a.severity, &a.value, &a.threshold, &ws, &we, &a.backfill],
-            )
-            .await?;
-        }
-        AlertState::Resolved => {
-            // The newest open alert of this rule and device (backfill alerts close their own).
-            c.execute(
-                "UPDATE alerts SET state = 'resolved', resolved_value = $4, resolved_window_start = $5,
-                        resolved_window_end = $6, resolved_at = now()
-                 WHERE alert_id = (SELECT alert_id FROM alerts
-                                   WHERE tenant_id = $7 AND rule_id = $1 AND device_id = $2
-                                     AND backfill = $3 AND state = 'firing'
-                                   ORDER BY alert_id DESC LIMIT 1)",
-                &[&a.rule_id, &a.device_id, &a.backfill, &a.value, &ws, &we, &a.tenant],
-            )
-            .await?;
-        }
-    }
-    Ok(())
-}
-
-/// One worker and bounded queue per configured webhook.
-fn webhooks(
-    cfg: &Alerting,
-    tasks: &mut tokio::task::JoinSet<()>,
-) -> Vec<mpsc::Sender<Arc<Vec<u8>>>> {
-    cfg.webhooks
-        .iter()
-        .map(|w| {
-            let (tx, rx) = mpsc::channel(cfg.webhook_queue);
-            tasks.spawn(webhook(w.url.clone(), rx));
-            tx
-        })
-        .collect()
-}
-
-async fn webhook(url: String, mut rx: mpsc::Receiver<Arc<Vec<u8>>>) {
-    while let Some(body) = rx.recv().await {
-        let mut wait = Duration::from_millis(200);
-        for attempt in 1..=8 {
-            match post(&url, &body).await {
-                Ok(()) => break,
-                Err(e) => {
-                    counter!("plantlink_cloud_webhook_failures_total", "reason" => "delivery")
-                        .increment(1);
-                    tracing::warn!(%url, attempt, error = %e, "webhook delivery failed");
-                    if attempt == 8 {
-                        counter!("plantlink_cloud_webhook_failures_total", "reason" => "gave_up")
-                            .increment(1);
-                        break;
-                    }
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(30));
-                }
-            }
-        }
-    }
-}
-
-/// `http://host[:port]/path` split into (host:port, host, path).
-pub fn split_http_url(url: &str) -> Option<(String, String, String)> {
-    let rest = url.strip_prefix("http://")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() {
-        return None;
-    }
-    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-    let addr = if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
-    Some((addr, host.to_owned(), path.to_owned()))
-}
-
-/// One HTTP/1.1 POST of JSON; `Ok` on a 2xx answer.
-async fn post(url: &str, body: &[u8]) -> Result<(), String> {
-    let (addr, host, path) = split_http_url(url).ok_or("not an http:// URL")?;
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(&addr)
-            .await
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nUser-Agent: plantlink-cloud-ingest\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(body).await.map_err(|e| e.to_string())?;
-        let mut status = [0u8; 12];
-        s.read_exact(&mut status).await.map_err(|e| e.to_string())?;
-        let code = std::str::from_utf8(&status[9..12])
-            .ok()
-            .and_then(|c| c.parse::<u16>().ok())
-            .ok_or("not an HTTP answer")?;
-        if (200..300).contains(&code) {
-            Ok(())
-        } else {
-            Err(format!("answered {code}"))
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .map_err(|_| "no answer within 10 s".to_owned())?
 }
 
 #[cfg(test)]

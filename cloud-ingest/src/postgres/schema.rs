@@ -76,6 +76,9 @@ CREATE TABLE IF NOT EXISTS pipeline_offsets (
     updated_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer_group, topic, partition_id)
 );
+-- The alerting group's rebuild point: replaying a partition from here rebuilds its open
+-- windows (it trails committed_offset by the longest rule's span).
+ALTER TABLE pipeline_offsets ADD COLUMN IF NOT EXISTS replay_from bigint;
 CREATE TABLE IF NOT EXISTS reading_conflicts (
     tenant_id    text             NOT NULL,
     device_id    text             NOT NULL,
@@ -158,6 +161,12 @@ ALTER TABLE alerts ADD COLUMN IF NOT EXISTS resolved_window_end timestamptz;
 ALTER TABLE alerts ADD COLUMN IF NOT EXISTS resolved_at timestamptz;
 CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_open ON alerts (tenant_id, rule_id, device_id)
     WHERE state = 'firing' AND NOT backfill;
+-- Each transition's id (alerting::event_id): the same transition, emitted again after an
+-- alerting member died or a partition moved, is stored once.
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS event_id text;
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS resolved_event_id text;
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_event ON alerts (tenant_id, event_id);
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_resolved_event ON alerts (tenant_id, resolved_event_id);
 ";
 
 /// The raw table's columns and key, shared by both flavours.

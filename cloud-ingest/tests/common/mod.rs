@@ -24,6 +24,11 @@ impl Dir {
 }
 impl Drop for Dir {
     fn drop(&mut self) {
+        // PLANTLINK_KEEP_TEST_DIRS=1 keeps the logs of a failed run.
+        if std::env::var_os("PLANTLINK_KEEP_TEST_DIRS").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
