@@ -496,10 +496,10 @@ impl Roles {
                 _ => u.push("evaluates alert rules in process".into()),
             }
         }
-        if (self.writer || self.alerting) && !self.scale_out() {
-            if let Some(k) = k {
-                u.push(format!("produces readings to {}", k.readings_topic));
-            }
+        if !self.scale_out()
+            && let Some(k) = k
+        {
+            u.push(format!("produces readings to {}", k.readings_topic));
         }
         u
     }
