@@ -9,7 +9,10 @@
 #   dclint (npm), minus its four style rules (key order, service order, quote style, and
 #   "build and image together", which is how compose names the image it builds) and the rule
 #   that every published port name an interface (the gateways' and the API's ports are meant
-#   for every IPv4 and IPv6 interface; "0.0.0.0:" would drop IPv6). Without Node.js >= 20.19
+#   for every IPv4 and IPv6 interface; "0.0.0.0:" would drop IPv6), and the rule against two
+#   services publishing one port (the `single` and `roles` profiles are alternatives: the
+#   one-process cloud-ingest and the receiver publish the same ports; check.sh asserts that
+#   they are in different profiles). Without Node.js >= 20.19
 #   (Debian 12 has 18), the schema alone, taken from dclint's npm package, with jsonschema;
 # - every Kubernetes manifest against the API schemas of Kubernetes 1.30 to 1.33 in strict
 #   mode (no unknown fields), with kubernetes-validate (PyPI);
@@ -27,7 +30,7 @@ for f in files:
     list(yaml.safe_load_all(open(f)))
 compose = yaml.safe_load(open("deploy/compose/compose.yaml"))
 services = compose["services"]
-for s in ["kafka", "timescaledb", "cloud-ingest", "prometheus", "grafana"]:
+for s in ["kafka", "timescaledb", "cloud-ingest", "receiver", "writer", "alerting", "prometheus", "grafana"]:
     assert s in services, f"compose.yaml: no service {s}"
     assert "image" in services[s] or "build" in services[s], f"compose.yaml: {s} has no image"
 assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller", "Kafka must run in KRaft mode"
@@ -44,6 +47,37 @@ for doc in yaml.safe_load_all(open("deploy/k8s/cloud-ingest.yaml")):
         kinds.add("UDP Service")
 want = {"ConfigMap", "Secret", "Deployment", "UDP Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
 assert want <= kinds, f"k8s: missing {want - kinds}"
+# The scale-out mode: a Deployment per role from one image and ConfigMap, a PDB each, the UDP
+# Service on the receivers, and KEDA objects that scale existing Deployments on their lag.
+docs = list(yaml.safe_load_all(open("deploy/k8s/cloud-ingest-roles.yaml")))
+deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+images = set()
+for role in ["receiver", "writer", "alerting"]:
+    d = deployments.get(f"cloud-ingest-{role}")
+    assert d, f"cloud-ingest-roles.yaml: no Deployment for the {role} role"
+    c = d["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][:3] == ["run", "--role", role], f"{role}: args {c['args']}"
+    assert "readinessProbe" in c and "livenessProbe" in c, f"{role}: probes missing"
+    images.add(c["image"])
+    labels = d["spec"]["template"]["metadata"]["labels"]
+    assert any(x["kind"] == "PodDisruptionBudget" and x["spec"]["selector"]["matchLabels"] == labels for x in docs), f"{role}: no PodDisruptionBudget"
+assert len(images) == 1, f"the roles run different images: {images}"
+udp = [x for x in docs if x["kind"] == "Service" and any(p.get("protocol") == "UDP" for p in x["spec"]["ports"])]
+assert udp and all(x["spec"]["selector"].get("role") == "receiver" for x in udp), "the UDP Service must select the receivers"
+cm = next(x for x in docs if x["kind"] == "ConfigMap")["data"]["cloud-ingest.toml"]
+assert "backbone_partitions" in cm, "the roles' ConfigMap sets no backbone_partitions"
+scaled = list(yaml.safe_load_all(open("deploy/k8s/keda/scaledobjects.yaml")))
+for so in scaled:
+    assert so["apiVersion"] == "keda.sh/v1alpha1" and so["kind"] == "ScaledObject", so
+    target = so["spec"]["scaleTargetRef"]["name"]
+    assert target in deployments, f"KEDA {so['metadata']['name']}: no Deployment {target}"
+    role = target.removeprefix("cloud-ingest-")
+    q = so["spec"]["triggers"][0]["metadata"]["query"]
+    assert "plantlink_cloud_consumer_lag" in q and f'group="plantlink-{role}"' in q, f"KEDA {target}: query {q}"
+    assert so["spec"]["maxReplicaCount"] <= int(cm.split("backbone_partitions = ")[1].split()[0]), f"KEDA {target}: more replicas than partitions"
+assert {so["spec"]["scaleTargetRef"]["name"] for so in scaled} == {"cloud-ingest-writer", "cloud-ingest-alerting"}
+assert services["cloud-ingest"]["profiles"] == ["single"] and services["receiver"]["profiles"] == ["roles"], "compose: the one process and the receiver publish the same ports; they must be in different profiles"
+assert "roles" in services["receiver"]["profiles"] and "roles" in services["writer"]["profiles"] and "roles" in services["alerting"]["profiles"], "compose: no roles profile"
 json.load(open("deploy/grafana/plantlink-pipeline.json"))
 print(f"deploy files: {len(files)} YAML files parse; compose, Kubernetes and the dashboard are complete")
 PY
@@ -56,7 +90,7 @@ if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
   "$tools/venv/bin/pip" install -q kubernetes-validate==1.37.0
 fi
 
-dclint_rules=(service-keys-order services-alphabetical-order require-quotes-in-ports no-build-and-image no-unbound-port-interfaces)
+dclint_rules=(service-keys-order services-alphabetical-order require-quotes-in-ports no-build-and-image no-unbound-port-interfaces no-duplicate-exported-ports)
 node_ok() { command -v node >/dev/null && node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)'; }
 if node_ok; then
   if [ ! -x "$tools/node_modules/.bin/dclint" ]; then

@@ -285,6 +285,7 @@ pub struct Writer {
     positions: HashMap<i32, Position>,
     decoder: BatchDecoder,
     max_readings: usize,
+    exported: Vec<i32>,
 }
 
 impl Writer {
@@ -299,6 +300,7 @@ impl Writer {
         consumer.subscribe(&[&cfg.backbone_topic]).map_err(|e| {
             anyhow::anyhow!("kafka: cannot subscribe to {}: {e}", cfg.backbone_topic)
         })?;
+        gauge!("plantlink_cloud_writer_paused").set(0.0);
         Ok(Self {
             consumer: Arc::new(consumer),
             generation,
@@ -312,6 +314,7 @@ impl Writer {
             positions: HashMap::new(),
             decoder: BatchDecoder::new(Limits::default()),
             max_readings: max_readings.max(1),
+            exported: Vec::new(),
         })
     }
 
@@ -679,17 +682,33 @@ impl Writer {
 
     /// Exports `plantlink_cloud_consumer_lag{group,topic,partition}` for the partitions this
     /// writer holds: the end offset minus the stored one.
-    async fn report_lag(&self) {
+    async fn report_lag(&mut self) {
         let Ok(marks) = self.kafka.watermarks(&self.topic).await else {
             return;
         };
-        for (p, _, high) in marks {
-            if let Some(pos) = self.positions.get(&p) {
-                gauge!("plantlink_cloud_consumer_lag", "group" => self.group.clone(), "topic" => self.topic.clone(), "partition" => p.to_string())
-                    .set((high - pos.stored.unwrap_or(pos.next)).max(0) as f64);
-            }
+        let lags = marks.into_iter().filter_map(|(p, _, high)| {
+            let pos = self.positions.get(&p)?;
+            Some((p, (high - pos.stored.unwrap_or(pos.next)).max(0)))
+        });
+        let lags: Vec<(i32, i64)> = lags.collect();
+        export_lag(&self.group, &self.topic, &lags, &mut self.exported);
+    }
+}
+
+/// Exports `plantlink_cloud_consumer_lag{group,topic,partition}` for the partitions held
+/// (`lags`), and 0 for those this member exported before and holds no longer, so that a
+/// partition that moved shows only its new owner's lag.
+fn export_lag(group: &str, topic: &str, lags: &[(i32, i64)], exported: &mut Vec<i32>) {
+    let gauge = |p: i32| gauge!("plantlink_cloud_consumer_lag", "group" => group.to_owned(), "topic" => topic.to_owned(), "partition" => p.to_string());
+    for p in exported.iter() {
+        if !lags.iter().any(|(q, _)| q == p) {
+            gauge(*p).set(0.0);
         }
     }
+    for (p, lag) in lags {
+        gauge(*p).set(*lag as f64);
+    }
+    *exported = lags.iter().map(|(p, _)| *p).collect();
 }
 
 /// Reports the conflicts a round found, per tenant and gateway, as the receiver does in the

@@ -229,7 +229,8 @@ impl Server {
                 sink.clone(),
             )
             .with_limits(api.limits())
-            .with_alerts(alerts.clone());
+            .with_alerts(alerts.clone())
+            .ready_on_kafka(roles.scale_out() && !roles.writer && !roles.alerting);
             let mut stop = shutdown.clone();
             tracing::info!(bind = %api.bind, "query API listening");
             tasks.spawn(async move {

@@ -67,10 +67,13 @@ pub enum Delivery {
         /// Where a rebuild of its windows would start.
         replay_from: i64,
     },
-    /// Flush `partition`'s marks, then answer where it stands.
+    /// Flush `partition`'s marks, then answer where it stands; a partition the group has
+    /// never stored starts at `start`, stored at once (whoever takes it later starts there).
     Load {
         /// The backbone partition.
         partition: i32,
+        /// The offset of the record the member has in hand.
+        start: i64,
         /// The answer.
         reply: oneshot::Sender<Result<Stand, String>>,
     },
@@ -168,8 +171,20 @@ impl Offsets {
     }
 
     /// Reads where `p` stands (flushing its mark first) and fences later marks from there.
-    async fn load(&mut self, c: &tokio_postgres::Client, p: i32) -> Result<Stand, String> {
+    async fn load(
+        &mut self,
+        c: &tokio_postgres::Client,
+        p: i32,
+        start: i64,
+    ) -> Result<Stand, String> {
         self.flush(c).await.map_err(|e| e.to_string())?;
+        c.execute(
+            "INSERT INTO pipeline_offsets (consumer_group, topic, partition_id, committed_offset, replay_from)
+             VALUES ($1, $2, $3, $4, $4) ON CONFLICT DO NOTHING",
+            &[&self.group, &self.topic, &p, &start],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let row = c
             .query_opt(
                 "SELECT committed_offset, replay_from FROM pipeline_offsets
@@ -283,11 +298,15 @@ pub async fn deliver(
                     }
                 }
             }
-            Some(Delivery::Load { partition, reply }) => {
+            Some(Delivery::Load {
+                partition,
+                start,
+                reply,
+            }) => {
                 let answer = match &mut offsets {
                     Some(o) => {
                         let c = connected(&mut db, &url).await;
-                        let r = o.load(c, partition).await;
+                        let r = o.load(c, partition, start).await;
                         if r.is_err() {
                             db = None;
                         }

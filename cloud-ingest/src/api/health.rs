@@ -1,5 +1,6 @@
 //! `/healthz` (the process answers) and `/readyz` (the database answers too, and any
-//! TimescaleDB policy job whose last run failed is named); neither needs a token.
+//! TimescaleDB policy job whose last run failed is named; for a scale-out receiver, which
+//! writes no database, Kafka answers); neither needs a token.
 
 use axum::Json;
 use axum::extract::State;
@@ -14,6 +15,22 @@ pub(super) async fn healthz() -> Json<Value> {
 }
 
 pub(super) async fn readyz(State(app): State<App>) -> Result<Json<Value>, ApiError> {
+    if app.ready_on_kafka
+        && let Some(k) = &app.kafka
+    {
+        let topic = k.config().backbone_topic.clone();
+        return match tokio::time::timeout(READY_TIMEOUT, k.watermarks(&topic)).await {
+            Ok(Ok(_)) => Ok(Json(json!({"status": "ready", "role": "receiver"}))),
+            Ok(Err(e)) => Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("Kafka does not answer for {topic}: {e}"),
+            )),
+            Err(_) => Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("Kafka did not answer for {topic} within 2 s"),
+            )),
+        };
+    }
     // Its own connection, so it never waits behind a tenant's query.
     let check = async {
         let c = app.db.ready().await?;

@@ -276,9 +276,18 @@ pub struct App {
     sink: Option<Sink>,
     alerts: Option<Alerts>,
     url: Arc<str>,
+    /// A receiver of the scale-out mode: ready when Kafka answers (it writes no database).
+    ready_on_kafka: bool,
 }
 
 impl App {
+    /// `/readyz` asks Kafka instead of the database: for a scale-out receiver, which keeps
+    /// admitting gateways while PostgreSQL is away.
+    pub fn ready_on_kafka(mut self, yes: bool) -> Self {
+        self.ready_on_kafka = yes;
+        self
+    }
+
     /// Rule changes made through the API reach this alerting service at once.
     pub fn with_alerts(mut self, alerts: Option<Alerts>) -> Self {
         self.alerts = alerts;
@@ -315,6 +324,7 @@ impl App {
             sink,
             alerts: None,
             url: Arc::from(url),
+            ready_on_kafka: false,
         }
     }
 

@@ -136,6 +136,7 @@ pub struct Alerter {
     stale: Arc<Mutex<HashSet<i32>>>,
     kafka: Kafka,
     out: Vec<Output>,
+    exported: Vec<i32>,
 }
 
 impl Alerter {
@@ -187,6 +188,7 @@ impl Alerter {
             stale,
             kafka,
             out: Vec::new(),
+            exported: Vec::new(),
         })
     }
 
@@ -416,6 +418,7 @@ impl Alerter {
         self.queue
             .send(Delivery::Load {
                 partition: p,
+                start: first,
                 reply,
             })
             .await
@@ -442,8 +445,7 @@ impl Alerter {
                 low
             }
             Some(s) => s,
-            // A group with nothing stored starts where the consumer did (the end of the
-            // partition when it joined: auto.offset.reset).
+            // Never: the load stores `first` when nothing is.
             None => first.clamp(low, high),
         };
         let replay_from = stand.replay_from.unwrap_or(emit_from).clamp(low, emit_from);
@@ -476,17 +478,6 @@ impl Alerter {
                 clock_ms: i64::MIN / 2,
             },
         );
-        if stand.committed.is_none() {
-            // Store the starting point, so a member that takes over later starts here too.
-            let _ = self
-                .queue
-                .send(Delivery::Mark {
-                    partition: p,
-                    next: emit_from,
-                    replay_from,
-                })
-                .await;
-        }
         self.seek(p, replay_from);
         Ok(())
     }
@@ -504,21 +495,21 @@ impl Alerter {
 
     /// Exports `plantlink_cloud_consumer_lag` for the partitions held (end offset minus the
     /// next one to evaluate), and commits those offsets to Kafka for lag tools.
-    async fn report_lag(&self) {
+    async fn report_lag(&mut self) {
         let Ok(marks) = self.kafka.watermarks(&self.topic).await else {
             return;
         };
         let mut tpl = TopicPartitionList::new();
+        let mut lags = Vec::new();
         for (p, _, high) in marks {
             if let Some(part) = self.parts.get(&p) {
-                let next = part.next.max(part.emit_from);
-                gauge!("plantlink_cloud_consumer_lag", "group" => self.group.clone(), "topic" => self.topic.clone(), "partition" => p.to_string())
-                    .set((high - next).max(0) as f64);
+                lags.push((p, (high - part.next.max(part.emit_from)).max(0)));
                 if part.next >= part.emit_from {
                     let _ = tpl.add_partition_offset(&self.topic, p, Offset::Offset(part.next));
                 }
             }
         }
+        super::export_lag(&self.group, &self.topic, &lags, &mut self.exported);
         if tpl.count() > 0 {
             let _ = self.consumer.commit(&tpl, CommitMode::Async);
         }
