@@ -289,24 +289,31 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Joins the writers' group on the backbone topic of `kafka`, writing through `sink`.
-    pub fn new(kafka: Kafka, sink: Sink, url: &str, max_readings: usize) -> anyhow::Result<Self> {
+    /// Joins `group` on the backbone `topic` of `kafka` (one lane: see
+    /// [`crate::config::Kafka::lanes`]), writing through `sink`.
+    pub fn new(
+        kafka: Kafka,
+        sink: Sink,
+        url: &str,
+        max_readings: usize,
+        (topic, group): (&str, &str),
+    ) -> anyhow::Result<Self> {
         let cfg = kafka.config().clone();
-        let ctx = Rebalances::of(&cfg.writer_group);
+        let ctx = Rebalances::of(group);
         let generation = ctx.0.clone();
-        let consumer: StreamConsumer<Rebalances> = Kafka::consumer_config(&cfg, &cfg.writer_group)
+        let consumer: StreamConsumer<Rebalances> = Kafka::consumer_config(&cfg, group)
             .create_with_context(ctx)
             .map_err(|e| anyhow::anyhow!("kafka: cannot create the writer's consumer: {e}"))?;
-        consumer.subscribe(&[&cfg.backbone_topic]).map_err(|e| {
-            anyhow::anyhow!("kafka: cannot subscribe to {}: {e}", cfg.backbone_topic)
-        })?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| anyhow::anyhow!("kafka: cannot subscribe to {topic}: {e}"))?;
         gauge!("plantlink_cloud_writer_paused").set(0.0);
         Ok(Self {
             consumer: Arc::new(consumer),
             generation,
             seen: 0,
-            group: cfg.writer_group.clone(),
-            topic: cfg.backbone_topic.clone(),
+            group: group.to_owned(),
+            topic: topic.to_owned(),
             sink,
             kafka,
             url: url.to_owned(),

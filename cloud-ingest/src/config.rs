@@ -326,6 +326,12 @@ pub struct Kafka {
     /// and that writers consume.
     #[serde(default = "default_backbone_topic")]
     pub backbone_topic: String,
+    /// Scale-out mode: the backbone topic of the gateways' backlog lane. Backfill travels
+    /// apart from live data, consumed by consumers of its own (groups `{writer_group}.backfill`
+    /// and `{alerting_group}.backfill`), so one tenant's backlog after an outage never waits
+    /// in front of anyone's live readings. Same partition count as `backbone_topic`.
+    #[serde(default = "default_backbone_backfill_topic")]
+    pub backbone_backfill_topic: String,
     /// Partitions of the backbone topic when cloud-ingest creates it: they bound how many
     /// writers share the work (3-5x the peak number of writers; deploy/SCALING.md).
     #[serde(default = "default_backbone_partitions")]
@@ -362,9 +368,27 @@ impl Kafka {
             backbone_partitions: default_backbone_partitions(),
             public_readings: true,
             writer_group: default_writer_group(),
+            backbone_backfill_topic: default_backbone_backfill_topic(),
             alerting_group: default_alerting_group(),
             consumer: Default::default(),
         }
+    }
+
+    /// The backbone's lanes: (topic, writers' group, alerting group) of the live lane, then
+    /// of the backlog lane.
+    pub fn lanes(&self) -> [(String, String, String); 2] {
+        [
+            (
+                self.backbone_topic.clone(),
+                self.writer_group.clone(),
+                self.alerting_group.clone(),
+            ),
+            (
+                self.backbone_backfill_topic.clone(),
+                format!("{}.backfill", self.writer_group),
+                format!("{}.backfill", self.alerting_group),
+            ),
+        ]
     }
 }
 
@@ -373,6 +397,9 @@ fn default_backbone_topic() -> String {
 }
 fn default_backbone_partitions() -> i32 {
     12
+}
+fn default_backbone_backfill_topic() -> String {
+    "plantlink.backbone.backfill".into()
 }
 fn default_writer_group() -> String {
     "plantlink-writer".into()

@@ -212,6 +212,10 @@ impl Kafka {
             (&self.cfg.alerts_topic, self.cfg.partitions),
             (&self.cfg.dlq_topic, self.cfg.partitions),
             (&self.cfg.backbone_topic, self.cfg.backbone_partitions),
+            (
+                &self.cfg.backbone_backfill_topic,
+                self.cfg.backbone_partitions,
+            ),
         ];
         let topics: Vec<NewTopic<'_>> = names
             .iter()
@@ -244,6 +248,18 @@ impl Kafka {
             }
             self.backbone_partitions.store(n, Ordering::Relaxed);
         }
+        let b = self
+            .watermarks(&self.cfg.backbone_backfill_topic)
+            .await?
+            .len() as i32;
+        anyhow::ensure!(
+            b == 0 || n == 0 || b == n,
+            "kafka: {} has {b} partitions and {} has {n}: the backlog lane's topic must have \
+             as many as the live one's (a device keeps its partition number on both); \
+             recreate it with {n}",
+            self.cfg.backbone_backfill_topic,
+            self.cfg.backbone_topic
+        );
         Ok(())
     }
 
@@ -260,12 +276,17 @@ impl Kafka {
     ) -> Deliveries {
         let tracker = Tracker::new();
         let n = self.backbone_partitions.load(Ordering::Relaxed).max(1);
+        let topic = if batch.backfill {
+            &self.cfg.backbone_backfill_topic
+        } else {
+            &self.cfg.backbone_topic
+        };
         for (partition, reason, payload) in
             crate::backbone::records(batch.tenant, readings, refused, n)
         {
             let headers = batch.headers(reason);
             self.enqueue_to(
-                &self.cfg.backbone_topic,
+                topic,
                 Some(partition),
                 batch.tenant,
                 &payload,

@@ -173,36 +173,43 @@ impl Server {
             && roles.writer
             && let (Some(k), Some(sink)) = (&kafka, &sink)
         {
-            let writer = crate::backbone::Writer::new(
-                k.clone(),
-                sink.clone(),
-                &self.config.postgres.url,
-                self.config.postgres.flush_max_readings,
-            )?;
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                if let Err(e) = writer.run(stop).await {
-                    tracing::error!(error = %e, "the backbone writer stopped");
-                }
-            });
+            // One consumer per lane: backfill never waits in front of live readings.
+            for (topic, group, _) in k.config().lanes() {
+                let writer = crate::backbone::Writer::new(
+                    k.clone(),
+                    sink.clone(),
+                    &self.config.postgres.url,
+                    self.config.postgres.flush_max_readings,
+                    (&topic, &group),
+                )?;
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = writer.run(stop).await {
+                        tracing::error!(error = %e, "the backbone writer stopped");
+                    }
+                });
+            }
         }
         if roles.scale_out()
             && roles.alerting
             && self.config.alerting.enabled
             && let Some(k) = &kafka
         {
-            let member = crate::backbone::alerting::Alerter::new(
-                k.clone(),
-                self.config.alerting.clone(),
-                &self.config.postgres.url,
-                &mut tasks,
-            )?;
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                if let Err(e) = member.run(stop).await {
-                    tracing::error!(error = %e, "the alerting member stopped");
-                }
-            });
+            for (topic, _, group) in k.config().lanes() {
+                let member = crate::backbone::alerting::Alerter::new(
+                    k.clone(),
+                    self.config.alerting.clone(),
+                    &self.config.postgres.url,
+                    &mut tasks,
+                    (&topic, &group),
+                )?;
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = member.run(stop).await {
+                        tracing::error!(error = %e, "the alerting member stopped");
+                    }
+                });
+            }
         }
         // The single-node mode evaluates in process what the receiver accepts.
         let alerts = (!roles.scale_out() && self.config.alerting.enabled).then(|| {

@@ -88,7 +88,8 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
              [postgres]\nurl = \"{url}\"\nflush_max_readings = 2000\n\
              [kafka]\nbrokers = \"{tansu}\"\nreadings_topic = \"test.readings.{pid}\"\n\
              dlq_topic = \"test.dlq.{pid}\"\nalerts_topic = \"test.alerts.{pid}\"\n\
-             backbone_topic = \"{topic}\"\nbackbone_partitions = 6\nwriter_group = \"{group}\"\n\
+             backbone_topic = \"{topic}\"\nbackbone_backfill_topic = \"{topic}.backfill\"\n\
+             backbone_partitions = 6\nwriter_group = \"{group}\"\n\
              public_readings = false\n{m}"
         )
     };
@@ -384,7 +385,8 @@ async fn alerting_members_move_windows_with_partitions_and_repeat_no_transition(
              [alerting]\nrules_reload_ms = 300\ntick_ms = 100\n\
              [kafka]\nbrokers = \"{tansu}\"\nreadings_topic = \"test.readings.al.{pid}\"\n\
              dlq_topic = \"test.dlq.al.{pid}\"\nalerts_topic = \"{alerts_topic}\"\n\
-             backbone_topic = \"{topic}\"\nbackbone_partitions = 6\nalerting_group = \"{group}\"\n\
+             backbone_topic = \"{topic}\"\nbackbone_backfill_topic = \"{topic}.backfill\"\n\
+             backbone_partitions = 6\nalerting_group = \"{group}\"\n\
              public_readings = false\n{extra}"
         )
     };
@@ -420,15 +422,20 @@ async fn alerting_members_move_windows_with_partitions_and_repeat_no_transition(
         common::scrape(format!("127.0.0.1:{port}").parse().unwrap())
             .map_or(-1.0, |t| common::metric_total(&t, name))
     };
+    // Partitions of the live lane's group a member holds.
+    let held = |port: u16| {
+        let want = format!("plantlink_cloud_consumer_partitions{{group=\"{group}\"}} ");
+        common::scrape(format!("127.0.0.1:{port}").parse().unwrap()).map_or(-1.0, |t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(&want)?.parse().ok())
+                .unwrap_or(0.0)
+        })
+    };
     // Both members hold three partitions each before anything is sent.
     until(
         "the members sharing the partitions",
         Duration::from_secs(60),
-        async || {
-            ports
-                .iter()
-                .all(|p| metric(*p, "plantlink_cloud_consumer_partitions") == 3.0)
-        },
+        async || ports.iter().all(|p| held(*p) == 3.0),
     )
     .await;
     let _receiver = start(&d.0.join("receiver.toml"), "receiver", &log("receiver"));
@@ -580,7 +587,7 @@ async fn alerting_members_move_windows_with_partitions_and_repeat_no_transition(
     until(
         "the survivor holding all six partitions",
         Duration::from_secs(60),
-        async || metric(ports[survivor], "plantlink_cloud_consumer_partitions") == 6.0,
+        async || held(ports[survivor]) == 6.0,
     )
     .await;
     until(
@@ -699,4 +706,243 @@ async fn alerting_members_move_windows_with_partitions_and_repeat_no_transition(
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
         .await
         .unwrap();
+}
+
+/// Sends one batch on `lane` and waits for its ack.
+async fn send_batch(conn: &quinn::Connection, seq: u64, lane: Lane, rs: &[Reading]) {
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    let frame = Frame::Batch(Batch {
+        seq,
+        lane,
+        readings: rs.len() as u32,
+        payload: BatchEncoder::default().encode(rs),
+    });
+    quic::write_frame(&mut s, &frame).await.unwrap();
+    let answer = quic::read_frame(&mut r, 1 << 16).await.unwrap();
+    assert_eq!(answer, Frame::Ack(Ack { seq }), "batch {seq}");
+}
+
+/// Tenant fairness on the backbone: tenant acme's gateway replays a backlog of a million
+/// readings (its backlog lane) while the alerting member is stopped; when it resumes, tenant
+/// beta's live reading trips its rule while acme's backlog is still being evaluated. The
+/// backlog lane has its own topic and consumers, so it never waits in front of live data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_backlog_does_not_delay_another_tenants_live_alerts() {
+    let d = Dir::new("roles-fair");
+    common::fleet(&d.0, "gw-a");
+    cloud_ingest::pki::gateway(&d.0, "gw-b", "beta", 30).unwrap();
+    let db = format!("plantlink_test_roles_fair_{}", std::process::id());
+    let (admin, url, pgc) = common::database(&db).await;
+    let (_tansu, tansu) = common::start_tansu(None);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let quic_addr = udp.local_addr().unwrap();
+    drop(udp);
+    let pid = std::process::id();
+    let topic = format!("test.backbone.fair.{pid}");
+    let group = format!("test-alerting-fair-{pid}");
+    let backfill_group = format!("{group}.backfill");
+    let api: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
+        .parse()
+        .unwrap();
+    let metrics = common::free_tcp_port();
+    let config = |extra: &str| {
+        format!(
+            "[quic]\nbind = \"{quic_addr}\"\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\
+             [postgres]\nurl = \"{url}\"\nmax_pending_readings = 200000\n\
+             [alerting]\nrules_reload_ms = 300\ntick_ms = 100\n\
+             [kafka]\nbrokers = \"{tansu}\"\nreadings_topic = \"test.readings.fair.{pid}\"\n\
+             dlq_topic = \"test.dlq.fair.{pid}\"\nalerts_topic = \"test.alerts.fair.{pid}\"\n\
+             backbone_topic = \"{topic}\"\nbackbone_backfill_topic = \"{topic}.backfill\"\n\
+             backbone_partitions = 6\nalerting_group = \"{group}\"\npublic_readings = false\n{extra}"
+        )
+    };
+    std::fs::write(
+        d.0.join("receiver.toml"),
+        config(&format!(
+            "[api]\nbind = \"{api}\"\n[api.tokens]\nacme = \"{TOKEN}\"\nbeta = \"beta-token-0123456789abcdef\"\n"
+        )),
+    )
+    .unwrap();
+    std::fs::write(
+        d.0.join("alerting.toml"),
+        config(&format!("[metrics]\nbind = \"127.0.0.1:{metrics}\"\n")),
+    )
+    .unwrap();
+    let log = |n: &str| d.0.join(format!("{n}.log"));
+    let member = start(&d.0.join("alerting.toml"), "alerting", &log("alerting"));
+    let held = |g: &str| {
+        let want = format!("plantlink_cloud_consumer_partitions{{group=\"{g}\"}} ");
+        common::scrape(format!("127.0.0.1:{metrics}").parse().unwrap()).map_or(-1.0, |t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(&want)?.parse().ok())
+                .unwrap_or(0.0)
+        })
+    };
+    until(
+        "the member on both lanes",
+        Duration::from_secs(60),
+        async || held(&group) == 6.0 && held(&backfill_group) == 6.0,
+    )
+    .await;
+    let _receiver = start(&d.0.join("receiver.toml"), "receiver", &log("receiver"));
+    let ep_a = common::client(&d.0.join("ca.pem"), Some((&d.0, "gw-a")));
+    let ep_b = common::client(&d.0.join("ca.pem"), Some((&d.0, "gw-b")));
+    let began = Instant::now();
+    while !matches!(
+        common::attempt(&ep_a, quic_addr, "gw-a").await,
+        Ok(Frame::Welcome(_))
+    ) {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "the receiver did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // acme evaluates a rule on every device of its backlog; beta watches one machine.
+    for (token, rule) in [
+        (
+            TOKEN,
+            serde_json::json!({"name": "flood", "metric": "flow",
+            "aggregate": "avg", "op": ">", "threshold": 1e9,
+            "window": {"kind": "tumbling", "seconds": 10}, "for_windows": 1, "severity": "info"}),
+        ),
+        (
+            "beta-token-0123456789abcdef",
+            serde_json::json!({"name": "hot", "metric": "temperature",
+            "selector": {"device_id": "b-press"}, "aggregate": "avg", "op": ">", "threshold": 80.0,
+            "window": {"kind": "tumbling", "seconds": 1}, "for_windows": 1, "severity": "critical"}),
+        ),
+    ] {
+        let (st, body) = common::http_json(api, "POST", "/v1/alert-rules", token, Some(&rule));
+        assert_eq!(st, 201, "{body}");
+    }
+    until(
+        "the member reading the rules",
+        Duration::from_secs(30),
+        async || {
+            common::scrape(format!("127.0.0.1:{metrics}").parse().unwrap()).is_some_and(|t| {
+                common::metric_total(&t, "plantlink_cloud_alert_rules_loaded") == 2.0
+            })
+        },
+    )
+    .await;
+    let a = common::connect(&ep_a, quic_addr, "gw-a").await;
+    let b = common::connect(&ep_b, quic_addr, "gw-b").await;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    // One batch on each lane first, so both lanes' partitions have a stored start.
+    send_batch(&a, 1, Lane::Backlog, &batch(0, now_us - 7_200_000_000)).await;
+    send_batch(
+        &b,
+        1,
+        Lane::Live,
+        &readings(
+            "b-press",
+            "temperature",
+            now_us - 60_000_000,
+            10,
+            100_000,
+            20.0,
+        ),
+    )
+    .await;
+    until("both lanes stored", Duration::from_secs(30), async || {
+        let n: i64 = pgc
+            .query_one("SELECT count(*) FROM pipeline_offsets", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n >= 2
+    })
+    .await;
+    // The member stops; acme's gateway replays its backlog meanwhile.
+    let pid_of = member.0.id() as i32;
+    assert_eq!(signal(pid_of, "STOP"), 0);
+    const BACKLOG: u64 = 100;
+    const EACH: i64 = 10_000;
+    for b_ in 1..=BACKLOG {
+        let rs: Vec<Reading> = (0..EACH)
+            .map(|i| {
+                let n = b_ as i64 * EACH + i;
+                Reading::new(
+                    "claimed",
+                    format!("a-{}", n % 500),
+                    "flow",
+                    Timestamp(now_us - 7_200_000_000 + n * 1_000),
+                    n as f64,
+                )
+            })
+            .collect();
+        send_batch(&a, b_ + 1, Lane::Backlog, &rs).await;
+    }
+    // beta's machine overheats: two seconds of live readings.
+    let sent = Instant::now();
+    send_batch(
+        &b,
+        2,
+        Lane::Live,
+        &readings(
+            "b-press",
+            "temperature",
+            now_us - 3_000_000,
+            30,
+            100_000,
+            95.0,
+        ),
+    )
+    .await;
+    assert_eq!(signal(pid_of, "CONT"), 0);
+    until("beta's alert", Duration::from_secs(120), async || {
+        pgc.query_opt("SELECT 1 FROM alerts WHERE tenant_id = 'beta'", &[])
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let latency = sent.elapsed();
+    // At that moment acme's backlog is still being evaluated.
+    let (st, body) = common::http_json(api, "GET", "/v1/pipeline/lag", TOKEN, None);
+    assert_eq!(st, 200, "{body}");
+    let behind: i64 = body["consumer_groups"][&backfill_group][format!("{topic}.backfill")]
+        .as_object()
+        .map(|parts| parts.values().map(|p| p["lag"].as_i64().unwrap()).sum())
+        .unwrap_or(0);
+    eprintln!(
+        "beta's alert {latency:?} after its reading, with {behind} backlog records of acme not yet evaluated"
+    );
+    assert!(
+        behind > 0,
+        "acme's backlog was evaluated before beta's live alert"
+    );
+    // And the backlog is evaluated in full afterwards.
+    until(
+        "acme's backlog evaluated",
+        Duration::from_secs(180),
+        async || {
+            let (_, body) = common::http_json(api, "GET", "/v1/pipeline/lag", TOKEN, None);
+            body["consumer_groups"][&backfill_group][format!("{topic}.backfill")]
+                .as_object()
+                .is_some_and(|parts| parts.values().all(|p| p["lag"] == 0))
+        },
+    )
+    .await;
+    drop(member);
+    drop(pgc);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+/// Sends `SIG<sig>` to `pid` with kill(1) (the crate forbids unsafe code).
+fn signal(pid: i32, sig: &str) -> i32 {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .code()
+        .unwrap_or(-1)
 }

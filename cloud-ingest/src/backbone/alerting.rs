@@ -147,19 +147,20 @@ impl Alerter {
         cfg: Alerting,
         url: &str,
         tasks: &mut tokio::task::JoinSet<()>,
+        (topic, group): (&str, &str),
     ) -> anyhow::Result<Self> {
         let k = kafka.config().clone();
-        let ctx = Rebalances::of(&k.alerting_group);
+        let ctx = Rebalances::of(group);
         let generation = ctx.0.clone();
-        let consumer: StreamConsumer<Rebalances> = Kafka::consumer_config(&k, &k.alerting_group)
+        let consumer: StreamConsumer<Rebalances> = Kafka::consumer_config(&k, group)
             .create_with_context(ctx)
             .map_err(|e| anyhow::anyhow!("kafka: cannot create the alerting consumer: {e}"))?;
         consumer
-            .subscribe(&[&k.backbone_topic])
-            .map_err(|e| anyhow::anyhow!("kafka: cannot subscribe to {}: {e}", k.backbone_topic))?;
+            .subscribe(&[topic])
+            .map_err(|e| anyhow::anyhow!("kafka: cannot subscribe to {topic}: {e}"))?;
         let stale = Arc::new(Mutex::new(HashSet::new()));
         let (queue, rx) = mpsc::channel(cfg.queue);
-        let offsets = Offsets::new(&k.alerting_group, &k.backbone_topic, stale.clone());
+        let offsets = Offsets::new(group, topic, stale.clone());
         let hooks = webhooks(&cfg, tasks);
         tasks.spawn(deliver(
             rx,
@@ -173,8 +174,8 @@ impl Alerter {
             consumer: Arc::new(consumer),
             generation,
             seen: 0,
-            group: k.alerting_group.clone(),
-            topic: k.backbone_topic.clone(),
+            group: group.to_owned(),
+            topic: topic.to_owned(),
             partitions: kafka.backbone_partitions(),
             url: url.to_owned(),
             db: None,
@@ -452,7 +453,9 @@ impl Alerter {
         let mut engine = Engine::new(self.settings);
         engine.set_rules(self.rules.clone());
         let mut restored = 0;
-        for (rule, tenant, device) in &stand.open {
+        // Open alerts are live ones: the backlog lane's engines have none to restore.
+        let live = self.topic == self.kafka.config().backbone_topic;
+        for (rule, tenant, device) in stand.open.iter().filter(|_| live) {
             if partition(tenant, device, self.partitions) == p {
                 engine.restore_open(*rule, tenant, device);
                 restored += 1;
