@@ -946,3 +946,204 @@ fn signal(pid: i32, sig: &str) -> i32 {
         .code()
         .unwrap_or(-1)
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A slow database under a scale-out writer: `raw_metrics` is locked while a gateway sends
+/// 400,000 readings. The receiver acknowledges them all (Kafka holds them); the writer pauses
+/// its partitions, its memory stays bounded (one round and a 2 MiB prefetch, not the
+/// backlog), nothing is written meanwhile, and once the lock goes every reading lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_on_a_slow_database_pauses_with_bounded_memory_and_loses_nothing() {
+    const BATCHES: u64 = 40;
+    const EACH: i64 = 10_000;
+    let d = Dir::new("roles-slow");
+    common::fleet(&d.0, "gw-s");
+    let db = format!("plantlink_test_roles_slow_{}", std::process::id());
+    let (admin, url, pgc) = common::database(&db).await;
+    let (_tansu, tansu) = common::start_tansu(None);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let quic_addr = udp.local_addr().unwrap();
+    drop(udp);
+    let pid = std::process::id();
+    let topic = format!("test.backbone.slow.{pid}");
+    let group = format!("test-writers-slow-{pid}");
+    let metrics = common::free_tcp_port();
+    let config = |extra: &str| {
+        format!(
+            "[quic]\nbind = \"{quic_addr}\"\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\
+             [postgres]\nurl = \"{url}\"\nflush_max_readings = 20000\n\
+             [kafka]\nbrokers = \"{tansu}\"\nreadings_topic = \"test.readings.slow.{pid}\"\n\
+             dlq_topic = \"test.dlq.slow.{pid}\"\nalerts_topic = \"test.alerts.slow.{pid}\"\n\
+             backbone_topic = \"{topic}\"\nbackbone_backfill_topic = \"{topic}.backfill\"\n\
+             backbone_partitions = 6\nwriter_group = \"{group}\"\npublic_readings = false\n{extra}"
+        )
+    };
+    std::fs::write(d.0.join("receiver.toml"), config("")).unwrap();
+    std::fs::write(
+        d.0.join("writer.toml"),
+        config(&format!(
+            "[metrics]\nbind = \"127.0.0.1:{metrics}\"\n[kafka.consumer]\n\"queued.max.messages.kbytes\" = \"2048\"\n"
+        )),
+    )
+    .unwrap();
+    let log = |n: &str| d.0.join(format!("{n}.log"));
+    let writer = start(&d.0.join("writer.toml"), "writer", &log("writer"));
+    let scrape = || common::scrape(format!("127.0.0.1:{metrics}").parse().unwrap());
+    until(
+        "the writer holding the partitions",
+        Duration::from_secs(60),
+        async || {
+            scrape().is_some_and(|t| {
+                t.lines().any(|l| {
+                    l.starts_with(&format!(
+                        "plantlink_cloud_consumer_partitions{{group=\"{group}\"}} 6"
+                    ))
+                })
+            })
+        },
+    )
+    .await;
+    let _receiver = start(&d.0.join("receiver.toml"), "receiver", &log("receiver"));
+    let ep = common::client(&d.0.join("ca.pem"), Some((&d.0, "gw-s")));
+    let began = Instant::now();
+    while !matches!(
+        common::attempt(&ep, quic_addr, "gw-s").await,
+        Ok(Frame::Welcome(_))
+    ) {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "the receiver did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let idle_kib = rss_kib(writer.0.id());
+    // The database turns slow: a transaction holds the table.
+    let (mut locker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE raw_metrics IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let conn = common::connect(&ep, quic_addr, "gw-s").await;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    let mut peak_kib = idle_kib;
+    for b in 0..BATCHES {
+        // Values that do not compress away: the backbone holds megabytes.
+        let rs: Vec<Reading> = (0..EACH)
+            .map(|i| {
+                let n = b as i64 * EACH + i;
+                let v = (n.wrapping_mul(0x9e37_79b9) % 1_000_003) as f64 / 7.0;
+                Reading::new(
+                    "claimed",
+                    format!("m-{}", n % 300),
+                    "flow",
+                    Timestamp(now_us - 3_600_000_000 + n * 1_000),
+                    v,
+                )
+            })
+            .collect();
+        send_batch(&conn, b + 1, Lane::Live, &rs).await;
+        peak_kib = peak_kib.max(rss_kib(writer.0.id()));
+    }
+    eprintln!(
+        "the receiver acknowledged {} readings while the table was locked",
+        BATCHES as i64 * EACH
+    );
+    until("the writer paused", Duration::from_secs(30), async || {
+        scrape().is_some_and(|t| common::metric_total(&t, "plantlink_cloud_writer_paused") == 1.0)
+    })
+    .await;
+    // The writer stays paused and bounded while the lock holds.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(3) {
+        peak_kib = peak_kib.max(rss_kib(writer.0.id()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let in_kafka: i64 = {
+        let (b, t) = (tansu.to_string(), topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let c: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &b)
+                .create()
+                .unwrap();
+            (0..6)
+                .map(|p| {
+                    c.fetch_watermarks(&t, p, Duration::from_secs(10))
+                        .unwrap()
+                        .1
+                })
+                .sum()
+        })
+        .await
+        .unwrap()
+    };
+    let rows_locked: i64 = pgc
+        .query_one(
+            "SELECT count(*) FROM pipeline_offsets WHERE consumer_group = $1",
+            &[&group],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!(
+        "writer RSS idle {} KiB, peak {} KiB while {in_kafka} backbone records waited",
+        idle_kib, peak_kib
+    );
+    assert_eq!(
+        rows_locked, 0,
+        "the writer stored offsets through a locked table"
+    );
+    assert!(
+        peak_kib < idle_kib + 64 * 1024,
+        "the writer grew from {idle_kib} to {peak_kib} KiB while the database was locked"
+    );
+    // The lock goes: every reading lands once.
+    lock.rollback().await.unwrap();
+    let sent = BATCHES as i64 * EACH;
+    until(
+        "every reading in PostgreSQL",
+        Duration::from_secs(120),
+        async || {
+            let n: i64 = pgc
+                .query_one("SELECT count(*) FROM raw_metrics", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n == sent
+        },
+    )
+    .await;
+    let distinct: i64 = pgc
+        .query_one(
+            "SELECT count(DISTINCT (device_id, ts)) FROM raw_metrics",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(distinct, sent);
+    until("the writer resumed", Duration::from_secs(30), async || {
+        scrape().is_some_and(|t| common::metric_total(&t, "plantlink_cloud_writer_paused") == 0.0)
+    })
+    .await;
+    drop(writer);
+    drop(locker);
+    drop(pgc);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
