@@ -12,6 +12,8 @@
 //!   JSON readings topic.
 //!
 //! `cargo test --release -p cloud-ingest --test bench_roles -- --ignored --nocapture --test-threads 1`
+//! (`PLANTLINK_BENCH_ONLY=roles` runs the scale-out mode alone, e.g. under a profiler;
+//! `PLANTLINK_BENCH_WRITERS=2` runs two writers in it instead of one).
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
@@ -159,11 +161,17 @@ async fn measure(roles: bool, tansu: SocketAddr) -> Figures {
     let mut procs = Vec::new();
     if roles {
         // The consumers first, so their groups start at the beginning of the run.
-        procs.push(spawn(
-            &d.0.join("other.toml"),
-            Some("writer"),
-            &d.0.join("writer.log"),
-        ));
+        let writers: usize = std::env::var("PLANTLINK_BENCH_WRITERS")
+            .ok()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(1);
+        for w in 0..writers {
+            procs.push(spawn(
+                &d.0.join("other.toml"),
+                Some("writer"),
+                &d.0.join(format!("writer-{w}.log")),
+            ));
+        }
         procs.push(spawn(
             &d.0.join("other.toml"),
             Some("alerting"),
@@ -231,20 +239,26 @@ async fn measure(roles: bool, tansu: SocketAddr) -> Figures {
         t.await.unwrap();
     }
     let acked = start.elapsed();
-    loop {
-        let n: i64 = pgc
-            .query_one("SELECT count(*) FROM raw_metrics", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if n >= TOTAL {
-            break;
+    // Polled through the key (one device of 200, in every batch), so that watching costs the
+    // database little; then the whole count, once that device is complete.
+    for (sql, want) in [
+        (
+            "SELECT count(*) FROM raw_metrics WHERE tenant_id = 'acme' AND device_id = 'dev-0'",
+            TOTAL / 200,
+        ),
+        ("SELECT count(*) FROM raw_metrics", TOTAL),
+    ] {
+        loop {
+            let n: i64 = pgc.query_one(sql, &[]).await.unwrap().get(0);
+            if n >= want {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "{tag}: {n} of {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(600),
-            "{tag}: {n} of {TOTAL}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let stored = start.elapsed();
     let readings_per_s = TOTAL as f64 / stored.as_secs_f64();
@@ -262,7 +276,7 @@ async fn measure(roles: bool, tansu: SocketAddr) -> Figures {
         while seen.len() < 100 {
             let row = c
                 .query_one(
-                    "SELECT coalesce(max(value), -1)::bigint FROM raw_metrics WHERE device_id = 'probe'",
+                    "SELECT coalesce(max(value), -1)::bigint FROM raw_metrics WHERE tenant_id = 'acme' AND device_id = 'probe' AND metric_name = 'flow'",
                     &[],
                 )
                 .await
@@ -390,6 +404,10 @@ async fn measure(roles: bool, tansu: SocketAddr) -> Figures {
 #[ignore = "a benchmark: run with --release -- --ignored"]
 async fn roles_against_the_single_process() {
     let (_tansu, tansu) = common::start_tansu(None);
+    if std::env::var("PLANTLINK_BENCH_ONLY").as_deref() == Ok("roles") {
+        println!("{:?}", measure(true, tansu).await);
+        return;
+    }
     let single = measure(false, tansu).await;
     let roles = measure(true, tansu).await;
     for (name, f) in [("single process", &single), ("roles apart", &roles)] {

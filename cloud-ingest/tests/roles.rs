@@ -1,6 +1,7 @@
-//! The scale-out mode with the real binary, Tansu and PostgreSQL: one `--role receiver` and
-//! two `--role writer` processes. A gateway streams batches of 20 devices; the receiver
-//! acknowledges each once Kafka's backbone topic has it; the writers share the topic's six
+//! The scale-out mode with the real binary, Tansu and PostgreSQL: two `--role receiver` and
+//! two `--role writer` processes. Three gateways stream batches of 20 devices (two to one
+//! receiver, one to the other); a receiver acknowledges each once Kafka's backbone topic
+//! has it; the writers share the topic's six
 //! partitions as a consumer group. Once both have written rounds, one is killed (SIGKILL)
 //! while batches stream in;
 //! the other takes its partitions from `pipeline_offsets`. Every reading the ledger sent is
@@ -70,6 +71,9 @@ fn batch(b: u64, start_us: i64) -> Vec<Reading> {
 async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothing() {
     let d = Dir::new("roles");
     common::fleet(&d.0, "gw-r");
+    for g in ["gw-r2", "gw-r3"] {
+        cloud_ingest::pki::gateway(&d.0, g, "acme", 30).unwrap();
+    }
     let db = format!("plantlink_test_roles_{}", std::process::id());
     let (admin, url, pgc) = common::database(&db).await;
     let (_tansu, tansu) = common::start_tansu(None);
@@ -110,6 +114,15 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
         "[api]\nbind = \"{api}\"\n[api.tokens]\nacme = \"{TOKEN}\"\n"
     ));
     std::fs::write(d.0.join("receiver.toml"), receiver_toml).unwrap();
+    // A second receiver on a port of its own: gateways reach either.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let quic_b = udp.local_addr().unwrap();
+    drop(udp);
+    std::fs::write(
+        d.0.join("receiver-b.toml"),
+        config(None).replace(&quic_addr.to_string(), &quic_b.to_string()),
+    )
+    .unwrap();
     // Lag per partition of the writers' group, as the API reports it (None before any offset).
     let (g2, t2) = (group.clone(), topic.clone());
     let lag = move || -> Option<Vec<(i64, Option<i64>, i64)>> {
@@ -131,6 +144,7 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
     };
     let log = |n: &str| d.0.join(format!("{n}.log"));
     let _receiver = start(&d.0.join("receiver.toml"), "receiver", &log("receiver"));
+    let _receiver_b = start(&d.0.join("receiver-b.toml"), "receiver", &log("receiver-b"));
     let mut writer_a = Some(start(
         &d.0.join("writer-a.toml"),
         "writer",
@@ -138,43 +152,39 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
     ));
     let _writer_b = start(&d.0.join("writer-b.toml"), "writer", &log("writer-b"));
 
-    let ep = common::client(&d.0.join("ca.pem"), Some((&d.0, "gw-r")));
     let start_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros() as i64
         - 3_600_000_000;
-    let began = Instant::now();
-    while !matches!(
-        common::attempt(&ep, quic_addr, "gw-r").await,
-        Ok(Frame::Welcome(_))
-    ) {
-        assert!(
-            began.elapsed() < Duration::from_secs(30),
-            "the receiver did not come up; see {}",
-            log("receiver").display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // Three gateways, two on receiver A and one on receiver B.
+    let mut conns = Vec::new();
+    for (g, addr) in [("gw-r", quic_addr), ("gw-r2", quic_b), ("gw-r3", quic_addr)] {
+        let ep = common::client(&d.0.join("ca.pem"), Some((&d.0, g)));
+        let began = Instant::now();
+        while !matches!(common::attempt(&ep, addr, g).await, Ok(Frame::Welcome(_))) {
+            assert!(
+                began.elapsed() < Duration::from_secs(30),
+                "the receiver at {addr} did not come up; see {}",
+                d.0.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        conns.push((common::connect(&ep, addr, g).await, ep));
     }
-    let conn = common::connect(&ep, quic_addr, "gw-r").await;
-    // The gateway streams on its own while the test watches the writers.
+    // The gateways stream on their own while the test watches the writers: batch b from
+    // gateway b % 3, the ledger's readings in order.
     let sender = tokio::spawn(async move {
         let mut sent = 0i64;
         for b in 0..BATCHES {
             let readings = batch(b, start_us);
-            let (mut s, mut r) = conn.open_bi().await.unwrap();
-            let frame = Frame::Batch(Batch {
-                seq: b + 1,
-                lane: Lane::Live,
-                readings: readings.len() as u32,
-                payload: BatchEncoder::default().encode(&readings),
-            });
-            quic::write_frame(&mut s, &frame).await.unwrap();
-            let answer = quic::read_frame(&mut r, 1 << 16).await.unwrap();
-            assert_eq!(answer, Frame::Ack(Ack { seq: b + 1 }), "batch {b}");
+            let conn = &conns[(b % 3) as usize].0;
+            send_batch(conn, b / 3 + 1, Lane::Live, &readings).await;
             sent += readings.len() as i64;
         }
-        conn.close(0u32.into(), b"done");
+        for (c, _) in &conns {
+            c.close(0u32.into(), b"done");
+        }
         sent
     });
     // Both writers hold partitions and have written rounds of them...
