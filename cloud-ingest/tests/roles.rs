@@ -1,14 +1,19 @@
-//! The scale-out mode with the real binary, Tansu and PostgreSQL: two `--role receiver` and
-//! two `--role writer` processes. Three gateways stream batches of 20 devices (two to one
-//! receiver, one to the other); a receiver acknowledges each once Kafka's backbone topic
-//! has it; the writers share the topic's six
-//! partitions as a consumer group. Once both have written rounds, one is killed (SIGKILL)
-//! while batches stream in;
-//! the other takes its partitions from `pipeline_offsets`. Every reading the ledger sent is
-//! in PostgreSQL once with its value, the surviving writer replayed nothing (no round was
-//! committed twice), and the stored offsets reach every partition's end. The API's
-//! `/v1/pipeline/lag` shows the group's lag above zero while the killed writer's partitions
-//! wait to be handed over, and zero at the end.
+//! The scale-out mode with the real binary, Tansu and PostgreSQL.
+//!
+//! The whole cast: two `--role receiver`, two `--role writer` and two `--role alerting`
+//! processes, and three gateways streaming a ledger of batches over 20 devices (two to one
+//! receiver, one to the other); a receiver acknowledges each batch once Kafka's backbone
+//! has it. Once both writers have written rounds, one is killed (SIGKILL) while batches
+//! stream in; the other takes its partitions from `pipeline_offsets`. Later a kiln's rule
+//! fires, the alerting member that fired is killed, and the survivor resolves it. Every
+//! reading the ledger sent is in PostgreSQL once with its value, the surviving writer
+//! replayed nothing, the stored offsets reach every partition's end, the API's
+//! `/v1/pipeline/lag` showed the lag above zero while the killed writer's partitions waited
+//! and zero at the end, and the kiln has one alert, fired and resolved once.
+//!
+//! The other tests here look closer at one part each: alerting's rebuild of a window cut by
+//! a kill, one tenant's backlog against another's live alerts, and a writer on a locked
+//! table.
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
@@ -68,7 +73,7 @@ fn batch(b: u64, start_us: i64) -> Vec<Reading> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothing() {
+async fn a_writer_and_an_alerting_member_die_and_nothing_is_lost_or_repeated() {
     let d = Dir::new("roles");
     common::fleet(&d.0, "gw-r");
     for g in ["gw-r2", "gw-r3"] {
@@ -83,6 +88,7 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
     let pid = std::process::id();
     let topic = format!("test.backbone.{pid}");
     let group = format!("test-writers-{pid}");
+    let agroup = format!("test-alerting-w-{pid}");
     let config = |metrics: Option<u16>| {
         let m = metrics
             .map(|p| format!("[metrics]\nbind = \"127.0.0.1:{p}\"\n"))
@@ -90,18 +96,22 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
         format!(
             "[quic]\nbind = \"{quic_addr}\"\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\
              [postgres]\nurl = \"{url}\"\nflush_max_readings = 2000\n\
+             [alerting]\nrules_reload_ms = 300\ntick_ms = 100\n\
              [kafka]\nbrokers = \"{tansu}\"\nreadings_topic = \"test.readings.{pid}\"\n\
              dlq_topic = \"test.dlq.{pid}\"\nalerts_topic = \"test.alerts.{pid}\"\n\
              backbone_topic = \"{topic}\"\nbackbone_backfill_topic = \"{topic}.backfill\"\n\
-             backbone_partitions = 6\nwriter_group = \"{group}\"\n\
+             backbone_partitions = 6\nwriter_group = \"{group}\"\nalerting_group = \"{agroup}\"\n\
              public_readings = false\n{m}"
         )
     };
     let (metrics_a, metrics_b) = (common::free_tcp_port(), common::free_tcp_port());
+    let alerting_ports = [common::free_tcp_port(), common::free_tcp_port()];
     for (name, m) in [
         ("receiver", None),
         ("writer-a", Some(metrics_a)),
         ("writer-b", Some(metrics_b)),
+        ("alerting-0", Some(alerting_ports[0])),
+        ("alerting-1", Some(alerting_ports[1])),
     ] {
         std::fs::write(d.0.join(format!("{name}.toml")), config(m)).unwrap();
     }
@@ -151,12 +161,41 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
         &log("writer-a"),
     ));
     let _writer_b = start(&d.0.join("writer-b.toml"), "writer", &log("writer-b"));
+    let mut members: Vec<Option<common::Proc>> = (0..2)
+        .map(|i| {
+            Some(start(
+                &d.0.join(format!("alerting-{i}.toml")),
+                "alerting",
+                &log(&format!("alerting-{i}")),
+            ))
+        })
+        .collect();
+    let scrape_port = |port: u16| common::scrape(format!("127.0.0.1:{port}").parse().unwrap());
+    let held = |port: u16| {
+        let want = format!("plantlink_cloud_consumer_partitions{{group=\"{agroup}\"}} ");
+        scrape_port(port).map_or(-1.0, |t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(&want)?.parse().ok())
+                .unwrap_or(0.0)
+        })
+    };
+    until(
+        "the alerting members sharing the partitions",
+        Duration::from_secs(60),
+        async || alerting_ports.iter().all(|p| held(*p) == 3.0),
+    )
+    .await;
 
     let start_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros() as i64
         - 3_600_000_000;
+    // A kiln watched by a rule: it overheats before an alerting member is killed and cools
+    // after.
+    let kiln_rule = serde_json::json!({"name": "kiln", "metric": "heat",
+        "selector": {"device_id": "kiln"}, "aggregate": "avg", "op": ">", "threshold": 80.0,
+        "window": {"kind": "tumbling", "seconds": 1}, "for_windows": 1, "severity": "critical"});
     // Three gateways, two on receiver A and one on receiver B.
     let mut conns = Vec::new();
     for (g, addr) in [("gw-r", quic_addr), ("gw-r2", quic_b), ("gw-r3", quic_addr)] {
@@ -172,15 +211,46 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
         }
         conns.push((common::connect(&ep, addr, g).await, ep));
     }
+    let (st, body) = common::http_json(api, "POST", "/v1/alert-rules", TOKEN, Some(&kiln_rule));
+    assert_eq!(st, 201, "{body}");
+    until(
+        "the alerting members reading the rule",
+        Duration::from_secs(30),
+        async || {
+            alerting_ports.iter().all(|p| {
+                scrape_port(*p).is_some_and(|t| {
+                    common::metric_total(&t, "plantlink_cloud_alert_rules_loaded") == 1.0
+                })
+            })
+        },
+    )
+    .await;
+    let (resume_tx, resume_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut resume_tx = Some(resume_tx);
+    let kiln_us = start_us + 100_000_000;
     // The gateways stream on their own while the test watches the writers: batch b from
     // gateway b % 3, the ledger's readings in order.
     let sender = tokio::spawn(async move {
         let mut sent = 0i64;
+        let mut seqs = [0u64; 3];
+        let mut resume = Some(resume_rx);
         for b in 0..BATCHES {
-            let readings = batch(b, start_us);
-            let conn = &conns[(b % 3) as usize].0;
-            send_batch(conn, b / 3 + 1, Lane::Live, &readings).await;
-            sent += readings.len() as i64;
+            let ledger = batch(b, start_us);
+            let g = (b % 3) as usize;
+            seqs[g] += 1;
+            send_batch(&conns[g].0, seqs[g], Lane::Live, &ledger).await;
+            sent += ledger.len() as i64;
+            if b == BATCHES / 2 {
+                // The kiln overheats, and the gateways wait for the test to kill the
+                // alerting member that fires.
+                seqs[2] += 1;
+                let hot = readings("kiln", "heat", kiln_us, 30, 100_000, 95.0);
+                send_batch(&conns[2].0, seqs[2], Lane::Live, &hot).await;
+                resume.take().unwrap().await.unwrap();
+                seqs[2] += 1;
+                let cool = readings("kiln", "heat", kiln_us + 3_000_000, 30, 100_000, 20.0);
+                send_batch(&conns[2].0, seqs[2], Lane::Live, &cool).await;
+            }
         }
         for (c, _) in &conns {
             c.close(0u32.into(), b"done");
@@ -210,12 +280,38 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
     // to hand them over (its session timeout), and falls back to zero.
     let mut most = 0;
     let start_watch = Instant::now();
+    let mut survivor = None;
     while !sender.is_finished() || start_watch.elapsed() < Duration::from_secs(2) {
         if let Some(l) = tokio::task::block_in_place(&lag) {
             most = most.max(l.iter().map(|p| p.2).sum::<i64>());
         }
+        // Later, once the kiln's alert fires, the alerting member that fired dies.
+        if resume_tx.is_some()
+            && pgc
+                .query_opt("SELECT 1 FROM alerts WHERE device_id = 'kiln'", &[])
+                .await
+                .unwrap()
+                .is_some()
+        {
+            let fired: Vec<usize> = (0..2)
+                .filter(|i| {
+                    scrape_port(alerting_ports[*i]).is_some_and(|t| {
+                        t.lines().any(|l| {
+                            l.starts_with("plantlink_cloud_alerts_total")
+                                && l.contains("state=\"firing\"")
+                                && !l.ends_with(" 0")
+                        })
+                    })
+                })
+                .collect();
+            assert_eq!(fired.len(), 1, "one alerting member fired");
+            drop(members[fired[0]].take());
+            survivor = Some(1 - fired[0]);
+            resume_tx.take().unwrap().send(()).unwrap();
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let survivor = survivor.expect("the kiln's alert never fired");
     let sent = sender.await.unwrap();
     eprintln!("killed writer A with {rows} readings stored; {sent} sent");
     assert!(
@@ -229,7 +325,10 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
         Duration::from_secs(90),
         async || {
             let n: i64 = pgc
-                .query_one("SELECT count(*) FROM raw_metrics", &[])
+                .query_one(
+                    "SELECT count(*) FROM raw_metrics WHERE device_id LIKE 'dev-%'",
+                    &[],
+                )
                 .await
                 .unwrap()
                 .get(0);
@@ -241,7 +340,7 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
         .query_one(
             "SELECT count(*), count(DISTINCT (device_id, ts)), sum(value),
                     count(*) FILTER (WHERE device_id <> 'dev-' || (value::bigint % $1))
-             FROM raw_metrics WHERE tenant_id = 'acme'",
+             FROM raw_metrics WHERE tenant_id = 'acme' AND device_id LIKE 'dev-%'",
             &[&DEVICES],
         )
         .await
@@ -258,6 +357,28 @@ async fn writers_share_the_backbone_and_a_killed_one_loses_and_duplicates_nothin
     );
 
     assert!(most > 0, "the API never showed the writers behind");
+    // The kiln's alert: fired before the alerting member died, resolved by the survivor once.
+    until(
+        "the kiln's alert resolved",
+        Duration::from_secs(60),
+        async || {
+            pgc.query_opt(
+                "SELECT 1 FROM alerts WHERE device_id = 'kiln' AND state = 'resolved'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_some()
+        },
+    )
+    .await;
+    let kiln: i64 = pgc
+        .query_one("SELECT count(*) FROM alerts WHERE device_id = 'kiln'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kiln, 1, "one alert for the kiln, fired and resolved once");
+    assert_eq!(held(alerting_ports[survivor]), 6.0);
     let at_end = tokio::task::block_in_place(&lag).unwrap();
     assert_eq!(at_end.len(), 6, "{at_end:?}");
     assert!(
