@@ -690,6 +690,12 @@ impl Writer {
     /// Exports `plantlink_cloud_consumer_lag{group,topic,partition}` for the partitions this
     /// writer holds: the end offset minus the stored one.
     async fn report_lag(&mut self) {
+        // Partitions that moved away since the last record are not this writer's to report.
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation != self.seen {
+            self.seen = generation;
+            self.positions.clear();
+        }
         let Ok(marks) = self.kafka.watermarks(&self.topic).await else {
             return;
         };

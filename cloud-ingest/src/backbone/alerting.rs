@@ -16,7 +16,8 @@
 //! times `for_windows` plus one, plus the lateness; at least [`MIN_REACH`]), measured in
 //! event time: the newest live reading's time seen on the partition. (Backfill records do
 //! not move that clock; a backfill window older than the reach is rebuilt only in part.) A group with nothing stored starts where its consumer
-//! does: at the end of the backbone when it joins (`auto.offset.reset`).
+//! does: at the earliest record the backbone retains (`auto.offset.reset=earliest`, as for
+//! the writers), so a new alerting group evaluates what Kafka still holds.
 //!
 //! **Never lost, never twice.** Offsets are stored only after the events of the records
 //! below them are delivered ([`crate::alerting::deliver`]), so a member killed at any point
@@ -252,7 +253,20 @@ impl Alerter {
     }
 
     /// Processing time passes for every engine; only partitions past their rebuild emit.
+    /// After a rebalance, drops every engine: a partition still held is rebuilt from the
+    /// table and Kafka when its next record comes, and one that went elsewhere neither ticks
+    /// (its absence rules would fire for devices now reporting to another member) nor
+    /// reports lag here.
+    fn forget_if_moved(&mut self) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation != self.seen {
+            self.seen = generation;
+            self.parts.clear();
+        }
+    }
+
     async fn tick(&mut self) {
+        self.forget_if_moved();
         let now = now_us();
         let mut events = Vec::new();
         for p in self.parts.values_mut() {
@@ -293,13 +307,7 @@ impl Alerter {
                 return;
             }
         };
-        let generation = self.generation.load(Ordering::Acquire);
-        if generation != self.seen {
-            // Partitions moved: each is rebuilt from the table and Kafka when its next record
-            // comes.
-            self.seen = generation;
-            self.parts.clear();
-        }
+        self.forget_if_moved();
         let (p, off) = (m.partition(), m.offset());
         if self
             .stale
@@ -445,6 +453,16 @@ impl Alerter {
                 );
                 low
             }
+            Some(s) if s > high => {
+                tracing::error!(
+                    partition = p,
+                    stored = s,
+                    end = high,
+                    "the stored alerting offset is past this partition's end (was the topic \
+                     recreated?); evaluating from the end"
+                );
+                high
+            }
             Some(s) => s,
             // Never: the load stores `first` when nothing is.
             None => first.clamp(low, high),
@@ -499,6 +517,7 @@ impl Alerter {
     /// Exports `plantlink_cloud_consumer_lag` for the partitions held (end offset minus the
     /// next one to evaluate), and commits those offsets to Kafka for lag tools.
     async fn report_lag(&mut self) {
+        self.forget_if_moved();
         let Ok(marks) = self.kafka.watermarks(&self.topic).await else {
             return;
         };
