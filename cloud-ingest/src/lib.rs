@@ -26,6 +26,7 @@ pub mod memory;
 pub mod pki;
 pub mod postgres;
 pub mod quic;
+pub mod registry;
 pub mod server;
 pub mod sink;
 pub mod status;

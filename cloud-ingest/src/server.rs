@@ -289,6 +289,8 @@ impl Server {
                     .watch(std::time::Duration::from_secs(poll), shutdown.clone()),
             );
         }
+        let registry =
+            crate::registry::Registry::start(&self.config.postgres.url, shutdown.clone());
         loop {
             let incoming = tokio::select! {
                 i = endpoint.accept() => match i { Some(i) => i, None => break },
@@ -307,6 +309,7 @@ impl Server {
                 gateways: gateways.clone(),
                 alerts: alerts.clone(),
                 memory: memory.clone(),
+                registry: registry.clone(),
             };
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
@@ -354,6 +357,8 @@ struct Sinks {
     alerts: Option<Alerts>,
     /// The bytes that batches being read, decoded and written may hold.
     memory: crate::memory::Memory,
+    /// The payload schema registry, pushed to gateways.
+    registry: crate::registry::Registry,
 }
 
 /// What a stream's reader and acker share.
@@ -374,7 +379,7 @@ async fn connection(
     reloader: quic::Reloader,
 ) {
     let q = &config.quic;
-    let (id, control_send, mut control_recv) =
+    let (id, control_send, control_recv) =
         match quic::admit(&conn, q.max_batch_bytes, q.max_in_flight).await {
             Ok(x) => x,
             Err(e) => {
@@ -401,25 +406,9 @@ async fn connection(
         sinks,
         window: config.window(),
     });
-    // The first stream carries the gateway's queue reports after Hello/Welcome.
-    {
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let _keep = control_send;
-            while let Ok(f) = quic::read_frame(&mut control_recv, 1 << 16).await {
-                match f {
-                    Frame::Status(s) => {
-                        ctx.sinks
-                            .gateways
-                            .reported(&ctx.id.tenant, &ctx.id.gateway, &s)
-                    }
-                    other => {
-                        tracing::debug!(gateway = %ctx.id.gateway, frame = ?other, "ignored on the control stream")
-                    }
-                }
-            }
-        });
-    }
+    // The first stream carries the gateway's queue reports after Hello/Welcome, and the
+    // payload schema set both ways.
+    tokio::spawn(control(ctx.clone(), control_send, control_recv));
     while let Ok((send, recv)) = conn.accept_bi().await {
         let (replies, pending) = mpsc::channel(STREAM_WINDOW);
         tokio::spawn(acker(send, pending, ctx.clone()));
@@ -442,6 +431,76 @@ async fn connection(
         .map(|e| e.to_string())
         .unwrap_or_default();
     tracing::info!(gateway = %ctx.id.gateway, reason = %why, "gateway disconnected");
+}
+
+/// The control stream after Welcome: queue reports from the gateway; the tenant's schema
+/// set to it whenever it has another version in force than the registry's.
+async fn control(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let (tx, mut frames) = mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok(f) = quic::read_frame(&mut recv, 1 << 16).await {
+            if tx.send(f).await.is_err() {
+                break;
+            }
+        }
+    });
+    let registry = ctx.sinks.registry.clone();
+    let mut wanted = registry.watch(&ctx.id.tenant);
+    // What the gateway has in force; `None` until it says (an agent that never does has no
+    // registry support and is sent nothing).
+    let mut in_force: Option<u64> = None;
+    let mut sent: Option<u64> = None;
+    loop {
+        tokio::select! {
+            f = frames.recv() => match f {
+                None => return,
+                Some(Frame::Status(s)) => {
+                    ctx.sinks.gateways.reported(&ctx.id.tenant, &ctx.id.gateway, &s);
+                    continue;
+                }
+                Some(Frame::SchemasApplied(a)) => {
+                    for r in &a.refused {
+                        tracing::warn!(gateway = %ctx.id.gateway, tenant = %ctx.id.tenant, schema = r.id,
+                            revision = r.revision, reason = %r.reason, "the gateway refused a payload schema");
+                    }
+                    tracing::debug!(gateway = %ctx.id.gateway, version = a.version, "gateway schema set in force");
+                    in_force = Some(a.version);
+                    if let Err(e) = registry.reported(&ctx.id.tenant, &ctx.id.gateway, &a).await {
+                        tracing::warn!(gateway = %ctx.id.gateway, error = %format!("{e:#}"), "could not record the gateway's schema set");
+                    }
+                }
+                Some(other) => {
+                    tracing::debug!(gateway = %ctx.id.gateway, frame = ?other, "ignored on the control stream");
+                    continue;
+                }
+            },
+            changed = wanted.changed() => if changed.is_err() { return },
+            // A set that could not be read is tried again.
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)), if sent.is_none() && in_force.is_some() => {}
+        }
+        let want = *wanted.borrow_and_update();
+        let Some(have) = in_force else { continue };
+        if want == have || sent == Some(want) {
+            continue;
+        }
+        match registry.load(&ctx.id.tenant).await {
+            Ok(set) => {
+                let version = set.version;
+                let n = set.schemas.len();
+                if let Err(e) = quic::write_frame(&mut send, &Frame::Schemas(set)).await {
+                    tracing::debug!(gateway = %ctx.id.gateway, error = %e, "control stream closed");
+                    return;
+                }
+                tracing::info!(gateway = %ctx.id.gateway, tenant = %ctx.id.tenant, version, schemas = n,
+                    "sent the payload schema set");
+                sent = Some(version);
+            }
+            Err(e) => {
+                sent = None;
+                tracing::warn!(gateway = %ctx.id.gateway, error = %format!("{e:#}"), "could not read the payload schema set; trying again");
+            }
+        }
+    }
 }
 
 /// What the acker sends for a batch, in the order the batches came.

@@ -49,9 +49,27 @@ pub async fn run_until(
     let (requests_tx, requests_rx) = mpsc::unbounded_channel();
     let requests = Requests::new(requests_tx, tx.clone());
     let (confirmed_tx, confirmed_rx) = mpsc::unbounded_channel();
+    let (publish_tx, publish_rx) = mpsc::unbounded_channel();
+    let mut decoder = Decoder::new(&config);
+    match store.schema_set() {
+        Ok(Some((version, entries))) => {
+            let registry = crate::schemas::Registry::compile(version, entries);
+            tracing::info!(
+                version,
+                schemas = registry.entries.len(),
+                "decoding with the stored payload schema set"
+            );
+            metrics::gauge!("plantlink_edge_schema_set_version").set(version as f64);
+            decoder.set_registry(registry);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "the stored payload schema set is unreadable; waiting for the cloud's")
+        }
+    }
     let writer = spawn_writer(
         store,
-        Decoder::new(&config),
+        decoder,
         RateLimiter::new(config.limits.per_device_per_sec, config.limits.burst),
         rx,
         requests_rx,
@@ -59,6 +77,7 @@ pub async fn run_until(
         WriterOptions {
             commit_interval: Duration::from_millis(config.store.commit_interval_ms),
             devices: config.devices.clone(),
+            publish: Some(publish_tx),
         },
     );
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -76,6 +95,7 @@ pub async fn run_until(
             config.limits.max_payload_bytes,
             tx.clone(),
             confirmed_tx,
+            publish_rx,
             stop_rx.clone(),
         ));
     }

@@ -182,6 +182,62 @@ pub struct Mqtt {
     /// MQTT keep-alive in seconds (5 to 65535).
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u64,
+    /// Sparkplug B: read the `spBv1.0` namespace as a host application.
+    pub sparkplug: Option<Sparkplug>,
+}
+
+/// `[mqtt.sparkplug]`: Sparkplug B edge nodes on the plant broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sparkplug {
+    /// The Sparkplug groups to read (`spBv1.0/<group>/#` is subscribed for each); `["+"]`
+    /// reads every group.
+    pub groups: Vec<String>,
+    /// The device id of a node's own metrics: `{group}` and `{node}` placeholders.
+    #[serde(default = "default_spb_node")]
+    pub node: String,
+    /// The device id of a device's metrics: `{group}`, `{node}` and `{device}`.
+    #[serde(default = "default_spb_device")]
+    pub device: String,
+    /// Ask a node for a rebirth (NCMD `Node Control/Rebirth`) when its data cannot be read
+    /// without one.
+    #[serde(default = "yes")]
+    pub rebirth: bool,
+}
+
+fn default_spb_node() -> String {
+    "{group}/{node}".into()
+}
+
+fn default_spb_device() -> String {
+    "{group}/{node}/{device}".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Sparkplug {
+    /// The topic filters to subscribe to.
+    pub fn filters(&self) -> Vec<String> {
+        self.groups
+            .iter()
+            .map(|g| format!("{}/{g}/#", plantlink_schema::sparkplug::NAMESPACE))
+            .collect()
+    }
+}
+
+impl Mqtt {
+    /// Every filter subscribed: `subscriptions` and the Sparkplug groups'.
+    pub fn filters(&self) -> Vec<String> {
+        let mut f = self.subscriptions.clone();
+        for s in self.sparkplug.iter().flat_map(Sparkplug::filters) {
+            if !f.contains(&s) {
+                f.push(s);
+            }
+        }
+        f
+    }
 }
 
 fn default_keep_alive() -> u64 {
@@ -558,7 +614,40 @@ impl Config {
             if m.client_id.trim().is_empty() {
                 return bad("mqtt.client_id", "must not be empty".into());
             }
-            if m.subscriptions.is_empty() {
+            if let Some(sp) = &m.sparkplug {
+                if sp.groups.is_empty()
+                    || sp.groups.iter().any(|g| {
+                        g.is_empty() || g.contains(['/', '#']) || (g.contains('+') && g != "+")
+                    })
+                {
+                    return bad(
+                        "mqtt.sparkplug.groups",
+                        format!(
+                            "{:?}: list Sparkplug group ids (one topic level each), or [\"+\"] for every group",
+                            sp.groups
+                        ),
+                    );
+                }
+                if !sp.node.contains("{node}") {
+                    return bad(
+                        "mqtt.sparkplug.node",
+                        format!(
+                            "{:?} must contain {{node}} (and usually {{group}}), e.g. \"{{group}}/{{node}}\"",
+                            sp.node
+                        ),
+                    );
+                }
+                if !sp.device.contains("{device}") || !sp.device.contains("{node}") {
+                    return bad(
+                        "mqtt.sparkplug.device",
+                        format!(
+                            "{:?} must contain {{node}} and {{device}}, e.g. \"{{group}}/{{node}}/{{device}}\"",
+                            sp.device
+                        ),
+                    );
+                }
+            }
+            if m.subscriptions.is_empty() && m.sparkplug.is_none() {
                 return bad(
                     "mqtt.subscriptions",
                     "is empty; list at least one topic filter, e.g. [\"plant/#\"]".into(),
@@ -568,7 +657,7 @@ impl Config {
                 t.compile()
                     .map_err(|(field, e)| (format!("mqtt.topics[{i}].{field}"), e))?;
             }
-            if m.topics.is_empty() {
+            if m.topics.is_empty() && !m.subscriptions.is_empty() {
                 return bad(
                     "mqtt.topics",
                     "is empty: every message would be refused as matching no template; add \

@@ -177,6 +177,37 @@ pub enum UplinkRequest {
     },
     /// A connection (re)started: forget batches in flight; what is stored becomes backlog.
     Restart(oneshot::Sender<QueueView>),
+    /// The cloud sent the tenant's schema set: store it, decode with it from the next
+    /// message on, and say what was refused.
+    Schemas {
+        /// The set.
+        set: plantlink_wire::frame::SchemaSet,
+        /// What is in force now, or the queue's error (the set in force is unchanged).
+        reply: oneshot::Sender<Result<plantlink_wire::frame::SchemasApplied, String>>,
+    },
+    /// The schema set in force.
+    SchemasInForce(oneshot::Sender<plantlink_wire::frame::SchemasApplied>),
+}
+
+/// What an agent reports of its registry: the version and the refused entries.
+pub fn applied(r: &crate::schemas::Registry) -> plantlink_wire::frame::SchemasApplied {
+    plantlink_wire::frame::SchemasApplied {
+        version: r.version,
+        refused: r
+            .entries
+            .iter()
+            .filter_map(|a| {
+                a.compiled
+                    .as_ref()
+                    .err()
+                    .map(|e| plantlink_wire::frame::SchemaRefusal {
+                        id: a.entry.id,
+                        revision: a.entry.revision,
+                        reason: e.clone(),
+                    })
+            })
+            .collect(),
+    }
 }
 
 /// What waits in the queue, as the uplink sees it.
@@ -227,6 +258,8 @@ pub struct WriterOptions {
     pub commit_interval: Duration,
     /// Which devices may send, and how many the queue tracks.
     pub devices: crate::config::Devices,
+    /// Where messages for the plant broker go (Sparkplug B rebirth requests).
+    pub publish: Option<mpsc::UnboundedSender<(String, Vec<u8>)>>,
 }
 
 /// Starts the writer thread. It runs until every sender of `rx` is dropped and all that
@@ -380,7 +413,48 @@ impl Writer {
                 self.store.restart_lanes();
                 let _ = reply.send(self.view());
             }
+            UplinkRequest::Schemas { set, reply } => {
+                let _ = reply.send(self.apply_schemas(set));
+            }
+            UplinkRequest::SchemasInForce(reply) => {
+                let _ = reply.send(applied(self.decoder.registry()));
+            }
         }
+    }
+
+    /// Stores a schema set from the cloud and decodes with it. An entry that does not
+    /// compile is refused on its own; the others apply.
+    fn apply_schemas(
+        &mut self,
+        set: plantlink_wire::frame::SchemaSet,
+    ) -> Result<plantlink_wire::frame::SchemasApplied, String> {
+        let (entries, mut refused) = crate::schemas::from_wire(set.schemas);
+        let registry = crate::schemas::Registry::compile(set.version, entries);
+        self.store
+            .save_schema_set(
+                set.version,
+                &registry
+                    .entries
+                    .iter()
+                    .map(|a| a.entry.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .map_err(|e| e.to_string())?;
+        let mut report = applied(&registry);
+        report.refused.append(&mut refused);
+        for r in &report.refused {
+            tracing::warn!(schema = r.id, revision = r.revision, reason = %r.reason,
+                "refused a payload schema from the registry; other device types decode as before");
+        }
+        tracing::info!(
+            version = set.version,
+            schemas = registry.entries.len(),
+            refused = report.refused.len(),
+            "payload schema set applied"
+        );
+        gauge!("plantlink_edge_schema_set_version").set(set.version as f64);
+        self.decoder.set_registry(registry);
+        Ok(report)
     }
 
     /// One transaction for the group. On any error the transaction is rolled back and the
@@ -439,6 +513,15 @@ impl Writer {
             };
             received[m.source as usize] += decoded.readings.len() as u64;
             let mut decoded = decoded;
+            if let (Some(p), Some(tx)) = (decoded.publish.take(), &self.opts.publish) {
+                counter!("plantlink_edge_sparkplug_rebirths_requested_total").increment(1);
+                tracing::info!(topic = %p.0, "asked a Sparkplug B node for a rebirth");
+                let _ = tx.send(p);
+            }
+            for t in decoded.skipped.drain(..) {
+                counter!("plantlink_edge_sparkplug_metrics_skipped_total", "datatype" => t)
+                    .increment(1);
+            }
             let mut refused: Vec<(Reason, &str, usize)> = Vec::new();
             for r in &decoded.readings {
                 if let Some(reason) = self.admit(&r.device, wall, &mut pruned)? {

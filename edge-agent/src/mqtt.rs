@@ -68,6 +68,7 @@ pub async fn run(
     max_payload: usize,
     tx: mpsc::Sender<Command>,
     confirmed: mpsc::UnboundedSender<Vec<i64>>,
+    mut publish: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (host, port) = parse_mqtt_url(&cfg.url).map_err(anyhow::Error::msg)?;
@@ -104,7 +105,7 @@ pub async fn run(
                 connected_before = true;
                 backoff = Duration::from_millis(200);
                 session
-                    .serve(stream, inbuf, &mut ack_rx, &mut shutdown)
+                    .serve(stream, inbuf, &mut ack_rx, &mut publish, &mut shutdown)
                     .await
             }
             Err(e) => End::Lost(e),
@@ -274,7 +275,7 @@ impl Session {
         // Subscribing again is harmless with a persistent session and picks up new filters.
         let filters = self
             .cfg
-            .subscriptions
+            .filters()
             .iter()
             .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
             .collect::<Vec<_>>();
@@ -301,6 +302,7 @@ impl Session {
         mut stream: TcpStream,
         mut inbuf: BytesMut,
         acks: &mut mpsc::UnboundedReceiver<Ack>,
+        publish: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
         let keep_alive = Duration::from_secs(self.cfg.keep_alive_secs.clamp(5, 65_535));
@@ -377,6 +379,16 @@ impl Session {
                         last_out = Instant::now();
                     }
                 }
+                Some((topic, payload)) = publish.recv() => {
+                    // QoS 0, as Sparkplug B sends commands; a lost one is asked for again.
+                    let p = rumqttc::Publish::new(topic, QoS::AtMostOnce, payload);
+                    if p.write(&mut out).is_ok() {
+                        if let Err(e) = stream.write_all(&out).await {
+                            return End::Lost(format!("sending PUBLISH: {e}"));
+                        }
+                        last_out = Instant::now();
+                    }
+                }
                 _ = ping.tick() => {
                     if last_in.elapsed() > keep_alive * 3 / 2 {
                         return End::Lost(format!("no answer from the broker for {:?}", last_in.elapsed()));
@@ -436,7 +448,7 @@ impl Session {
             match Packet::read(inbuf, self.max_packet) {
                 Ok(Packet::Publish(p)) => self.forward(p),
                 Ok(Packet::SubAck(s)) => {
-                    for (filter, code) in self.cfg.subscriptions.iter().zip(&s.return_codes) {
+                    for (filter, code) in self.cfg.filters().iter().zip(&s.return_codes) {
                         if *code == SubscribeReasonCode::Failure {
                             tracing::error!(%filter, "broker refused the subscription; check its ACL");
                         }

@@ -22,7 +22,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use plantlink_model::{Reading, Tags, Timestamp};
 
+use plantlink_schema::{Compiled, version_matches};
+
 use crate::config::{Config, Device, Firmware};
+use crate::schemas::Registry;
+use crate::sparkplug::Host;
 use crate::topic::{MAX_NAME, Template};
 
 /// Why (part of) a payload was refused. The names are the `reason` label of
@@ -55,11 +59,21 @@ pub enum Reason {
     DeviceCap,
     /// A new series of a device that has `[devices] max_series_per_device`.
     SeriesCap,
+    /// Not JSON, CBOR or a number, from a device type and firmware that no schema (pushed
+    /// from the registry or `[[firmware]]`) reads; `queue replay-dead-letters --reason
+    /// no_schema` reads them again once one does.
+    NoSchema,
+    /// A Sparkplug B message the agent cannot read without its BIRTH: an alias no BIRTH
+    /// assigned, or data from a node not born since the agent started.
+    UnknownAlias,
+    /// A Sparkplug B message whose `seq` does not follow the last, or one that came while
+    /// the rebirth asked for after such a gap is awaited.
+    SeqGap,
 }
 
 impl Reason {
     /// Every reason, for zeroing the counters at start.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Oversize,
         Reason::Malformed,
         Reason::WrongType,
@@ -73,6 +87,9 @@ impl Reason {
         Reason::NotAllowed,
         Reason::DeviceCap,
         Reason::SeriesCap,
+        Reason::NoSchema,
+        Reason::UnknownAlias,
+        Reason::SeqGap,
     ];
 
     /// The label value.
@@ -91,6 +108,9 @@ impl Reason {
             Reason::NotAllowed => "not_allowed",
             Reason::DeviceCap => "device_cap",
             Reason::SeriesCap => "series_cap",
+            Reason::NoSchema => "no_schema",
+            Reason::UnknownAlias => "unknown_alias",
+            Reason::SeqGap => "seq_gap",
         }
     }
 }
@@ -111,6 +131,10 @@ pub struct Decoded {
     pub readings: Vec<Reading>,
     /// What was refused.
     pub rejects: Vec<Reject>,
+    /// A message to publish on the plant broker: a Sparkplug B rebirth request.
+    pub publish: Option<(String, Vec<u8>)>,
+    /// Sparkplug B metrics skipped as not numbers, by data type.
+    pub skipped: Vec<&'static str>,
 }
 
 impl Decoded {
@@ -270,6 +294,8 @@ pub struct Decoder {
     firmware: Vec<Firmware>,
     max_payload: usize,
     last_stamp: HashMap<String, i64>,
+    registry: Registry,
+    sparkplug: Option<Host>,
 }
 
 impl Decoder {
@@ -282,7 +308,28 @@ impl Decoder {
             firmware: config.firmware.clone(),
             max_payload: config.limits.max_payload_bytes,
             last_stamp: HashMap::new(),
+            registry: Registry::default(),
+            sparkplug: config
+                .mqtt
+                .as_ref()
+                .and_then(|m| m.sparkplug.clone())
+                .map(Host::new),
         }
+    }
+
+    /// Decodes with `registry` from now on (the schema set pushed from the cloud).
+    pub fn set_registry(&mut self, registry: Registry) {
+        self.registry = registry;
+    }
+
+    /// The schema set in force.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Whether `[[firmware]]` names this device type (and so shadows the registry for it).
+    pub fn local_type(&self, device_type: &str) -> bool {
+        self.firmware.iter().any(|f| f.device_type == device_type)
     }
 
     /// The context an MQTT topic gives, from the first template that matches.
@@ -329,6 +376,9 @@ impl Decoder {
         payload: &[u8],
         received_us: i64,
     ) -> Decoded {
+        if self.sparkplug.is_some() && topic.starts_with("spBv1.0/") {
+            return self.sparkplug_message(topic, payload, received_us);
+        }
         match self.topic_context(topic) {
             Some(ctx) => self.decode(&ctx, format, payload, received_us),
             None => {
@@ -381,14 +431,46 @@ impl Decoder {
             );
             return out;
         }
+        let known = ctx.device.as_deref().and_then(|d| self.devices.get(d));
+        let dtype = ctx
+            .device_type
+            .clone()
+            .or(known.map(|d| d.device_type.clone()));
+        let fw = ctx.firmware.clone().or(known.map(|d| d.firmware.clone()));
+        if let (Some(t), Some(v)) = (&dtype, &fw)
+            && !self.local_type(t)
+            && let Some((label, schema)) = self.registry.protobuf(t, v)
+            && let Some(pb) = crate::schemas::as_protobuf(&schema)
+        {
+            self.protobuf(pb, &label, ctx, payload, received_us, &mut out);
+            return self.finish(out);
+        }
         let value = match parse(format, payload) {
             Ok(v) => v,
             Err(detail) => {
-                out.reject(Reason::Malformed, detail);
+                let text = std::str::from_utf8(payload).is_ok();
+                match &dtype {
+                    Some(t) if !text && format != Format::Text => out.reject(
+                        Reason::NoSchema,
+                        format!(
+                            "{detail}; no schema reads device type {t:?} firmware {:?} (registry set {}): \
+                             register a protobuf schema (POST /v1/payload-schemas), then \
+                             `edge-agent queue replay-dead-letters --reason no_schema`",
+                            fw.as_deref().unwrap_or("?"),
+                            self.registry.version
+                        ),
+                    ),
+                    _ => out.reject(Reason::Malformed, detail),
+                }
                 return out;
             }
         };
         self.interpret(value, ctx, received_us, &mut out, 0);
+        self.finish(out)
+    }
+
+    /// The checks every decoded payload passes.
+    fn finish(&self, mut out: Decoded) -> Decoded {
         within_wire_limits(&mut out);
         if out.readings.len() > MAX_READINGS_PER_PAYLOAD {
             out.readings.clear();
@@ -471,13 +553,136 @@ impl Decoder {
         }
     }
 
-    fn mapping(&self, device: &str, dtype: Option<&str>, fw: Option<&str>) -> Option<&Firmware> {
+    /// The field renames and ignores for a device: `[[firmware]]` where it names the device
+    /// type, else the registry's mapping.
+    fn mapping(
+        &self,
+        device: &str,
+        dtype: Option<&str>,
+        fw: Option<&str>,
+    ) -> Option<(&BTreeMap<String, String>, &[String])> {
         let known = self.devices.get(device);
         let dtype = dtype.or(known.map(|d| d.device_type.as_str()))?;
         let fw = fw.or(known.map(|d| d.firmware.as_str()))?;
-        self.firmware
-            .iter()
-            .find(|f| f.device_type == dtype && version_matches(&f.version, fw))
+        if self.local_type(dtype) {
+            return self
+                .firmware
+                .iter()
+                .find(|f| f.device_type == dtype && version_matches(&f.version, fw))
+                .map(|f: &Firmware| (&f.fields, f.ignore.as_slice()));
+        }
+        match self.registry.find(dtype, fw).map(|(_, c)| &**c) {
+            Some(Compiled::Mapping(m)) => Some((&m.fields, m.ignore.as_slice())),
+            _ => None,
+        }
+    }
+
+    /// A protobuf payload read with a registry schema.
+    fn protobuf(
+        &mut self,
+        pb: &plantlink_schema::Protobuf,
+        label: &str,
+        ctx: &Context,
+        payload: &[u8],
+        received_us: i64,
+        out: &mut Decoded,
+    ) {
+        use plantlink_schema::protobuf::DecodeError;
+        let rec = match pb.decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = match e {
+                    DecodeError::WrongType { .. } => Reason::WrongType,
+                    DecodeError::Missing { .. } | DecodeError::Malformed { .. } => {
+                        Reason::Malformed
+                    }
+                };
+                out.reject(reason, format!("{e} (schema {label})"));
+                return;
+            }
+        };
+        let device = ctx.device.clone().or(rec.device);
+        let Some(device) = check_name(device.as_deref(), Reason::NoDevice, out) else {
+            return;
+        };
+        let ts = match &rec.timestamp {
+            None => self.stamp(&device, received_us),
+            Some(t) => {
+                let v = match t {
+                    plantlink_schema::Scalar::Int(i) => V::Int(*i),
+                    plantlink_schema::Scalar::Float(f) => V::Float(*f),
+                    plantlink_schema::Scalar::Text(s) => V::Str(s.clone()),
+                };
+                match parse_ts(&v, received_us) {
+                    Ok(t) => t,
+                    Err(detail) => {
+                        out.reject(Reason::BadTimestamp, format!("{detail} (schema {label})"));
+                        return;
+                    }
+                }
+            }
+        };
+        for (field, what) in rec.bad_metrics {
+            out.reject(
+                Reason::WrongType,
+                format!("field {field:?} {what} (schema {label})"),
+            );
+        }
+        for (metric, value) in rec.metrics {
+            if let Some(metric) = check_name(Some(&metric), Reason::NoMetric, out) {
+                let r = self.reading(&device, &metric, ts, value, ctx.tags.clone(), rec.sequence);
+                out.readings.push(r);
+            }
+        }
+    }
+
+    /// A message of the Sparkplug B namespace.
+    fn sparkplug_message(&mut self, topic: &str, payload: &[u8], received_us: i64) -> Decoded {
+        let mut out = Decoded::default();
+        if payload.len() > self.max_payload {
+            out.reject(
+                Reason::Oversize,
+                format!(
+                    "payload of {} bytes is over limits.max_payload_bytes = {}",
+                    payload.len(),
+                    self.max_payload
+                ),
+            );
+            return out;
+        }
+        let Some(host) = self.sparkplug.as_mut() else {
+            return out;
+        };
+        let got = host.handle(topic, payload, received_us);
+        out.rejects = got.rejects;
+        out.publish = got.publish;
+        out.skipped = got.skipped;
+        for item in got.items {
+            let Some(device) = check_name(Some(&item.device), Reason::NoDevice, &mut out) else {
+                continue;
+            };
+            let Some(metric) = check_name(Some(&item.metric), Reason::NoMetric, &mut out) else {
+                continue;
+            };
+            let ts = match item.ts_ms {
+                Some(ms) => match parse_ts(&V::Int(i128::from(ms) * 1_000), received_us) {
+                    Ok(t) => t,
+                    Err(detail) => {
+                        out.reject(Reason::BadTimestamp, format!("{device} {metric}: {detail}"));
+                        continue;
+                    }
+                },
+                None => self.stamp(&device, received_us),
+            };
+            let mut tags = Tags::new();
+            if let Some(e) = item.event {
+                tags.insert("event".to_owned(), e.to_owned());
+            }
+            let r = self.reading(&device, &metric, ts, item.value, tags, None);
+            out.readings.push(r);
+        }
+        within_wire_limits(&mut out);
+        out
     }
 
     fn object(
@@ -549,7 +754,7 @@ impl Decoder {
         let mapping = self.mapping(&device, dtype.as_deref(), fw.as_deref());
         let rename = |name: &str| -> String {
             mapping
-                .and_then(|m| m.fields.get(name))
+                .and_then(|m| m.0.get(name))
                 .cloned()
                 .unwrap_or_else(|| name.to_owned())
         };
@@ -599,7 +804,7 @@ impl Decoder {
         }
 
         // Multi-metric: every other field is a metric.
-        let ignored = |k: &str| mapping.is_some_and(|m| m.ignore.iter().any(|i| i == k));
+        let ignored = |k: &str| mapping.is_some_and(|m| m.1.iter().any(|i| i == k));
         let mut readings = Vec::new();
         for (k, v) in rest {
             if ignored(&k) || v == V::Null {
@@ -713,13 +918,6 @@ fn check_name(name: Option<&str>, missing: Reason, out: &mut Decoded) -> Option<
 pub fn name_problem(what: &str, name: &str) -> Option<String> {
     (name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control))
         .then(|| format!("{what} name {name:?} must be 1 to {MAX_NAME} printable characters"))
-}
-
-fn version_matches(pattern: &str, version: &str) -> bool {
-    match pattern.strip_suffix(['x', '*']) {
-        Some(prefix) => version.starts_with(prefix),
-        None => pattern == version,
-    }
 }
 
 fn parse(format: Format, payload: &[u8]) -> Result<V, String> {

@@ -33,6 +33,7 @@
 //! - `pipeline.rs`: `/v1/pipeline/lag`.
 //! - `rules.rs`: `/v1/alert-rules` and `/v1/alert-rules/{id}`.
 //! - `alerts.rs`: `/v1/alerts`.
+//! - `schemas.rs`: `/v1/payload-schemas` and `/v1/payload-schemas/{id}`.
 //!
 //! The handlers hold no SQL: what they run is in [`crate::postgres::queries`].
 
@@ -43,6 +44,7 @@ mod health;
 mod params;
 mod pipeline;
 mod rules;
+mod schemas;
 mod tenant;
 
 use std::collections::BTreeMap;
@@ -69,7 +71,7 @@ use crate::sink::Sink;
 use crate::status::Gateways;
 
 /// The routes the API serves, as written in `deploy/openapi.yaml`.
-pub const ROUTES: [&str; 9] = [
+pub const ROUTES: [&str; 11] = [
     "/healthz",
     "/readyz",
     "/v1/devices/{id}/metrics",
@@ -79,6 +81,8 @@ pub const ROUTES: [&str; 9] = [
     "/v1/alert-rules",
     "/v1/alert-rules/{id}",
     "/v1/alerts",
+    "/v1/payload-schemas",
+    "/v1/payload-schemas/{id}",
 ];
 
 /// The `application_name` of the API's connections, unless `postgres.url` gives one.
@@ -352,6 +356,16 @@ impl App {
                 get(rules::get).put(rules::update).delete(rules::delete),
             )
             .route("/v1/alerts", get(alerts::list))
+            .route(
+                "/v1/payload-schemas",
+                get(schemas::list).post(schemas::create),
+            )
+            .route(
+                "/v1/payload-schemas/{id}",
+                get(schemas::get)
+                    .put(schemas::update)
+                    .delete(schemas::delete),
+            )
             .route_layer(middleware::from_fn_with_state(self.clone(), tenant_turn))
             .route("/healthz", get(health::healthz))
             .route("/readyz", get(health::readyz))

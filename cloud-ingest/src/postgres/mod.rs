@@ -25,6 +25,7 @@ pub mod jobs;
 pub mod maintain;
 pub mod queries;
 pub mod refresh;
+pub mod registry;
 pub mod schema;
 pub mod upgrade;
 

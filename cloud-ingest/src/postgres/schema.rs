@@ -76,6 +76,30 @@ CREATE TABLE IF NOT EXISTS pipeline_offsets (
     updated_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer_group, topic, partition_id)
 );
+-- The payload schema registry (`/v1/payload-schemas`): per tenant, one schema per device
+-- type and firmware pattern, with a revision; `payload_schema_sets.version` grows with every
+-- change of the tenant's schemas and is what gateways are sent and acknowledge
+-- (`gateway_schemas`). Columns added in place: the first release made the table unused.
+ALTER TABLE payload_schemas ADD COLUMN IF NOT EXISTS tenant_id text;
+ALTER TABLE payload_schemas ADD COLUMN IF NOT EXISTS revision integer NOT NULL DEFAULT 1;
+ALTER TABLE payload_schemas ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now();
+ALTER TABLE payload_schemas ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now();
+ALTER TABLE payload_schemas DROP CONSTRAINT IF EXISTS payload_schemas_device_type_firmware_version_key;
+CREATE UNIQUE INDEX IF NOT EXISTS payload_schemas_tenant_type_firmware
+    ON payload_schemas (tenant_id, device_type, firmware_version);
+CREATE TABLE IF NOT EXISTS payload_schema_sets (
+    tenant_id  text        PRIMARY KEY,
+    version    bigint      NOT NULL,
+    changed_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS gateway_schemas (
+    tenant_id   text        NOT NULL,
+    gateway_id  text        NOT NULL,
+    version     bigint      NOT NULL,
+    refused     jsonb       NOT NULL DEFAULT '[]'::jsonb,
+    reported_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, gateway_id)
+);
 -- The alerting group's rebuild point: replaying a partition from here rebuilds its open
 -- windows (it trails committed_offset by the longest rule's span).
 ALTER TABLE pipeline_offsets ADD COLUMN IF NOT EXISTS replay_from bigint;

@@ -61,6 +61,26 @@ use plantlink_wire::frame::Lane;
 use rusqlite::{Connection, OptionalExtension, params};
 
 pub use identity::identity_hash;
+
+/// The schema set stored in a queue file: its version and entries. A stored set that no
+/// longer parses (written by a newer agent) reads as none.
+pub fn schema_set(
+    conn: &Connection,
+) -> rusqlite::Result<Option<(u64, Vec<plantlink_schema::Entry>)>> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        version: u64,
+        schemas: Vec<plantlink_schema::Entry>,
+    }
+    let text: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema_set'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(text
+        .and_then(|t| serde_json::from_str::<Stored>(&t).ok())
+        .map(|s| (s.version, s.schemas)))
+}
 pub use read::{
     DeadLetter, DeviceStats, Quarantined, QueueStats, dead_letters, open_read_only, quarantined,
     stats,
@@ -635,6 +655,28 @@ impl Store {
             }
         }
         Ok((idle_devices.len(), idle_series.len()))
+    }
+
+    /// Stores the schema set from the registry, replacing the one before (in a transaction
+    /// of its own).
+    pub fn save_schema_set(
+        &mut self,
+        version: u64,
+        entries: &[plantlink_schema::Entry],
+    ) -> Result<(), StoreError> {
+        let body = serde_json::json!({ "version": version, "schemas": entries }).to_string();
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_set', ?1)",
+                [body],
+            )
+            .map_err(self.sql_err("storing the schema set"))?;
+        Ok(())
+    }
+
+    /// The schema set last stored: its version and entries.
+    pub fn schema_set(&self) -> Result<Option<(u64, Vec<plantlink_schema::Entry>)>, StoreError> {
+        schema_set(&self.conn).map_err(self.sql_err("reading the schema set"))
     }
 
     /// The connection, for read-only queries such as [`stats`].

@@ -149,6 +149,19 @@ async fn session(
     };
     ask(queue, UplinkRequest::Restart).await?;
     gauge!("plantlink_edge_uplink_connected").set(1.0);
+    // Which schema set is in force: the cloud sends the tenant's if it differs.
+    let in_force = ask(queue, UplinkRequest::SchemasInForce).await?;
+    write_frame(&mut control, &Frame::SchemasApplied(in_force)).await?;
+    let (control_tx, mut control_in) = mpsc::unbounded_channel::<anyhow::Result<Frame>>();
+    tokio::spawn(async move {
+        loop {
+            let f = read_frame(&mut control_rx).await;
+            let stop = f.is_err();
+            if control_tx.send(f).is_err() || stop {
+                break;
+            }
+        }
+    });
     let mut fit = Fit::new(max_batch_bytes);
 
     // One stream per lane; a task per stream forwards what the cloud answers.
@@ -185,6 +198,19 @@ async fn session(
                     in_flight: sched.in_flight() as u32,
                 });
                 write_frame(&mut control, &status).await?;
+            }
+            pushed = control_in.recv() => {
+                match pushed.context("control stream closed")?? {
+                    Frame::Schemas(set) => {
+                        let version = set.version;
+                        let applied = ask(queue, |reply| UplinkRequest::Schemas { set, reply })
+                            .await?
+                            .map_err(anyhow::Error::msg)
+                            .with_context(|| format!("storing schema set {version}"))?;
+                        write_frame(&mut control, &Frame::SchemasApplied(applied)).await?;
+                    }
+                    other => tracing::debug!(frame = ?other, "ignored on the control stream"),
+                }
             }
             answer = answers.recv() => {
                 match answer.context("answer streams closed")?? {

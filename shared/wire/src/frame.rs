@@ -42,6 +42,58 @@ pub enum Frame {
     /// Agent to cloud, on the first stream now and then: the gateway's queue. Added after
     /// the first release at the end of the enum, so older peers decode everything else.
     Status(Status),
+    /// Cloud to agent, on the first stream: the tenant's payload schemas. Sent only to an
+    /// agent that has sent [`Frame::SchemasApplied`] (an older agent never gets one).
+    Schemas(SchemaSet),
+    /// Agent to cloud, on the first stream: the schema set in force and what of it was
+    /// refused. Sent after Welcome (version 0: none yet) and after each [`Frame::Schemas`].
+    SchemasApplied(SchemasApplied),
+}
+
+/// A tenant's payload schemas, as the registry holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaSet {
+    /// The set's version: it grows with every change to the tenant's schemas.
+    pub version: u64,
+    /// Every schema of the tenant.
+    pub schemas: Vec<SchemaEntry>,
+}
+
+/// One payload schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaEntry {
+    /// The registry's id.
+    pub id: i64,
+    /// Its revision.
+    pub revision: i32,
+    /// The device type.
+    pub device_type: String,
+    /// The firmware versions (`2.1.0`, `2.x`).
+    pub firmware_version: String,
+    /// `json`, `cbor` or `protobuf`.
+    pub format: String,
+    /// The definition, as JSON text.
+    pub definition: String,
+}
+
+/// What an agent made of a [`SchemaSet`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemasApplied {
+    /// The version in force (0: none).
+    pub version: u64,
+    /// The schemas that could not be applied: which one, and why.
+    pub refused: Vec<SchemaRefusal>,
+}
+
+/// A schema an agent refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaRefusal {
+    /// The schema's id.
+    pub id: i64,
+    /// Its revision.
+    pub revision: i32,
+    /// Why, naming the field.
+    pub reason: String,
 }
 
 /// What a gateway reports of its queue.
@@ -268,6 +320,25 @@ mod tests {
                 live_waiting: 12,
                 backlog: true,
                 in_flight: 16,
+            }),
+            Frame::Schemas(SchemaSet {
+                version: 3,
+                schemas: vec![SchemaEntry {
+                    id: 1,
+                    revision: 2,
+                    device_type: "th-300".into(),
+                    firmware_version: "3.x".into(),
+                    format: "protobuf".into(),
+                    definition: "{}".into(),
+                }],
+            }),
+            Frame::SchemasApplied(SchemasApplied {
+                version: 3,
+                refused: vec![SchemaRefusal {
+                    id: 1,
+                    revision: 2,
+                    reason: "definition.message: no".into(),
+                }],
             }),
         ]
     }
