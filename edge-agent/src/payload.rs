@@ -927,9 +927,20 @@ fn parse(format: Format, payload: &[u8]) -> Result<V, String> {
             .map_err(|e| format!("not valid JSON: {e}"))
     };
     let cbor = |p: &[u8]| -> Result<V, String> {
-        ciborium::de::from_reader::<ciborium::Value, _>(p)
+        let mut rest = p;
+        let v = ciborium::de::from_reader::<ciborium::Value, _>(&mut rest)
             .map(V::from_cbor)
-            .map_err(|e| format!("not valid CBOR: {e}"))
+            .map_err(|e| format!("not valid CBOR: {e}"))?;
+        // One item and nothing after it: binary payloads of other encodings (protobuf) often
+        // start with bytes that are a CBOR item of their own.
+        if rest.is_empty() {
+            Ok(v)
+        } else {
+            Err(format!(
+                "not valid CBOR: {} bytes after the first item",
+                rest.len()
+            ))
+        }
     };
     let text = |p: &[u8]| -> Result<V, String> {
         std::str::from_utf8(p)

@@ -174,9 +174,21 @@ ensure_timescaledb_files() {
   fi
 }
 
+# protoc, which the payload schema tests compile their .proto files with (as users do), and
+# pysparkplug, the real Sparkplug B edge node the Sparkplug test drives.
+ensure_schema_tools() {
+  command -v protoc >/dev/null || apt_install protobuf-compiler
+  if ! python3 -c 'import pysparkplug' 2>/dev/null; then
+    log "installing pysparkplug==0.6.1 (a Sparkplug B client) from PyPI"
+    python3 -m pip install -q pysparkplug==0.6.1 2>/dev/null \
+      || python3 -m pip install -q --break-system-packages pysparkplug==0.6.1
+  fi
+}
+
 ensure_all_services() {
   ensure_toolchain
   ensure_mosquitto
   ensure_postgres
   ensure_tansu
+  ensure_schema_tools
 }
