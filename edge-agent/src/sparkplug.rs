@@ -381,3 +381,299 @@ fn values(p: &Payload, aliases: &HashMap<u64, (String, u32)>, device: &str, out:
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use plantlink_schema::sparkplug::{Metric, Value, datatype, encode};
+
+    use super::*;
+
+    fn host() -> Host {
+        Host::new(Config {
+            groups: vec!["plant".into()],
+            node: "{group}/{node}".into(),
+            device: "{group}/{node}/{device}".into(),
+            rebirth: true,
+        })
+    }
+
+    fn metric(name: Option<&str>, alias: u64, t: u32, v: Value) -> Metric {
+        Metric {
+            name: name.map(Into::into),
+            alias: Some(alias),
+            datatype: name.map(|_| t),
+            value: Some(v),
+            ..Metric::default()
+        }
+    }
+
+    fn payload(seq: u64, metrics: Vec<Metric>) -> Vec<u8> {
+        encode(&Payload {
+            timestamp: Some(1_767_225_600_000 + seq),
+            metrics,
+            seq: Some(seq),
+            uuid: None,
+            body: None,
+        })
+    }
+
+    fn births(h: &mut Host) {
+        let bd = Metric {
+            name: Some(BD_SEQ.into()),
+            datatype: Some(datatype::INT64),
+            value: Some(Value::Long(3)),
+            ..Metric::default()
+        };
+        let rebirth = Metric {
+            name: Some(REBIRTH_NAME.into()),
+            datatype: Some(datatype::BOOLEAN),
+            value: Some(Value::Boolean(false)),
+            ..Metric::default()
+        };
+        let uptime = metric(Some("uptime"), 1, datatype::UINT64, Value::Long(7));
+        let out = h.handle(
+            "spBv1.0/plant/NBIRTH/line1",
+            &payload(0, vec![bd, rebirth, uptime]),
+            0,
+        );
+        assert!(out.rejects.is_empty(), "{:?}", out.rejects);
+        let names: Vec<(&str, &str, f64)> = out
+            .items
+            .iter()
+            .map(|i| (i.device.as_str(), i.metric.as_str(), i.value))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("plant/line1", "online", 1.0),
+                ("plant/line1", "uptime", 7.0)
+            ]
+        );
+        let out = h.handle(
+            "spBv1.0/plant/DBIRTH/line1/press",
+            &payload(
+                1,
+                vec![
+                    metric(
+                        Some("temperature"),
+                        10,
+                        datatype::DOUBLE,
+                        Value::Double(20.5),
+                    ),
+                    metric(Some("offset"), 11, datatype::INT16, Value::Int(0xfffb)),
+                    metric(
+                        Some("state"),
+                        12,
+                        datatype::STRING,
+                        Value::String("run".into()),
+                    ),
+                ],
+            ),
+            0,
+        );
+        assert_eq!(out.items.len(), 3, "{:?}", out.items);
+        assert_eq!(out.skipped, ["String"]);
+        assert_eq!(out.items[2].value, -5.0);
+    }
+
+    const REBIRTH_NAME: &str = plantlink_schema::sparkplug::REBIRTH;
+
+    fn data(seq: u64, temp: f64) -> Vec<u8> {
+        payload(
+            seq,
+            vec![
+                metric(None, 10, 0, Value::Double(temp)),
+                metric(None, 11, 0, Value::Int(3)),
+            ],
+        )
+    }
+
+    #[test]
+    fn alias_only_data_is_named_from_birth() {
+        let mut h = host();
+        births(&mut h);
+        let out = h.handle("spBv1.0/plant/DDATA/line1/press", &data(2, 21.5), 10);
+        assert!(
+            out.rejects.is_empty() && out.publish.is_none(),
+            "{:?}",
+            out.rejects
+        );
+        let got: Vec<(&str, &str, f64, Option<u64>)> = out
+            .items
+            .iter()
+            .map(|i| (i.device.as_str(), i.metric.as_str(), i.value, i.ts_ms))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "plant/line1/press",
+                    "temperature",
+                    21.5,
+                    Some(1_767_225_600_002)
+                ),
+                ("plant/line1/press", "offset", 3.0, Some(1_767_225_600_002))
+            ]
+        );
+        // The same seq again (a redelivery) is read again; the next one is fine too.
+        assert!(
+            h.handle("spBv1.0/plant/DDATA/line1/press", &data(2, 21.5), 11)
+                .rejects
+                .is_empty()
+        );
+        assert!(
+            h.handle("spBv1.0/plant/DDATA/line1/press", &data(3, 21.6), 12)
+                .rejects
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn an_unknown_node_is_asked_for_a_rebirth_once_per_interval() {
+        let mut h = host();
+        let out = h.handle("spBv1.0/plant/DDATA/line1/press", &data(9, 21.5), 0);
+        assert_eq!(out.rejects[0].reason, Reason::UnknownAlias);
+        assert!(
+            out.rejects[0].detail.contains("plant/line1/press"),
+            "{}",
+            out.rejects[0].detail
+        );
+        let (topic, body) = out.publish.unwrap();
+        assert_eq!(topic, "spBv1.0/plant/NCMD/line1");
+        let req = sparkplug::decode(&body).unwrap();
+        assert_eq!(req.metrics[0].name.as_deref(), Some(REBIRTH_NAME));
+        let again = h.handle(
+            "spBv1.0/plant/DDATA/line1/press",
+            &data(10, 21.5),
+            1_000_000,
+        );
+        assert!(
+            again.publish.is_none(),
+            "asked again within {REBIRTH_EVERY_US} µs"
+        );
+        let later = h.handle(
+            "spBv1.0/plant/DDATA/line1/press",
+            &data(11, 21.5),
+            REBIRTH_EVERY_US,
+        );
+        assert!(later.publish.is_some());
+        // The rebirth arrives: data is read again.
+        births(&mut h);
+        assert!(
+            h.handle(
+                "spBv1.0/plant/DDATA/line1/press",
+                &data(2, 21.5),
+                REBIRTH_EVERY_US + 1
+            )
+            .rejects
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_seq_gap_is_not_guessed_at_until_the_rebirth() {
+        let mut h = host();
+        births(&mut h);
+        let out = h.handle("spBv1.0/plant/DDATA/line1/press", &data(4, 21.5), 0);
+        assert_eq!(out.rejects[0].reason, Reason::SeqGap);
+        assert!(
+            out.rejects[0].detail.contains("seq 4, expected 2"),
+            "{}",
+            out.rejects[0].detail
+        );
+        assert!(out.publish.is_some());
+        // In order again, but the rebirth is awaited: still dead-lettered.
+        let out = h.handle("spBv1.0/plant/DDATA/line1/press", &data(5, 21.5), 10);
+        assert_eq!(out.rejects[0].reason, Reason::SeqGap);
+        births(&mut h);
+        assert!(
+            h.handle("spBv1.0/plant/DDATA/line1/press", &data(2, 21.5), 20)
+                .rejects
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn an_alias_no_birth_assigned_is_refused() {
+        let mut h = host();
+        births(&mut h);
+        let bad = payload(2, vec![metric(None, 99, 0, Value::Double(1.0))]);
+        let out = h.handle("spBv1.0/plant/DDATA/line1/press", &bad, 0);
+        assert_eq!(out.rejects[0].reason, Reason::UnknownAlias);
+        assert!(
+            out.rejects[0].detail.contains("alias 99"),
+            "{}",
+            out.rejects[0].detail
+        );
+        let out = h.handle("spBv1.0/plant/DDATA/line1/oven", &data(3, 1.0), 0);
+        assert_eq!(
+            out.rejects[0].reason,
+            Reason::SeqGap,
+            "awaiting the rebirth"
+        );
+    }
+
+    #[test]
+    fn death_marks_node_and_devices_offline_and_an_old_will_is_ignored() {
+        let mut h = host();
+        births(&mut h);
+        let will = |bd: u64| {
+            encode(&Payload {
+                timestamp: Some(1_767_225_601_000),
+                metrics: vec![Metric {
+                    name: Some(BD_SEQ.into()),
+                    datatype: Some(datatype::INT64),
+                    value: Some(Value::Long(bd)),
+                    ..Metric::default()
+                }],
+                ..Payload::default()
+            })
+        };
+        let old = h.handle("spBv1.0/plant/NDEATH/line1", &will(2), 0);
+        assert!(old.nothing && old.items.is_empty());
+        let out = h.handle("spBv1.0/plant/NDEATH/line1", &will(3), 0);
+        let got: Vec<(&str, f64, Option<&str>)> = out
+            .items
+            .iter()
+            .map(|i| (i.device.as_str(), i.value, i.event))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("plant/line1", 0.0, Some("death")),
+                ("plant/line1/press", 0.0, Some("death"))
+            ]
+        );
+        // Dead: its data waits for a birth.
+        let out = h.handle("spBv1.0/plant/DDATA/line1/press", &data(2, 1.0), 0);
+        assert_eq!(out.rejects[0].reason, Reason::UnknownAlias);
+        // DDEATH of one device.
+        births(&mut h);
+        let out = h.handle("spBv1.0/plant/DDEATH/line1/press", &payload(2, vec![]), 0);
+        assert_eq!(
+            (out.items[0].metric.as_str(), out.items[0].value),
+            ("online", 0.0)
+        );
+    }
+
+    #[test]
+    fn state_commands_and_bad_topics() {
+        let mut h = host();
+        assert!(
+            h.handle("spBv1.0/STATE/scada", b"{\"online\": true}", 0)
+                .nothing
+        );
+        assert!(
+            h.handle(
+                "spBv1.0/plant/NCMD/line1",
+                &sparkplug::rebirth_request(0),
+                0
+            )
+            .nothing
+        );
+        let out = h.handle("spBv1.0/plant/DDATA/line1", &data(1, 1.0), 0);
+        assert_eq!(out.rejects[0].reason, Reason::NoTemplate);
+        let out = h.handle("spBv1.0/plant/NDATA/line1", &[0xff, 0xff, 0xff], 0);
+        assert_eq!(out.rejects[0].reason, Reason::Malformed);
+    }
+}

@@ -22,7 +22,9 @@
 //!   the first window where it does not. Windows with no readings are not evaluated (silence
 //!   is what absence rules are for).
 //! - **Absence.** A rule of kind absence fires for a selected device that has sent no live
-//!   reading for its `seconds` of processing time, and resolves at its next reading.
+//!   reading for its `seconds` of processing time, and resolves at its next reading. A
+//!   death certificate ([`is_death`]: a Sparkplug B NDEATH or DDEATH) makes it fire at the
+//!   next tick instead.
 //! - **Bounded, per tenant.** Only windows of rules are kept, and only until they pass the
 //!   lateness; idle series go. Each tenant has its own caps ([`Settings`]): at most
 //!   `max_rules_per_tenant` rules are active (the first by id; the others are counted in
@@ -278,6 +280,16 @@ struct Seen {
     last_ts: i64,
     tags: BTreeMap<String, String>,
     absent: HashSet<i64>, // absence rules firing for it
+    /// Its last reading was a death certificate ([`is_death`]): absence rules fire at once.
+    stale: bool,
+}
+
+/// A reading that says its device went away: `online` = 0 tagged `event = death`, as the
+/// agent writes for a Sparkplug B NDEATH or DDEATH.
+pub fn is_death(r: &Reading) -> bool {
+    r.metric == "online"
+        && r.value == 0.0
+        && r.tags.get("event").map(String::as_str) == Some("death")
 }
 
 /// A device: live and backfill tracks, and what absence rules need.
@@ -420,6 +432,7 @@ impl Engine {
                         last_ts: long_ago,
                         tags: BTreeMap::new(),
                         absent: HashSet::new(),
+                        stale: false,
                     })
                     .absent
                     .insert(rule_id);
@@ -623,7 +636,7 @@ impl Engine {
                         continue;
                     }
                     let silent_us = now_us - seen.last_arrival;
-                    if silent_us >= i64::from(seconds) * 1_000_000 {
+                    if seen.stale || silent_us >= i64::from(seconds) * 1_000_000 {
                         seen.absent.insert(rule.id);
                         out.push(Output::Alert(AlertEvent {
                             rule_id: rule.id,
@@ -706,12 +719,24 @@ fn heard_from(
     now_us: i64,
     out: &mut Vec<Output>,
 ) {
+    let death = is_death(r);
     let seen = d.seen.get_or_insert_with(|| Seen {
         last_arrival: now_us,
         last_ts: clock_ts,
-        tags: r.tags.clone(),
+        tags: if death {
+            BTreeMap::new()
+        } else {
+            r.tags.clone()
+        },
         absent: HashSet::new(),
+        stale: false,
     });
+    if death {
+        // Silent from now on, by its own word: absence rules need not wait out their time.
+        seen.stale = true;
+        return;
+    }
+    seen.stale = false;
     seen.last_arrival = now_us;
     seen.last_ts = seen.last_ts.max(clock_ts);
     if seen.tags != r.tags {

@@ -722,3 +722,80 @@ proptest! {
         prop_assert!(alone.rule_visits() <= expected_visits + 3 * 20);
     }
 }
+
+#[test]
+fn a_death_certificate_fires_absence_at_the_next_tick_and_a_birth_resolves_it() {
+    let mut e = engine(vec![absence_rule(4, "acme", 600)]);
+    let mut out = at(
+        &mut e,
+        "acme",
+        "plant/line1/press",
+        "temperature",
+        100 * S,
+        20.0,
+    );
+    e.on_tick(101 * S, &mut out);
+    assert!(alerts(&out).is_empty());
+    // `online` = 0 with event=death: silent by its own word.
+    let mut death = Reading::new(
+        "acme",
+        "plant/line1/press",
+        "online",
+        Timestamp(102 * S),
+        0.0,
+    );
+    death.tags.insert("event".into(), "death".into());
+    assert!(is_death(&death));
+    e.on_reading(
+        Input {
+            tenant: "acme",
+            reading: &death,
+            backfill: false,
+        },
+        102 * S,
+        &mut out,
+    );
+    assert!(alerts(&out).is_empty(), "the death itself is no alert");
+    e.on_tick(103 * S, &mut out);
+    e.on_tick(104 * S, &mut out); // once
+    let states: Vec<AlertState> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Alert(a) => Some(a.state),
+            Output::Late { .. } => None,
+        })
+        .collect();
+    assert_eq!(states, vec![AlertState::Firing]);
+    // A death of a device never heard from also counts; a zero without the tag does not.
+    let mut zero = Reading::new("acme", "other", "online", Timestamp(102 * S), 0.0);
+    assert!(!is_death(&zero));
+    zero.tags.insert("event".into(), "birth".into());
+    assert!(!is_death(&zero));
+    // The birth (online = 1) resolves it.
+    out.clear();
+    let mut birth = Reading::new(
+        "acme",
+        "plant/line1/press",
+        "online",
+        Timestamp(110 * S),
+        1.0,
+    );
+    birth.tags.insert("event".into(), "birth".into());
+    e.on_reading(
+        Input {
+            tenant: "acme",
+            reading: &birth,
+            backfill: false,
+        },
+        110 * S,
+        &mut out,
+    );
+    let states: Vec<AlertState> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Alert(a) => Some(a.state),
+            Output::Late { .. } => None,
+        })
+        .collect();
+    assert_eq!(states, vec![AlertState::Resolved]);
+}
