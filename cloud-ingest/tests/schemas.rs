@@ -390,6 +390,36 @@ async fn schemas_reach_gateways_and_decode_protobuf() {
         20
     );
 
+    // The messages refused as `no_schema` before, replayed on demand (what `edge-agent
+    // queue replay-dead-letters --reason no_schema` does) while the agent runs: they land
+    // too, once, and are no longer dead letters.
+    let queue = d.0.join("queue.db");
+    assert_eq!(
+        edge_agent::store::mark_for_replay(&queue, "no_schema").unwrap(),
+        (3, 0)
+    );
+    until_count(
+        &pgc,
+        "SELECT count(*) FROM raw_metrics WHERE device_id = 'th-a'",
+        9,
+        30,
+    )
+    .await;
+    let start = Instant::now();
+    loop {
+        let conn = edge_agent::store::open_read_only(&queue).unwrap();
+        let letters = edge_agent::store::dead_letters(&conn, 100).unwrap();
+        if !letters.iter().any(|l| l.reason == "no_schema") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{letters:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        edge_agent::store::mark_for_replay(&queue, "no_schema").unwrap(),
+        (0, 0)
+    );
+
     // A schema the gateway cannot apply, put behind the API's back: refused by the gateway
     // with its reason, shown per gateway; th-300 and JSON go on decoding.
     pgc.batch_execute(
@@ -457,7 +487,6 @@ async fn schemas_reach_gateways_and_decode_protobuf() {
         .await;
     }
     // Stored in the queue under the old names (the cloud is unreachable).
-    let queue = d.0.join("queue.db");
     let start = Instant::now();
     loop {
         let conn = edge_agent::store::open_read_only(&queue).unwrap();

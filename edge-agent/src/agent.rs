@@ -109,6 +109,21 @@ pub async fn run_until(
     } else {
         tracing::info!("no [uplink]: collecting and storing only");
     }
+    // The writer looks for dead letters marked for replay when it wakes; wake it now and
+    // then when nothing arrives.
+    {
+        let tx = tx.clone();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { let _ = tx.try_send(crate::ingest::Command::Wake); }
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
+        });
+    }
     let systemd = Notifier::from_env().map(std::sync::Arc::new);
     if let Some(n) = &systemd {
         n.notify("READY=1\nSTATUS=collecting");

@@ -20,6 +20,11 @@ use crate::store::{Insert, Store, StoreError};
 /// Most messages in one commit.
 pub const MAX_GROUP: usize = 4096;
 
+/// How often dead letters marked for replay are looked for.
+const REPLAY_EVERY: Duration = Duration::from_secs(1);
+/// Most dead letters replayed in one commit.
+const REPLAY_GROUP: usize = 512;
+
 /// How often devices and series without readings are looked for.
 const STATE_PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long a device or series goes without readings before its row is pruned.
@@ -290,6 +295,10 @@ struct Writer {
     last_prune: Instant,
     last_state_prune: Instant,
     confirmed: mpsc::UnboundedReceiver<Vec<i64>>,
+    /// When dead letters marked for replay were last looked for.
+    last_replay: Instant,
+    /// The dead letters the group being committed replays.
+    replaying: Vec<i64>,
 }
 
 impl Writer {
@@ -310,6 +319,8 @@ impl Writer {
             last_gauges: None,
             last_prune: Instant::now(),
             last_state_prune: Instant::now(),
+            last_replay: Instant::now(),
+            replaying: Vec::new(),
         }
     }
 
@@ -344,6 +355,9 @@ impl Writer {
                         Err(_) => break 'gather,
                     }
                 }
+            }
+            if self.last_replay.elapsed() >= REPLAY_EVERY {
+                self.replay();
             }
             if group.is_empty() {
                 continue;
@@ -418,6 +432,62 @@ impl Writer {
             }
             UplinkRequest::SchemasInForce(reply) => {
                 let _ = reply.send(applied(self.decoder.registry()));
+            }
+        }
+    }
+
+    /// Decodes the dead letters marked for replay (`edge-agent queue replay-dead-letters`)
+    /// again, with the schemas in force now, in one transaction with forgetting them: each
+    /// becomes readings, or a dead letter again (with its new reason). MQTT ones only:
+    /// a CoAP request's path context is not kept, nor a payload cut at 4 KiB.
+    fn replay(&mut self) {
+        self.last_replay = Instant::now();
+        let pending = match self.store.replay_pending(REPLAY_GROUP) {
+            Ok(p) if p.is_empty() => return,
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the dead letters to replay");
+                return;
+            }
+        };
+        let mut group = Vec::with_capacity(pending.len());
+        let mut skipped = 0usize;
+        self.replaying = pending.iter().map(|d| d.id).collect();
+        for d in pending {
+            if d.source != Source::Mqtt.as_str() || d.size as usize > d.payload.len() {
+                skipped += 1;
+                continue;
+            }
+            group.push(Message {
+                source: Source::Mqtt,
+                origin: d.origin,
+                context: None,
+                format: Format::Auto,
+                payload: bytes_like::Payload::Owned(d.payload),
+                received_us: d.received_us,
+                redelivery: None,
+                done: Completion::None,
+            });
+        }
+        self.decoder.set_replay(true);
+        let result = self.commit_group(&group);
+        self.decoder.set_replay(false);
+        let replayed = std::mem::take(&mut self.replaying).len();
+        match result {
+            Ok(outcomes) => {
+                let stored: usize = outcomes.iter().map(|o| o.stored).sum();
+                let again = outcomes.iter().filter(|o| !o.rejects.is_empty()).count();
+                counter!("plantlink_edge_dead_letters_replayed_total").increment(replayed as u64);
+                tracing::info!(
+                    replayed,
+                    readings_stored = stored,
+                    dead_letters_again = again,
+                    not_replayable = skipped,
+                    "replayed dead letters"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "replaying dead letters failed; they stay marked");
             }
         }
     }
@@ -518,6 +588,14 @@ impl Writer {
                 tracing::info!(topic = %p.0, "asked a Sparkplug B node for a rebirth");
                 let _ = tx.send(p);
             }
+            for topic in decoded.replay.drain(..) {
+                let n = self
+                    .store
+                    .mark_replay(&topic, &["unknown_alias", "seq_gap"])?;
+                if n > 0 {
+                    tracing::info!(%topic, dead_letters = n, "a Sparkplug B birth names what was refused before it; replaying");
+                }
+            }
             for t in decoded.skipped.drain(..) {
                 counter!("plantlink_edge_sparkplug_metrics_skipped_total", "datatype" => t)
                     .increment(1);
@@ -591,6 +669,9 @@ impl Writer {
             }
             outcome.rejects = decoded.rejects;
             outcomes.push(outcome);
+        }
+        if !self.replaying.is_empty() {
+            self.store.replayed(&self.replaying)?;
         }
         let evictions = self.store.commit()?;
 

@@ -1,7 +1,7 @@
 //! The `edge-agent` command line.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -92,6 +92,19 @@ enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Decodes dead letters of one reason again, with the schemas in force now: e.g. the
+    /// protobuf messages refused as `no_schema` before their schema reached the gateway.
+    /// Works while the agent runs (it replays within a second) or not (it replays when it
+    /// starts). Each becomes readings, or a dead letter again with its new reason. MQTT
+    /// messages only, and only those whose whole payload was kept (up to 4 KiB).
+    ReplayDeadLetters {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The reason label, as `queue dead-letters` shows it: no_schema, unknown_alias,
+        /// seq_gap, wrong_type, malformed, ...
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -137,6 +150,17 @@ fn main() -> anyhow::Result<()> {
                 println!("dead letters {}", s.dead_letters);
                 println!("quarantined {}", s.quarantined);
                 println!("evicted     {}", s.evicted);
+                if s.schema_set_version > 0 {
+                    println!(
+                        "schema set  version {} ({} schemas from the registry)",
+                        s.schema_set_version, s.schemas
+                    );
+                } else {
+                    println!("schema set  none received yet");
+                }
+                if s.replay_pending > 0 {
+                    println!("replaying   {} dead letters pending", s.replay_pending);
+                }
                 match s.oldest_ts {
                     Some(ts) => println!("oldest      {}", rfc3339(ts)),
                     None => println!("oldest      -"),
@@ -155,6 +179,9 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Queue(QueueCommand::ReplayDeadLetters { config, reason }) => {
+            replay(&config.config, &reason)
         }
         Command::Queue(QueueCommand::DeadLetters {
             config,
@@ -212,6 +239,28 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn replay(config: &Path, reason: &str) -> anyhow::Result<()> {
+    let cfg = Config::load(config)?;
+    let known: Vec<&str> = payload::Reason::ALL.iter().map(|r| r.as_str()).collect();
+    anyhow::ensure!(
+        known.contains(&reason),
+        "--reason {reason:?} is not a dead-letter reason; use one of: {}",
+        known.join(", ")
+    );
+    let _ = open_queue(&cfg)?;
+    let (marked, cannot) = store::mark_for_replay(&cfg.store.path, reason)
+        .with_context(|| format!("marking dead letters in {}", cfg.store.path.display()))?;
+    println!(
+        "{marked} dead letter(s) of reason {reason} marked for replay; a running agent replays them within a second, a stopped one when it starts (`edge-agent queue stats` shows what is pending)"
+    );
+    if cannot > 0 {
+        println!(
+            "{cannot} cannot be replayed: CoAP requests, or payloads over 4 KiB (only their first bytes were kept)"
+        );
+    }
+    Ok(())
 }
 
 fn open_queue(cfg: &Config) -> anyhow::Result<rusqlite::Connection> {

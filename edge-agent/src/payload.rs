@@ -135,6 +135,9 @@ pub struct Decoded {
     pub publish: Option<(String, Vec<u8>)>,
     /// Sparkplug B metrics skipped as not numbers, by data type.
     pub skipped: Vec<&'static str>,
+    /// Topics whose Sparkplug B dead letters (`unknown_alias`, `seq_gap`) to replay, now
+    /// that a BIRTH names their aliases.
+    pub replay: Vec<String>,
 }
 
 impl Decoded {
@@ -320,6 +323,14 @@ impl Decoder {
     /// Decodes with `registry` from now on (the schema set pushed from the cloud).
     pub fn set_registry(&mut self, registry: Registry) {
         self.registry = registry;
+    }
+
+    /// Replaying dead letters: Sparkplug B messages are read with the names known now, not
+    /// checked against the sequence, and never ask for a rebirth.
+    pub fn set_replay(&mut self, on: bool) {
+        if let Some(h) = &mut self.sparkplug {
+            h.set_replay(on);
+        }
     }
 
     /// The schema set in force.
@@ -657,6 +668,7 @@ impl Decoder {
         out.rejects = got.rejects;
         out.publish = got.publish;
         out.skipped = got.skipped;
+        out.replay = got.replay;
         for item in got.items {
             let Some(device) = check_name(Some(&item.device), Reason::NoDevice, &mut out) else {
                 continue;

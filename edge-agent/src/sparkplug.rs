@@ -59,6 +59,9 @@ pub struct Output {
     pub skipped: Vec<&'static str>,
     /// The message carries nothing to store and nothing wrong (STATE, commands).
     pub nothing: bool,
+    /// Topics whose `unknown_alias` and `seq_gap` dead letters to read again, now that a
+    /// BIRTH names their aliases.
+    pub replay: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -69,6 +72,11 @@ struct Node {
     awaiting: bool,
     /// When the last rebirth was asked for.
     asked_us: Option<i64>,
+    /// Messages of this node were dead-lettered for want of a birth: its next NBIRTH marks
+    /// them for replay.
+    refused: bool,
+    /// Set by an NBIRTH after refusals: the DBIRTHs that follow mark their devices'.
+    replay_devices: bool,
     bd_seq: Option<u64>,
     seq: Option<u8>,
     aliases: HashMap<u64, (String, u32)>,
@@ -87,6 +95,8 @@ struct Aliases {
 pub struct Host {
     cfg: Config,
     nodes: HashMap<(String, String), Node>,
+    /// Reading dead letters again: no sequence checks, no rebirth requests, no state change.
+    replay: bool,
 }
 
 impl Host {
@@ -95,7 +105,13 @@ impl Host {
         Self {
             cfg,
             nodes: HashMap::new(),
+            replay: false,
         }
+    }
+
+    /// Replays dead letters (see [`Host::replay`]).
+    pub fn set_replay(&mut self, on: bool) {
+        self.replay = on;
     }
 
     /// Nodes currently known as born.
@@ -128,15 +144,15 @@ impl Host {
                 return out;
             }
         };
-        if self.nodes.len() >= MAX_NODES && !self.nodes.contains_key(&key(&t)) {
-            if let Some(oldest) = self
+        if self.nodes.len() >= MAX_NODES
+            && !self.nodes.contains_key(&key(&t))
+            && let Some(oldest) = self
                 .nodes
                 .iter()
                 .min_by_key(|(_, n)| n.last_heard_us)
                 .map(|(k, _)| k.clone())
-            {
-                self.nodes.remove(&oldest);
-            }
+        {
+            self.nodes.remove(&oldest);
         }
         let node_id = render(&self.cfg.node, t.group, t.node, None);
         let device_id = t
@@ -150,7 +166,13 @@ impl Host {
         };
         match t.kind {
             Kind::NBirth => {
+                if node.refused && !self.replay {
+                    out.replay
+                        .push(Topic::render(t.group, Kind::NData, t.node, None));
+                }
+                let replay_devices = node.refused && !self.replay;
                 *node = Node {
+                    replay_devices,
                     born: true,
                     last_heard_us: now_us,
                     bd_seq: p
@@ -199,9 +221,14 @@ impl Host {
         }
         // Everything else continues the node's sequence.
         let rebirth = self.cfg.rebirth;
+        let replay = self.replay;
         let refuse = |node: &mut Node, out: &mut Output, reason: Reason, detail: String| {
-            node.awaiting = true;
             reject(out, reason, detail);
+            if replay {
+                return;
+            }
+            node.awaiting = true;
+            node.refused = true;
             if rebirth && node.asked_us.is_none_or(|t| now_us - t >= REBIRTH_EVERY_US) {
                 node.asked_us = Some(now_us);
                 out.publish = Some((
@@ -219,7 +246,7 @@ impl Host {
             refuse(node, &mut out, Reason::UnknownAlias, detail);
             return out;
         }
-        if node.awaiting {
+        if node.awaiting && !replay {
             let detail = format!(
                 "{} from node {} while its rebirth is awaited (after a seq gap or an unknown alias)",
                 t.kind.as_str(),
@@ -228,7 +255,7 @@ impl Host {
             refuse(node, &mut out, Reason::SeqGap, detail);
             return out;
         }
-        if let (Some(last), Some(seq)) = (node.seq, p.seq) {
+        if let (false, Some(last), Some(seq)) = (replay, node.seq, p.seq) {
             let want = last.wrapping_add(1);
             // The same seq again is a redelivery (or a retried commit): read again, and
             // the queue's dedupe drops what it already holds.
@@ -242,7 +269,9 @@ impl Host {
                 return out;
             }
         }
-        node.seq = p.seq.map(|s| s as u8).or(node.seq);
+        if !replay {
+            node.seq = p.seq.map(|s| s as u8).or(node.seq);
+        }
         let (Some(device), Some(device_id)) = (t.device, device_id.as_deref()) else {
             // NDATA.
             if let Some(alias) = unknown_alias(&p, &node.aliases) {
@@ -262,6 +291,12 @@ impl Host {
                 d.born = true;
                 d.aliases.clear();
                 births(&p, &mut d.aliases);
+                if node.replay_devices && !self.replay {
+                    for k in [Kind::DData, Kind::DDeath] {
+                        out.replay
+                            .push(Topic::render(t.group, k, t.node, Some(device)));
+                    }
+                }
                 out.items.push(online(device_id, p.timestamp, 1.0, "birth"));
                 values(&p, &d.aliases, device_id, &mut out);
             }

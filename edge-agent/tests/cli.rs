@@ -101,3 +101,88 @@ device = "{line}-{device}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn replay_dead_letters_marks_what_can_be_replayed_and_names_bad_reasons() {
+    let dir = std::env::temp_dir().join(format!("plantlink-cli-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nid = \"gw\"\n[store]\npath = \"{}\"\n",
+            dir.join("queue.db").display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+            .arg("queue")
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .expect("run edge-agent");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = run(&["replay-dead-letters", "--reason", "no_schema"]);
+    assert!(!ok && err.contains("does not exist yet"), "{err}");
+    {
+        let config = edge_agent::config::Config::load(&cfg).unwrap();
+        let mut store =
+            edge_agent::store::Store::open(edge_agent::store::Options::from_config(&config))
+                .unwrap();
+        store.begin(1).unwrap();
+        for (source, origin) in [
+            ("mqtt", "plant/a"),
+            ("mqtt", "plant/b"),
+            ("coap", "[::1]:5 /c"),
+        ] {
+            store
+                .dead_letter(1, source, origin, "no_schema", "no schema", b"\x0a\x01", 2)
+                .unwrap();
+        }
+        store
+            .dead_letter(
+                1,
+                "mqtt",
+                "plant/big",
+                "no_schema",
+                "no schema",
+                b"\x0a",
+                9000,
+            )
+            .unwrap();
+        store.commit().unwrap();
+    }
+    let (ok, _, err) = run(&["replay-dead-letters", "--reason", "no-schema"]);
+    assert!(
+        !ok && err.contains("no_schema, unknown_alias, seq_gap"),
+        "{err}"
+    );
+    let (ok, out, err) = run(&["replay-dead-letters", "--reason", "no_schema"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("2 dead letter(s) of reason no_schema marked"),
+        "{out}"
+    );
+    assert!(out.contains("2 cannot be replayed"), "{out}");
+    let (ok, out, _) = run(&["stats"]);
+    assert!(ok);
+    assert!(out.contains("replaying   2 dead letters pending"), "{out}");
+    assert!(out.contains("schema set  none received yet"), "{out}");
+    let (_, json, _) = run(&["stats", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        (
+            v["replay_pending"].as_u64(),
+            v["schema_set_version"].as_u64()
+        ),
+        (Some(2), Some(0))
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

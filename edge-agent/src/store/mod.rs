@@ -62,6 +62,27 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 pub use identity::identity_hash;
 
+/// Marks every dead letter of `reason` that kept its whole payload (MQTT ones: a CoAP
+/// request's path is not kept) for replay by the agent; returns how many were marked and
+/// how many cannot be replayed. A running agent replays them within a second, a stopped
+/// one when it starts.
+pub fn mark_for_replay(path: &Path, reason: &str) -> rusqlite::Result<(usize, usize)> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS replay_requests (id INTEGER PRIMARY KEY)")?;
+    let marked = conn.execute(
+        "INSERT OR IGNORE INTO replay_requests (id)
+         SELECT id FROM dead_letters WHERE reason = ?1 AND source = 'mqtt' AND size <= length(payload)",
+        [reason],
+    )?;
+    let cannot: i64 = conn.query_row(
+        "SELECT count(*) FROM dead_letters WHERE reason = ?1 AND NOT (source = 'mqtt' AND size <= length(payload))",
+        [reason],
+        |r| r.get(0),
+    )?;
+    Ok((marked, cannot as usize))
+}
+
 /// The schema set stored in a queue file: its version and entries. A stored set that no
 /// longer parses (written by a newer agent) reads as none.
 pub fn schema_set(
@@ -118,6 +139,7 @@ CREATE TABLE IF NOT EXISTS seen1 (h INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS mqtt_msgs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, pkid INTEGER NOT NULL, hash INTEGER NOT NULL,
     UNIQUE (pkid, hash));
+CREATE TABLE IF NOT EXISTS replay_requests (id INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, received_us INTEGER NOT NULL, source TEXT NOT NULL,
     origin TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL,
@@ -677,6 +699,69 @@ impl Store {
     /// The schema set last stored: its version and entries.
     pub fn schema_set(&self) -> Result<Option<(u64, Vec<plantlink_schema::Entry>)>, StoreError> {
         schema_set(&self.conn).map_err(self.sql_err("reading the schema set"))
+    }
+
+    /// Dead letters marked for replay (`edge-agent queue replay-dead-letters`), oldest first.
+    pub fn replay_pending(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT d.id, d.received_us, d.source, d.origin, d.reason, d.detail, d.size, d.payload
+                 FROM replay_requests r JOIN dead_letters d ON d.id = r.id ORDER BY d.id LIMIT ?1",
+            )
+            .and_then(|mut s| {
+                s.query_map([limit as i64], |r| {
+                    Ok(DeadLetter {
+                        id: r.get(0)?,
+                        received_us: r.get(1)?,
+                        source: r.get(2)?,
+                        origin: r.get(3)?,
+                        reason: r.get(4)?,
+                        detail: r.get(5)?,
+                        size: r.get::<_, i64>(6)? as u64,
+                        payload: r.get(7)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(self.sql_err("reading dead letters to replay"))
+    }
+
+    /// Marks the dead letters of `origin` with one of `reasons` for replay; returns how many.
+    pub fn mark_replay(&mut self, origin: &str, reasons: &[&str]) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for reason in reasons {
+            n += self
+                .conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO replay_requests (id)
+                     SELECT id FROM dead_letters WHERE origin = ?1 AND reason = ?2",
+                )
+                .and_then(|mut s| s.execute([origin, reason]))
+                .map_err(self.sql_err("marking dead letters for replay"))?;
+        }
+        Ok(n)
+    }
+
+    /// Forgets replayed dead letters and their requests (in the open transaction), and
+    /// requests whose dead letter is gone.
+    pub fn replayed(&mut self, ids: &[i64]) -> Result<(), StoreError> {
+        for id in ids {
+            self.conn
+                .prepare_cached("DELETE FROM dead_letters WHERE id = ?1")
+                .and_then(|mut s| s.execute([id]))
+                .map_err(self.sql_err("forgetting a replayed dead letter"))?;
+            self.conn
+                .prepare_cached("DELETE FROM replay_requests WHERE id = ?1")
+                .and_then(|mut s| s.execute([id]))
+                .map_err(self.sql_err("forgetting a replayed dead letter"))?;
+        }
+        self.conn
+            .execute(
+                "DELETE FROM replay_requests WHERE id NOT IN (SELECT id FROM dead_letters)",
+                [],
+            )
+            .map_err(self.sql_err("forgetting replay requests"))?;
+        Ok(())
     }
 
     /// The connection, for read-only queries such as [`stats`].

@@ -26,6 +26,13 @@ pub struct QueueStats {
     pub oldest_ts: Option<i64>,
     /// Readings evicted over the queue's life.
     pub evicted: u64,
+    /// The payload schema set in force (pushed from the cloud's registry): its version, 0
+    /// when none was received.
+    pub schema_set_version: u64,
+    /// How many schemas the set holds.
+    pub schemas: usize,
+    /// Dead letters marked for replay and not replayed yet.
+    pub replay_pending: u64,
     /// Per-device figures, most readings first (devices pruned when idle are gone from
     /// here, and their evictions counted in `evicted` only).
     pub per_device: Vec<DeviceStats>,
@@ -122,7 +129,17 @@ pub fn stats(conn: &Connection) -> rusqlite::Result<QueueStats> {
     )?;
     let pages: i64 = tx.query_row("PRAGMA page_count", [], |r| r.get(0))?;
     let page_size: i64 = tx.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let (schema_set_version, schemas) =
+        super::schema_set(&tx)?.map_or((0, 0), |(v, s)| (v, s.len()));
+    let replay_pending: i64 = if has_table(&tx, "replay_requests")? {
+        tx.query_row("SELECT count(*) FROM replay_requests", [], |r| r.get(0))?
+    } else {
+        0
+    };
     Ok(QueueStats {
+        schema_set_version,
+        schemas,
+        replay_pending: replay_pending as u64,
         readings,
         bytes: readings * ROW_COST + state as u64,
         file_bytes: (pages * page_size) as u64,
@@ -213,4 +230,13 @@ pub fn quarantined(conn: &Connection, limit: u64) -> rusqlite::Result<Vec<Quaran
         })
     })?
     .collect()
+}
+
+fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
 }

@@ -305,14 +305,14 @@ impl Protobuf {
                 other => Scalar::Int(integer(&other).unwrap_or(0)),
             });
         }
-        if let Some(path) = &self.sequence {
-            if let Some(v) = get(&msg, path)? {
-                let i = integer(&v).unwrap_or(-1);
-                out.sequence = Some(u64::try_from(i).map_err(|_| DecodeError::WrongType {
-                    field: path.text.clone(),
-                    detail: format!("is {i}, not a whole number >= 0"),
-                })?);
-            }
+        if let Some(path) = &self.sequence
+            && let Some(v) = get(&msg, path)?
+        {
+            let i = integer(&v).unwrap_or(-1);
+            out.sequence = Some(u64::try_from(i).map_err(|_| DecodeError::WrongType {
+                field: path.text.clone(),
+                detail: format!("is {i}, not a whole number >= 0"),
+            })?);
         }
         if let Some(path) = &self.device {
             let v = get(&msg, path)?.ok_or_else(|| DecodeError::Missing {
