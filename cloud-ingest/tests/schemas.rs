@@ -439,6 +439,16 @@ async fn schemas_reach_gateways_and_decode_protobuf() {
             .starts_with("definition.descriptor_set: "),
         "{g}"
     );
+    // check-config says which set is in force, and what of it was refused.
+    let toml = d.0.join("agent.toml");
+    let text = edge_agent::check::summary(&toml, &edge_agent::config::Config::load(&toml).unwrap());
+    assert!(
+        text.contains(&format!(
+            "registry set version {}: 2 schema(s), 1 refused",
+            v1 + 1
+        )) && text.contains("refused vib-9 1.x"),
+        "{text}"
+    );
     send(
         "plant/th-300/3.2/th-9".into(),
         reading(&d.0, "th-9", now_ms + 500, 50.0, 1),

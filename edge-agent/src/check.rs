@@ -37,6 +37,16 @@ pub fn summary(path: &Path, c: &Config) -> String {
         ),
         None => writeln!(o, "  mqtt       off"),
     };
+    if let Some(sp) = c.mqtt.as_ref().and_then(|m| m.sparkplug.as_ref()) {
+        let _ = writeln!(
+            o,
+            "  sparkplug  groups {} (node id {}, device id {}, rebirth requests {})",
+            sp.groups.join(", "),
+            sp.node,
+            sp.device,
+            if sp.rebirth { "on" } else { "off" }
+        );
+    }
     let _ = match &c.coap {
         Some(co) => writeln!(o, "  coap       {}", co.bind),
         None => writeln!(o, "  coap       off"),
@@ -57,6 +67,7 @@ pub fn summary(path: &Path, c: &Config) -> String {
         c.firmware.len(),
         c.devices.known.len()
     );
+    let _ = writeln!(o, "  schemas    {}", schema_line(c));
     let _ = writeln!(
         o,
         "  devices    {}, at most {} tracked at once",
@@ -68,6 +79,51 @@ pub fn summary(path: &Path, c: &Config) -> String {
         c.devices.max
     );
     o
+}
+
+/// The schema set the queue holds (pushed from the cloud's registry), and which of its
+/// device types `[[firmware]]` shadows.
+fn schema_line(c: &Config) -> String {
+    if !c.store.path.exists() {
+        return "none yet (the queue file does not exist; the cloud sends its set on connect)"
+            .to_owned();
+    }
+    let set = crate::store::open_read_only(&c.store.path)
+        .map_err(|e| e.to_string())
+        .and_then(|conn| crate::store::schema_set(&conn).map_err(|e| e.to_string()));
+    match set {
+        Err(e) => format!("unreadable ({e})"),
+        Ok(None) => "none received from the registry yet".to_owned(),
+        Ok(Some((version, entries))) => {
+            let registry = crate::schemas::Registry::compile(version, entries);
+            let mut line = format!(
+                "registry set version {version}: {} schema(s)",
+                registry.entries.len()
+            );
+            let refused = registry.refused();
+            if !refused.is_empty() {
+                let _ = write!(line, ", {} refused", refused.len());
+                for (label, why) in refused {
+                    let _ = write!(line, "\n             refused {label}: {why}");
+                }
+            }
+            let mut shadowed: Vec<&str> = registry
+                .entries
+                .iter()
+                .map(|a| a.entry.device_type.as_str())
+                .filter(|t| c.firmware.iter().any(|f| f.device_type == *t))
+                .collect();
+            shadowed.dedup();
+            if !shadowed.is_empty() {
+                let _ = write!(
+                    line,
+                    "\n             [[firmware]] wins for {}",
+                    shadowed.join(", ")
+                );
+            }
+            line
+        }
+    }
 }
 
 /// For each topic template, a topic made from the template itself (each capture replaced
