@@ -110,6 +110,11 @@ rule=$(api -X POST "http://127.0.0.1:$aport/v1/alert-rules" -H 'Content-Type: ap
   "aggregate": "avg", "op": ">", "threshold": 80.0, "window": {"kind": "tumbling", "seconds": 2},
   "for_windows": 1, "severity": "critical"}')
 log "alert rule created: $rule"
+# The th300-pb devices send protobuf: their schema goes to the registry, and from there to
+# the gateway (deploy/SCHEMAS.md).
+schema=$("$bin/firmware-sim" protobuf-schema | api -X POST "http://127.0.0.1:$aport/v1/payload-schemas" \
+  -H 'Content-Type: application/json' --data @-)
+log "payload schema registered: $(printf '%s' "$schema" | python3 -c 'import json,sys; s=json.load(sys.stdin); print("id", s["id"], s["device_type"], s["firmware_version"], s["format"], "set version", s["set_version"])')"
 
 # The edge agent.
 ametrics=$(free_port)
@@ -122,6 +127,9 @@ pids+=($!)
 uplink_up() { curl -sf "http://127.0.0.1:$ametrics/metrics" | grep -q '^plantlink_edge_uplink_connected 1'; }
 wait_for "the agent's uplink" uplink_up
 log "edge-agent connected to Mosquitto and cloud-ingest; metrics on http://127.0.0.1:$ametrics/metrics"
+schema_current() { api "http://127.0.0.1:$aport/v1/payload-schemas" | python3 -c 'import json,sys; g=json.load(sys.stdin)["gateways"]; sys.exit(0 if g and all(x["current"] for x in g) else 1)'; }
+wait_for "the gateway's payload schema set" schema_current
+log "the gateway has the registry's schema set in force"
 
 # The plant: a fleet from firmware-sim, and one press that overheats for a few seconds.
 devices=200; rate=1; duration=60
@@ -136,6 +144,7 @@ log "firmware-sim: $devices devices x $rate msg/s for $duration s (QoS 1), 1% du
 press=$!
 "$bin/firmware-sim" run --mqtt "mqtt://127.0.0.1:$mport" --devices "$devices" --rate "$rate" \
   --duration "$duration" --run "$run" --ledger "$work/ledger.db" \
+  --device-types multi-json=4,plant-json=2,cbor=2,th100-v1=1,th100-v2=1,bare=1,th300-pb=1 \
   --duplicate-rate 0.01 --malformed-rate 0.005 --out-of-order-rate 0.01
 wait "$press"
 

@@ -24,17 +24,21 @@ pub enum Kind {
     Th100V1,
     /// th-100 firmware 2.x: `{"type": "th-100", "fw": "2.0.1", "ts", "temp_c", "rh"}`.
     Th100V2,
+    /// th-300 firmware 3.0.0: protobuf ([`crate::protobuf`]) on
+    /// `<prefix>/th-300/3.0.0/<device>`, read once its schema is registered. MQTT only.
+    Th300Pb,
 }
 
 impl Kind {
     /// Every kind, in `--device-types` order.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Bare,
         Kind::PlantJson,
         Kind::MultiJson,
         Kind::Cbor,
         Kind::Th100V1,
         Kind::Th100V2,
+        Kind::Th300Pb,
     ];
 
     /// The name used on the command line and in device ids.
@@ -46,6 +50,7 @@ impl Kind {
             Kind::Cbor => "cbor",
             Kind::Th100V1 => "th100-v1",
             Kind::Th100V2 => "th100-v2",
+            Kind::Th300Pb => "th300-pb",
         }
     }
 
@@ -291,6 +296,17 @@ impl Device {
                 expect: vec![("temperature", ts, t), ("humidity", ts, humidity)],
                 content_format: 50,
             },
+            Kind::Th300Pb => Message {
+                topic: format!(
+                    "{prefix}/{}/{}/{}",
+                    crate::protobuf::DEVICE_TYPE,
+                    crate::protobuf::FIRMWARE,
+                    self.id
+                ),
+                payload: crate::protobuf::encode(&self.id, ms as u64, t, humidity, self.seq as u32),
+                expect: vec![("temperature", ts, t), ("humidity", ts, humidity)],
+                content_format: 0,
+            },
             Kind::Th100V2 => Message {
                 topic,
                 payload: serde_json::json!({"type": "th-100", "fw": "2.0.1", "ts": ms,
@@ -351,7 +367,11 @@ mod tests {
         for d in &mut devs {
             let m = d.next("plant", 1_795_000_000_123_456, &mut rng);
             assert!(!m.expect.is_empty());
-            assert!(m.topic.starts_with(&format!("plant/{}", d.id)));
+            if d.kind == Kind::Th300Pb {
+                assert_eq!(m.topic, format!("plant/th-300/3.0.0/{}", d.id));
+            } else {
+                assert!(m.topic.starts_with(&format!("plant/{}", d.id)));
+            }
             if d.kind != Kind::Bare {
                 assert!(m.expect.iter().all(|e| e.1 == Some(1_795_000_000_123_000)));
             }

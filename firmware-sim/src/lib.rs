@@ -17,6 +17,7 @@ pub mod bench_codec;
 pub mod coap;
 pub mod fleet;
 pub mod ledger;
+pub mod protobuf;
 pub mod publish;
 pub mod refdata;
 pub mod rng;

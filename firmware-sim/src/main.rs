@@ -41,7 +41,9 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         devices: u32,
         /// Device types and their weights: bare, plant-json, multi-json, cbor, th100-v1
-        /// (firmware 1.x field names), th100-v2 (2.x).
+        /// (firmware 1.x field names), th100-v2 (2.x), th300-pb (protobuf on
+        /// <prefix>/th-300/3.0.0/<device>; register its schema first: `firmware-sim
+        /// protobuf-schema`).
         #[arg(
             long,
             default_value = "multi-json=4,plant-json=2,cbor=2,th100-v1=1,th100-v2=1,bare=1"
@@ -137,6 +139,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prints the `POST /v1/payload-schemas` body that registers the th300-pb device type's
+    /// protobuf schema (descriptor set, message, field mapping), for the agent to read it.
+    ///
+    /// Example: firmware-sim protobuf-schema | curl -X POST -H "Authorization: Bearer $TOKEN"
+    ///          -H 'Content-Type: application/json' --data @- http://127.0.0.1:8080/v1/payload-schemas
+    ProtobufSchema,
     /// Bytes per reading and encode/decode speed of the batch codec on the reference
     /// dataset (500 devices x 4 metrics x 10 min at 1 Hz), against zstd -3 over the same
     /// readings as JSON lines.
@@ -200,6 +208,14 @@ fn main() -> Result<()> {
             json,
         } => {
             let mix = firmware_sim::fleet::parse_mix(&device_types).map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(
+                coap.is_none()
+                    || !mix
+                        .iter()
+                        .any(|(k, w)| *k == firmware_sim::fleet::Kind::Th300Pb && *w > 0),
+                "--device-types th300-pb sends protobuf, which the agent reads over MQTT only; \
+                 drop it from the mix with --coap"
+            );
             for (name, v) in [
                 ("--duplicate-rate", duplicate_rate),
                 ("--malformed-rate", malformed_rate),
@@ -334,6 +350,9 @@ fn main() -> Result<()> {
             if !ok {
                 std::process::exit(1);
             }
+        }
+        Command::ProtobufSchema => {
+            println!("{}", firmware_sim::protobuf::schema_body());
         }
         Command::Publish { mqtt, topic, qos } => {
             let rest = mqtt

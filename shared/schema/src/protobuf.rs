@@ -378,29 +378,30 @@ fn resolve(message: &MessageDescriptor, path: &str, at: &str) -> Result<Path, Sc
     })
 }
 
-/// The value at `path`; `None` when a field with presence is absent.
+/// The value at `path`; `None` when a field with presence is absent. Walks by reference:
+/// only the value found is copied.
 fn get(msg: &DynamicMessage, path: &Path) -> Result<Option<Value>, DecodeError> {
-    let mut current = msg.clone();
-    for (i, f) in path.fields.iter().enumerate() {
-        let last = i + 1 == path.fields.len();
-        if f.supports_presence() && !current.has_field(f) {
-            return Ok(None);
-        }
-        let v = current.get_field(f).into_owned();
-        if last {
-            return Ok(Some(v));
-        }
-        match v {
-            Value::Message(m) => current = m,
-            _ => {
-                return Err(DecodeError::WrongType {
-                    field: path.text.clone(),
-                    detail: "is not a message".to_owned(),
-                });
-            }
-        }
+    walk(msg, &path.fields).map_err(|()| DecodeError::WrongType {
+        field: path.text.clone(),
+        detail: "is not a message".to_owned(),
+    })
+}
+
+fn walk(msg: &DynamicMessage, fields: &[FieldDescriptor]) -> Result<Option<Value>, ()> {
+    let Some((f, rest)) = fields.split_first() else {
+        return Ok(None);
+    };
+    if f.supports_presence() && !msg.has_field(f) {
+        return Ok(None);
     }
-    Ok(None)
+    let v = msg.get_field(f);
+    if rest.is_empty() {
+        return Ok(Some(v.into_owned()));
+    }
+    match v.as_ref() {
+        Value::Message(m) => walk(m, rest),
+        _ => Err(()),
+    }
 }
 
 fn is_integer(k: &Kind) -> bool {
