@@ -121,10 +121,9 @@ fn sparkplug_messages() -> (Messages, Messages) {
         value: Some(Value::Double(v)),
         ..Metric::default()
     };
-    let nodes = DEVICES / 10;
-    let mut seq = vec![0u64; nodes];
+    let mut seq = vec![0u64; DEVICES / 10];
     let mut births = Vec::new();
-    for n in 0..nodes {
+    for (n, node_seq) in seq.iter_mut().enumerate() {
         let nbirth = Payload {
             timestamp: Some(T0_MS),
             seq: Some(0),
@@ -141,10 +140,10 @@ fn sparkplug_messages() -> (Messages, Messages) {
             sparkplug::encode(&nbirth),
         ));
         for d in 0..10 {
-            seq[n] += 1;
+            *node_seq += 1;
             let p = Payload {
                 timestamp: Some(T0_MS),
-                seq: Some(seq[n] % 256),
+                seq: Some(*node_seq % 256),
                 metrics: vec![
                     metric(Some("temperature"), 1, 20.0),
                     metric(Some("humidity"), 2, 40.0),
