@@ -297,6 +297,8 @@ struct Writer {
     confirmed: mpsc::UnboundedReceiver<Vec<i64>>,
     /// When dead letters marked for replay were last looked for.
     last_replay: Instant,
+    /// Messages for the plant broker from the group being committed, sent once it is.
+    publish: Vec<(String, Vec<u8>)>,
     /// The dead letters the group being committed replays.
     replaying: Vec<i64>,
 }
@@ -321,6 +323,7 @@ impl Writer {
             last_state_prune: Instant::now(),
             last_replay: Instant::now(),
             replaying: Vec::new(),
+            publish: Vec::new(),
         }
     }
 
@@ -363,10 +366,18 @@ impl Writer {
                 continue;
             }
             let mut backoff = Duration::from_millis(100);
+            // Sparkplug B messages change the host state as they are read: a failed commit
+            // puts it back, so the retry reads them as the first attempt did.
+            let sparkplug = group
+                .iter()
+                .any(|m| m.origin.starts_with("spBv1.0/"))
+                .then(|| self.decoder.sparkplug_state())
+                .flatten();
             let outcomes = loop {
                 match self.commit_group(&group) {
                     Ok(o) => break o,
                     Err(e) => {
+                        self.decoder.restore_sparkplug(sparkplug.clone());
                         counter!("plantlink_edge_commit_failures_total").increment(1);
                         tracing::error!(error = %e, messages = group.len(),
                             "commit failed; nothing was acknowledged; retrying");
@@ -451,13 +462,14 @@ impl Writer {
             }
         };
         let mut group = Vec::with_capacity(pending.len());
-        let mut skipped = 0usize;
-        self.replaying = pending.iter().map(|d| d.id).collect();
+        let mut skipped = Vec::new();
         for d in pending {
             if d.source != Source::Mqtt.as_str() || d.size as usize > d.payload.len() {
-                skipped += 1;
+                // Kept as dead letters; only the request goes.
+                skipped.push(d.id);
                 continue;
             }
+            self.replaying.push(d.id);
             group.push(Message {
                 source: Source::Mqtt,
                 origin: d.origin,
@@ -468,6 +480,14 @@ impl Writer {
                 redelivery: None,
                 done: Completion::None,
             });
+        }
+        if let Err(e) = self.store.unmark_replay(&skipped) {
+            tracing::warn!(error = %e, "could not forget replay requests");
+        }
+        let skipped = skipped.len();
+        if group.is_empty() {
+            self.replaying.clear();
+            return;
         }
         self.decoder.set_replay(true);
         let result = self.commit_group(&group);
@@ -500,16 +520,19 @@ impl Writer {
     ) -> Result<plantlink_wire::frame::SchemasApplied, String> {
         let (entries, mut refused) = crate::schemas::from_wire(set.schemas);
         let registry = crate::schemas::Registry::compile(set.version, entries);
-        self.store
-            .save_schema_set(
-                set.version,
-                &registry
-                    .entries
-                    .iter()
-                    .map(|a| a.entry.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .map_err(|e| e.to_string())?;
+        let kept: Vec<_> = registry.entries.iter().map(|a| a.entry.clone()).collect();
+        if let Err(e) = self.store.save_schema_set(set.version, &kept) {
+            // Decoding goes on with the set in force; the cloud is told why, and the uplink
+            // stays up (the queue must still drain).
+            tracing::error!(version = set.version, error = %e, "could not store the payload schema set; keeping the one in force");
+            let mut report = applied(self.decoder.registry());
+            report.refused.push(plantlink_wire::frame::SchemaRefusal {
+                id: 0,
+                revision: 0,
+                reason: format!("set {} not stored on the gateway: {e}", set.version),
+            });
+            return Ok(report);
+        }
         let mut report = applied(&registry);
         report.refused.append(&mut refused);
         for r in &report.refused {
@@ -535,6 +558,7 @@ impl Writer {
         if result.is_err() {
             self.store.rollback();
             self.limiter = limiter;
+            self.publish.clear();
         }
         result
     }
@@ -583,11 +607,7 @@ impl Writer {
             };
             received[m.source as usize] += decoded.readings.len() as u64;
             let mut decoded = decoded;
-            if let (Some(p), Some(tx)) = (decoded.publish.take(), &self.opts.publish) {
-                counter!("plantlink_edge_sparkplug_rebirths_requested_total").increment(1);
-                tracing::info!(topic = %p.0, "asked a Sparkplug B node for a rebirth");
-                let _ = tx.send(p);
-            }
+            self.publish.extend(decoded.publish.take());
             for topic in decoded.replay.drain(..) {
                 let n = self
                     .store
@@ -609,7 +629,9 @@ impl Writer {
                     }
                     continue;
                 }
-                if !self.limiter.allow(&r.device, mono) {
+                // Replayed readings were received long ago: they neither spend nor meet the
+                // device's rate budget.
+                if self.replaying.is_empty() && !self.limiter.allow(&r.device, mono) {
                     self.store.count_rate_limited(&r.device)?;
                     limited += 1;
                     outcome.dropped += 1;
@@ -674,6 +696,13 @@ impl Writer {
             self.store.replayed(&self.replaying)?;
         }
         let evictions = self.store.commit()?;
+        for p in self.publish.drain(..) {
+            counter!("plantlink_edge_sparkplug_rebirths_requested_total").increment(1);
+            tracing::info!(topic = %p.0, "asked a Sparkplug B node for a rebirth");
+            if let Some(tx) = &self.opts.publish {
+                let _ = tx.send(p);
+            }
+        }
 
         // Counted only once durable, so a retried group is not counted twice.
         for (i, src) in [Source::Mqtt, Source::Coap].iter().enumerate() {

@@ -333,6 +333,19 @@ impl Decoder {
         }
     }
 
+    /// The Sparkplug B host state, to put back with [`Decoder::restore_sparkplug`] if the
+    /// messages it read are not committed (a commit that is retried reads them again).
+    pub fn sparkplug_state(&self) -> Option<Host> {
+        self.sparkplug.clone()
+    }
+
+    /// Puts back a state from [`Decoder::sparkplug_state`].
+    pub fn restore_sparkplug(&mut self, state: Option<Host>) {
+        if state.is_some() {
+            self.sparkplug = state;
+        }
+    }
+
     /// The schema set in force.
     pub fn registry(&self) -> &Registry {
         &self.registry

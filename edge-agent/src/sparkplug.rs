@@ -9,7 +9,8 @@
 //! - a DATA or DDEATH metric whose alias no BIRTH assigned (`unknown_alias`): after an agent
 //!   restart every node is unknown until it is born again;
 //! - a message whose `seq` is not the one after the last (`seq_gap`); until the node's next
-//!   NBIRTH its messages are dead-lettered alike.
+//!   NBIRTH its messages are dead-lettered alike. With `rebirth = false` a gap is let
+//!   through (nothing would end the wait), and only what cannot be read is refused.
 //!
 //! BIRTH and DEATH certificates become readings of the metric `online` (1 and 0) of the
 //! node (and device), tagged `event = birth | death`. An NDEATH whose `bdSeq` is not the
@@ -64,7 +65,7 @@ pub struct Output {
     pub replay: Vec<String>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Node {
     /// Born since the agent started (or since the last NDEATH).
     born: bool,
@@ -84,14 +85,14 @@ struct Node {
     last_heard_us: i64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Aliases {
     born: bool,
     aliases: HashMap<u64, (String, u32)>,
 }
 
 /// The host state of every node heard from.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Host {
     cfg: Config,
     nodes: HashMap<(String, String), Node>,
@@ -158,6 +159,12 @@ impl Host {
         let device_id = t
             .device
             .map(|d| render(&self.cfg.device, t.group, t.node, Some(d)));
+        // Replaying a dead letter reads data with the names known now; births and deaths
+        // are of the past, and change nothing.
+        if self.replay && !matches!(t.kind, Kind::NData | Kind::DData) {
+            out.nothing = true;
+            return out;
+        }
         let node = self.nodes.entry(key(&t)).or_default();
         node.last_heard_us = now_us;
         let where_ = || match t.device {
@@ -200,7 +207,9 @@ impl Host {
                     out.nothing = true;
                     return out;
                 }
-                out.items.push(online(&node_id, p.timestamp, 0.0, "death"));
+                // The will was made when the node connected, before its birth: its time is
+                // not when the node died. The death is when the broker sent it.
+                out.items.push(online(&node_id, None, 0.0, "death"));
                 let mut devices: Vec<&String> = node
                     .devices
                     .iter()
@@ -210,7 +219,7 @@ impl Host {
                 devices.sort();
                 for d in devices {
                     let id = render(&self.cfg.device, t.group, t.node, Some(d));
-                    out.items.push(online(&id, p.timestamp, 0.0, "death"));
+                    out.items.push(online(&id, None, 0.0, "death"));
                 }
                 node.born = false;
                 node.seq = None;
@@ -227,7 +236,9 @@ impl Host {
             if replay {
                 return;
             }
-            node.awaiting = true;
+            // Without rebirth requests nothing would end the wait: only what cannot be read
+            // is refused, and a gap is let through.
+            node.awaiting = rebirth;
             node.refused = true;
             if rebirth && node.asked_us.is_none_or(|t| now_us - t >= REBIRTH_EVERY_US) {
                 node.asked_us = Some(now_us);
@@ -259,7 +270,7 @@ impl Host {
             let want = last.wrapping_add(1);
             // The same seq again is a redelivery (or a retried commit): read again, and
             // the queue's dedupe drops what it already holds.
-            if seq != u64::from(want) && seq != u64::from(last) {
+            if seq != u64::from(want) && seq != u64::from(last) && rebirth {
                 let detail = format!(
                     "{} from node {} has seq {seq}, expected {want}: messages were lost or reordered; asked for a rebirth",
                     t.kind.as_str(),
@@ -292,10 +303,8 @@ impl Host {
                 d.aliases.clear();
                 births(&p, &mut d.aliases);
                 if node.replay_devices && !self.replay {
-                    for k in [Kind::DData, Kind::DDeath] {
-                        out.replay
-                            .push(Topic::render(t.group, k, t.node, Some(device)));
-                    }
+                    out.replay
+                        .push(Topic::render(t.group, Kind::DData, t.node, Some(device)));
                 }
                 out.items.push(online(device_id, p.timestamp, 1.0, "birth"));
                 values(&p, &d.aliases, device_id, &mut out);
@@ -689,6 +698,51 @@ mod tests {
             (out.items[0].metric.as_str(), out.items[0].value),
             ("online", 0.0)
         );
+    }
+
+    #[test]
+    fn without_rebirth_requests_a_gap_is_let_through() {
+        let mut h = host();
+        h.cfg.rebirth = false;
+        births(&mut h);
+        let out = h.handle("spBv1.0/plant/DDATA/line1/press", &data(9, 21.5), 0);
+        assert!(
+            out.rejects.is_empty() && out.publish.is_none(),
+            "{:?}",
+            out.rejects
+        );
+        assert_eq!(out.items.len(), 2);
+        // An alias no birth gave is still not guessed at, and does not stall the node.
+        let bad = payload(10, vec![metric(None, 99, 0, Value::Double(1.0))]);
+        let out = h.handle("spBv1.0/plant/DDATA/line1/press", &bad, 0);
+        assert_eq!(out.rejects[0].reason, Reason::UnknownAlias);
+        assert!(out.publish.is_none());
+        assert!(
+            h.handle("spBv1.0/plant/DDATA/line1/press", &data(11, 1.0), 0)
+                .rejects
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn replaying_reads_data_with_the_names_known_now_and_changes_nothing() {
+        let mut h = host();
+        births(&mut h);
+        h.set_replay(true);
+        // An old seq, a death: read without checks, and the death is of the past.
+        assert!(
+            h.handle("spBv1.0/plant/DDATA/line1/press", &data(200, 5.0), 0)
+                .rejects
+                .is_empty()
+        );
+        assert!(
+            h.handle("spBv1.0/plant/DDEATH/line1/press", &payload(201, vec![]), 0)
+                .nothing
+        );
+        h.set_replay(false);
+        // The live sequence goes on from where it was, the device still born.
+        let out = h.handle("spBv1.0/plant/DDATA/line1/press", &data(2, 6.0), 0);
+        assert!(out.rejects.is_empty(), "{:?}", out.rejects);
     }
 
     #[test]

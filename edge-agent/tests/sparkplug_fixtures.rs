@@ -110,10 +110,7 @@ fn the_specifications_session_reads_as_it_says() {
     );
     assert_eq!(
         items(&out.items),
-        [
-            (node, "online", 0.0, Some(T + 3000)),
-            (dev, "online", 0.0, Some(T + 3000))
-        ]
+        [(node, "online", 0.0, None), (dev, "online", 0.0, None)]
     );
     assert!(out.items.iter().all(|i| i.event == Some("death")));
     // Dead: data waits for a birth, and a rebirth is asked for.

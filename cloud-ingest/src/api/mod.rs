@@ -107,6 +107,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A JSON request body; a 400 names the field that is wrong (`field window.seconds: ...`,
+/// `field body: ...` when the whole body is).
+fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path.is_empty() || path == "." {
+            "body".to_owned()
+        } else {
+            path
+        };
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("field {field}: {}", e.into_inner()),
+        )
+    })
+}
+
 fn unavailable(why: impl Into<String>) -> ApiError {
     ApiError(StatusCode::SERVICE_UNAVAILABLE, why.into())
 }

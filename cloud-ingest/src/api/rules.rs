@@ -28,19 +28,7 @@ impl App {
 
 /// A rule body from JSON; a 400 names the field that is wrong.
 fn rule_body(bytes: &[u8], tenant: &str) -> Result<RuleBody, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let body: RuleBody = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path.is_empty() || path == "." {
-            "body".to_owned()
-        } else {
-            path
-        };
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("field {field}: {}", e.into_inner()),
-        )
-    })?;
+    let body: RuleBody = super::json_body(bytes)?;
     body.to_rule(0, tenant)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     Ok(body)

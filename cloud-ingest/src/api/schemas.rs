@@ -37,16 +37,7 @@ fn bad(field: &str, why: impl std::fmt::Display) -> ApiError {
 
 /// Parses and checks a body; the definition is compiled as a gateway would.
 fn body(bytes: &[u8]) -> Result<Body, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let b: Body = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path.is_empty() || path == "." {
-            "body".to_owned()
-        } else {
-            path
-        };
-        bad(&field, e.into_inner())
-    })?;
+    let b: Body = super::json_body(bytes)?;
     for (field, v) in [
         ("device_type", &b.device_type),
         ("firmware_version", &b.firmware_version),

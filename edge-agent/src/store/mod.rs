@@ -708,21 +708,7 @@ impl Store {
                 "SELECT d.id, d.received_us, d.source, d.origin, d.reason, d.detail, d.size, d.payload
                  FROM replay_requests r JOIN dead_letters d ON d.id = r.id ORDER BY d.id LIMIT ?1",
             )
-            .and_then(|mut s| {
-                s.query_map([limit as i64], |r| {
-                    Ok(DeadLetter {
-                        id: r.get(0)?,
-                        received_us: r.get(1)?,
-                        source: r.get(2)?,
-                        origin: r.get(3)?,
-                        reason: r.get(4)?,
-                        detail: r.get(5)?,
-                        size: r.get::<_, i64>(6)? as u64,
-                        payload: r.get(7)?,
-                    })
-                })?
-                .collect()
-            })
+            .and_then(|mut s| s.query_map([limit as i64], read::dead_letter_row)?.collect())
             .map_err(self.sql_err("reading dead letters to replay"))
     }
 
@@ -734,12 +720,24 @@ impl Store {
                 .conn
                 .prepare_cached(
                     "INSERT OR IGNORE INTO replay_requests (id)
-                     SELECT id FROM dead_letters WHERE origin = ?1 AND reason = ?2",
+                     SELECT id FROM dead_letters WHERE origin = ?1 AND reason = ?2
+                       AND source = 'mqtt' AND size <= length(payload)",
                 )
                 .and_then(|mut s| s.execute([origin, reason]))
                 .map_err(self.sql_err("marking dead letters for replay"))?;
         }
         Ok(n)
+    }
+
+    /// Forgets replay requests whose dead letters cannot be replayed (they stay dead letters).
+    pub fn unmark_replay(&mut self, ids: &[i64]) -> Result<(), StoreError> {
+        for id in ids {
+            self.conn
+                .prepare_cached("DELETE FROM replay_requests WHERE id = ?1")
+                .and_then(|mut s| s.execute([id]))
+                .map_err(self.sql_err("forgetting a replay request"))?;
+        }
+        Ok(())
     }
 
     /// Forgets replayed dead letters and their requests (in the open transaction), and

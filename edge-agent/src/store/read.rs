@@ -158,19 +158,22 @@ pub fn dead_letters(conn: &Connection, limit: u64) -> rusqlite::Result<Vec<DeadL
         "SELECT id, received_us, source, origin, reason, detail, size, payload
          FROM dead_letters ORDER BY id DESC LIMIT ?1",
     )?;
-    stmt.query_map([limit as i64], |r| {
-        Ok(DeadLetter {
-            id: r.get(0)?,
-            received_us: r.get(1)?,
-            source: r.get(2)?,
-            origin: r.get(3)?,
-            reason: r.get(4)?,
-            detail: r.get(5)?,
-            size: r.get::<_, i64>(6)? as u64,
-            payload: r.get(7)?,
-        })
-    })?
-    .collect()
+    stmt.query_map([limit as i64], dead_letter_row)?.collect()
+}
+
+/// A dead letter from a row of `id, received_us, source, origin, reason, detail, size,
+/// payload`.
+pub(super) fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        id: r.get(0)?,
+        received_us: r.get(1)?,
+        source: r.get(2)?,
+        origin: r.get(3)?,
+        reason: r.get(4)?,
+        detail: r.get(5)?,
+        size: r.get::<_, i64>(6)? as u64,
+        payload: r.get(7)?,
+    })
 }
 
 /// One reading in quarantine: the cloud refused it on its own, so it is kept here instead of

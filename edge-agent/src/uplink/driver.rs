@@ -149,9 +149,13 @@ async fn session(
     };
     ask(queue, UplinkRequest::Restart).await?;
     gauge!("plantlink_edge_uplink_connected").set(1.0);
-    // Which schema set is in force: the cloud sends the tenant's if it differs.
+    // Which schema set is in force: the cloud sends the tenant's if it differs. A cloud-ingest
+    // older than the registry closes the control stream at this frame: the session goes on
+    // without it (no schema pushes, no queue reports); upgrade cloud-ingest first.
     let in_force = ask(queue, UplinkRequest::SchemasInForce).await?;
-    write_frame(&mut control, &Frame::SchemasApplied(in_force)).await?;
+    let mut control_up = write_frame(&mut control, &Frame::SchemasApplied(in_force))
+        .await
+        .is_ok();
     let (control_tx, mut control_in) = mpsc::unbounded_channel::<anyhow::Result<Frame>>();
     tokio::spawn(async move {
         loop {
@@ -189,7 +193,7 @@ async fn session(
     let mut report = tokio::time::interval(STATUS_EVERY);
     loop {
         tokio::select! {
-            _ = report.tick() => {
+            _ = report.tick(), if control_up => {
                 let view: QueueView = ask(queue, UplinkRequest::View).await?;
                 let status = Frame::Status(Status {
                     queued_readings: view.queued,
@@ -197,19 +201,24 @@ async fn session(
                     backlog: view.backlog_waiting,
                     in_flight: sched.in_flight() as u32,
                 });
-                write_frame(&mut control, &status).await?;
+                if write_frame(&mut control, &status).await.is_err() {
+                    control_closed(&mut control_up);
+                }
             }
-            pushed = control_in.recv() => {
-                match pushed.context("control stream closed")?? {
-                    Frame::Schemas(set) => {
+            pushed = control_in.recv(), if control_up => {
+                match pushed {
+                    Some(Ok(Frame::Schemas(set))) => {
                         let version = set.version;
                         let applied = ask(queue, |reply| UplinkRequest::Schemas { set, reply })
                             .await?
                             .map_err(anyhow::Error::msg)
-                            .with_context(|| format!("storing schema set {version}"))?;
-                        write_frame(&mut control, &Frame::SchemasApplied(applied)).await?;
+                            .with_context(|| format!("applying schema set {version}"))?;
+                        if write_frame(&mut control, &Frame::SchemasApplied(applied)).await.is_err() {
+                            control_closed(&mut control_up);
+                        }
                     }
-                    other => tracing::debug!(frame = ?other, "ignored on the control stream"),
+                    Some(Ok(other)) => tracing::debug!(frame = ?other, "ignored on the control stream"),
+                    Some(Err(_)) | None => control_closed(&mut control_up),
                 }
             }
             answer = answers.recv() => {
@@ -290,6 +299,17 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// The control stream ended while the connection lives on (an older cloud-ingest closes it
+/// at a frame it does not know): batches keep flowing.
+fn control_closed(up: &mut bool) {
+    if std::mem::replace(up, false) {
+        tracing::warn!(
+            "the cloud closed the control stream (a cloud-ingest older than this agent?): \
+             no payload schema pushes or queue reports on this connection; batches go on"
+        );
     }
 }
 

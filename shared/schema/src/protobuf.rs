@@ -98,6 +98,12 @@ impl Protobuf {
                     format!("not base64: {e}; encode the file `protoc --descriptor_set_out` wrote, e.g. `base64 -w0 schema.pb`"),
                 )
             })?;
+        if bytes.is_empty() {
+            return Err(SchemaError::new(
+                "definition.descriptor_set",
+                "is empty; give the base64 of the file `protoc --include_imports --descriptor_set_out=schema.pb schema.proto` writes",
+            ));
+        }
         if bytes.len() > MAX_DESCRIPTOR_BYTES {
             return Err(SchemaError::new(
                 "definition.descriptor_set",
