@@ -1,6 +1,7 @@
 //! Every payload shape the simulator sends is one the agent decodes, into exactly the
 //! readings the simulator records in its ledger: walked through the agent's own decoder with
-//! the topic templates and `[[firmware]]` mappings of the demo's agent config.
+//! the topic templates and `[[firmware]]` mappings of the demo's agent config, and the
+//! protobuf schema the demo registers.
 #![allow(clippy::unwrap_used)] // tests may panic
 
 use std::path::Path;
@@ -25,6 +26,19 @@ fn the_agent_decodes_every_shape_into_what_the_ledger_expects() {
     )
     .unwrap();
     let mut decoder = Decoder::new(&cfg);
+    // The th300-pb schema, as the demo registers it and the cloud pushes it.
+    let body = firmware_sim::protobuf::schema_body();
+    decoder.set_registry(edge_agent::schemas::Registry::compile(
+        1,
+        vec![plantlink_schema::Entry {
+            id: 1,
+            revision: 1,
+            device_type: body["device_type"].as_str().unwrap().to_owned(),
+            firmware_version: body["firmware_version"].as_str().unwrap().to_owned(),
+            format: plantlink_schema::Format::Protobuf,
+            definition: body["definition"].clone(),
+        }],
+    ));
     let mut rng = Rng::new(3);
     let mix: Vec<(Kind, u32)> = Kind::ALL.iter().map(|k| (*k, 1)).collect();
     let mut devices = fleet::devices("shapes", 60, &mix, &mut rng);
