@@ -454,9 +454,10 @@ async fn control(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Re
         tokio::select! {
             f = frames.recv() => match f {
                 None => return,
+                // Then the push check below: after a set that could not be read, each
+                // report (every few seconds) tries again.
                 Some(Frame::Status(s)) => {
                     ctx.sinks.gateways.reported(&ctx.id.tenant, &ctx.id.gateway, &s);
-                    continue;
                 }
                 Some(Frame::SchemasApplied(a)) => {
                     for r in &a.refused {
