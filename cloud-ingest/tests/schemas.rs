@@ -10,6 +10,9 @@
 //!   while the other device types go on decoding;
 //! - a gateway offline while a schema changes decodes with the set it stored, then picks
 //!   up the new one when it reconnects.
+//!
+//! On both storage flavours (TimescaleDB on a private cluster, skipped loudly where its files
+//! are not installed).
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
@@ -182,15 +185,23 @@ fn start_agent(d: &Path, port: u16, client_id: &str, cloud: String) -> Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemas_reach_gateways_and_decode_protobuf() {
+    for b in common::timescale::Backend::all("schemas") {
+        eprintln!("schemas on {}", b.name());
+        schemas_on(&b).await;
+    }
+}
+
+async fn schemas_on(b: &common::timescale::Backend) {
     let d = Dir::new("schemas");
     common::fleet(&d.0, "gw-sc");
     let descriptor = descriptor_set(&d.0);
     let db = format!("plantlink_test_schemas_{}", std::process::id());
-    let (admin, url, pgc) = common::database(&db).await;
+    let (admin, url, pgc) = b.database(&db).await;
     let api: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
         .parse()
         .unwrap();
     let mut config = common::cloud_config(&d.0, url.clone(), 16, 8 << 20);
+    config.postgres = b.config(&url);
     config.api = Some(Api::new(
         api,
         [("acme".to_owned(), TOKEN.to_owned())].into(),
