@@ -147,4 +147,15 @@ impl Registry {
         self.with_db(async |c| registry::reported(&*c, tenant, gateway, version, &refused).await)
             .await
     }
+
+    /// Keeps what a gateway reported of its devices.
+    pub async fn devices(
+        &self,
+        tenant: &str,
+        gateway: &str,
+        devices: &[plantlink_wire::frame::DeviceInfo],
+    ) -> anyhow::Result<u64> {
+        self.with_db(async |c| registry::devices(&*c, tenant, gateway, devices).await)
+            .await
+    }
 }

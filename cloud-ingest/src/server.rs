@@ -470,6 +470,14 @@ async fn control(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Re
                         tracing::warn!(gateway = %ctx.id.gateway, error = %format!("{e:#}"), "could not record the gateway's schema set");
                     }
                 }
+                Some(Frame::Devices(r)) => {
+                    match registry.devices(&ctx.id.tenant, &ctx.id.gateway, &r.devices).await {
+                        Ok(n) => tracing::debug!(gateway = %ctx.id.gateway, devices = n, "device report kept"),
+                        Err(e) => tracing::warn!(gateway = %ctx.id.gateway, error = %format!("{e:#}"),
+                            "could not keep the gateway's device report (the next connection sends it again)"),
+                    }
+                    continue;
+                }
                 Some(other) => {
                     tracing::debug!(gateway = %ctx.id.gateway, frame = ?other, "ignored on the control stream");
                     continue;

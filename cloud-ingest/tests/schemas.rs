@@ -401,6 +401,55 @@ async fn schemas_on(b: &common::timescale::Backend) {
         20
     );
 
+    // The gateway reported its devices: type and firmware, and which schema reads them
+    // (th-a too, refused before the schema came, now covered by it); JSON's has none.
+    let devices_sql = format!(
+        "SELECT count(*) FROM devices WHERE tenant_id = 'acme' AND device_type = 'th-300'
+         AND payload_schema_id = {id} AND reported_by = 'gw-sc'
+         AND firmware_version = CASE device_id WHEN 'th-a' THEN '3.1' ELSE '3.2' END"
+    );
+    until_count(&pgc, &devices_sql, 5, 15).await;
+    until_count(
+        &pgc,
+        "SELECT count(*) FROM devices WHERE tenant_id = 'acme' AND device_id = 'json-1'
+         AND device_type = 'th-100' AND firmware_version = '1.0' AND payload_schema_id IS NULL",
+        1,
+        15,
+    )
+    .await;
+    let (_, list) = http_json(api, "GET", "/v1/payload-schemas", TOKEN, None);
+    assert_eq!(list["schemas"][0]["device_count"], 5, "{list}");
+    let (_, one) = http_json(
+        api,
+        "GET",
+        &format!("/v1/payload-schemas/{id}"),
+        TOKEN,
+        None,
+    );
+    assert_eq!(
+        one["devices"],
+        json!(["th-0", "th-1", "th-2", "th-3", "th-a"]),
+        "{one}"
+    );
+    // Another tenant's gateway naming this schema id gets no link to it.
+    let other = [plantlink_wire::frame::DeviceInfo {
+        device: "th-0".into(),
+        device_type: "th-300".into(),
+        firmware_version: "3.2".into(),
+        schema_id: Some(id),
+    }];
+    cloud_ingest::postgres::registry::devices(&pgc, "globex", "gw-g", &other)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(
+            &pgc,
+            "SELECT count(*) FROM devices WHERE tenant_id = 'globex' AND payload_schema_id IS NULL"
+        )
+        .await,
+        1
+    );
+
     // The messages refused as `no_schema` before, replayed on demand (what `edge-agent
     // queue replay-dead-letters --reason no_schema` does) while the agent runs: they land
     // too, once, and are no longer dead letters.

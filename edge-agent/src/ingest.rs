@@ -192,6 +192,14 @@ pub enum UplinkRequest {
     },
     /// The schema set in force.
     SchemasInForce(oneshot::Sender<plantlink_wire::frame::SchemasApplied>),
+    /// The devices' types, firmware and schemas: all of them, or what changed since the
+    /// last time.
+    Devices {
+        /// Every device (a new connection).
+        all: bool,
+        /// The devices.
+        reply: oneshot::Sender<Vec<plantlink_wire::frame::DeviceInfo>>,
+    },
 }
 
 /// What an agent reports of its registry: the version and the refused entries.
@@ -443,6 +451,9 @@ impl Writer {
             }
             UplinkRequest::SchemasInForce(reply) => {
                 let _ = reply.send(applied(self.decoder.registry()));
+            }
+            UplinkRequest::Devices { all, reply } => {
+                let _ = reply.send(self.decoder.device_report(all));
             }
         }
     }

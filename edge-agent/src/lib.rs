@@ -4,6 +4,7 @@
 //! - [`config`]: the TOML configuration and its checks.
 //! - [`topic`]: MQTT topic templates, and device ids composed from their captures.
 //! - [`payload`]: payload bytes to readings, per firmware shape; rejects with reasons.
+//! - [`devicebook`]: each device's type, firmware and schema, as reported to the cloud.
 //! - [`ratelimit`]: per-device token buckets (sans-IO).
 //! - [`store`]: the SQLite store-and-forward queue, its dedupe and eviction.
 //! - [`ingest`]: the writer thread: group commit, then device acknowledgements.
@@ -19,6 +20,7 @@ pub mod agent;
 pub mod check;
 pub mod coap;
 pub mod config;
+pub mod devicebook;
 pub mod ingest;
 pub mod mqtt;
 pub mod payload;

@@ -25,6 +25,7 @@ use plantlink_model::{Reading, Tags, Timestamp};
 use plantlink_schema::{Compiled, version_matches};
 
 use crate::config::{Config, Device, Firmware};
+use crate::devicebook::DeviceBook;
 use crate::schemas::Registry;
 use crate::sparkplug::Host;
 use crate::topic::{MAX_NAME, Template};
@@ -299,6 +300,7 @@ pub struct Decoder {
     last_stamp: HashMap<String, i64>,
     registry: Registry,
     sparkplug: Option<Host>,
+    book: DeviceBook,
 }
 
 impl Decoder {
@@ -317,7 +319,16 @@ impl Decoder {
                 .as_ref()
                 .and_then(|m| m.sparkplug.clone())
                 .map(Host::new),
+            book: DeviceBook::default(),
         }
+    }
+
+    /// What to tell the cloud of the devices seen ([`DeviceBook::report`]).
+    pub fn device_report(&mut self, all: bool) -> Vec<plantlink_wire::frame::DeviceInfo> {
+        let firmware = &self.firmware;
+        self.book.report(all, &self.registry, |t| {
+            firmware.iter().any(|f| f.device_type == t)
+        })
     }
 
     /// Decodes with `registry` from now on (the schema set pushed from the cloud).
@@ -467,12 +478,21 @@ impl Decoder {
             && let Some(pb) = crate::schemas::as_protobuf(&schema)
         {
             self.protobuf(pb, &label, ctx, payload, received_us, &mut out);
+            if let Some(r) = out.readings.first() {
+                self.book.note(&r.device, t, v);
+            }
             return self.finish(out);
         }
         let value = match parse(format, payload) {
             Ok(v) => v,
             Err(detail) => {
                 let text = std::str::from_utf8(payload).is_ok();
+                if let (Some(d), Some(t), Some(v)) = (&ctx.device, &dtype, &fw)
+                    && !text
+                {
+                    // Reported without a schema: the registry shows which devices wait for one.
+                    self.book.note(d, t, v);
+                }
                 match &dtype {
                     Some(t) if !text && format != Format::Text => out.reject(
                         Reason::NoSchema,
@@ -544,6 +564,7 @@ impl Decoder {
                     );
                     return;
                 };
+                self.note(&device, ctx.device_type.as_deref(), ctx.firmware.as_deref());
                 let ts = self.stamp(&device, received_us);
                 out.readings.push(self.reading(
                     &device,
@@ -574,6 +595,18 @@ impl Decoder {
             value,
             tags,
             seq,
+        }
+    }
+
+    /// Notes the device's type and firmware (`[devices.<id>]` fills what the message left
+    /// out) in the book reported to the cloud.
+    fn note(&mut self, device: &str, dtype: Option<&str>, fw: Option<&str>) {
+        let known = self.devices.get(device);
+        if let (Some(t), Some(f)) = (
+            dtype.or(known.map(|d| d.device_type.as_str())),
+            fw.or(known.map(|d| d.firmware.as_str())),
+        ) {
+            self.book.note(device, t, f);
         }
     }
 
@@ -776,6 +809,7 @@ impl Decoder {
                 }
             },
         };
+        self.note(&device, dtype.as_deref(), fw.as_deref());
         let mapping = self.mapping(&device, dtype.as_deref(), fw.as_deref());
         let rename = |name: &str| -> String {
             mapping

@@ -178,6 +178,8 @@ ensure_timescaledb_files() {
 # pysparkplug, the real Sparkplug B edge node the Sparkplug test drives.
 ensure_schema_tools() {
   command -v protoc >/dev/null || apt_install protobuf-compiler
+  # The well-known types (google/protobuf/timestamp.proto) that test schemas import.
+  [ -f /usr/include/google/protobuf/timestamp.proto ] || apt_install libprotobuf-dev
   if ! python3 -c 'import pysparkplug' 2>/dev/null; then
     log "installing pysparkplug==0.6.1 (a Sparkplug B client) from PyPI"
     python3 -m pip install -q pysparkplug==0.6.1 2>/dev/null \

@@ -134,11 +134,19 @@ pub(super) async fn list(
     let version = registry::version(&**c, &tenant)
         .await
         .map_err(|e| app.storage(e))?;
+    let counts = registry::device_counts(&**c, &tenant)
+        .await
+        .map_err(|e| app.storage(e))?;
     let schemas: Vec<Value> = registry::list(&**c, &tenant)
         .await
         .map_err(|e| app.storage(e))?
         .into_iter()
-        .map(schema_json)
+        .map(|r| {
+            let n = counts.get(&r.id).copied().unwrap_or(0);
+            let mut v = schema_json(r);
+            v["device_count"] = json!(n);
+            v
+        })
         .collect();
     let gateways: Vec<Value> = registry::gateways(&**c, &tenant)
         .await
@@ -169,8 +177,17 @@ pub(super) async fn get(
         .await
         .map_err(|e| app.storage(e))?
         .ok_or_else(|| not_found(id))?;
-    Ok(Json(schema_json(row)))
+    let devices = registry::schema_devices(&**c, &tenant, id, DEVICES_SHOWN + 1)
+        .await
+        .map_err(|e| app.storage(e))?;
+    let mut v = schema_json(row);
+    v["devices_truncated"] = json!(devices.len() as i64 > DEVICES_SHOWN);
+    v["devices"] = json!(&devices[..devices.len().min(DEVICES_SHOWN as usize)]);
+    Ok(Json(v))
 }
+
+/// The most device ids `GET /v1/payload-schemas/{id}` lists.
+const DEVICES_SHOWN: i64 = 1000;
 
 pub(super) async fn update(
     State(app): State<App>,

@@ -254,3 +254,69 @@ pub async fn gateways(c: &impl GenericClient, tenant: &str) -> Result<Vec<Gatewa
     })
     .collect()
 }
+
+/// Keeps what a gateway reported of its devices: type, firmware and the schema that reads
+/// them (only a schema of the tenant's own; another id is kept as none).
+pub async fn devices(
+    c: &impl GenericClient,
+    tenant: &str,
+    gateway: &str,
+    devices: &[plantlink_wire::frame::DeviceInfo],
+) -> Result<u64, Error> {
+    let ids: Vec<&str> = devices.iter().map(|d| d.device.as_str()).collect();
+    let types: Vec<&str> = devices.iter().map(|d| d.device_type.as_str()).collect();
+    let firmware: Vec<&str> = devices
+        .iter()
+        .map(|d| d.firmware_version.as_str())
+        .collect();
+    let schemas: Vec<Option<i64>> = devices.iter().map(|d| d.schema_id).collect();
+    c.execute(
+        "INSERT INTO devices AS d (tenant_id, device_id, device_type, firmware_version,
+                                   payload_schema_id, reported_by, reported_at)
+         SELECT DISTINCT ON (u.device) $1::text, u.device, u.device_type, u.firmware, s.schema_id, $2::text, now()
+         FROM unnest($3::text[], $4::text[], $5::text[], $6::int8[])
+              AS u(device, device_type, firmware, schema_id)
+         LEFT JOIN payload_schemas s ON s.schema_id = u.schema_id AND s.tenant_id = $1
+         ORDER BY u.device
+         ON CONFLICT (tenant_id, device_id) DO UPDATE
+         SET device_type = EXCLUDED.device_type, firmware_version = EXCLUDED.firmware_version,
+             payload_schema_id = EXCLUDED.payload_schema_id, reported_by = EXCLUDED.reported_by,
+             reported_at = EXCLUDED.reported_at",
+        &[&tenant, &gateway, &ids, &types, &firmware, &schemas],
+    )
+    .await
+}
+
+/// How many of the tenant's devices each schema reads, by schema id.
+pub async fn device_counts(
+    c: &impl GenericClient,
+    tenant: &str,
+) -> Result<std::collections::HashMap<i64, i64>, Error> {
+    c.query(
+        "SELECT payload_schema_id, count(*) FROM devices
+         WHERE tenant_id = $1 AND payload_schema_id IS NOT NULL GROUP BY 1",
+        &[&tenant],
+    )
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+    .collect()
+}
+
+/// The devices a schema reads, in id order (at most `limit`).
+pub async fn schema_devices(
+    c: &impl GenericClient,
+    tenant: &str,
+    id: i64,
+    limit: i64,
+) -> Result<Vec<String>, Error> {
+    c.query(
+        "SELECT device_id FROM devices WHERE tenant_id = $1 AND payload_schema_id = $2
+         ORDER BY device_id LIMIT $3",
+        &[&tenant, &id, &limit],
+    )
+    .await?
+    .iter()
+    .map(|r| r.try_get(0))
+    .collect()
+}

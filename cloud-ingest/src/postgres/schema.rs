@@ -92,6 +92,12 @@ CREATE TABLE IF NOT EXISTS payload_schema_sets (
     version    bigint      NOT NULL,
     changed_at timestamptz NOT NULL DEFAULT now()
 );
+-- What gateways report of each device (type, firmware, the schema that reads it): which
+-- gateway said so last, and when.
+ALTER TABLE devices ADD COLUMN IF NOT EXISTS reported_by text;
+ALTER TABLE devices ADD COLUMN IF NOT EXISTS reported_at timestamptz;
+CREATE INDEX IF NOT EXISTS devices_schema ON devices (tenant_id, payload_schema_id)
+    WHERE payload_schema_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS gateway_schemas (
     tenant_id   text        NOT NULL,
     gateway_id  text        NOT NULL,

@@ -90,9 +90,12 @@ pub async fn run(
         Duration::ZERO,
     );
     let mut jitter = (std::process::id() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // Cleared when a cloud closes the control stream at a device report (it is older
+    // than this agent): later connections keep their control stream without them.
+    let mut device_reports = true;
     loop {
         let result = tokio::select! {
-            r = session(&endpoint, &cfg, &gateway_id, &queue, &mut sched, start) => r,
+            r = session(&endpoint, &cfg, &gateway_id, &queue, &mut sched, start, &mut device_reports) => r,
             _ = shutdown.changed() => break,
         };
         gauge!("plantlink_edge_uplink_connected").set(0.0);
@@ -120,6 +123,7 @@ async fn session(
     queue: &Requests,
     sched: &mut Scheduler,
     start: Instant,
+    device_reports: &mut bool,
 ) -> anyhow::Result<()> {
     let addr = tokio::net::lookup_host(&cfg.server)
         .await
@@ -156,6 +160,14 @@ async fn session(
     let mut control_up = write_frame(&mut control, &Frame::SchemasApplied(in_force))
         .await
         .is_ok();
+    // Then every device the agent knows of, and after that what changes, each report.
+    let mut reported_devices = false;
+    if control_up && *device_reports {
+        match send_devices(queue, &mut control, true).await? {
+            Some(frames) => reported_devices = frames > 0,
+            None => control_closed(&mut control_up),
+        }
+    }
     let (control_tx, mut control_in) = mpsc::unbounded_channel::<anyhow::Result<Frame>>();
     tokio::spawn(async move {
         loop {
@@ -203,6 +215,11 @@ async fn session(
                 });
                 if write_frame(&mut control, &status).await.is_err() {
                     control_closed(&mut control_up);
+                } else if *device_reports {
+                    match send_devices(queue, &mut control, false).await? {
+                        Some(frames) => reported_devices |= frames > 0,
+                        None => control_closed(&mut control_up),
+                    }
                 }
             }
             pushed = control_in.recv(), if control_up => {
@@ -246,6 +263,14 @@ async fn session(
             }
             _ = tokio::time::sleep_until(wake) => {}
             reason = conn.closed() => anyhow::bail!("connection closed: {reason}"),
+        }
+        if !control_up && reported_devices && *device_reports {
+            *device_reports = false;
+            tracing::warn!(
+                "the cloud closed the control stream after a device report: it is older than \
+                 this agent, so devices' types and schemas are not reported until the agent \
+                 restarts; upgrade cloud-ingest"
+            );
         }
         // Send whatever the scheduler allows now.
         loop {
@@ -300,6 +325,29 @@ async fn session(
             }
         }
     }
+}
+
+/// Sends the device report (everything when `all`) in frames of at most
+/// [`frame::DEVICES_PER_FRAME`]: how many frames, or `None` when the control stream is
+/// closed.
+async fn send_devices(
+    queue: &Requests,
+    control: &mut quinn::SendStream,
+    all: bool,
+) -> anyhow::Result<Option<usize>> {
+    let devices = ask(queue, |reply| UplinkRequest::Devices { all, reply }).await?;
+    for chunk in devices.chunks(frame::DEVICES_PER_FRAME) {
+        let f = Frame::Devices(frame::DeviceReport {
+            devices: chunk.to_vec(),
+        });
+        if write_frame(control, &f).await.is_err() {
+            return Ok(None);
+        }
+    }
+    if !devices.is_empty() {
+        tracing::debug!(devices = devices.len(), all, "reported devices");
+    }
+    Ok(Some(devices.len().div_ceil(frame::DEVICES_PER_FRAME)))
 }
 
 /// The control stream ended while the connection lives on (an older cloud-ingest closes it

@@ -48,6 +48,35 @@ pub enum Frame {
     /// Agent to cloud, on the first stream: the schema set in force and what of it was
     /// refused. Sent after Welcome (version 0: none yet) and after each [`Frame::Schemas`].
     SchemasApplied(SchemasApplied),
+    /// Agent to cloud, on the first stream: which device type and firmware each device
+    /// reported, and the registry schema that read it. All of them after
+    /// [`Frame::SchemasApplied`] on connect, then the changes.
+    Devices(DeviceReport),
+}
+
+/// The most devices one [`Frame::Devices`] carries (a report of more is several frames).
+/// With names of at most 128 bytes a frame stays under 64 KiB, the control stream's cap.
+pub const DEVICES_PER_FRAME: usize = 128;
+
+/// Devices and what reads their payloads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceReport {
+    /// At most [`DEVICES_PER_FRAME`].
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// One device's identity as its payloads and topics tell it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// The device id, as readings carry it.
+    pub device: String,
+    /// Its device type.
+    pub device_type: String,
+    /// Its firmware version.
+    pub firmware_version: String,
+    /// The registry schema that decodes it; `None` when none does (a local `[[firmware]]`
+    /// mapping, or plain JSON).
+    pub schema_id: Option<i64>,
 }
 
 /// A tenant's payload schemas, as the registry holds them.
@@ -338,6 +367,14 @@ mod tests {
                     id: 1,
                     revision: 2,
                     reason: "definition.message: no".into(),
+                }],
+            }),
+            Frame::Devices(DeviceReport {
+                devices: vec![DeviceInfo {
+                    device: "line1-th7".into(),
+                    device_type: "th-300".into(),
+                    firmware_version: "3.1.0".into(),
+                    schema_id: Some(4),
                 }],
             }),
         ]
