@@ -4,7 +4,8 @@
 #   a private Mosquitto, a database of its own on the local PostgreSQL, the Tansu Kafka-API
 #   broker, cloud-ingest (with a fresh fleet PKI, Kafka, alerting and the query API) and one
 #   edge agent. firmware-sim then drives a small plant for a minute (device types with different
-#   firmware payloads, a few duplicates, malformed and out-of-order messages), one device
+#   firmware payloads, protobuf devices read with a registry schema, Sparkplug B edge nodes,
+#   a few duplicates, malformed and out-of-order messages), one device
 #   overheats so that an alert fires, and the demo shows rows per table, an API query with its
 #   curl command, the alerts, and the verifier's result (every acknowledged reading stored
 #   exactly once in PostgreSQL and present on Kafka).
@@ -144,7 +145,7 @@ log "firmware-sim: $devices devices x $rate msg/s for $duration s (QoS 1), 1% du
 press=$!
 "$bin/firmware-sim" run --mqtt "mqtt://127.0.0.1:$mport" --devices "$devices" --rate "$rate" \
   --duration "$duration" --run "$run" --ledger "$work/ledger.db" \
-  --device-types multi-json=4,plant-json=2,cbor=2,th100-v1=1,th100-v2=1,bare=1,th300-pb=1 \
+  --device-types multi-json=4,plant-json=2,cbor=2,th100-v1=1,th100-v2=1,bare=1,th300-pb=1,spb-node=1 \
   --duplicate-rate 0.01 --malformed-rate 0.005 --out-of-order-rate 0.01
 wait "$press"
 
@@ -159,6 +160,16 @@ psql -h 127.0.0.1 -U postgres -d "$db" -c "
   UNION ALL SELECT 'downsampled_metrics_1d', count(*) FROM downsampled_metrics_1d
   UNION ALL SELECT 'devices', count(*) FROM devices
   UNION ALL SELECT 'alerts', count(*) FROM alerts"
+
+log "devices by type, firmware and schema, as the gateway reports them"
+psql -h 127.0.0.1 -U postgres -d "$db" -c "
+  SELECT coalesce(device_type, '(not reported)') AS device_type, firmware_version,
+         payload_schema_id, count(*) AS devices
+  FROM devices GROUP BY 1, 2, 3 ORDER BY 1, 2"
+log "Sparkplug B nodes (group $run-spb): births, deaths and rebirths as 'online' readings"
+psql -h 127.0.0.1 -U postgres -d "$db" -c "
+  SELECT tags->>'event' AS event, value, count(*) FROM raw_metrics
+  WHERE device_id LIKE '$run-spb/%' AND metric_name = 'online' GROUP BY 1, 2 ORDER BY 1"
 
 device=$(psql -h 127.0.0.1 -U postgres -d "$db" -tAc "SELECT device_id FROM raw_metrics WHERE device_id LIKE '$run-multi-json-%' LIMIT 1")
 log "a query through the API:"

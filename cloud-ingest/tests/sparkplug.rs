@@ -118,12 +118,26 @@ struct Running {
 }
 
 fn start_agent(d: &std::path::Path, port: u16, client_id: &str, cloud: SocketAddr) -> Running {
+    start_agent_for(d, port, client_id, cloud, "plant")
+}
+
+/// An agent reading the Sparkplug B `group` (`+`: every group).
+fn start_agent_for(
+    d: &std::path::Path,
+    port: u16,
+    client_id: &str,
+    cloud: SocketAddr,
+    group: &str,
+) -> Running {
+    let uplink = format!(
+        "batch_max_readings = 200\nbatch_linger_ms = 20\n[mqtt.sparkplug]\ngroups = [\"{group}\"]"
+    );
     let config = common::Agent {
         gateway: "gw-spb",
         mqtt: Some((port, client_id, "plant/{device}")),
         cloud: cloud.to_string(),
         store: "",
-        uplink: "batch_max_readings = 200\nbatch_linger_ms = 20\n[mqtt.sparkplug]\ngroups = [\"plant\"]",
+        uplink: &uplink,
     }
     .config(d);
     let (stop, mut rx) = tokio::sync::watch::channel(false);
@@ -297,6 +311,120 @@ async fn a_sparkplug_node_lands_with_birth_names_rebirths_and_dies() {
         "absence alert {:?} after the death reached PostgreSQL",
         start.elapsed()
     );
+
+    agent.stop.send(true).unwrap();
+    agent.task.await.unwrap().unwrap();
+    cloud_stop.send(true).unwrap();
+    cloud.await.unwrap().unwrap();
+    drop(pgc);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+/// firmware-sim's Sparkplug B nodes through the whole path, with the agent restarted
+/// mid-run: every node is asked for a rebirth and answers, the DATA refused meanwhile is
+/// replayed, and `verify` finds every reading the ledger holds exactly once: births, alias-only
+/// data, d2's DDEATH and DBIRTH, and the silent node's NDEATH (node and devices offline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firmware_sim_nodes_rebirth_on_request_and_verify() {
+    use firmware_sim::fleet::parse_mix;
+    use firmware_sim::run::{Options, run};
+    let d = Dir::new("spbsim");
+    common::fleet(&d.0, "gw-spb");
+    let db = format!("plantlink_test_spbsim_{}", std::process::id());
+    let (admin, url, pgc) = common::database(&db).await;
+    let server = Server::bind(common::cloud_config(&d.0, url.clone(), 16, 8 << 20)).unwrap();
+    let cloud_addr = server.local_addr().unwrap();
+    let (cloud_stop, cloud_rx) = tokio::sync::watch::channel(false);
+    let cloud = tokio::spawn(server.serve(cloud_rx));
+    let broker = common::Mosquitto::start(&d.0);
+    let client_id = format!("spbsim-{}", std::process::id());
+    common::create_session(broker.port, &client_id).await;
+    let agent = start_agent_for(&d.0, broker.port, &client_id, cloud_addr, "+");
+    let (p, mut pel) = AsyncClient::new(
+        MqttOptions::new(
+            format!("spbsim-pub-{}", std::process::id()),
+            "127.0.0.1",
+            broker.port,
+        ),
+        100,
+    );
+    tokio::spawn(async move { while pel.poll().await.is_ok() {} });
+    warm(&p, &pgc, "warm-s1").await;
+
+    let name = format!("spbsim{}", std::process::id());
+    let ledger = d.0.join("ledger.db");
+    let sim = tokio::spawn(run(Options {
+        mqtt: Some(format!("mqtt://127.0.0.1:{}", broker.port)),
+        coap: None,
+        coap_con: true,
+        devices: 6,
+        mix: parse_mix("spb-node=1").unwrap(),
+        rate: 5.0,
+        duration: 8.0,
+        seed: 5,
+        qos: 1,
+        prefix: "plant".into(),
+        run: name.clone(),
+        ledger: Some(ledger.clone()),
+        duplicate_rate: 0.0,
+        malformed_rate: 0.0,
+        out_of_order_rate: 0.0,
+        oversize_rate: 0.0,
+        skewed_devices: 0.0,
+        silent_devices: 1,
+        hot_devices: 0,
+        flood_devices: 0,
+        reference: false,
+        progress: false,
+    }));
+    // Data is flowing: every node's devices are born and stored.
+    let born = format!(
+        "SELECT count(DISTINCT device_id) FROM raw_metrics WHERE device_id LIKE '{name}-spb/%/d_' AND metric_name = 'cycles'"
+    );
+    until_count(&pgc, &born, 12, 30).await;
+    // The agent restarts: its alias tables are gone.
+    agent.stop.send(true).unwrap();
+    agent.task.await.unwrap().unwrap();
+    let agent = start_agent_for(&d.0, broker.port, &client_id, cloud_addr, "+");
+    let report = sim.await.unwrap().unwrap();
+    assert_eq!(report.acked, report.sent, "{report:?}");
+    assert!(report.sparkplug_rebirths >= 1, "{report:?}");
+
+    // Everything the broker acknowledged lands once; the refused DATA was replayed.
+    let start = Instant::now();
+    let v = loop {
+        let v = firmware_sim::verify::verify(&ledger, Some(&name), &url, None, None)
+            .await
+            .unwrap();
+        if v.found == v.expected || start.elapsed() > Duration::from_secs(60) {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        v.expected > 500 && v.found == v.expected && v.ok(true) && v.unexpected == 0,
+        "{v:?}"
+    );
+    eprintln!(
+        "{} readings of 6 Sparkplug nodes verified; {} rebirths",
+        v.expected, report.sparkplug_rebirths
+    );
+    // The deaths: d2 of each node that lived on (DDEATH, device time), and the silent node
+    // with its two devices (NDEATH, receive time).
+    let deaths = |sql: &str| {
+        format!(
+            "SELECT count(*) FROM raw_metrics WHERE device_id LIKE '{name}-spb/%' AND metric_name = 'online'
+             AND value = 0 AND tags->>'event' = 'death' AND {sql}"
+        )
+    };
+    assert_eq!(count(&pgc, &deaths("device_id LIKE '%/d2'")).await, 6);
+    assert_eq!(count(&pgc, &deaths("device_id NOT LIKE '%/d_'")).await, 1);
+    let conn = edge_agent::store::open_read_only(&d.0.join("queue.db")).unwrap();
+    let letters = edge_agent::store::dead_letters(&conn, 100).unwrap();
+    assert!(letters.is_empty(), "{letters:?}");
 
     agent.stop.send(true).unwrap();
     agent.task.await.unwrap().unwrap();

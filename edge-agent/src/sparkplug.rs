@@ -159,10 +159,20 @@ impl Host {
         let device_id = t
             .device
             .map(|d| render(&self.cfg.device, t.group, t.node, Some(d)));
-        // Replaying a dead letter reads data with the names known now; births and deaths
-        // are of the past, and change nothing.
+        // Replaying a dead letter reads data with the names known now. Births and deaths
+        // are of the past and change nothing, but a device's refused DBIRTH or DDEATH still
+        // gives its readings: a BIRTH names every metric it carries.
         if self.replay && !matches!(t.kind, Kind::NData | Kind::DData) {
-            out.nothing = true;
+            match (t.kind, device_id.as_deref()) {
+                (Kind::DBirth, Some(id)) => {
+                    let mut named = HashMap::new();
+                    births(&p, &mut named);
+                    out.items.push(online(id, p.timestamp, 1.0, "birth"));
+                    values(&p, &named, id, &mut out);
+                }
+                (Kind::DDeath, Some(id)) => out.items.push(online(id, p.timestamp, 0.0, "death")),
+                _ => out.nothing = true,
+            }
             return out;
         }
         let node = self.nodes.entry(key(&t)).or_default();
@@ -303,8 +313,10 @@ impl Host {
                 d.aliases.clear();
                 births(&p, &mut d.aliases);
                 if node.replay_devices && !self.replay {
-                    out.replay
-                        .push(Topic::render(t.group, Kind::DData, t.node, Some(device)));
+                    for kind in [Kind::DData, Kind::DBirth, Kind::DDeath] {
+                        out.replay
+                            .push(Topic::render(t.group, kind, t.node, Some(device)));
+                    }
                 }
                 out.items.push(online(device_id, p.timestamp, 1.0, "birth"));
                 values(&p, &d.aliases, device_id, &mut out);
@@ -729,20 +741,73 @@ mod tests {
         let mut h = host();
         births(&mut h);
         h.set_replay(true);
-        // An old seq, a death: read without checks, and the death is of the past.
+        // An old seq, a death: read without checks; the death gives its reading but is of
+        // the past (the device stays born), and an NBIRTH changes nothing.
         assert!(
             h.handle("spBv1.0/plant/DDATA/line1/press", &data(200, 5.0), 0)
                 .rejects
                 .is_empty()
         );
+        let death = h.handle("spBv1.0/plant/DDEATH/line1/press", &payload(201, vec![]), 0);
+        let got: Vec<(&str, f64, Option<u64>)> = death
+            .items
+            .iter()
+            .map(|i| (i.metric.as_str(), i.value, i.ts_ms))
+            .collect();
+        assert_eq!(got, [("online", 0.0, Some(1_767_225_600_201))]);
         assert!(
-            h.handle("spBv1.0/plant/DDEATH/line1/press", &payload(201, vec![]), 0)
+            h.handle("spBv1.0/plant/NBIRTH/line1", &payload(0, vec![]), 0)
                 .nothing
+        );
+        // A refused DBIRTH gives its readings, named by itself.
+        let birth = h.handle(
+            "spBv1.0/plant/DBIRTH/line1/pump",
+            &payload(
+                9,
+                vec![metric(Some("flow"), 30, datatype::FLOAT, Value::Float(1.5))],
+            ),
+            0,
+        );
+        let got: Vec<(&str, &str, f64)> = birth
+            .items
+            .iter()
+            .map(|i| (i.device.as_str(), i.metric.as_str(), i.value))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("plant/line1/pump", "online", 1.0),
+                ("plant/line1/pump", "flow", 1.5)
+            ]
         );
         h.set_replay(false);
         // The live sequence goes on from where it was, the device still born.
         let out = h.handle("spBv1.0/plant/DDATA/line1/press", &data(2, 6.0), 0);
         assert!(out.rejects.is_empty(), "{:?}", out.rejects);
+    }
+
+    #[test]
+    fn births_after_refusals_mark_the_nodes_and_devices_messages_for_replay() {
+        let mut h = host();
+        let out = h.handle("spBv1.0/plant/DDATA/line1/press", &data(5, 1.0), 0);
+        assert_eq!(out.rejects[0].reason, Reason::UnknownAlias);
+        let mut born = host();
+        births(&mut born);
+        // The same births through the host that refused: the replay list grows.
+        let nbirth = h.handle("spBv1.0/plant/NBIRTH/line1", &payload(0, vec![]), 1);
+        assert_eq!(nbirth.replay, ["spBv1.0/plant/NDATA/line1"]);
+        let dbirth = h.handle("spBv1.0/plant/DBIRTH/line1/press", &payload(1, vec![]), 2);
+        assert_eq!(
+            dbirth.replay,
+            [
+                "spBv1.0/plant/DDATA/line1/press",
+                "spBv1.0/plant/DBIRTH/line1/press",
+                "spBv1.0/plant/DDEATH/line1/press"
+            ]
+        );
+        // A host that refused nothing replays nothing.
+        let again = born.handle("spBv1.0/plant/NBIRTH/line1", &payload(0, vec![]), 3);
+        assert!(again.replay.is_empty());
     }
 
     #[test]

@@ -27,11 +27,14 @@ pub enum Kind {
     /// th-300 firmware 3.0.0: protobuf ([`crate::protobuf`]) on
     /// `<prefix>/th-300/3.0.0/<device>`, read once its schema is registered. MQTT only.
     Th300Pb,
+    /// A Sparkplug B edge node with two devices ([`crate::sparkplug`]): births, alias-only
+    /// data, deaths, rebirth on request. MQTT only; the agent needs `[mqtt.sparkplug]`.
+    Sparkplug,
 }
 
 impl Kind {
     /// Every kind, in `--device-types` order.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Bare,
         Kind::PlantJson,
         Kind::MultiJson,
@@ -39,6 +42,7 @@ impl Kind {
         Kind::Th100V1,
         Kind::Th100V2,
         Kind::Th300Pb,
+        Kind::Sparkplug,
     ];
 
     /// The name used on the command line and in device ids.
@@ -51,6 +55,7 @@ impl Kind {
             Kind::Th100V1 => "th100-v1",
             Kind::Th100V2 => "th100-v2",
             Kind::Th300Pb => "th300-pb",
+            Kind::Sparkplug => "spb-node",
         }
     }
 
@@ -102,6 +107,8 @@ pub struct Device {
     status: u8,
     /// Running 60 degrees hot (a threshold crossing the run planted).
     pub hot: bool,
+    /// A Sparkplug node's session.
+    pub spb: Option<crate::sparkplug::Node>,
     /// With the reference profile: the reference dataset's values of this device, one
     /// second after another (cycled), sent instead of the plant signals.
     pub reference: std::collections::VecDeque<[f64; 4]>,
@@ -132,6 +139,7 @@ pub fn use_reference(devices: &mut [Device], seconds: usize, seed: u64) {
         let mut rows = by_device.remove(&device_id(i)).unwrap_or_default();
         rows.sort_by_key(|r| (r.0, r.1));
         d.kind = Kind::MultiJson;
+        d.spb = None;
         d.reference = rows
             .chunks(METRICS.len())
             .map(|c| {
@@ -160,6 +168,12 @@ pub struct Message {
     pub expect: Vec<Expect>,
     /// CoAP Content-Format: 0 text, 50 JSON, 60 CBOR.
     pub content_format: u16,
+    /// The device the readings are stored under, when it is not the sender's id (the
+    /// Sparkplug node's and devices' ids).
+    pub device: Option<String>,
+    /// Readings of other devices the agent makes of this message (a Sparkplug NDEATH marks
+    /// the node's devices offline too).
+    pub also: Vec<(String, Vec<Expect>)>,
 }
 
 impl Message {
@@ -197,6 +211,8 @@ pub fn devices(run: &str, n: u32, mix: &[(Kind, u32)], rng: &mut Rng) -> Vec<Dev
                 phase: rng.unit() * std::f64::consts::TAU,
                 status: 1,
                 hot: false,
+                spb: (kind == Kind::Sparkplug)
+                    .then(|| crate::sparkplug::Node::new(run, &format!("n{i:05}"), u64::from(i))),
                 reference: std::collections::VecDeque::new(),
             }
         })
@@ -209,10 +225,34 @@ fn r2(v: f64) -> f64 {
 }
 
 impl Device {
-    /// The next message at event time `ts_us`: temperature a random walk, humidity a daily
+    /// What the device publishes in its turn at event time `ts_us`, `progress` (0 to 1) into
+    /// the run: one message ([`Device::next`]); a Sparkplug node's births or deaths, or one
+    /// data message.
+    pub fn turn(&mut self, prefix: &str, ts_us: i64, progress: f64, rng: &mut Rng) -> Vec<Message> {
+        let Some(mut node) = self.spb.take() else {
+            return vec![self.next(prefix, ts_us, rng)];
+        };
+        let ms = ts_us.div_euclid(1000);
+        let out = node.turn(ms, progress, |_| self.sparkplug_values(rng));
+        self.spb = Some(node);
+        out
+    }
+
+    /// A Sparkplug device's next values (the same signals as the other kinds).
+    fn sparkplug_values(&mut self, rng: &mut Rng) -> crate::sparkplug::Values {
+        self.temperature = (self.temperature + rng.normal(0.05)).clamp(-40.0, 150.0);
+        self.counter += rng.range(0, 5) as u64;
+        crate::sparkplug::Values {
+            temperature: r2(self.temperature + if self.hot { 60.0 } else { 0.0 }),
+            humidity: r2(45.0 + rng.unit() * 10.0),
+            cycles: (self.counter % u64::from(u32::MAX)) as u32,
+        }
+    }
+
+    /// The next message at event time `ts_us` (a Sparkplug node's: see [`Device::turn`]): temperature a random walk, humidity a daily
     /// cycle, vibration with rare bursts, a monotonic counter and a run state that rarely
     /// changes (not called `status`, which the agent takes as a tag).
-    pub fn next(&mut self, prefix: &str, ts_us: i64, rng: &mut Rng) -> Message {
+    fn next(&mut self, prefix: &str, ts_us: i64, rng: &mut Rng) -> Message {
         if let Some(v) = self.reference.pop_front() {
             self.reference.push_back(v);
             let ms = ts_us.div_euclid(1000);
@@ -228,6 +268,8 @@ impl Device {
                 payload: serde_json::Value::Object(obj).to_string().into_bytes(),
                 expect: names.iter().zip(v).map(|(n, x)| (*n, ts, x)).collect(),
                 content_format: 50,
+                device: None,
+                also: Vec::new(),
             };
         }
         self.temperature = (self.temperature + rng.normal(0.05)).clamp(-40.0, 150.0);
@@ -248,11 +290,14 @@ impl Device {
         let ts = Some(ms * 1000);
         let topic = format!("{prefix}/{}", self.id);
         match self.kind {
-            Kind::Bare => Message {
+            // A Sparkplug node's turns go to its session ([`Device::turn`]), never here.
+            Kind::Bare | Kind::Sparkplug => Message {
                 topic: format!("{topic}/temperature"),
                 payload: format!("{t}").into_bytes(),
                 expect: vec![("temperature", None, t)],
                 content_format: 0,
+                device: None,
+                also: Vec::new(),
             },
             Kind::PlantJson => Message {
                 topic,
@@ -262,6 +307,8 @@ impl Device {
                 .into_bytes(),
                 expect: vec![("temperature", ts, t)],
                 content_format: 50,
+                device: None,
+                also: Vec::new(),
             },
             Kind::MultiJson | Kind::Cbor => {
                 let v = serde_json::json!({"ts": ms, "seq": self.seq, "temperature": t,
@@ -285,6 +332,8 @@ impl Device {
                         ("run_state", ts, f64::from(self.status)),
                     ],
                     content_format: if self.kind == Kind::Cbor { 60 } else { 50 },
+                    device: None,
+                    also: Vec::new(),
                 }
             }
             Kind::Th100V1 => Message {
@@ -295,6 +344,8 @@ impl Device {
                 .into_bytes(),
                 expect: vec![("temperature", ts, t), ("humidity", ts, humidity)],
                 content_format: 50,
+                device: None,
+                also: Vec::new(),
             },
             Kind::Th300Pb => Message {
                 topic: format!(
@@ -306,6 +357,8 @@ impl Device {
                 payload: crate::protobuf::encode(&self.id, ms as u64, t, humidity, self.seq as u32),
                 expect: vec![("temperature", ts, t), ("humidity", ts, humidity)],
                 content_format: 0,
+                device: None,
+                also: Vec::new(),
             },
             Kind::Th100V2 => Message {
                 topic,
@@ -315,6 +368,8 @@ impl Device {
                 .into_bytes(),
                 expect: vec![("temperature", ts, t), ("humidity", ts, humidity)],
                 content_format: 50,
+                device: None,
+                also: Vec::new(),
             },
         }
     }
@@ -327,6 +382,8 @@ pub fn malformed(prefix: &str, device: &str) -> Message {
         payload: b"{\"ts\": 17, \"temperature\": ".to_vec(),
         expect: Vec::new(),
         content_format: 50,
+        device: None,
+        also: Vec::new(),
     }
 }
 
@@ -338,6 +395,8 @@ pub fn oversize(prefix: &str, device: &str) -> Message {
         payload: format!("{{\"ts\": 17, \"temperature\": 1, \"note\": \"{pad}\"}}").into_bytes(),
         expect: Vec::new(),
         content_format: 50,
+        device: None,
+        also: Vec::new(),
     }
 }
 
@@ -365,9 +424,13 @@ mod tests {
             assert!(devs.iter().any(|d| d.kind == k), "{k}");
         }
         for d in &mut devs {
-            let m = d.next("plant", 1_795_000_000_123_456, &mut rng);
+            let m = d
+                .turn("plant", 1_795_000_000_123_456, 0.0, &mut rng)
+                .remove(0);
             assert!(!m.expect.is_empty());
-            if d.kind == Kind::Th300Pb {
+            if d.kind == Kind::Sparkplug {
+                assert!(m.topic.starts_with("spBv1.0/r1-spb/NBIRTH/"), "{}", m.topic);
+            } else if d.kind == Kind::Th300Pb {
                 assert_eq!(m.topic, format!("plant/th-300/3.0.0/{}", d.id));
             } else {
                 assert!(m.topic.starts_with(&format!("plant/{}", d.id)));

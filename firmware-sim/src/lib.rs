@@ -8,6 +8,7 @@
 //! - [`fleet`]: device types, their firmware's payload shapes, and plant-like signals.
 //! - [`run`]: `firmware-sim run`, a fleet over MQTT and/or CoAP with faults, a ledger and
 //!   a report.
+//! - [`sparkplug`]: Sparkplug B edge nodes (births, alias-only data, deaths, rebirths).
 //! - [`coap`]: CoAP requests (CON with retransmission, or NON) for `run`.
 //! - [`ledger`]: what the broker acknowledged, by reading identity (SQLite).
 //! - [`verify`]: `firmware-sim verify`, the ledger against PostgreSQL and Kafka.
@@ -22,4 +23,5 @@ pub mod publish;
 pub mod refdata;
 pub mod rng;
 pub mod run;
+pub mod sparkplug;
 pub mod verify;

@@ -43,7 +43,10 @@ enum Command {
         /// Device types and their weights: bare, plant-json, multi-json, cbor, th100-v1
         /// (firmware 1.x field names), th100-v2 (2.x), th300-pb (protobuf on
         /// <prefix>/th-300/3.0.0/<device>; register its schema first: `firmware-sim
-        /// protobuf-schema`).
+        /// protobuf-schema`), spb-node (a Sparkplug B edge node with devices d1 and d2 in
+        /// group <run>-spb: births, alias-only data, d2's death at 70% and rebirth at 80%,
+        /// NDEATH when it falls silent, births again on a rebirth NCMD; the agent needs
+        /// `[mqtt.sparkplug]` with the default ids).
         #[arg(
             long,
             default_value = "multi-json=4,plant-json=2,cbor=2,th100-v1=1,th100-v2=1,bare=1"
@@ -208,14 +211,16 @@ fn main() -> Result<()> {
             json,
         } => {
             let mix = firmware_sim::fleet::parse_mix(&device_types).map_err(anyhow::Error::msg)?;
-            anyhow::ensure!(
-                coap.is_none()
-                    || !mix
-                        .iter()
-                        .any(|(k, w)| *k == firmware_sim::fleet::Kind::Th300Pb && *w > 0),
-                "--device-types th300-pb sends protobuf, which the agent reads over MQTT only; \
-                 drop it from the mix with --coap"
-            );
+            use firmware_sim::fleet::Kind;
+            for (kind, what) in [
+                (Kind::Th300Pb, "protobuf, which the agent reads"),
+                (Kind::Sparkplug, "Sparkplug B, which is"),
+            ] {
+                anyhow::ensure!(
+                    coap.is_none() || !mix.iter().any(|(k, w)| *k == kind && *w > 0),
+                    "--device-types {kind} sends {what} over MQTT only; drop it from the mix with --coap"
+                );
+            }
             for (name, v) in [
                 ("--duplicate-rate", duplicate_rate),
                 ("--malformed-rate", malformed_rate),

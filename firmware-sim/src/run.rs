@@ -97,6 +97,8 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// Seconds.
     pub elapsed_s: f64,
+    /// Rebirth requests (NCMD) the Sparkplug nodes answered with their births.
+    pub sparkplug_rebirths: u64,
 }
 
 struct Pending {
@@ -104,6 +106,44 @@ struct Pending {
     device: String,
     expect: Vec<Expect>,
     rejected: Option<&'static str>,
+    /// Readings of other devices the message makes.
+    also: Vec<(String, Vec<Expect>)>,
+}
+
+impl Pending {
+    fn new(sender: &str, msg: &fleet::Message, rejected: Option<&'static str>) -> Self {
+        Self {
+            at: Instant::now(),
+            device: msg.device.clone().unwrap_or_else(|| sender.to_owned()),
+            expect: msg.expect.clone(),
+            rejected,
+            also: msg.also.clone(),
+        }
+    }
+}
+
+/// Hands a message to the MQTT client; false (and counted) when its queue is full.
+fn publish(
+    client: &AsyncClient,
+    qos: QoS,
+    msg: &fleet::Message,
+    pending: Pending,
+    report: &mut Report,
+    queued: &mut VecDeque<Pending>,
+) -> bool {
+    if let Err(e) = client.try_publish(msg.topic.clone(), qos, false, msg.payload.clone()) {
+        let n = report.errors.entry("client_queue_full".into()).or_default();
+        if *n == 0 {
+            tracing_free_log(&format!(
+                "{e}: more offered than the connection carries; counting the rest"
+            ));
+        }
+        *n += 1;
+        return false;
+    }
+    report.sent += 1;
+    queued.push_back(pending);
+    true
 }
 
 fn broker(url: &str) -> anyhow::Result<(String, u16)> {
@@ -238,6 +278,12 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
     let mut last_draw = Instant::now();
     let mut acked_batch: Vec<Pending> = Vec::new();
     let mut recent: HashMap<usize, VecDeque<fleet::Message>> = HashMap::new();
+    // Sparkplug nodes by name, for their rebirth commands.
+    let nodes: HashMap<String, usize> = devices
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| d.spb.as_ref().map(|n| (n.name.clone(), i)))
+        .collect();
     loop {
         let sending = Instant::now() < end;
         if !sending && queued.is_empty() && inflight.is_empty() && coap_outstanding == 0 {
@@ -265,10 +311,26 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                     let i = next_device % n;
                     next_device += 1;
                     if i >= silent_from && progress >= 0.5 {
-                        continue; // fallen silent
+                        // Fallen silent; a Sparkplug node says so first.
+                        if let (Some(node), Some(client)) = (devices[i].spb.as_mut(), &client) {
+                            for msg in node.ndeath(now_us().div_euclid(1000)) {
+                                let p = Pending::new(&devices[i].id, &msg, None);
+                                publish(client, qos, &msg, p, &mut report, &mut queued);
+                            }
+                        }
+                        continue;
                     }
                     let d = &mut devices[i];
                     d.hot = i < o.hot_devices as usize && (0.4..0.6).contains(&progress);
+                    if d.kind == Kind::Sparkplug {
+                        // Its own session: no planted faults but silence.
+                        let Some(client) = &client else { continue };
+                        for msg in d.turn(&o.prefix, now_us() + skew[i], progress, &mut rng) {
+                            let p = Pending::new(&d.id, &msg, None);
+                            publish(client, qos, &msg, p, &mut report, &mut queued);
+                        }
+                        continue;
+                    }
                     let mut ts = now_us() + skew[i];
                     if rng.chance(o.out_of_order_rate) {
                         ts -= rng.range(1_000_000, 5_000_000);
@@ -281,7 +343,7 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                         *report.errors.entry("planted_oversize".into()).or_default() += 1;
                         (fleet::oversize(&o.prefix, &d.id), Some("oversize"))
                     } else {
-                        (d.next(&o.prefix, ts, &mut rng), None)
+                        (d.turn(&o.prefix, ts, progress, &mut rng).remove(0), None)
                     };
                     // What goes out for this turn: the message; for a flooding device 49
                     // more distinct ones; after a planted reconnect, a burst resending the
@@ -290,7 +352,8 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                     if flood.contains(&i) {
                         *report.errors.entry("planted_flood_messages".into()).or_default() += 49;
                         for k in 1..50 {
-                            batch.push((d.next(&o.prefix, ts + k * 1000, &mut rng), None));
+                            let more = d.turn(&o.prefix, ts + k * 1000, progress, &mut rng);
+                            batch.extend(more.into_iter().map(|m| (m, None)));
                         }
                     } else if d.kind != Kind::Bare && rejected.is_none() && rng.chance(o.duplicate_rate) {
                         let last = recent.entry(i).or_default();
@@ -308,7 +371,7 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                     for (msg, rejected) in batch {
                         if uses_coap(i) {
                             let Some(tx) = &coap_tx else { continue };
-                            let tag = Pending { at: Instant::now(), device: d.id.clone(), expect: msg.expect.clone(), rejected };
+                            let tag = Pending::new(&d.id, &msg, rejected);
                             if tx.try_send(crate::coap::Job { message: msg.clone(), tag }).is_err() {
                                 *report.errors.entry("coap_queue_full".into()).or_default() += 1;
                                 continue;
@@ -318,16 +381,8 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                             continue;
                         }
                         let Some(client) = &client else { continue };
-                        if let Err(e) = client.try_publish(msg.topic.clone(), qos, false, msg.payload.clone()) {
-                            let n = report.errors.entry("client_queue_full".into()).or_default();
-                            if *n == 0 {
-                                tracing_free_log(&format!("{e}: more offered than the connection carries; counting the rest"));
-                            }
-                            *n += 1;
-                            continue;
-                        }
-                        report.sent += 1;
-                        queued.push_back(Pending { at: Instant::now(), device: d.id.clone(), expect: msg.expect.clone(), rejected });
+                        let p = Pending::new(&d.id, &msg, rejected);
+                        publish(client, qos, &msg, p, &mut report, &mut queued);
                     }
                 }
             }
@@ -357,6 +412,22 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                     }
                     Ok(Event::Incoming(Packet::PubComp(a))) if qos == QoS::ExactlyOnce => {
                         if let Some(p) = inflight.remove(&a.pkid) { acked_batch.push(p); }
+                    }
+                    Ok(Event::Incoming(Packet::ConnAck(_))) if !nodes.is_empty() => {
+                        // Each (clean) session subscribes to the nodes' commands again.
+                        if let Some(c) = &client {
+                            let _ = c.try_subscribe(crate::sparkplug::commands(&o.run), QoS::AtLeastOnce);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let node = crate::sparkplug::command_node(&p.topic);
+                        if let Some(&i) = node.as_ref().and_then(|n| nodes.get(n))
+                            && crate::sparkplug::is_rebirth(&p.payload)
+                            && let Some(n) = devices[i].spb.as_mut()
+                        {
+                            n.rebirth();
+                            report.sparkplug_rebirths += 1;
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -436,9 +507,13 @@ fn settle(
         let _ = hist.record(p.at.elapsed().as_micros().max(1) as u64);
         if p.rejected.is_none() {
             report.readings += p.expect.len() as u64;
+            report.readings += p.also.iter().map(|a| a.1.len() as u64).sum::<u64>();
         }
         if let Some(l) = ledger.as_deref_mut() {
             l.record(&p.device, &p.expect, p.rejected)?;
+            for (device, expect) in &p.also {
+                l.record(device, expect, None)?;
+            }
         }
     }
     Ok(())

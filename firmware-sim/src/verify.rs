@@ -139,15 +139,19 @@ pub async fn verify(
         .iter()
         .map(|(d, m, n)| ((d.clone(), m.clone()), *n))
         .collect();
+    let e_timed: HashSet<&(String, String, i64)> = e.timed.iter().collect();
     let mut held: HashMap<(String, String, i64), i64> = HashMap::new();
     let mut stamped_held: HashMap<(String, String), i64> = HashMap::new();
     for row in &rows {
         let (d, m): (String, String) = (row.get(0), row.get(1));
         let ts = us(row.get(2));
-        if stamped.contains_key(&(d.clone(), m.clone())) {
-            *stamped_held.entry((d, m)).or_default() += 1;
+        // A metric may have both: a Sparkplug device's `online` is timed at births and
+        // stamped at its node's death. Rows at an expected time count as timed.
+        let key = (d, m, ts);
+        if !e_timed.contains(&key) && stamped.contains_key(&(key.0.clone(), key.1.clone())) {
+            *stamped_held.entry((key.0, key.1)).or_default() += 1;
         } else {
-            held.insert((d, m, ts), row.get(3));
+            held.insert(key, row.get(3));
         }
     }
     let timed: HashSet<(String, String, i64)> = e.timed.iter().cloned().collect();

@@ -45,29 +45,28 @@ fn the_agent_decodes_every_shape_into_what_the_ledger_expects() {
     let received = 1_795_000_000_000_000;
     let mut seen = std::collections::HashSet::new();
     for d in &mut devices {
-        let m = d.next("plant", 1_795_000_000_123_000, &mut rng);
-        let out = decoder.decode_mqtt(&m.topic, &m.payload, received);
-        assert!(out.rejects.is_empty(), "{}: {:?}", d.kind, out.rejects);
-        let mut got: Vec<(String, Option<i64>, f64)> = out
-            .readings
-            .iter()
-            .map(|r| {
-                (
-                    r.metric.clone(),
-                    (d.kind != Kind::Bare).then_some(r.ts.0),
-                    r.value,
-                )
-            })
-            .collect();
-        let mut want: Vec<(String, Option<i64>, f64)> = m
-            .expect
-            .iter()
-            .map(|(mt, ts, v)| ((*mt).to_owned(), *ts, *v))
-            .collect();
-        got.sort_by(|a, b| a.0.cmp(&b.0));
-        want.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(got, want, "{}", d.kind);
-        assert!(out.readings.iter().all(|r| r.device == d.id));
+        // A Sparkplug node's session: births, data, d2's death and birth, the node's death.
+        let turns: Vec<Vec<fleet::Message>> = if d.kind == Kind::Sparkplug {
+            let mut t: Vec<Vec<fleet::Message>> = [0.0, 0.1, 0.1, 0.1, 0.7, 0.8]
+                .iter()
+                .enumerate()
+                .map(|(k, p)| {
+                    d.turn(
+                        "plant",
+                        1_795_000_000_123_000 + k as i64 * 1000,
+                        *p,
+                        &mut rng,
+                    )
+                })
+                .collect();
+            t.push(d.spb.as_mut().unwrap().ndeath(1_795_000_010_000));
+            t
+        } else {
+            vec![d.turn("plant", 1_795_000_000_123_000, 0.0, &mut rng)]
+        };
+        for m in turns.into_iter().flatten() {
+            check(&mut decoder, &m, d, received);
+        }
         seen.insert(d.kind);
     }
     assert_eq!(seen.len(), Kind::ALL.len());
@@ -75,7 +74,9 @@ fn the_agent_decodes_every_shape_into_what_the_ledger_expects() {
     let mut refdevs = fleet::devices("shapes", 3, &mix, &mut rng);
     fleet::use_reference(&mut refdevs, 5, 1);
     for d in &mut refdevs {
-        let m = d.next("plant", 1_795_000_000_123_000, &mut rng);
+        let m = d
+            .turn("plant", 1_795_000_000_123_000, 0.0, &mut rng)
+            .remove(0);
         let out = decoder.decode_mqtt(&m.topic, &m.payload, received);
         assert!(out.rejects.is_empty(), "{:?}", out.rejects);
         let mut got: Vec<(String, f64)> = out
@@ -102,4 +103,44 @@ fn the_agent_decodes_every_shape_into_what_the_ledger_expects() {
     let out = decoder.decode_mqtt(&big.topic, &big.payload, received);
     assert!(out.readings.is_empty(), "{} readings", out.readings.len());
     assert_eq!(out.rejects[0].reason.as_str(), "oversize");
+}
+
+/// The agent's readings of one message are exactly what the ledger records of it, under
+/// the devices it names; receive-stamped ones (no device time) by metric and value.
+fn check(decoder: &mut Decoder, m: &fleet::Message, d: &fleet::Device, received: i64) {
+    type Row = (String, String, Option<i64>, f64);
+    let sender = m.device.clone().unwrap_or_else(|| d.id.clone());
+    let mut want: Vec<Row> = std::iter::once((sender, m.expect.clone()))
+        .chain(m.also.iter().cloned())
+        .flat_map(|(dev, e)| {
+            e.into_iter()
+                .map(move |(mt, ts, v)| (dev.clone(), mt.to_owned(), ts, v))
+        })
+        .collect();
+    let stamped: std::collections::HashSet<(String, String)> = want
+        .iter()
+        .filter(|w| w.2.is_none())
+        .map(|w| (w.0.clone(), w.1.clone()))
+        .collect();
+    let out = decoder.decode_mqtt(&m.topic, &m.payload, received);
+    assert!(
+        out.rejects.is_empty(),
+        "{} {}: {:?}",
+        d.kind,
+        m.topic,
+        out.rejects
+    );
+    let mut got: Vec<Row> = out
+        .readings
+        .iter()
+        .map(|r| {
+            let key = (r.device.clone(), r.metric.clone());
+            let ts = (!stamped.contains(&key)).then_some(r.ts.0);
+            (key.0, key.1, ts, r.value)
+        })
+        .collect();
+    let order = |a: &Row, b: &Row| (&a.0, &a.1, a.2).cmp(&(&b.0, &b.1, b.2));
+    got.sort_by(order);
+    want.sort_by(order);
+    assert_eq!(got, want, "{} {}", d.kind, m.topic);
 }
