@@ -77,6 +77,7 @@ async fn a_locked_table_holds_memory_bounded_and_metrics_add_up() {
         dead_letters_keep: 100,
         tenant: "acme".into(),
         max_series_per_device: 1000,
+        live_buffer: edge_agent::store::LIVE_BUFFER,
     })
     .unwrap();
     store.begin(1).unwrap();

@@ -70,6 +70,7 @@ async fn drain(tag: &str, kafka: Option<String>) -> f64 {
         dead_letters_keep: 100,
         tenant: "acme".into(),
         max_series_per_device: 1000,
+        live_buffer: edge_agent::store::LIVE_BUFFER,
     };
     let mut store = edge_agent::store::Store::open(opts).unwrap();
     for chunk in readings.chunks(100_000) {

@@ -88,6 +88,7 @@ async fn poison_is_isolated_and_good_readings_keep_flowing() {
             dead_letters_keep: 100,
             tenant: "acme".into(),
             max_series_per_device: 1000,
+            live_buffer: edge_agent::store::LIVE_BUFFER,
         })
         .unwrap();
         q.begin(1).unwrap();

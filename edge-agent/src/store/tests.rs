@@ -17,6 +17,7 @@ pub(crate) fn options(dir: &tempdir::Dir, max_bytes: u64) -> Options {
         dead_letters_keep: 3,
         tenant: "acme".into(),
         max_series_per_device: 1000,
+        live_buffer: super::LIVE_BUFFER,
     }
 }
 
@@ -505,4 +506,73 @@ fn a_device_at_its_series_cap_is_refused_new_series_and_nothing_is_marked_seen()
     s.begin(2).unwrap();
     assert_eq!(s.insert(&invented).unwrap(), Insert::Stored);
     s.commit().unwrap();
+}
+
+#[test]
+fn live_readings_ship_from_memory_and_fall_back_to_sqlite() {
+    let tamper = |s: &Store| {
+        s.connection()
+            .execute("UPDATE readings SET value = 0", [])
+            .unwrap();
+    };
+    let values = |b: Option<crate::store::QueuedBatch>| -> Vec<f64> {
+        b.unwrap().readings.iter().map(|r| r.value).collect()
+    };
+    // From memory: the rows changed behind the store's back are not read back.
+    let (_d, mut s) = temp_store(1 << 30);
+    put(&mut s, &[r("a", 1, 1.0), r("a", 2, 2.0), r("b", 3, 3.0)]);
+    tamper(&s);
+    assert_eq!(values(s.read_batch(Lane::Live, 2).unwrap()), [1.0, 2.0]);
+    assert_eq!(values(s.read_batch(Lane::Live, 9).unwrap()), [3.0]);
+    assert!(s.read_batch(Lane::Live, 9).unwrap().is_none());
+    // Without memory every live batch is read from SQLite.
+    let (d0, mut s0) = temp_store(1 << 30);
+    drop(s0);
+    s0 = Store::open(Options {
+        live_buffer: 0,
+        ..options(&d0, 1 << 30)
+    })
+    .unwrap();
+    put(&mut s0, &[r("a", 1, 1.0), r("a", 2, 2.0)]);
+    tamper(&s0);
+    assert_eq!(values(s0.read_batch(Lane::Live, 9).unwrap()), [0.0, 0.0]);
+    // Overflowed: the first two from memory, the rest from SQLite, then memory again once
+    // the lane has caught up.
+    let (d2, s2) = temp_store(1 << 30);
+    drop(s2);
+    let mut s2 = Store::open(Options {
+        live_buffer: 2,
+        ..options(&d2, 1 << 30)
+    })
+    .unwrap();
+    put(&mut s2, &[r("a", 1, 1.0), r("a", 2, 2.0)]);
+    put(&mut s2, &[r("a", 3, 3.0)]);
+    tamper(&s2);
+    assert_eq!(values(s2.read_batch(Lane::Live, 9).unwrap()), [1.0, 2.0]);
+    assert_eq!(values(s2.read_batch(Lane::Live, 9).unwrap()), [0.0]);
+    put(&mut s2, &[r("a", 4, 4.0)]);
+    tamper(&s2);
+    assert_eq!(values(s2.read_batch(Lane::Live, 9).unwrap()), [4.0]);
+}
+
+#[test]
+fn a_commit_that_evicts_leaves_no_evicted_reading_in_the_live_lane() {
+    // As above: room for 100 readings; the quiet device's 20 are in the live lane's memory
+    // when the flood's commit evicts 20 of its own.
+    let (_d, mut s) = temp_store(100 * ROW_COST + 2 * 58 + 2 * 70);
+    put(
+        &mut s,
+        &(0..20).map(|i| r("quiet", i, 0.0)).collect::<Vec<_>>(),
+    );
+    put(
+        &mut s,
+        &(0..100).map(|i| r("flood", i, 0.0)).collect::<Vec<_>>(),
+    );
+    let mut got = Vec::new();
+    while let Some(b) = s.read_batch(Lane::Live, 30).unwrap() {
+        got.extend(b.readings.iter().map(|r| (r.device.clone(), r.ts.0)));
+    }
+    assert_eq!(got.len(), 100);
+    assert_eq!(got.iter().filter(|g| g.0 == "quiet").count(), 20);
+    assert!(got.iter().all(|g| g.0 == "quiet" || g.1 >= 20), "{got:?}");
 }
