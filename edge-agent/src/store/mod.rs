@@ -357,6 +357,32 @@ pub struct Store {
     live_complete: bool,
     // The readings of the open transaction, for `live_mem` once it commits.
     live_pending: Vec<(i64, Reading)>,
+    // The write front of the open transaction: its readings and the identity hashes it
+    // adds to the current `seen` generation, written together (sorted, several rows per
+    // statement) when it commits. Ids are assigned here, from `next_id`.
+    rows_pending: Vec<Row>,
+    seen_front: std::collections::HashSet<i64>,
+    next_id: i64,
+}
+
+/// A reading row waiting for its commit.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    id: i64,
+    device: i64,
+    series: i64,
+    ts: i64,
+    bits: i64,
+    seq: Option<i64>,
+}
+
+/// Rows per multi-row INSERT, largest first: a flush takes as many of the largest as fit.
+const CHUNKS: [usize; 3] = [128, 16, 1];
+
+/// `INSERT INTO <table> (<columns>) VALUES (?, ...), ...` with `rows` rows.
+fn multi_insert(head: &str, columns: usize, rows: usize) -> String {
+    let one = format!("({})", vec!["?"; columns].join(", "));
+    format!("{head} VALUES {}", vec![one; rows].join(", "))
 }
 
 impl std::fmt::Debug for Store {
@@ -385,6 +411,9 @@ impl Store {
             move |source| StoreError::Sqlite { path, what, source }
         };
         let conn = Connection::open(&opts.path).map_err(err("opening"))?;
+        // Every statement of the write path stays prepared (rusqlite keeps 16 by default,
+        // fewer than the queue uses).
+        conn.set_prepared_statement_cache_capacity(64);
         let sync = match opts.synchronous {
             Synchronous::Full => "FULL",
             Synchronous::Normal => "NORMAL",
@@ -445,6 +474,9 @@ impl Store {
             live_mem: std::collections::VecDeque::new(),
             live_complete: true,
             live_pending: Vec::new(),
+            rows_pending: Vec::new(),
+            seen_front: std::collections::HashSet::new(),
+            next_id: 1,
         };
         store.load()?;
         store.restart_lanes();
@@ -576,6 +608,16 @@ impl Store {
                 r.get(0)
             })
             .map_err(e)?;
+        // AUTOINCREMENT never reuses an id: the next is past the highest ever given.
+        let given: i64 = self
+            .conn
+            .query_row(
+                "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'readings'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(e)?;
+        self.next_id = given.max(self.last_id) + 1;
         self.dead_letters_last = self
             .conn
             .query_row("SELECT coalesce(max(id), 0) FROM dead_letters", [], |r| {
@@ -871,23 +913,84 @@ impl Store {
         Ok(id)
     }
 
-    /// Whether the identity was stored within the window; records it if not.
+    /// Whether the identity was stored within the window; records it (in the write front)
+    /// if not.
     fn first_sighting(&mut self, h: i64) -> Result<bool, StoreError> {
-        let (cur, prev) = (self.seen_current, 1 - self.seen_current);
-        let in_prev = self
-            .conn
-            .prepare_cached(&format!("SELECT 1 FROM seen{prev} WHERE h = ?1"))
-            .and_then(|mut s| s.exists([h]))
-            .map_err(self.sql_err("checking for duplicates"))?;
-        if in_prev {
+        if self.seen_front.contains(&h) {
             return Ok(false);
         }
-        let added = self
+        let seen = self
             .conn
-            .prepare_cached(&format!("INSERT OR IGNORE INTO seen{cur} (h) VALUES (?1)"))
-            .and_then(|mut s| s.execute([h]))
-            .map_err(self.sql_err("recording an identity"))?;
-        Ok(added == 1)
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM seen0 WHERE h = ?1)
+                     OR EXISTS (SELECT 1 FROM seen1 WHERE h = ?1)",
+            )
+            .and_then(|mut s| s.query_row([h], |r| r.get::<_, bool>(0)))
+            .map_err(self.sql_err("checking for duplicates"))?;
+        if seen {
+            return Ok(false);
+        }
+        self.seen_front.insert(h);
+        Ok(true)
+    }
+
+    /// Writes the open transaction's front: its identity hashes, sorted, and its readings,
+    /// in id order, several rows per statement.
+    fn flush_front(&mut self) -> Result<(), StoreError> {
+        let mut hashes: Vec<i64> = self.seen_front.drain().collect();
+        hashes.sort_unstable();
+        let seen_head = format!("INSERT OR IGNORE INTO seen{} (h)", self.seen_current);
+        let mut at = 0;
+        while at < hashes.len() {
+            let n = CHUNKS
+                .into_iter()
+                .find(|c| *c <= hashes.len() - at)
+                .unwrap_or(1);
+            let sql = multi_insert(&seen_head, 1, n);
+            let mut st = self
+                .conn
+                .prepare_cached(&sql)
+                .map_err(self.sql_err("recording identities"))?;
+            for (k, h) in hashes[at..at + n].iter().enumerate() {
+                st.raw_bind_parameter(k + 1, h)
+                    .map_err(self.sql_err("recording identities"))?;
+            }
+            st.raw_execute()
+                .map_err(self.sql_err("recording identities"))?;
+            at += n;
+        }
+        let rows = std::mem::take(&mut self.rows_pending);
+        let mut at = 0;
+        while at < rows.len() {
+            let n = CHUNKS
+                .into_iter()
+                .find(|c| *c <= rows.len() - at)
+                .unwrap_or(1);
+            let sql = multi_insert(
+                "INSERT INTO readings (id, device, series, ts, value, seq)",
+                6,
+                n,
+            );
+            let mut st = self
+                .conn
+                .prepare_cached(&sql)
+                .map_err(self.sql_err("storing readings"))?;
+            for (k, r) in rows[at..at + n].iter().enumerate() {
+                let b = k * 6;
+                let bind = |st: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
+                    st.raw_bind_parameter(b + 1, r.id)?;
+                    st.raw_bind_parameter(b + 2, r.device)?;
+                    st.raw_bind_parameter(b + 3, r.series)?;
+                    st.raw_bind_parameter(b + 4, r.ts)?;
+                    st.raw_bind_parameter(b + 5, r.bits)?;
+                    st.raw_bind_parameter(b + 6, r.seq)
+                };
+                bind(&mut st).map_err(self.sql_err("storing readings"))?;
+            }
+            st.raw_execute().map_err(self.sql_err("storing readings"))?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Offers one reading, inside a transaction.
@@ -911,21 +1014,16 @@ impl Store {
         }
         let device = self.device_id(&r.device)?;
         let series = self.series_id(device, r)?;
-        self.conn
-            .prepare_cached(
-                "INSERT INTO readings (device, series, ts, value, seq) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    device,
-                    series,
-                    r.ts.0,
-                    r.value.to_bits() as i64,
-                    r.seq.map(|s| s as i64)
-                ])
-            })
-            .map_err(self.sql_err("storing a reading"))?;
-        self.last_id = self.conn.last_insert_rowid();
+        self.last_id = self.next_id;
+        self.next_id += 1;
+        self.rows_pending.push(Row {
+            id: self.last_id,
+            device,
+            series,
+            ts: r.ts.0,
+            bits: r.value.to_bits() as i64,
+            seq: r.seq.map(|s| s as i64),
+        });
         if self.live_complete {
             let mut kept = r.clone();
             kept.tenant.clone_from(&self.opts.tenant);
@@ -1030,6 +1128,7 @@ impl Store {
     }
 
     fn finish(&mut self) -> Result<Vec<Eviction>, StoreError> {
+        self.flush_front()?;
         let evictions = self.evict_over_capacity()?;
         for (device, n) in std::mem::take(&mut self.rate_limited) {
             self.conn
@@ -1081,6 +1180,8 @@ impl Store {
     /// Abandons the open transaction and reloads the in-memory state from the file.
     pub fn rollback(&mut self) {
         self.live_pending.clear();
+        self.rows_pending.clear();
+        self.seen_front.clear();
         if self.in_txn || !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
             self.in_txn = false;
