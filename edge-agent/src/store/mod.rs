@@ -47,6 +47,7 @@
 //! - The queue holds at most `max_bytes / ROW_COST` readings. Past that, the oldest readings
 //!   of the devices holding the most are evicted in the same transaction ([`evict::plan`]).
 
+mod bloom;
 pub mod evict;
 mod identity;
 mod read;
@@ -363,6 +364,11 @@ pub struct Store {
     rows_pending: Vec<Row>,
     seen_front: std::collections::HashSet<i64>,
     next_id: i64,
+    // A Bloom filter per `seen` generation: most fresh readings need no lookup.
+    blooms: [bloom::Bloom; 2],
+    // The generation emptied by the open transaction's rotation (its filter is rebuilt if
+    // the transaction rolls back).
+    rotated: Option<u8>,
 }
 
 /// A reading row waiting for its commit.
@@ -477,8 +483,13 @@ impl Store {
             rows_pending: Vec::new(),
             seen_front: std::collections::HashSet::new(),
             next_id: 1,
+            blooms: [bloom::Bloom::default(), bloom::Bloom::default()],
+            rotated: None,
         };
         store.load()?;
+        for g in 0..2 {
+            store.fill_bloom(g)?;
+        }
         store.restart_lanes();
         Ok(store)
     }
@@ -856,6 +867,8 @@ impl Store {
             }
             self.seen_current = next;
             self.seen_rotated_us = now_us;
+            self.blooms[next as usize].clear();
+            self.rotated = Some(next);
         }
         Ok(())
     }
@@ -913,11 +926,34 @@ impl Store {
         Ok(id)
     }
 
+    /// Puts every hash of generation `g` in its filter.
+    fn fill_bloom(&mut self, g: u8) -> Result<(), StoreError> {
+        let mut b = bloom::Bloom::default();
+        let mut st = self
+            .conn
+            .prepare(&format!("SELECT h FROM seen{g}"))
+            .map_err(self.sql_err("loading the dedupe filter"))?;
+        let rows = st
+            .query_map([], |r| r.get::<_, i64>(0))
+            .map_err(self.sql_err("loading the dedupe filter"))?;
+        for h in rows {
+            b.add(h.map_err(self.sql_err("loading the dedupe filter"))?);
+        }
+        drop(st);
+        self.blooms[g as usize] = b;
+        Ok(())
+    }
+
     /// Whether the identity was stored within the window; records it (in the write front)
     /// if not.
     fn first_sighting(&mut self, h: i64) -> Result<bool, StoreError> {
         if self.seen_front.contains(&h) {
             return Ok(false);
+        }
+        if !self.blooms[0].maybe(h) && !self.blooms[1].maybe(h) {
+            self.seen_front.insert(h);
+            self.blooms[self.seen_current as usize].add(h);
+            return Ok(true);
         }
         let seen = self
             .conn
@@ -931,6 +967,7 @@ impl Store {
             return Ok(false);
         }
         self.seen_front.insert(h);
+        self.blooms[self.seen_current as usize].add(h);
         Ok(true)
     }
 
@@ -1153,6 +1190,7 @@ impl Store {
             .execute_batch("COMMIT")
             .map_err(self.sql_err("committing"))?;
         self.in_txn = false;
+        self.rotated = None;
         self.committed_live(!evictions.is_empty());
         Ok(evictions)
     }
@@ -1188,6 +1226,15 @@ impl Store {
         }
         if let Err(e) = self.load() {
             tracing::error!(error = %e, "reloading the queue after a rollback failed");
+        }
+        // A rotation undone: the generation it emptied holds its hashes again.
+        if let Some(g) = self.rotated.take()
+            && let Err(e) = self.fill_bloom(g)
+        {
+            tracing::error!(error = %e, "reloading the dedupe filter after a rollback failed");
+            self.blooms[g as usize] = bloom::Bloom::default();
+            // An empty filter would answer "not stored" wrongly: make it answer "maybe".
+            self.blooms[g as usize].saturate();
         }
     }
 

@@ -576,3 +576,34 @@ fn a_commit_that_evicts_leaves_no_evicted_reading_in_the_live_lane() {
     assert_eq!(got.iter().filter(|g| g.0 == "quiet").count(), 20);
     assert!(got.iter().all(|g| g.0 == "quiet" || g.1 >= 20), "{got:?}");
 }
+
+#[test]
+fn a_rotation_rolled_back_keeps_its_generation_deduplicating() {
+    let w = 600_000_000; // the window of `options`
+    let (d, mut s) = temp_store(1 << 30);
+    let r1 = r("a", 1, 1.0);
+    s.begin(1).unwrap();
+    assert_eq!(s.insert(&r1).unwrap(), Insert::Stored);
+    s.commit().unwrap();
+    s.begin(w + 1).unwrap(); // rotation: r1's generation becomes the previous one
+    s.commit().unwrap();
+    // This rotation would empty r1's generation, but its transaction rolls back.
+    s.begin(2 * w + 2).unwrap();
+    s.insert(&r("a", 2, 2.0)).unwrap();
+    s.rollback();
+    s.begin(w + 2).unwrap(); // within the window: no rotation
+    assert_eq!(s.insert(&r1).unwrap(), Insert::Duplicate);
+    s.commit().unwrap();
+    // Across a reopen too (the filters are built from the file).
+    let path = s.path().to_owned();
+    drop(s);
+    let mut s = Store::open(Options {
+        path,
+        ..options(&d, 1 << 30)
+    })
+    .unwrap();
+    s.begin(w + 3).unwrap();
+    assert_eq!(s.insert(&r1).unwrap(), Insert::Duplicate);
+    assert_eq!(s.insert(&r("a", 3, 3.0)).unwrap(), Insert::Stored);
+    s.commit().unwrap();
+}
