@@ -362,6 +362,8 @@ pub struct Store {
     // adds to the current `seen` generation, written together (sorted, several rows per
     // statement) when it commits. Ids are assigned here, from `next_id`.
     rows_pending: Vec<Row>,
+    // (id, packet id, hash) of the MQTT messages of the open transaction.
+    mqtt_pending: Vec<(i64, u16, i64)>,
     seen_front: std::collections::HashSet<i64>,
     next_id: i64,
     // A Bloom filter per `seen` generation: most fresh readings need no lookup.
@@ -481,6 +483,7 @@ impl Store {
             live_complete: true,
             live_pending: Vec::new(),
             rows_pending: Vec::new(),
+            mqtt_pending: Vec::new(),
             seen_front: std::collections::HashSet::new(),
             next_id: 1,
             blooms: [bloom::Bloom::default(), bloom::Bloom::default()],
@@ -637,9 +640,12 @@ impl Store {
             .map_err(e)?;
         self.mqtt_msgs_last = self
             .conn
-            .query_row("SELECT coalesce(max(id), 0) FROM mqtt_msgs", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT max(coalesce((SELECT max(id) FROM mqtt_msgs), 0),
+                            coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'mqtt_msgs'), 0))",
+                [],
+                |r| r.get(0),
+            )
             .map_err(e)?;
 
         let meta = |key: &str| -> Result<Option<i64>, StoreError> {
@@ -996,6 +1002,32 @@ impl Store {
                 .map_err(self.sql_err("recording identities"))?;
             at += n;
         }
+        let msgs = std::mem::take(&mut self.mqtt_pending);
+        let mut at = 0;
+        while at < msgs.len() {
+            let n = CHUNKS
+                .into_iter()
+                .find(|c| *c <= msgs.len() - at)
+                .unwrap_or(1);
+            // In order: a repeat replaces the record before it, as it would one by one.
+            let sql = multi_insert("INSERT OR REPLACE INTO mqtt_msgs (id, pkid, hash)", 3, n);
+            let mut st = self
+                .conn
+                .prepare_cached(&sql)
+                .map_err(self.sql_err("recording MQTT messages"))?;
+            for (k, m) in msgs[at..at + n].iter().enumerate() {
+                let b = k * 3;
+                let bind = |st: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
+                    st.raw_bind_parameter(b + 1, m.0)?;
+                    st.raw_bind_parameter(b + 2, m.1)?;
+                    st.raw_bind_parameter(b + 3, m.2)
+                };
+                bind(&mut st).map_err(self.sql_err("recording MQTT messages"))?;
+            }
+            st.raw_execute()
+                .map_err(self.sql_err("recording MQTT messages"))?;
+            at += n;
+        }
         let rows = std::mem::take(&mut self.rows_pending);
         let mut at = 0;
         while at < rows.len() {
@@ -1081,6 +1113,15 @@ impl Store {
     /// The record of a committed MQTT message with this (packet id, payload hash), if any:
     /// a redelivery that matches is acknowledged without being stored again.
     pub fn mqtt_committed(&mut self, pkid: u16, hash: i64) -> Result<Option<i64>, StoreError> {
+        // A redelivery in the same group as the message it repeats.
+        if let Some(&(id, _, _)) = self
+            .mqtt_pending
+            .iter()
+            .rev()
+            .find(|m| (m.1, m.2) == (pkid, hash))
+        {
+            return Ok(Some(id));
+        }
         self.conn
             .prepare_cached("SELECT id FROM mqtt_msgs WHERE pkid = ?1 AND hash = ?2")
             .and_then(|mut s| s.query_row(params![pkid, hash], |r| r.get(0)).optional())
@@ -1090,11 +1131,8 @@ impl Store {
     /// Records that the message with this packet id and payload hash is being committed
     /// (again as the newest, if it was known); returns the record's id.
     pub fn mqtt_record(&mut self, pkid: u16, hash: i64) -> Result<i64, StoreError> {
-        self.conn
-            .prepare_cached("INSERT OR REPLACE INTO mqtt_msgs (pkid, hash) VALUES (?1, ?2)")
-            .and_then(|mut s| s.execute(params![pkid, hash]))
-            .map_err(self.sql_err("recording an MQTT message"))?;
-        self.mqtt_msgs_last = self.conn.last_insert_rowid();
+        self.mqtt_msgs_last += 1;
+        self.mqtt_pending.push((self.mqtt_msgs_last, pkid, hash));
         Ok(self.mqtt_msgs_last)
     }
 
@@ -1219,6 +1257,7 @@ impl Store {
     pub fn rollback(&mut self) {
         self.live_pending.clear();
         self.rows_pending.clear();
+        self.mqtt_pending.clear();
         self.seen_front.clear();
         if self.in_txn || !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
