@@ -19,32 +19,45 @@ pub const MAX_DEVICES: usize = 100_000;
 /// The devices seen, and what the cloud was last told.
 #[derive(Debug, Default)]
 pub struct DeviceBook {
-    /// Device -> (device type, firmware version), as last seen.
-    seen: HashMap<String, (String, String)>,
-    /// What the last report said of each device.
+    /// Device -> what it was last seen as.
+    seen: HashMap<String, Seen>,
+    /// What the cloud was last told of each device.
     reported: HashMap<String, DeviceInfo>,
-    /// Devices whose type or firmware changed since the last report.
+    /// Devices to tell the cloud about (changed, or everything after [`DeviceBook::reset`]).
     dirty: HashSet<String>,
-    /// The schema set version the last report was worked out with.
+    /// The schema set version the reported schema ids were worked out with.
     reported_version: Option<u64>,
     /// Whether [`MAX_DEVICES`] was reached (logged once).
     full: bool,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    device_type: String,
+    firmware: String,
+    /// Whether a payload of it was read (a device refused as `no_schema` is reported with no
+    /// schema, whatever the registry holds for its type).
+    decoded: bool,
+}
+
+/// Whether a name can go to the cloud: not over [`MAX_NAME`], not empty, no control
+/// characters (PostgreSQL text takes no NUL).
+fn reportable(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_NAME && !s.chars().any(char::is_control)
+}
+
 impl DeviceBook {
-    /// Notes that `device` sent a payload as `device_type` with `firmware`. Names longer
-    /// than [`MAX_NAME`] are not reported.
-    pub fn note(&mut self, device: &str, device_type: &str, firmware: &str) {
-        if [device, device_type, firmware]
-            .iter()
-            .any(|s| s.len() > MAX_NAME)
+    /// Notes that `device` sent a payload as `device_type` with `firmware`, and whether it
+    /// was read. Names that cannot be reported are left out.
+    pub fn note(&mut self, device: &str, device_type: &str, firmware: &str, decoded: bool) {
+        if let Some(s) = self.seen.get(device)
+            && s.device_type == device_type
+            && s.firmware == firmware
+            && s.decoded == decoded
         {
             return;
         }
-        if let Some((t, f)) = self.seen.get(device)
-            && t == device_type
-            && f == firmware
-        {
+        if ![device, device_type, firmware].into_iter().all(reportable) {
             return;
         }
         if !self.seen.contains_key(device) && self.seen.len() >= MAX_DEVICES {
@@ -60,7 +73,11 @@ impl DeviceBook {
         }
         self.seen.insert(
             device.to_owned(),
-            (device_type.to_owned(), firmware.to_owned()),
+            Seen {
+                device_type: device_type.to_owned(),
+                firmware: firmware.to_owned(),
+                decoded,
+            },
         );
         self.dirty.insert(device.to_owned());
     }
@@ -75,47 +92,61 @@ impl DeviceBook {
         self.seen.is_empty()
     }
 
-    /// What to tell the cloud: every device when `all` (a new connection), else those whose
-    /// type, firmware or schema changed since the last report. `local` says which device
-    /// types `[[firmware]]` maps (no registry schema reads those). In device order.
+    /// Everything is to be told again (a new connection, or the periodic refresh that
+    /// repairs a report the cloud could not keep).
+    pub fn reset(&mut self) {
+        self.reported.clear();
+        self.dirty.extend(self.seen.keys().cloned());
+    }
+
+    /// At most `limit` devices to tell the cloud: those whose type, firmware or schema
+    /// changed since they were last told (a new schema set rechecks every device), of the
+    /// devices `admitted` lets through (the agent's allow list and device cap; the others
+    /// wait). `local` says which device types `[[firmware]]` maps (no registry schema reads
+    /// those). In device order.
     pub fn report(
         &mut self,
-        all: bool,
+        limit: usize,
         registry: &Registry,
         local: impl Fn(&str) -> bool,
+        admitted: impl Fn(&str) -> bool,
     ) -> Vec<DeviceInfo> {
-        let recheck = all || self.reported_version != Some(registry.version);
-        self.reported_version = Some(registry.version);
-        let candidates: Vec<&String> = if recheck {
-            self.seen.keys().collect()
-        } else {
-            self.dirty.iter().collect()
-        };
+        if self.reported_version != Some(registry.version) {
+            self.reported_version = Some(registry.version);
+            self.dirty.extend(self.seen.keys().cloned());
+        }
+        let mut todo: Vec<String> = self.dirty.iter().cloned().collect();
+        todo.sort();
         let mut out = Vec::new();
-        for device in candidates {
-            let Some((t, f)) = self.seen.get(device) else {
+        for device in todo {
+            if out.len() >= limit {
+                break;
+            }
+            if !admitted(&device) {
+                continue;
+            }
+            self.dirty.remove(&device);
+            let Some(s) = self.seen.get(&device) else {
                 continue;
             };
-            let schema_id = if local(t) {
+            let schema_id = if local(&s.device_type) || !s.decoded {
                 None
             } else {
-                registry.find(t, f).map(|(e, _)| e.id)
+                registry
+                    .find(&s.device_type, &s.firmware)
+                    .map(|(e, _)| e.id)
             };
             let info = DeviceInfo {
                 device: device.clone(),
-                device_type: t.clone(),
-                firmware_version: f.clone(),
+                device_type: s.device_type.clone(),
+                firmware_version: s.firmware.clone(),
                 schema_id,
             };
-            if all || self.reported.get(device) != Some(&info) {
+            if self.reported.get(&device) != Some(&info) {
+                self.reported.insert(device, info.clone());
                 out.push(info);
             }
         }
-        for i in &out {
-            self.reported.insert(i.device.clone(), i.clone());
-        }
-        self.dirty.clear();
-        out.sort_by(|a, b| a.device.cmp(&b.device));
         out
     }
 }
@@ -144,55 +175,80 @@ mod tests {
         r.iter().map(|i| (i.device.as_str(), i.schema_id)).collect()
     }
 
+    fn all(b: &mut DeviceBook, reg: &Registry) -> Vec<DeviceInfo> {
+        b.report(usize::MAX, reg, |_| false, |_| true)
+    }
+
     #[test]
-    fn reports_changes_once_and_everything_on_connect() {
+    fn reports_changes_once_and_everything_after_a_reset() {
         let mut b = DeviceBook::default();
         let reg = registry(1, "3.x");
-        b.note("d1", "th-300", "3.1.0");
-        b.note("d2", "th-100", "1.0");
-        b.note("d1", "th-300", "3.1.0");
-        let r = b.report(true, &reg, |_| false);
-        assert_eq!(names(&r), [("d1", Some(7)), ("d2", None)]);
-        assert!(b.report(false, &reg, |_| false).is_empty());
+        b.note("d1", "th-300", "3.1.0", true);
+        b.note("d2", "th-100", "1.0", true);
+        b.note("d1", "th-300", "3.1.0", true);
+        assert_eq!(names(&all(&mut b, &reg)), [("d1", Some(7)), ("d2", None)]);
+        assert!(all(&mut b, &reg).is_empty());
         // A firmware upgrade out of the schema's range.
-        b.note("d1", "th-300", "4.0.0");
-        let r = b.report(false, &reg, |_| false);
+        b.note("d1", "th-300", "4.0.0", true);
+        let r = all(&mut b, &reg);
         assert_eq!(names(&r), [("d1", None)]);
         assert_eq!(r[0].firmware_version, "4.0.0");
-        // A reconnect sends the whole book again.
-        assert_eq!(b.report(true, &reg, |_| false).len(), 2);
+        // A reconnect tells everything again.
+        b.reset();
+        assert_eq!(all(&mut b, &reg).len(), 2);
     }
 
     #[test]
     fn a_new_schema_set_changes_the_reported_schema() {
         let mut b = DeviceBook::default();
-        b.note("d1", "th-300", "4.0.0");
-        assert_eq!(
-            names(&b.report(true, &registry(1, "3.x"), |_| false)),
-            [("d1", None)]
-        );
+        b.note("d1", "th-300", "4.0.0", true);
+        assert_eq!(names(&all(&mut b, &registry(1, "3.x"))), [("d1", None)]);
         // Nothing noted since, but the set now covers firmware 4.
-        assert_eq!(
-            names(&b.report(false, &registry(2, "4.x"), |_| false)),
-            [("d1", Some(7))]
-        );
+        assert_eq!(names(&all(&mut b, &registry(2, "4.x"))), [("d1", Some(7))]);
         // `[[firmware]]` naming the type shadows the registry.
-        assert_eq!(
-            names(&b.report(false, &registry(3, "4.x"), |t| t == "th-300")),
-            [("d1", None)]
-        );
+        let r = b.report(9, &registry(3, "4.x"), |t| t == "th-300", |_| true);
+        assert_eq!(names(&r), [("d1", None)]);
     }
 
     #[test]
-    fn the_book_is_bounded() {
+    fn unread_devices_have_no_schema_and_refused_ones_wait() {
+        let mut b = DeviceBook::default();
+        let reg = registry(1, "3.x");
+        b.note("d1", "th-300", "3.1.0", false);
+        b.note("d2", "th-300", "3.1.0", true);
+        let r = b.report(9, &reg, |_| false, |d| d != "d2");
+        assert_eq!(names(&r), [("d1", None)]);
+        // d2 waits until it is admitted; d1, read at last, gets its schema.
+        b.note("d1", "th-300", "3.1.0", true);
+        assert_eq!(
+            names(&all(&mut b, &reg)),
+            [("d1", Some(7)), ("d2", Some(7))]
+        );
+        // Names PostgreSQL cannot hold are not reported.
+        b.note("d3", "th-300\0", "1", true);
+        b.note("", "th-300", "1", true);
+        assert!(all(&mut b, &reg).is_empty());
+    }
+
+    #[test]
+    fn reports_are_bounded_and_the_book_too() {
         let mut b = DeviceBook::default();
         for i in 0..MAX_DEVICES + 10 {
-            b.note(&format!("d{i}"), "t", "1");
+            b.note(&format!("d{i:06}"), "t", "1", true);
         }
         assert_eq!(b.len(), MAX_DEVICES);
-        // Known devices still update.
-        b.note("d0", "t", "2");
-        let r = b.report(false, &Registry::default(), |_| false);
-        assert_eq!(r.len(), MAX_DEVICES);
+        let reg = Registry::default();
+        let first = b.report(1000, &reg, |_| false, |_| true);
+        assert_eq!(first.len(), 1000);
+        assert_eq!(first[0].device, "d000000");
+        let mut total = first.len();
+        loop {
+            let r = b.report(4096, &reg, |_| false, |_| true);
+            if r.is_empty() {
+                break;
+            }
+            total += r.len();
+        }
+        assert_eq!(total, MAX_DEVICES);
     }
 }

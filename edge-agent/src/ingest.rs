@@ -192,11 +192,13 @@ pub enum UplinkRequest {
     },
     /// The schema set in force.
     SchemasInForce(oneshot::Sender<plantlink_wire::frame::SchemasApplied>),
-    /// The devices' types, firmware and schemas: all of them, or what changed since the
-    /// last time.
+    /// The devices' types, firmware and schemas that changed since the last time (at most
+    /// `limit`), of the devices the queue admits.
     Devices {
-        /// Every device (a new connection).
-        all: bool,
+        /// Tell everything again (a new connection, or the periodic refresh).
+        reset: bool,
+        /// Most devices.
+        limit: usize,
         /// The devices.
         reply: oneshot::Sender<Vec<plantlink_wire::frame::DeviceInfo>>,
     },
@@ -452,8 +454,17 @@ impl Writer {
             UplinkRequest::SchemasInForce(reply) => {
                 let _ = reply.send(applied(self.decoder.registry()));
             }
-            UplinkRequest::Devices { all, reply } => {
-                let _ = reply.send(self.decoder.device_report(all));
+            UplinkRequest::Devices {
+                reset,
+                limit,
+                reply,
+            } => {
+                // Devices the queue refuses (not allowed, past the device cap) are not told.
+                let (store, devices) = (&self.store, &self.opts.devices);
+                let admitted = |d: &str| {
+                    devices.allowed(d) && (store.knows(d) || store.devices() < devices.max)
+                };
+                let _ = reply.send(self.decoder.device_report(reset, limit, admitted));
             }
         }
     }

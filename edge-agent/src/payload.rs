@@ -323,12 +323,24 @@ impl Decoder {
         }
     }
 
-    /// What to tell the cloud of the devices seen ([`DeviceBook::report`]).
-    pub fn device_report(&mut self, all: bool) -> Vec<plantlink_wire::frame::DeviceInfo> {
+    /// What to tell the cloud of the devices seen: at most `limit` of those `admitted`
+    /// ([`DeviceBook::report`]); everything again after a `reset`.
+    pub fn device_report(
+        &mut self,
+        reset: bool,
+        limit: usize,
+        admitted: impl Fn(&str) -> bool,
+    ) -> Vec<plantlink_wire::frame::DeviceInfo> {
+        if reset {
+            self.book.reset();
+        }
         let firmware = &self.firmware;
-        self.book.report(all, &self.registry, |t| {
-            firmware.iter().any(|f| f.device_type == t)
-        })
+        self.book.report(
+            limit,
+            &self.registry,
+            |t| firmware.iter().any(|f| f.device_type == t),
+            admitted,
+        )
     }
 
     /// Decodes with `registry` from now on (the schema set pushed from the cloud).
@@ -479,7 +491,7 @@ impl Decoder {
         {
             self.protobuf(pb, &label, ctx, payload, received_us, &mut out);
             if let Some(r) = out.readings.first() {
-                self.book.note(&r.device, t, v);
+                self.book.note(&r.device, t, v, true);
             }
             return self.finish(out);
         }
@@ -491,7 +503,7 @@ impl Decoder {
                     && !text
                 {
                     // Reported without a schema: the registry shows which devices wait for one.
-                    self.book.note(d, t, v);
+                    self.book.note(d, t, v, false);
                 }
                 match &dtype {
                     Some(t) if !text && format != Format::Text => out.reject(
@@ -601,12 +613,16 @@ impl Decoder {
     /// Notes the device's type and firmware (`[devices.<id>]` fills what the message left
     /// out) in the book reported to the cloud.
     fn note(&mut self, device: &str, dtype: Option<&str>, fw: Option<&str>) {
+        if let (Some(t), Some(f)) = (dtype, fw) {
+            self.book.note(device, t, f, true);
+            return;
+        }
         let known = self.devices.get(device);
         if let (Some(t), Some(f)) = (
             dtype.or(known.map(|d| d.device_type.as_str())),
             fw.or(known.map(|d| d.firmware.as_str())),
         ) {
-            self.book.note(device, t, f);
+            self.book.note(device, t, f, true);
         }
     }
 

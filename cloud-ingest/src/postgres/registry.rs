@@ -149,11 +149,7 @@ pub async fn update(
 /// Deletes a schema (devices that used it keep no reference); returns the set version, or
 /// `None` if the tenant has no such schema.
 pub async fn delete(c: &impl GenericClient, tenant: &str, id: i64) -> Result<Option<i64>, Error> {
-    c.execute(
-        "UPDATE devices SET payload_schema_id = NULL WHERE tenant_id = $1 AND payload_schema_id = $2",
-        &[&tenant, &id],
-    )
-    .await?;
+    // Devices that used it are left with none by the key (ON DELETE SET NULL).
     let n = c
         .execute(
             "DELETE FROM payload_schemas WHERE tenant_id = $1 AND schema_id = $2",
@@ -273,11 +269,13 @@ pub async fn devices(
     c.execute(
         "INSERT INTO devices AS d (tenant_id, device_id, device_type, firmware_version,
                                    payload_schema_id, reported_by, reported_at)
-         SELECT DISTINCT ON (u.device) $1::text, u.device, u.device_type, u.firmware, s.schema_id, $2::text, now()
+         SELECT DISTINCT ON (u.device COLLATE \"C\") $1::text, u.device, u.device_type, u.firmware, s.schema_id, $2::text, now()
          FROM unnest($3::text[], $4::text[], $5::text[], $6::int8[])
               AS u(device, device_type, firmware, schema_id)
          LEFT JOIN payload_schemas s ON s.schema_id = u.schema_id AND s.tenant_id = $1
-         ORDER BY u.device
+         -- Byte order, as last_seen locks the same rows: two writers never wait on each
+         -- other in opposite orders.
+         ORDER BY u.device COLLATE \"C\"
          ON CONFLICT (tenant_id, device_id) DO UPDATE
          SET device_type = EXCLUDED.device_type, firmware_version = EXCLUDED.firmware_version,
              payload_schema_id = EXCLUDED.payload_schema_id, reported_by = EXCLUDED.reported_by,

@@ -98,6 +98,20 @@ ALTER TABLE devices ADD COLUMN IF NOT EXISTS reported_by text;
 ALTER TABLE devices ADD COLUMN IF NOT EXISTS reported_at timestamptz;
 CREATE INDEX IF NOT EXISTS devices_schema ON devices (tenant_id, payload_schema_id)
     WHERE payload_schema_id IS NOT NULL;
+-- A deleted schema leaves its devices with none, whichever of a gateway's report and the
+-- delete comes first (the first release's key said NO ACTION).
+DO $$
+DECLARE c text;
+BEGIN
+    FOR c IN SELECT conname FROM pg_constraint
+             WHERE conrelid = 'devices'::regclass AND confrelid = 'payload_schemas'::regclass
+               AND contype = 'f' AND confdeltype <> 'n'
+    LOOP
+        EXECUTE format('ALTER TABLE devices DROP CONSTRAINT %I', c);
+        ALTER TABLE devices ADD CONSTRAINT devices_payload_schema_id_fkey
+            FOREIGN KEY (payload_schema_id) REFERENCES payload_schemas (schema_id) ON DELETE SET NULL;
+    END LOOP;
+END $$;
 CREATE TABLE IF NOT EXISTS gateway_schemas (
     tenant_id   text        NOT NULL,
     gateway_id  text        NOT NULL,

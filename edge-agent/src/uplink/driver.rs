@@ -32,6 +32,14 @@ const MAX_FRAME: usize = 64 << 20;
 /// How often the agent tells the cloud about its queue.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 
+/// Most devices told per queue report (32 frames): a gateway of 100,000 devices has told
+/// them all two minutes after it connects.
+const DEVICES_PER_REPORT: usize = 32 * frame::DEVICES_PER_FRAME;
+
+/// Every this many reports (10 minutes) every device is told again, which repairs a report
+/// the cloud could not keep.
+const DEVICES_REFRESH: u64 = 120;
+
 fn tls(cfg: &Uplink) -> anyhow::Result<quinn::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -160,14 +168,10 @@ async fn session(
     let mut control_up = write_frame(&mut control, &Frame::SchemasApplied(in_force))
         .await
         .is_ok();
-    // Then every device the agent knows of, and after that what changes, each report.
+    // Devices go with each queue report: everything on the first (it comes at once) and
+    // every DEVICES_REFRESH, else what changed, DEVICES_PER_REPORT at most.
     let mut reported_devices = false;
-    if control_up && *device_reports {
-        match send_devices(queue, &mut control, true).await? {
-            Some(frames) => reported_devices = frames > 0,
-            None => control_closed(&mut control_up),
-        }
-    }
+    let mut reports = 0u64;
     let (control_tx, mut control_in) = mpsc::unbounded_channel::<anyhow::Result<Frame>>();
     tokio::spawn(async move {
         loop {
@@ -216,7 +220,9 @@ async fn session(
                 if write_frame(&mut control, &status).await.is_err() {
                     control_closed(&mut control_up);
                 } else if *device_reports {
-                    match send_devices(queue, &mut control, false).await? {
+                    let reset = reports.is_multiple_of(DEVICES_REFRESH);
+                    reports += 1;
+                    match send_devices(queue, &mut control, reset).await? {
                         Some(frames) => reported_devices |= frames > 0,
                         None => control_closed(&mut control_up),
                     }
@@ -264,7 +270,9 @@ async fn session(
             _ = tokio::time::sleep_until(wake) => {}
             reason = conn.closed() => anyhow::bail!("connection closed: {reason}"),
         }
-        if !control_up && reported_devices && *device_reports {
+        // The control stream ended while the connection lives on, after a device report: an
+        // older cloud that does not know the frame.
+        if !control_up && reported_devices && *device_reports && conn.close_reason().is_none() {
             *device_reports = false;
             tracing::warn!(
                 "the cloud closed the control stream after a device report: it is older than \
@@ -327,15 +335,20 @@ async fn session(
     }
 }
 
-/// Sends the device report (everything when `all`) in frames of at most
-/// [`frame::DEVICES_PER_FRAME`]: how many frames, or `None` when the control stream is
-/// closed.
+/// Sends what changed of the devices (everything again after a `reset`), at most
+/// [`DEVICES_PER_REPORT`], in frames of at most [`frame::DEVICES_PER_FRAME`]: how many
+/// frames, or `None` when the control stream is closed.
 async fn send_devices(
     queue: &Requests,
     control: &mut quinn::SendStream,
-    all: bool,
+    reset: bool,
 ) -> anyhow::Result<Option<usize>> {
-    let devices = ask(queue, |reply| UplinkRequest::Devices { all, reply }).await?;
+    let devices = ask(queue, |reply| UplinkRequest::Devices {
+        reset,
+        limit: DEVICES_PER_REPORT,
+        reply,
+    })
+    .await?;
     for chunk in devices.chunks(frame::DEVICES_PER_FRAME) {
         let f = Frame::Devices(frame::DeviceReport {
             devices: chunk.to_vec(),
@@ -345,7 +358,7 @@ async fn send_devices(
         }
     }
     if !devices.is_empty() {
-        tracing::debug!(devices = devices.len(), all, "reported devices");
+        tracing::debug!(devices = devices.len(), reset, "reported devices");
     }
     Ok(Some(devices.len().div_ceil(frame::DEVICES_PER_FRAME)))
 }
