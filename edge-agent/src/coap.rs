@@ -23,7 +23,7 @@ use metrics::counter;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::ingest::{Command, Completion, Message, Outcome, Source, bytes_like::Payload, now_us};
+use crate::intake::{Command, Completion, Message, Outcome, Source, bytes_like::Payload, now_us};
 use crate::payload::{Context, Format, Reason};
 
 /// RFC 7252 EXCHANGE_LIFETIME.

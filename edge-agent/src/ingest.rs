@@ -8,12 +8,13 @@
 //! and dead letters, evicts if full, and commits. Then it completes every message: an MQTT
 //! PUBACK or a CoAP response. A failed commit acknowledges nothing and is retried.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::payload::{Context, Decoder, Format, Reason, Reject};
+pub use crate::intake::{Command, Completion, Message, Outcome, Source, bytes_like, now_us};
+use crate::payload::{Decoder, Format, Reason, Reject};
 use crate::ratelimit::RateLimiter;
 use crate::store::{Insert, Store, StoreError};
 
@@ -29,93 +30,6 @@ const REPLAY_GROUP: usize = 512;
 const STATE_PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long a device or series goes without readings before its row is pruned.
 const STATE_IDLE: Duration = Duration::from_secs(600);
-
-/// Where a message came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The plant's MQTT broker.
-    Mqtt,
-    /// A CoAP request.
-    Coap,
-}
-
-impl Source {
-    /// The `source` label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Mqtt => "mqtt",
-            Source::Coap => "coap",
-        }
-    }
-}
-
-/// What happened to one message, for its sender.
-#[derive(Debug, Clone, Default)]
-pub struct Outcome {
-    /// Readings stored.
-    pub stored: usize,
-    /// Readings dropped as duplicates or by the rate limiter.
-    pub dropped: usize,
-    /// What was refused, with reasons.
-    pub rejects: Vec<Reject>,
-    /// The message was a redelivery of one already committed.
-    pub redelivery: bool,
-    /// The MQTT message record to forget once the broker confirms the PUBACK.
-    pub mqtt_record: Option<i64>,
-}
-
-/// How to acknowledge a message once its commit is durable.
-pub enum Completion {
-    /// Send this MQTT PUBACK.
-    Mqtt(crate::mqtt::AckHandle),
-    /// Answer this CoAP request.
-    Coap(oneshot::Sender<Outcome>),
-    /// Nothing to acknowledge (tests, QoS 0).
-    None,
-}
-
-impl std::fmt::Debug for Completion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Completion::Mqtt(..) => "Completion::Mqtt",
-            Completion::Coap(_) => "Completion::Coap",
-            Completion::None => "Completion::None",
-        })
-    }
-}
-
-/// One received message.
-#[derive(Debug)]
-pub struct Message {
-    /// MQTT or CoAP.
-    pub source: Source,
-    /// The topic, or the CoAP peer and path; used for templates and dead letters.
-    pub origin: String,
-    /// Device and metric named by a CoAP path; `None` means: match `origin` as a topic.
-    pub context: Option<Context>,
-    /// How to parse the payload.
-    pub format: Format,
-    /// The payload.
-    pub payload: bytes_like::Payload,
-    /// Wall-clock receive time, µs since the epoch.
-    pub received_us: i64,
-    /// MQTT packet id and DUP flag, for recognising redeliveries.
-    pub redelivery: Option<(u16, bool)>,
-    /// How to acknowledge it.
-    pub done: Completion,
-}
-
-/// What the writer thread is asked to do. Everything that touches the queue goes through it,
-/// so the queue has one owner and needs no locks.
-#[derive(Debug)]
-// Nearly every command is Ingest; boxing it would cost an allocation per message.
-#[allow(clippy::large_enum_variant)]
-pub enum Command {
-    /// Store a received message.
-    Ingest(Message),
-    /// Look at the requests' inbox (sent by [`Requests::ask`] to a writer that may be asleep).
-    Wake,
-}
 
 /// The uplink's (and the systemd watchdog's) line to the queue writer. Requests have an inbox
 /// of their own, which the writer empties before every group of messages: with collection at
@@ -234,36 +148,6 @@ pub struct QueueView {
     pub backlog_waiting: bool,
     /// Readings in the queue, sent or not.
     pub queued: u64,
-}
-
-/// Payload bytes without copying MQTT's buffer.
-pub mod bytes_like {
-    /// A payload: MQTT's shared buffer or an owned vector.
-    #[derive(Debug, Clone)]
-    pub enum Payload {
-        /// From rumqttc.
-        Shared(rumqttc::Publish),
-        /// Owned bytes.
-        Owned(Vec<u8>),
-    }
-
-    impl std::ops::Deref for Payload {
-        type Target = [u8];
-        fn deref(&self) -> &[u8] {
-            match self {
-                Payload::Shared(p) => &p.payload,
-                Payload::Owned(v) => v,
-            }
-        }
-    }
-}
-
-/// Wall-clock microseconds since the epoch.
-pub fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 /// Settings of the writer.

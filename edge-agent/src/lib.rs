@@ -7,6 +7,7 @@
 //! - [`devicebook`]: each device's type, firmware and schema, as reported to the cloud.
 //! - [`ratelimit`]: per-device token buckets (sans-IO).
 //! - [`store`]: the SQLite store-and-forward queue, its dedupe and eviction.
+//! - [`intake`]: what the sources hand the writer (messages, commands, completions).
 //! - [`ingest`]: the writer thread: group commit, then device acknowledgements.
 //! - [`mqtt`] and [`coap`]: the sources.
 //! - [`telemetry`]: logging and the Prometheus endpoint.
@@ -22,6 +23,7 @@ pub mod coap;
 pub mod config;
 pub mod devicebook;
 pub mod ingest;
+pub mod intake;
 pub mod mqtt;
 pub mod payload;
 pub mod ratelimit;

@@ -30,28 +30,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout};
 
 use crate::config::{Mqtt, parse_mqtt_url};
-use crate::ingest::{Command, Completion, Message, Source, bytes_like::Payload, now_us};
+use crate::intake::{
+    Ack, AckHandle, Command, Completion, Message, Source, bytes_like::Payload, now_us,
+};
 use crate::payload::Format;
-
-/// One PUBACK to send: connection generation, packet id, and the writer's record of the
-/// message (forgotten once the broker confirms the PUBACK).
-type Ack = (u64, u16, Option<i64>);
-
-/// Where a committed message's PUBACK goes: the connection generation and packet id.
-#[derive(Debug, Clone)]
-pub struct AckHandle {
-    generation: u64,
-    pkid: u16,
-    tx: mpsc::UnboundedSender<Ack>,
-}
-
-impl AckHandle {
-    /// Queues the PUBACK. If the MQTT task is gone, the broker redelivers the message and
-    /// the writer recognises it, so nothing is lost.
-    pub fn ack(self, record: Option<i64>) {
-        let _ = self.tx.send((self.generation, self.pkid, record));
-    }
-}
 
 enum End {
     /// Shutdown finished: every ack was sent and DISCONNECT went out.
@@ -487,11 +469,7 @@ impl Session {
             received_us: now_us(),
             redelivery: None,
             done: if qos1 {
-                Completion::Mqtt(AckHandle {
-                    generation: self.generation,
-                    pkid,
-                    tx: ack_tx.clone(),
-                })
+                Completion::Mqtt(AckHandle::new(self.generation, pkid, ack_tx.clone()))
             } else {
                 Completion::None
             },
@@ -523,11 +501,7 @@ impl Session {
             received_us: now_us(),
             redelivery: qos1.then_some((p.pkid, p.dup)),
             done: if qos1 {
-                Completion::Mqtt(AckHandle {
-                    generation: self.generation,
-                    pkid: p.pkid,
-                    tx: ack_tx.clone(),
-                })
+                Completion::Mqtt(AckHandle::new(self.generation, p.pkid, ack_tx.clone()))
             } else {
                 Completion::None
             },
