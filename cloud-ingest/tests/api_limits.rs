@@ -191,8 +191,9 @@ async fn ten_slow_queries_of_one_tenant_do_not_hold_up_another_or_readyz() {
     let db = format!("plantlink_test_api_limits_slow_{}", std::process::id());
     let (admin, url, pgc) = common::database(&db).await;
     let now = now_us();
-    // acme: a million readings over the last three days (1 s apart on each of 4 devices),
-    // so a raw aggregate over them takes several statement timeouts; beta: a few.
+    // acme: four million readings over the last three days (1 s apart on each of 16
+    // devices), so a raw aggregate over them takes several statement timeouts even on a
+    // fast machine (a million took under one on this one); beta: a few.
     let start = now - 3 * DAY_US;
     let days: BTreeSet<i64> = (maintain::day_of(start)..=maintain::day_of(now)).collect();
     let mut c = cloud_ingest::postgres::connect(&url).await.unwrap();
@@ -205,7 +206,7 @@ async fn ten_slow_queries_of_one_tenant_do_not_hold_up_another_or_readyz() {
     c.execute(
         "INSERT INTO raw_metrics (tenant_id, device_id, metric_name, value, ts, gateway_id)
          SELECT 'acme', 'press' || d, 'temperature', i % 100, $1::timestamptz + i * interval '1 s', 'gw-a'
-         FROM generate_series(0, 3) d, generate_series(0, 249999) i",
+         FROM generate_series(0, 15) d, generate_series(0, 249999) i",
         &[&since],
     )
     .await
@@ -219,7 +220,7 @@ async fn ten_slow_queries_of_one_tenant_do_not_hold_up_another_or_readyz() {
     .await
     .unwrap();
     c.batch_execute("ANALYZE raw_metrics").await.unwrap();
-    eprintln!("1,000,100 readings written in {:?}", filled.elapsed());
+    eprintln!("4,000,100 readings written in {:?}", filled.elapsed());
 
     let limits = Limits {
         statement_timeout_ms: 250,
