@@ -55,8 +55,8 @@ enum Command {
         /// Messages per second per device.
         #[arg(long, default_value_t = 1.0)]
         rate: f64,
-        /// Seconds to publish for.
-        #[arg(long, default_value_t = 10.0)]
+        /// How long to publish for: seconds (60) or with a unit (90s, 250ms, 5m, 1h).
+        #[arg(long, default_value = "10s", value_parser = firmware_sim::run::parse_duration)]
         duration: f64,
         /// Seed; the same seed gives the same fleet and values.
         #[arg(long, default_value_t = 1)]

@@ -146,6 +146,35 @@ fn publish(
     true
 }
 
+/// A duration as people type it: `90`, `90s`, `1.5s`, `250ms`, `5m`, `2h`; bare numbers are
+/// seconds. Seconds, for `--duration`.
+pub fn parse_duration(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a duration: write seconds (90) or a number with a unit: 90s, 250ms, 5m, 2h")
+    })?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" | "mins" => 60.0,
+        "h" => 3600.0,
+        other => {
+            return Err(format!(
+                "{s:?}: unit {other:?} is not one of ms, s, m, h (e.g. 90s, 5m)"
+            ));
+        }
+    };
+    let secs = n * scale;
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("{s:?}: give a duration above 0"));
+    }
+    Ok(secs)
+}
+
 fn broker(url: &str) -> anyhow::Result<(String, u16)> {
     let rest = url
         .strip_prefix("mqtt://")
@@ -521,4 +550,22 @@ fn settle(
 
 fn tracing_free_log(msg: &str) {
     eprintln!("firmware-sim: {msg}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations_take_units_as_people_type_them() {
+        assert_eq!(parse_duration("90"), Ok(90.0));
+        assert_eq!(parse_duration("90s"), Ok(90.0));
+        assert_eq!(parse_duration("1.5s"), Ok(1.5));
+        assert_eq!(parse_duration("250ms"), Ok(0.25));
+        assert_eq!(parse_duration("5m"), Ok(300.0));
+        assert_eq!(parse_duration("2h"), Ok(7200.0));
+        assert!(parse_duration("5 days").unwrap_err().contains("\"days\""));
+        assert!(parse_duration("soon").unwrap_err().contains("90s"));
+        assert!(parse_duration("0s").is_err());
+    }
 }
