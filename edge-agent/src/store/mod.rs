@@ -384,6 +384,20 @@ struct Row {
     seq: Option<i64>,
 }
 
+/// Binds a multi-row statement's parameters one after another.
+struct Binder<'a, 'c> {
+    st: &'a mut rusqlite::CachedStatement<'c>,
+    next: usize,
+}
+
+impl Binder<'_, '_> {
+    fn bind(&mut self, v: impl rusqlite::ToSql) -> rusqlite::Result<()> {
+        self.st.raw_bind_parameter(self.next, v)?;
+        self.next += 1;
+        Ok(())
+    }
+}
+
 /// Rows per multi-row INSERT, largest first: a flush takes as many of the largest as fit.
 const CHUNKS: [usize; 3] = [128, 16, 1];
 
@@ -983,80 +997,65 @@ impl Store {
         let mut hashes: Vec<i64> = self.seen_front.drain().collect();
         hashes.sort_unstable();
         let seen_head = format!("INSERT OR IGNORE INTO seen{} (h)", self.seen_current);
-        let mut at = 0;
-        while at < hashes.len() {
-            let n = CHUNKS
-                .into_iter()
-                .find(|c| *c <= hashes.len() - at)
-                .unwrap_or(1);
-            let sql = multi_insert(&seen_head, 1, n);
-            let mut st = self
-                .conn
-                .prepare_cached(&sql)
-                .map_err(self.sql_err("recording identities"))?;
-            for (k, h) in hashes[at..at + n].iter().enumerate() {
-                st.raw_bind_parameter(k + 1, h)
-                    .map_err(self.sql_err("recording identities"))?;
-            }
-            st.raw_execute()
-                .map_err(self.sql_err("recording identities"))?;
-            at += n;
-        }
+        self.insert_rows(&seen_head, "recording identities", &hashes, |b, h| {
+            b.bind(h)
+        })?;
+        // In order: a repeat replaces the record before it, as it would one by one.
         let msgs = std::mem::take(&mut self.mqtt_pending);
-        let mut at = 0;
-        while at < msgs.len() {
-            let n = CHUNKS
-                .into_iter()
-                .find(|c| *c <= msgs.len() - at)
-                .unwrap_or(1);
-            // In order: a repeat replaces the record before it, as it would one by one.
-            let sql = multi_insert("INSERT OR REPLACE INTO mqtt_msgs (id, pkid, hash)", 3, n);
-            let mut st = self
-                .conn
-                .prepare_cached(&sql)
-                .map_err(self.sql_err("recording MQTT messages"))?;
-            for (k, m) in msgs[at..at + n].iter().enumerate() {
-                let b = k * 3;
-                let bind = |st: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
-                    st.raw_bind_parameter(b + 1, m.0)?;
-                    st.raw_bind_parameter(b + 2, m.1)?;
-                    st.raw_bind_parameter(b + 3, m.2)
-                };
-                bind(&mut st).map_err(self.sql_err("recording MQTT messages"))?;
-            }
-            st.raw_execute()
-                .map_err(self.sql_err("recording MQTT messages"))?;
-            at += n;
-        }
+        self.insert_rows(
+            "INSERT OR REPLACE INTO mqtt_msgs (id, pkid, hash)",
+            "recording MQTT messages",
+            &msgs,
+            |b, m| {
+                b.bind(m.0)?;
+                b.bind(m.1)?;
+                b.bind(m.2)
+            },
+        )?;
         let rows = std::mem::take(&mut self.rows_pending);
+        self.insert_rows(
+            "INSERT INTO readings (id, device, series, ts, value, seq)",
+            "storing readings",
+            &rows,
+            |b, r| {
+                b.bind(r.id)?;
+                b.bind(r.device)?;
+                b.bind(r.series)?;
+                b.bind(r.ts)?;
+                b.bind(r.bits)?;
+                b.bind(r.seq)
+            },
+        )
+    }
+
+    /// Inserts `items` with `head` (`INSERT ... INTO t (columns)`), as many rows per
+    /// statement as [`CHUNKS`] allows; `bind` binds one item's columns in order.
+    fn insert_rows<T>(
+        &self,
+        head: &str,
+        what: &'static str,
+        items: &[T],
+        bind: impl Fn(&mut Binder<'_, '_>, &T) -> rusqlite::Result<()>,
+    ) -> Result<(), StoreError> {
+        let columns = head.matches(',').count() + 1;
         let mut at = 0;
-        while at < rows.len() {
+        while at < items.len() {
             let n = CHUNKS
                 .into_iter()
-                .find(|c| *c <= rows.len() - at)
+                .find(|c| *c <= items.len() - at)
                 .unwrap_or(1);
-            let sql = multi_insert(
-                "INSERT INTO readings (id, device, series, ts, value, seq)",
-                6,
-                n,
-            );
             let mut st = self
                 .conn
-                .prepare_cached(&sql)
-                .map_err(self.sql_err("storing readings"))?;
-            for (k, r) in rows[at..at + n].iter().enumerate() {
-                let b = k * 6;
-                let bind = |st: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
-                    st.raw_bind_parameter(b + 1, r.id)?;
-                    st.raw_bind_parameter(b + 2, r.device)?;
-                    st.raw_bind_parameter(b + 3, r.series)?;
-                    st.raw_bind_parameter(b + 4, r.ts)?;
-                    st.raw_bind_parameter(b + 5, r.bits)?;
-                    st.raw_bind_parameter(b + 6, r.seq)
-                };
-                bind(&mut st).map_err(self.sql_err("storing readings"))?;
+                .prepare_cached(&multi_insert(head, columns, n))
+                .map_err(self.sql_err(what))?;
+            let mut b = Binder {
+                st: &mut st,
+                next: 1,
+            };
+            for item in &items[at..at + n] {
+                bind(&mut b, item).map_err(self.sql_err(what))?;
             }
-            st.raw_execute().map_err(self.sql_err("storing readings"))?;
+            st.raw_execute().map_err(self.sql_err(what))?;
             at += n;
         }
         Ok(())
