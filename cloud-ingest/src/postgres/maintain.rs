@@ -228,10 +228,12 @@ pub async fn partitions_at(client: &Client, cfg: &Postgres, today: i64) -> Resul
 const ROLL_CHUNK: i64 = 20_000;
 
 const ROLL_KEYS: &str = "CREATE TEMP TABLE IF NOT EXISTS roll_keys (
-    tenant_id text, device_id text, metric_name text, bucket timestamptz) ON COMMIT DELETE ROWS";
+    tenant_id text, device_id text, metric_name text, bucket timestamptz,
+    min_val float8, max_val float8, sum_val float8, count int8) ON COMMIT DELETE ROWS";
 
 /// Takes up to [`ROLL_CHUNK`] dirty keys, oldest hour first (so a chunk covers a narrow
-/// time range), and reports how many and which hours they span.
+/// time range), and reports how many, and of those to recompute from raw (count NULL) how
+/// many and which hours they span.
 const TAKE: &str = "
 WITH taken AS (
     DELETE FROM rollup_dirty d
@@ -240,14 +242,37 @@ WITH taken AS (
            LIMIT $1 FOR UPDATE SKIP LOCKED) k
     WHERE d.tenant_id = k.tenant_id AND d.device_id = k.device_id
       AND d.metric_name = k.metric_name AND d.bucket = k.bucket
-    RETURNING d.tenant_id, d.device_id, d.metric_name, d.bucket
+    RETURNING d.tenant_id, d.device_id, d.metric_name, d.bucket,
+              d.min_val, d.max_val, d.sum_val, d.count
 ), kept AS (
-    INSERT INTO roll_keys SELECT * FROM taken RETURNING bucket
+    INSERT INTO roll_keys SELECT * FROM taken RETURNING bucket, count
 )
-SELECT count(*), min(bucket), max(bucket) + INTERVAL '1 hour', count(DISTINCT bucket) FROM kept";
+SELECT count(*), count(*) FILTER (WHERE count IS NULL),
+       min(bucket) FILTER (WHERE count IS NULL),
+       max(bucket) FILTER (WHERE count IS NULL) + INTERVAL '1 hour',
+       count(DISTINCT bucket) FILTER (WHERE count IS NULL)
+FROM kept";
 
-/// Hourly buckets from raw, for dirty keys that are few per hour (late readings of some
-/// devices): index lookups per key within the chunk's time bounds ($1, $2).
+/// Adds what the new readings of each delta key add up to (min, max, sum and count are
+/// exact to merge) to its hourly bucket, without reading raw: live ingest's cost is one
+/// upsert per (device, metric) and hour, however many readings the hour already holds.
+const HOURLY_MERGE: &str = "
+INSERT INTO downsampled_metrics_1h AS h
+    (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
+SELECT tenant_id, device_id, metric_name, bucket, min_val, max_val, sum_val / count, sum_val,
+       count
+FROM roll_keys
+WHERE count IS NOT NULL
+ORDER BY 1, 2, 3, 4
+ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET
+    min_val = least(h.min_val, EXCLUDED.min_val),
+    max_val = greatest(h.max_val, EXCLUDED.max_val),
+    avg_val = (h.sum_val + EXCLUDED.sum_val) / (h.count + EXCLUDED.count),
+    sum_val = h.sum_val + EXCLUDED.sum_val,
+    count = h.count + EXCLUDED.count";
+
+/// Hourly buckets recomputed from raw (keys marked by an upgrade), for keys that are few per
+/// hour: index lookups per key within the chunk's time bounds ($1, $2).
 const HOURLY_SPARSE: &str = "
 INSERT INTO downsampled_metrics_1h AS h
     (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
@@ -256,15 +281,15 @@ SELECT r.tenant_id, r.device_id, r.metric_name, date_trunc('hour', r.ts),
 FROM raw_metrics r
 WHERE r.ts >= $1 AND r.ts < $2
   AND (r.tenant_id, r.device_id, r.metric_name, date_trunc('hour', r.ts)) IN
-      (SELECT tenant_id, device_id, metric_name, bucket FROM roll_keys)
+      (SELECT tenant_id, device_id, metric_name, bucket FROM roll_keys WHERE count IS NULL)
 GROUP BY 1, 2, 3, 4
 ORDER BY 1, 2, 3, 4
 ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET
     min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
     avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count";
 
-/// The same when most series of the hours are dirty (live ingest): one scan of the time
-/// range grouped like a hand-written `GROUP BY`, keeping the groups that are dirty.
+/// The same when most series of the hours are to be recomputed (after an upgrade): one scan
+/// of the time range grouped like a hand-written `GROUP BY`, keeping the groups marked.
 const HOURLY_DENSE: &str = "
 INSERT INTO downsampled_metrics_1h AS h
     (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
@@ -275,7 +300,7 @@ SELECT a.* FROM (
     WHERE ts >= $1 AND ts < $2
     GROUP BY 1, 2, 3, 4) a
 WHERE (a.tenant_id, a.device_id, a.metric_name, a.bucket) IN
-      (SELECT tenant_id, device_id, metric_name, bucket FROM roll_keys)
+      (SELECT tenant_id, device_id, metric_name, bucket FROM roll_keys WHERE count IS NULL)
 ORDER BY 1, 2, 3, 4
 ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET
     min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
@@ -302,9 +327,11 @@ ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET
     min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
     avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count";
 
-/// Re-rolls every bucket that new readings touched, hourly from raw and daily from hourly,
-/// per tenant, until none is left; returns how many hourly buckets it re-rolled. Idempotent,
-/// and safe to run from several replicas at once (each takes different keys).
+/// Rolls up every bucket that new readings touched until none is left: hourly by merging
+/// what the readings added (or from raw, for buckets marked to recompute), daily from
+/// hourly; returns how many hourly buckets it rolled. Each key is taken and merged in one
+/// transaction, so it counts once however often this runs, and several replicas can run it
+/// at once (each takes different keys).
 pub async fn roll(client: &Client) -> Result<u64, Error> {
     client.batch_execute(ROLL_KEYS).await?;
     let mut total = 0;
@@ -328,16 +355,22 @@ pub async fn roll(client: &Client) -> Result<u64, Error> {
 async fn roll_chunk(client: &Client) -> Result<i64, Error> {
     let row = client.query_one(TAKE, &[&ROLL_CHUNK]).await?;
     let n: i64 = row.get(0);
-    if n > 0 {
-        let (from, to): (std::time::SystemTime, std::time::SystemTime) = (row.get(1), row.get(2));
-        let hours: i64 = row.get(3);
+    let recompute: i64 = row.get(1);
+    if recompute > 0 {
+        let (from, to): (std::time::SystemTime, std::time::SystemTime) = (row.get(2), row.get(3));
+        let hours: i64 = row.get(4);
         client.batch_execute("ANALYZE roll_keys").await?;
-        let hourly = if n >= DENSE_KEYS_PER_HOUR * hours {
+        let hourly = if recompute >= DENSE_KEYS_PER_HOUR * hours {
             HOURLY_DENSE
         } else {
             HOURLY_SPARSE
         };
         client.execute(hourly, &[&from, &to]).await?;
+    }
+    if n > recompute {
+        client.execute(HOURLY_MERGE, &[]).await?;
+    }
+    if n > 0 {
         client.execute(DAILY, &[]).await?;
     }
     client.batch_execute("COMMIT").await?;

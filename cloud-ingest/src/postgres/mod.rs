@@ -14,8 +14,9 @@
 //! them. The first value stored stays. A flush with nothing already stored pays nothing.
 //!
 //! The same statement records the (tenant, device, metric, hour) buckets that the new rows
-//! touched in `rollup_dirty`, in the same transaction, so a crash cannot lose the news that a
-//! rollup is stale: on plain PostgreSQL [`maintain::roll`] re-rolls exactly those, and on
+//! touched in `rollup_dirty`, with their min, max, sum and count, in the same transaction, so
+//! a crash cannot lose the news that a rollup is stale: on plain PostgreSQL
+//! [`maintain::roll`] merges exactly those into the hourly buckets, and on
 //! TimescaleDB [`refresh::refresh`] refreshes the continuous aggregates over exactly those
 //! hours and days. Both leave alone buckets older than the raw retention ([`refresh`]).
 //!
@@ -331,7 +332,10 @@ pub fn system_time(us: i64) -> SystemTime {
 /// Rows go in key order, ties in the order received (`ctid` follows the COPY), so within a
 /// flush the first of two readings with one identity is the one stored.
 /// Counted from `RETURNING`: the count decides whether the conflict check runs. On both
-/// flavours the touched (tenant, device, metric, hour) buckets go to `rollup_dirty`.
+/// flavours the touched (tenant, device, metric, hour) buckets go to `rollup_dirty`, with
+/// the min, max, sum and count of the rows inserted now added to what is waiting there, so
+/// the plain flavour's roll-up merges them without reading the hour's raw rows again. A
+/// bucket marked for recomputing (count NULL) stays so: NULL plus a number is NULL.
 const INSERT: &str = "
 WITH ins AS (
     INSERT INTO raw_metrics (tenant_id, device_id, metric_name, value, tags, ts, seq, gateway_id)
@@ -339,15 +343,22 @@ WITH ins AS (
     FROM staging_readings
     ORDER BY tenant_id, device_id, metric_name, ts, ctid
     ON CONFLICT (tenant_id, device_id, metric_name, ts) DO NOTHING
-    RETURNING tenant_id, device_id, metric_name, ts
+    RETURNING tenant_id, device_id, metric_name, ts, value
 ), dirty AS (
-    INSERT INTO rollup_dirty (tenant_id, device_id, metric_name, bucket)
-    SELECT DISTINCT tenant_id, device_id, metric_name, date_trunc('hour', ts) FROM ins
+    INSERT INTO rollup_dirty AS d
+        (tenant_id, device_id, metric_name, bucket, min_val, max_val, sum_val, count)
+    SELECT tenant_id, device_id, metric_name, date_trunc('hour', ts),
+           min(value), max(value), sum(value), count(*)
+    FROM ins
+    GROUP BY 1, 2, 3, 4
     ORDER BY 1, 2, 3, 4
-    -- DO UPDATE, not DO NOTHING: it locks an existing key until this transaction commits,
-    -- so a roll-up running now skips it (SKIP LOCKED) instead of taking it and computing
-    -- the hour without these rows.
-    ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET bucket = EXCLUDED.bucket
+    -- The update also locks an existing key until this transaction commits, so a roll-up
+    -- running now skips it (SKIP LOCKED) instead of taking it without these rows.
+    ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET
+        min_val = least(d.min_val, EXCLUDED.min_val),
+        max_val = greatest(d.max_val, EXCLUDED.max_val),
+        sum_val = d.sum_val + EXCLUDED.sum_val,
+        count = d.count + EXCLUDED.count
 )
 SELECT count(*) FROM ins";
 

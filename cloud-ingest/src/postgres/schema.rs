@@ -161,6 +161,12 @@ CREATE TABLE IF NOT EXISTS rollup_dirty (
     bucket      timestamptz NOT NULL,
     PRIMARY KEY (tenant_id, device_id, metric_name, bucket)
 );
+-- What the readings not yet rolled up add to their bucket, merged into the hourly rollup
+-- without reading raw again; a NULL count means: recompute the bucket from raw.
+ALTER TABLE rollup_dirty ADD COLUMN IF NOT EXISTS min_val double precision;
+ALTER TABLE rollup_dirty ADD COLUMN IF NOT EXISTS max_val double precision;
+ALTER TABLE rollup_dirty ADD COLUMN IF NOT EXISTS sum_val double precision;
+ALTER TABLE rollup_dirty ADD COLUMN IF NOT EXISTS count bigint;
 CREATE TABLE IF NOT EXISTS gateways (
     gateway_id        text PRIMARY KEY,
     tenant_id         text NOT NULL,
