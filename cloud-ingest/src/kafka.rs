@@ -308,8 +308,9 @@ impl Kafka {
     ) -> Deliveries {
         let tracker = Tracker::new();
         let mut ts_us = String::new();
+        let mut records = RecordEncoder::default();
         for r in readings {
-            let payload = record_json(tenant, gateway, r);
+            let payload = records.encode(tenant, gateway, r);
             ts_us.clear();
             {
                 use std::fmt::Write;
@@ -335,7 +336,7 @@ impl Kafka {
             self.enqueue(
                 &self.cfg.readings_topic,
                 &r.device,
-                &payload,
+                payload,
                 headers,
                 &tracker,
             )
@@ -495,24 +496,35 @@ pub fn json_number(v: f64) -> serde_json::Value {
 
 /// RFC 3339 in UTC, with milliseconds, or microseconds when the time has them.
 pub fn rfc3339(ts_us: i64) -> String {
+    let mut s = String::with_capacity(27);
+    write_rfc3339(&mut s, ts_us);
+    s
+}
+
+/// [`rfc3339`], appended to `out` (a time no calendar holds is written as its µs).
+pub fn write_rfc3339(out: &mut String, ts_us: i64) {
+    use std::fmt::Write;
+    // Writing to a String cannot fail.
     let Ok(t) = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts_us) * 1000) else {
-        return ts_us.to_string();
+        let _ = write!(out, "{ts_us}");
+        return;
     };
-    let us = ts_us.rem_euclid(1_000_000);
-    let frac = if us % 1000 == 0 {
-        format!("{:03}", us / 1000)
-    } else {
-        format!("{us:06}")
-    };
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{frac}Z",
+    let _ = write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.",
         t.year(),
         u8::from(t.month()),
         t.day(),
         t.hour(),
         t.minute(),
         t.second()
-    )
+    );
+    let us = ts_us.rem_euclid(1_000_000);
+    let _ = if us % 1000 == 0 {
+        write!(out, "{:03}Z", us / 1000)
+    } else {
+        write!(out, "{us:06}Z")
+    };
 }
 
 #[derive(Debug, Serialize)]
@@ -520,7 +532,7 @@ struct Record<'a> {
     tenant: &'a str,
     device_id: &'a str,
     metric: &'a str,
-    ts: String,
+    ts: &'a str,
     ts_ms: i64,
     value: Value,
     tags: &'a BTreeMap<String, String>,
@@ -530,18 +542,38 @@ struct Record<'a> {
 
 /// The JSON record of one reading on the readings topic.
 pub fn record_json(tenant: &str, gateway: &str, r: &Reading) -> Vec<u8> {
-    let rec = Record {
-        tenant,
-        device_id: &r.device,
-        metric: &r.metric,
-        ts: rfc3339(r.ts.0),
-        ts_ms: r.ts.0.div_euclid(1000),
-        value: json_value(r.value),
-        tags: &r.tags,
-        gateway,
-        seq: r.seq,
-    };
-    serde_json::to_vec(&rec).unwrap_or_default()
+    RecordEncoder::default().encode(tenant, gateway, r).to_vec()
+}
+
+/// Builds readings-topic records ([`record_json`]) in buffers kept from one reading to the
+/// next, so a batch's records cost no allocation each once the buffers have grown.
+#[derive(Debug, Default)]
+pub struct RecordEncoder {
+    json: Vec<u8>,
+    ts: String,
+}
+
+impl RecordEncoder {
+    /// One reading's record; valid until the next call.
+    pub fn encode(&mut self, tenant: &str, gateway: &str, r: &Reading) -> &[u8] {
+        self.ts.clear();
+        write_rfc3339(&mut self.ts, r.ts.0);
+        let rec = Record {
+            tenant,
+            device_id: &r.device,
+            metric: &r.metric,
+            ts: &self.ts,
+            ts_ms: r.ts.0.div_euclid(1000),
+            value: json_value(r.value),
+            tags: &r.tags,
+            gateway,
+            seq: r.seq,
+        };
+        self.json.clear();
+        // Every field serialises, and writing to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut self.json, &rec);
+        &self.json
+    }
 }
 
 /// A record on the dead-letter topic.
@@ -616,5 +648,30 @@ mod tests {
             serde_json::from_slice(&record_json("acme", "gw-1", &r)).unwrap();
         assert_eq!(v["value"], "-Infinity");
         assert_eq!(hex_prefix(&[0, 255, 16]), "00ff10");
+    }
+
+    #[test]
+    fn one_encoder_makes_each_record_as_alone() {
+        // Long then short fields: a reused buffer must not keep the tail of the one before.
+        let mut long = Reading::new(
+            "x",
+            "a-device-with-a-long-name",
+            "m",
+            Timestamp(1_795_000_000_123_456),
+            1.0 / 3.0,
+        );
+        long.tags.insert("k".into(), "v".repeat(40));
+        let short = Reading::new("x", "d", "m", Timestamp(0), 2.0);
+        let far = Reading::new("x", "d", "m", Timestamp(i64::MAX), 2.0);
+        let mut enc = RecordEncoder::default();
+        for r in [&long, &short, &far, &long] {
+            assert_eq!(
+                enc.encode("acme", "gw-1", r),
+                record_json("acme", "gw-1", r)
+            );
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(enc.encode("acme", "gw-1", &short)).unwrap();
+        assert_eq!(v["ts"], "1970-01-01T00:00:00.000Z");
     }
 }

@@ -94,7 +94,7 @@ pub struct Message {
 pub enum Command {
     /// Store a received message.
     Ingest(Message),
-    /// Look at the requests' inbox (sent by [`Requests::ask`] to a writer that may be asleep).
+    /// Look at the requests' inbox (sent by [`crate::ingest::Requests::ask`] to a writer that may be asleep).
     Wake,
 }
 

@@ -6,7 +6,10 @@
 //! and its readings sent again, except a refused single reading, which goes to quarantine
 //! and is never sent again. The live lane ships from memory when it can (the memory is
 //! drawn none, tiny or the default, so it overflows and falls back to SQLite too); without a
-//! restart everything committed and not in flight is read exactly once.
+//! restart everything committed and not in flight is read exactly once. Transactions of a
+//! few hundred readings use the write front's multi-row statements, and transactions that
+//! fail (partway through their readings, at their dedupe entries, or at COMMIT) are rolled
+//! back in place, as the writer does, leaving the model unchanged.
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod common;
@@ -26,6 +29,7 @@ type Key = (u8, i64, u8);
 enum Op {
     Append(Vec<Key>),
     AppendThenCrash(Vec<Key>),
+    AppendThenFail(Vec<Key>, Failure),
     Read(usize),
     Ack(prop::sample::Index),
     Refuse(prop::sample::Index),
@@ -33,14 +37,78 @@ enum Op {
     Reopen,
 }
 
+/// Where a failed transaction fails: writing its readings partway, writing its dedupe
+/// entries, or at COMMIT itself (a deferred constraint), after everything was written.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    Readings,
+    Seen,
+    Commit,
+}
+
+impl Failure {
+    /// Temporary triggers (and tables) that make the next commit of `fresh` new readings
+    /// fail here (installed outside the transaction, which would roll them back).
+    fn install(self, fresh: usize) -> String {
+        match self {
+            Failure::Readings => format!(
+                "CREATE TEMP TABLE fail_count (n INTEGER);
+                 CREATE TEMP TRIGGER fail_here BEFORE INSERT ON readings
+                 WHEN (SELECT count(*) FROM fail_count) >= {}
+                 BEGIN SELECT RAISE(ABORT, 'injected failure'); END;
+                 CREATE TEMP TRIGGER fail_count_up AFTER INSERT ON readings
+                 BEGIN INSERT INTO fail_count VALUES (1); END",
+                fresh / 2
+            ),
+            Failure::Seen => "CREATE TEMP TRIGGER fail_here BEFORE INSERT ON seen0
+                 BEGIN SELECT RAISE(ABORT, 'injected failure'); END;
+                 CREATE TEMP TRIGGER fail_here1 BEFORE INSERT ON seen1
+                 BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+                .into(),
+            Failure::Commit => "PRAGMA foreign_keys = ON;
+                 CREATE TEMP TABLE fail_parent (id INTEGER PRIMARY KEY);
+                 CREATE TEMP TABLE fail_child (
+                     p INTEGER REFERENCES fail_parent (id) DEFERRABLE INITIALLY DEFERRED);
+                 CREATE TEMP TRIGGER fail_here AFTER INSERT ON readings
+                 BEGIN INSERT INTO fail_child VALUES (-1); END"
+                .into(),
+        }
+    }
+
+    fn remove(self) -> &'static str {
+        match self {
+            Failure::Readings => {
+                "DROP TRIGGER fail_here; DROP TRIGGER fail_count_up; DROP TABLE fail_count"
+            }
+            Failure::Seen => "DROP TRIGGER fail_here; DROP TRIGGER fail_here1",
+            Failure::Commit => {
+                "DROP TRIGGER fail_here; DROP TABLE fail_child; DROP TABLE fail_parent;
+                 PRAGMA foreign_keys = OFF"
+            }
+        }
+    }
+}
+
 fn key() -> impl Strategy<Value = Key> {
     (0u8..4, 0i64..40, 0u8..2)
+}
+
+/// Keys from a wider range, for transactions of a few hundred readings (the write front's
+/// multi-row statements).
+fn wide_key() -> impl Strategy<Value = Key> {
+    (0u8..4, 0i64..400, 0u8..2)
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => prop::collection::vec(key(), 1..12).prop_map(Op::Append),
+        1 => prop::collection::vec(wide_key(), 100..300).prop_map(Op::Append),
         1 => prop::collection::vec(key(), 1..6).prop_map(Op::AppendThenCrash),
+        1 => (
+            prop::collection::vec(wide_key(), 1..200),
+            prop_oneof![Just(Failure::Readings), Just(Failure::Seen), Just(Failure::Commit)],
+        )
+            .prop_map(|(keys, f)| Op::AppendThenFail(keys, f)),
         3 => (1usize..10).prop_map(Op::Read),
         3 => any::<prop::sample::Index>().prop_map(Op::Ack),
         2 => any::<prop::sample::Index>().prop_map(Op::Refuse),
@@ -118,6 +186,25 @@ proptest! {
                     drop(store); // killed before commit
                     store = Store::open(options(&dir)).unwrap();
                     in_flight.clear();
+                }
+                Op::AppendThenFail(keys, failure) => {
+                    // The transaction fails and is rolled back in place, as the writer does
+                    // (no reopen): memory must match the file again, and its readings are
+                    // new the next time they come.
+                    let mut seen_here = ever.clone();
+                    let fresh = keys.iter().filter(|k| seen_here.insert(**k)).count();
+                    store.connection().execute_batch(&failure.install(fresh)).unwrap();
+                    store.begin(1).unwrap();
+                    let mut seen_here = ever.clone();
+                    for k in keys {
+                        let got = store.insert(&reading(k)).unwrap();
+                        let new = seen_here.insert(k);
+                        prop_assert_eq!(got, if new { Insert::Stored } else { Insert::Duplicate }, "{:?}", k);
+                    }
+                    let failed = store.commit();
+                    prop_assert!(failed.is_err() || fresh == 0, "{:?}: the commit went through", failure);
+                    store.rollback();
+                    store.connection().execute_batch(failure.remove()).unwrap();
                 }
                 Op::Read(max) => {
                     if let Some(b) = store.read_next(max).unwrap() {

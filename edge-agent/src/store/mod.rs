@@ -371,6 +371,7 @@ pub struct Store {
     // The generation emptied by the open transaction's rotation (its filter is rebuilt if
     // the transaction rolls back).
     rotated: Option<u8>,
+    front_sql: FrontSql,
 }
 
 /// A reading row waiting for its commit.
@@ -405,6 +406,38 @@ const CHUNKS: [usize; 3] = [128, 16, 1];
 fn multi_insert(head: &str, columns: usize, rows: usize) -> String {
     let one = format!("({})", vec!["?"; columns].join(", "));
     format!("{head} VALUES {}", vec![one; rows].join(", "))
+}
+
+/// One table's multi-row INSERT statements, one per [`CHUNKS`] size, built once.
+#[derive(Debug)]
+struct MultiInsert([String; CHUNKS.len()]);
+
+impl MultiInsert {
+    fn new(head: &str, columns: usize) -> Self {
+        Self(CHUNKS.map(|n| multi_insert(head, columns, n)))
+    }
+}
+
+/// The write front's statements.
+#[derive(Debug)]
+struct FrontSql {
+    seen: [MultiInsert; 2],
+    mqtt: MultiInsert,
+    readings: MultiInsert,
+}
+
+impl FrontSql {
+    fn new() -> Self {
+        Self {
+            seen: [0, 1]
+                .map(|g| MultiInsert::new(&format!("INSERT OR IGNORE INTO seen{g} (h)"), 1)),
+            mqtt: MultiInsert::new("INSERT OR REPLACE INTO mqtt_msgs (id, pkid, hash)", 3),
+            readings: MultiInsert::new(
+                "INSERT INTO readings (id, device, series, ts, value, seq)",
+                6,
+            ),
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -502,6 +535,7 @@ impl Store {
             next_id: 1,
             blooms: [bloom::Bloom::default(), bloom::Bloom::default()],
             rotated: None,
+            front_sql: FrontSql::new(),
         };
         store.load()?;
         for g in 0..2 {
@@ -885,9 +919,11 @@ impl Store {
                 self.rollback();
                 return Err(e);
             }
+            // The generation that begins is sized for as much as the one that ended held.
+            let expected = self.blooms[self.seen_current as usize].added();
             self.seen_current = next;
             self.seen_rotated_us = now_us;
-            self.blooms[next as usize].clear();
+            self.blooms[next as usize] = bloom::Bloom::for_hashes(expected);
             self.rotated = Some(next);
         }
         Ok(())
@@ -948,7 +984,11 @@ impl Store {
 
     /// Puts every hash of generation `g` in its filter.
     fn fill_bloom(&mut self, g: u8) -> Result<(), StoreError> {
-        let mut b = bloom::Bloom::default();
+        let held: i64 = self
+            .conn
+            .query_row(&format!("SELECT count(*) FROM seen{g}"), [], |r| r.get(0))
+            .map_err(self.sql_err("loading the dedupe filter"))?;
+        let mut b = bloom::Bloom::for_hashes(held.max(0) as u64);
         let mut st = self
             .conn
             .prepare(&format!("SELECT h FROM seen{g}"))
@@ -996,57 +1036,51 @@ impl Store {
     fn flush_front(&mut self) -> Result<(), StoreError> {
         let mut hashes: Vec<i64> = self.seen_front.drain().collect();
         hashes.sort_unstable();
-        let seen_head = format!("INSERT OR IGNORE INTO seen{} (h)", self.seen_current);
-        self.insert_rows(&seen_head, "recording identities", &hashes, |b, h| {
-            b.bind(h)
-        })?;
+        let sql = &self.front_sql;
+        self.insert_rows(
+            &sql.seen[self.seen_current as usize],
+            "recording identities",
+            &hashes,
+            |b, h| b.bind(h),
+        )?;
         // In order: a repeat replaces the record before it, as it would one by one.
         let msgs = std::mem::take(&mut self.mqtt_pending);
-        self.insert_rows(
-            "INSERT OR REPLACE INTO mqtt_msgs (id, pkid, hash)",
-            "recording MQTT messages",
-            &msgs,
-            |b, m| {
-                b.bind(m.0)?;
-                b.bind(m.1)?;
-                b.bind(m.2)
-            },
-        )?;
+        self.insert_rows(&sql.mqtt, "recording MQTT messages", &msgs, |b, m| {
+            b.bind(m.0)?;
+            b.bind(m.1)?;
+            b.bind(m.2)
+        })?;
         let rows = std::mem::take(&mut self.rows_pending);
-        self.insert_rows(
-            "INSERT INTO readings (id, device, series, ts, value, seq)",
-            "storing readings",
-            &rows,
-            |b, r| {
-                b.bind(r.id)?;
-                b.bind(r.device)?;
-                b.bind(r.series)?;
-                b.bind(r.ts)?;
-                b.bind(r.bits)?;
-                b.bind(r.seq)
-            },
-        )
+        self.insert_rows(&sql.readings, "storing readings", &rows, |b, r| {
+            b.bind(r.id)?;
+            b.bind(r.device)?;
+            b.bind(r.series)?;
+            b.bind(r.ts)?;
+            b.bind(r.bits)?;
+            b.bind(r.seq)
+        })
     }
 
-    /// Inserts `items` with `head` (`INSERT ... INTO t (columns)`), as many rows per
-    /// statement as [`CHUNKS`] allows; `bind` binds one item's columns in order.
+    /// Inserts `items` with `sql`, as many rows per statement as [`CHUNKS`] allows; `bind`
+    /// binds one item's columns in order.
     fn insert_rows<T>(
         &self,
-        head: &str,
+        sql: &MultiInsert,
         what: &'static str,
         items: &[T],
         bind: impl Fn(&mut Binder<'_, '_>, &T) -> rusqlite::Result<()>,
     ) -> Result<(), StoreError> {
-        let columns = head.matches(',').count() + 1;
         let mut at = 0;
         while at < items.len() {
-            let n = CHUNKS
-                .into_iter()
-                .find(|c| *c <= items.len() - at)
-                .unwrap_or(1);
+            // CHUNKS ends with 1, so some size fits.
+            let i = CHUNKS
+                .iter()
+                .position(|c| *c <= items.len() - at)
+                .unwrap_or(CHUNKS.len() - 1);
+            let n = CHUNKS[i];
             let mut st = self
                 .conn
-                .prepare_cached(&multi_insert(head, columns, n))
+                .prepare_cached(&sql.0[i])
                 .map_err(self.sql_err(what))?;
             let mut b = Binder {
                 st: &mut st,
@@ -1093,9 +1127,17 @@ impl Store {
             seq: r.seq.map(|s| s as i64),
         });
         if self.live_complete {
-            let mut kept = r.clone();
-            kept.tenant.clone_from(&self.opts.tenant);
-            self.live_pending.push((self.last_id, kept));
+            if self.live_mem.len() + self.live_pending.len() < self.opts.live_buffer {
+                let mut kept = r.clone();
+                kept.tenant.clone_from(&self.opts.tenant);
+                self.live_pending.push((self.last_id, kept));
+            } else {
+                // Full: the memory keeps what it has (the oldest) and the live lane reads
+                // the rest from SQLite, as after a commit that overflows it. (A rollback
+                // leaves it so too, which only costs reads.)
+                self.live_complete = false;
+                self.live_pending = Vec::new();
+            }
         }
         self.total += 1;
         if let Some(d) = self.devices.get_mut(&device) {
@@ -1326,6 +1368,7 @@ impl Store {
     /// Forgets batches in flight and makes everything stored so far backlog: called when a
     /// connection to the cloud (re)starts, after which unacked readings are sent again.
     pub fn restart_lanes(&mut self) {
+        debug_assert!(!self.in_txn, "lanes restarted inside a transaction");
         self.in_flight.clear();
         self.retry.clear();
         self.boundary = self.last_id;
