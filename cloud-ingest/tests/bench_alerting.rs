@@ -165,7 +165,7 @@ async fn alert_latency_under_load() {
         .unwrap();
     }
 
-    let mut cfg = common::cloud_config(&d.0, url, 32, 8 << 20);
+    let mut cfg = common::cloud_config(&d.0, url.clone(), 32, 8 << 20);
     let mut k = cloud_ingest::config::Kafka::with_brokers(tansu.to_string());
     k.alerts_topic = alerts_topic.clone();
     k.partitions = 1;
@@ -214,6 +214,31 @@ async fn alert_latency_under_load() {
             .unwrap()
             .as_millis() as i64
     };
+
+    // Publish -> row: each second, the age of the trigger device's newest stored reading
+    // (published every 50 ms with the time of publishing).
+    let fresh_db = cloud_ingest::postgres::connect(&url).await.unwrap();
+    let freshness = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut ages = Vec::new();
+        while start.elapsed() < Duration::from_secs(run_secs) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let row = fresh_db
+                .query_one(
+                    "SELECT extract(epoch FROM clock_timestamp() - max(ts))::float8 FROM raw_metrics
+                     WHERE tenant_id = 'acme' AND device_id = 'trigger'
+                       AND metric_name = 'temperature'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            if let Some(age) = row.get::<_, Option<f64>>(0) {
+                ages.push((start.elapsed().as_secs_f64(), age));
+            }
+        }
+        ages
+    });
+    let run_start_us = now_ms() * 1000;
 
     // Background load: 1,000 devices, each message two metrics, paced per 10 ms tick.
     let mut o = MqttOptions::new("bench-alert-load", "127.0.0.1", broker.port);
@@ -313,20 +338,52 @@ async fn alert_latency_under_load() {
                 continue;
             }
             // The first reading past window end + 1 s (the bound) could be published then.
-            lat.push((arrived - (end_us + 1_000_000)) as f64 / 1e6);
+            let at = (end_us - run_start_us) as f64 / 1e6;
+            lat.push((at, (arrived - (end_us + 1_000_000)) as f64 / 1e6));
         }
         lat
     });
     let sent = loader.await.unwrap();
     trigger.await.unwrap();
-    let mut lat = watcher.await.unwrap();
+    let timed = watcher.await.unwrap();
+    let depth = sampler.await.unwrap();
     println!(
         "agent queue depth (readings) over the run: {}",
-        sampler.await.unwrap().join(" ")
+        depth.join(" ")
     );
     // In the order the alerts came: slow ones at the start are the pipeline warming up.
-    let order: Vec<String> = lat.iter().map(|l| format!("{l:.2}")).collect();
+    let order: Vec<String> = timed.iter().map(|(_, l)| format!("{l:.2}")).collect();
     println!("alert latencies in order (s): {}", order.join(" "));
+    let mut ages: Vec<(f64, f64)> = freshness.await.unwrap();
+    // For `cloud-ingest/bench/plot_p7.py`: "<series> <rate> t:value ...", t in seconds.
+    let series = |name: &str, points: &mut dyn Iterator<Item = String>| {
+        println!(
+            "plot {name} {rate} {}",
+            points.collect::<Vec<_>>().join(" ")
+        );
+    };
+    series("queue", &mut depth.iter().map(|d| d.replacen("s:", ":", 1)));
+    series(
+        "alert",
+        &mut timed.iter().map(|(t, l)| format!("{t:.1}:{l:.3}")),
+    );
+    series(
+        "row",
+        &mut ages.iter().map(|(t, a)| format!("{t:.1}:{a:.3}")),
+    );
+    ages.sort_by(|a, b| a.1.total_cmp(&b.1));
+    if !ages.is_empty() {
+        let at = |p: f64| ages[((ages.len() - 1) as f64 * p).round() as usize].1;
+        println!(
+            "publish -> row (age of the newest stored trigger reading, sampled each second; \
+             includes up to 50 ms between its readings): {} samples, p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+            ages.len(),
+            at(0.5),
+            at(0.99),
+            ages[ages.len() - 1].1
+        );
+    }
+    let mut lat: Vec<f64> = timed.iter().map(|(_, l)| *l).collect();
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
     println!(
