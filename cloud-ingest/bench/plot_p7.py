@@ -57,7 +57,8 @@ def svg(data):
     rates = sorted({r for s in data.values() for r in s})
     t_max = max((t for s in data.values() for pts in s.values() for t, _ in pts), default=1)
     t_max = nice_max(t_max)
-    ph = (H - TOP - GAP * len(PANELS) - 20) / len(PANELS)
+    top = TOP + 18 * len(rates)
+    ph = (H - top - GAP * len(PANELS) - 20) / len(PANELS)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
         f'font-family="DejaVu Sans, sans-serif" font-size="14">',
@@ -70,7 +71,7 @@ def svg(data):
         out.append(f'<rect x="{x}" y="{40 + i * 18}" width="14" height="4" fill="{colour}"/>')
         out.append(f'<text x="{x + 20}" y="{46 + i * 18}">{rate:,} readings/s</text>')
     for k, (name, title, seconds) in enumerate(PANELS):
-        y0 = TOP + 20 + k * (ph + GAP)
+        y0 = top + 20 + k * (ph + GAP)
         series = data.get(name, {})
         v_max = nice_max(max((v for pts in series.values() for _, v in pts), default=1))
         pw = W - LEFT - RIGHT

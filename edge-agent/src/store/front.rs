@@ -1,0 +1,176 @@
+//! The write front and dedupe: a transaction's readings, identity hashes and MQTT message
+//! records wait in memory, with their ids, and are written together at its commit, sorted,
+//! several rows per statement. The duplicate check asks the open transaction's front, then
+//! the Bloom filters of both `seen` generations, and SQLite only when a filter says maybe.
+
+use super::*;
+
+/// Binds a multi-row statement's parameters one after another.
+struct Binder<'a, 'c> {
+    st: &'a mut rusqlite::CachedStatement<'c>,
+    next: usize,
+}
+
+impl Binder<'_, '_> {
+    fn bind(&mut self, v: impl rusqlite::ToSql) -> rusqlite::Result<()> {
+        self.st.raw_bind_parameter(self.next, v)?;
+        self.next += 1;
+        Ok(())
+    }
+}
+
+/// Rows per multi-row INSERT, largest first: a flush takes as many of the largest as fit.
+const CHUNKS: [usize; 3] = [128, 16, 1];
+
+/// `INSERT INTO <table> (<columns>) VALUES (?, ...), ...` with `rows` rows.
+fn multi_insert(head: &str, columns: usize, rows: usize) -> String {
+    let one = format!("({})", vec!["?"; columns].join(", "));
+    format!("{head} VALUES {}", vec![one; rows].join(", "))
+}
+
+/// One table's multi-row INSERT statements, one per [`CHUNKS`] size, built once.
+#[derive(Debug)]
+struct MultiInsert([String; CHUNKS.len()]);
+
+impl MultiInsert {
+    fn new(head: &str, columns: usize) -> Self {
+        Self(CHUNKS.map(|n| multi_insert(head, columns, n)))
+    }
+}
+
+/// The write front's statements.
+#[derive(Debug)]
+pub(super) struct FrontSql {
+    seen: [MultiInsert; 2],
+    mqtt: MultiInsert,
+    readings: MultiInsert,
+}
+
+impl FrontSql {
+    pub(super) fn new() -> Self {
+        Self {
+            seen: [0, 1]
+                .map(|g| MultiInsert::new(&format!("INSERT OR IGNORE INTO seen{g} (h)"), 1)),
+            mqtt: MultiInsert::new("INSERT OR REPLACE INTO mqtt_msgs (id, pkid, hash)", 3),
+            readings: MultiInsert::new(
+                "INSERT INTO readings (id, device, series, ts, value, seq)",
+                6,
+            ),
+        }
+    }
+}
+
+impl Store {
+    /// Puts every hash of generation `g` in its filter.
+    pub(super) fn fill_bloom(&mut self, g: u8) -> Result<(), StoreError> {
+        let held: i64 = self
+            .conn
+            .query_row(&format!("SELECT count(*) FROM seen{g}"), [], |r| r.get(0))
+            .map_err(self.sql_err("loading the dedupe filter"))?;
+        let mut b = bloom::Bloom::for_hashes(held.max(0) as u64);
+        let mut st = self
+            .conn
+            .prepare(&format!("SELECT h FROM seen{g}"))
+            .map_err(self.sql_err("loading the dedupe filter"))?;
+        let rows = st
+            .query_map([], |r| r.get::<_, i64>(0))
+            .map_err(self.sql_err("loading the dedupe filter"))?;
+        for h in rows {
+            b.add(h.map_err(self.sql_err("loading the dedupe filter"))?);
+        }
+        drop(st);
+        self.blooms[g as usize] = b;
+        Ok(())
+    }
+
+    /// Whether the identity was stored within the window; records it (in the write front)
+    /// if not.
+    pub(super) fn first_sighting(&mut self, h: i64) -> Result<bool, StoreError> {
+        if self.seen_front.contains(&h) {
+            return Ok(false);
+        }
+        if !self.blooms[0].maybe(h) && !self.blooms[1].maybe(h) {
+            self.seen_front.insert(h);
+            self.blooms[self.seen_current as usize].add(h);
+            return Ok(true);
+        }
+        let seen = self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM seen0 WHERE h = ?1)
+                     OR EXISTS (SELECT 1 FROM seen1 WHERE h = ?1)",
+            )
+            .and_then(|mut s| s.query_row([h], |r| r.get::<_, bool>(0)))
+            .map_err(self.sql_err("checking for duplicates"))?;
+        if seen {
+            return Ok(false);
+        }
+        self.seen_front.insert(h);
+        self.blooms[self.seen_current as usize].add(h);
+        Ok(true)
+    }
+
+    /// Writes the open transaction's front: its identity hashes, sorted, and its readings,
+    /// in id order, several rows per statement.
+    pub(super) fn flush_front(&mut self) -> Result<(), StoreError> {
+        let mut hashes: Vec<i64> = self.seen_front.drain().collect();
+        hashes.sort_unstable();
+        let sql = &self.front_sql;
+        self.insert_rows(
+            &sql.seen[self.seen_current as usize],
+            "recording identities",
+            &hashes,
+            |b, h| b.bind(h),
+        )?;
+        // In order: a repeat replaces the record before it, as it would one by one.
+        let msgs = std::mem::take(&mut self.mqtt_pending);
+        self.insert_rows(&sql.mqtt, "recording MQTT messages", &msgs, |b, m| {
+            b.bind(m.0)?;
+            b.bind(m.1)?;
+            b.bind(m.2)
+        })?;
+        let rows = std::mem::take(&mut self.rows_pending);
+        self.insert_rows(&sql.readings, "storing readings", &rows, |b, r| {
+            b.bind(r.id)?;
+            b.bind(r.device)?;
+            b.bind(r.series)?;
+            b.bind(r.ts)?;
+            b.bind(r.bits)?;
+            b.bind(r.seq)
+        })
+    }
+
+    /// Inserts `items` with `sql`, as many rows per statement as [`CHUNKS`] allows; `bind`
+    /// binds one item's columns in order.
+    fn insert_rows<T>(
+        &self,
+        sql: &MultiInsert,
+        what: &'static str,
+        items: &[T],
+        bind: impl Fn(&mut Binder<'_, '_>, &T) -> rusqlite::Result<()>,
+    ) -> Result<(), StoreError> {
+        let mut at = 0;
+        while at < items.len() {
+            // CHUNKS ends with 1, so some size fits.
+            let i = CHUNKS
+                .iter()
+                .position(|c| *c <= items.len() - at)
+                .unwrap_or(CHUNKS.len() - 1);
+            let n = CHUNKS[i];
+            let mut st = self
+                .conn
+                .prepare_cached(&sql.0[i])
+                .map_err(self.sql_err(what))?;
+            let mut b = Binder {
+                st: &mut st,
+                next: 1,
+            };
+            for item in &items[at..at + n] {
+                bind(&mut b, item).map_err(self.sql_err(what))?;
+            }
+            st.raw_execute().map_err(self.sql_err(what))?;
+            at += n;
+        }
+        Ok(())
+    }
+}
