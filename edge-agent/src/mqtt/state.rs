@@ -186,7 +186,13 @@ impl State {
     /// A QoS 0 PUBLISH of ours (Sparkplug B commands; a lost one is asked for again).
     pub(super) fn publish(&mut self, topic: String, payload: Vec<u8>) {
         let p = rumqttc::Publish::new(topic, QoS::AtMostOnce, payload);
-        let _ = p.write(&mut self.out);
+        let before = self.out.len();
+        if let Err(e) = p.write(&mut self.out) {
+            // The codec may have written part of it (a payload over MQTT's 256 MiB limit):
+            // none of it goes out.
+            self.out.truncate(before);
+            tracing::warn!(error = %e, "MQTT: a command too large to publish was dropped");
+        }
     }
 
     /// The keep-alive timer (every half keep-alive): pings when nothing went out for that
