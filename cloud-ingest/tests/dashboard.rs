@@ -122,7 +122,9 @@ async fn the_dashboard_queries_only_metrics_that_exist() {
     let edge_metrics: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
         .parse()
         .unwrap();
-    edge_agent::telemetry::install_metrics(edge_metrics).unwrap();
+    edge_agent::telemetry::install_metrics(edge_metrics, None)
+        .await
+        .unwrap();
     let edge = series(&common::scrape(edge_metrics).unwrap());
 
     // Plain PostgreSQL: everything but TimescaleDB's jobs.

@@ -27,10 +27,16 @@ pub async fn run_until(
     config: Config,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    if let Some(m) = &config.metrics {
-        telemetry::install_metrics(m.bind)?;
-    }
     let opts = Options::from_config(&config);
+    if let Some(m) = &config.metrics {
+        let source = crate::status::Source {
+            queue: opts.path.clone(),
+            gateway: config.gateway.id.clone(),
+            max_bytes: opts.max_bytes,
+        };
+        telemetry::install_metrics(m.bind, Some(source)).await?;
+        tracing::info!(bind = %m.bind, "status page at / and Prometheus metrics at /metrics");
+    }
     if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
         anyhow::ensure!(
             dir.is_dir(),
@@ -100,6 +106,7 @@ pub async fn run_until(
         ));
     }
     if let Some(u) = config.uplink.clone() {
+        crate::status::uplink_configured(&u.server);
         tasks.spawn(crate::uplink::driver::run(
             u,
             config.gateway.id.clone(),

@@ -348,7 +348,9 @@ impl Default for Dedupe {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metrics {
-    /// Address of the Prometheus `/metrics` endpoint, e.g. `127.0.0.1:9310`.
+    /// Address of the Prometheus `/metrics` endpoint and of the gateway's status page (`/`,
+    /// and `/status.json`), e.g. `127.0.0.1:9310`; bind it to the plant LAN's address for
+    /// the technicians. Both are read-only.
     pub bind: SocketAddr,
 }
 

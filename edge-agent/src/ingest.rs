@@ -186,6 +186,8 @@ struct Writer {
     opts: WriterOptions,
     started: Instant,
     last_gauges: Option<Instant>,
+    /// Each device's rate, for the status page (updated with the gauges).
+    rates: crate::status::Rates,
     last_prune: Instant,
     last_state_prune: Instant,
     confirmed: mpsc::UnboundedReceiver<Vec<i64>>,
@@ -213,6 +215,7 @@ impl Writer {
             opts,
             started: Instant::now(),
             last_gauges: None,
+            rates: crate::status::Rates::default(),
             last_prune: Instant::now(),
             last_state_prune: Instant::now(),
             last_replay: Instant::now(),
@@ -257,6 +260,8 @@ impl Writer {
                 self.replay();
             }
             if group.is_empty() {
+                // A wake-up (once a second when nothing arrives): rates and ages go on.
+                self.update_gauges(false);
                 continue;
             }
             let mut backoff = Duration::from_millis(100);
@@ -724,6 +729,7 @@ impl Writer {
             return;
         }
         self.last_gauges = Some(Instant::now());
+        self.rates.update(self.store.device_counts());
         let age = match self.store.oldest_ts() {
             Ok(Some(ts)) => ((now_us() - ts) as f64 / 1e6).max(0.0),
             _ => 0.0,

@@ -11,6 +11,7 @@
 //! - [`ingest`]: the writer thread: group commit, then device acknowledgements.
 //! - [`mqtt`] and [`coap`]: the sources.
 //! - [`telemetry`]: logging and the Prometheus endpoint.
+//! - [`status`]: the gateway's status page, `/` beside `/metrics`.
 //! - [`uplink`]: the uplink scheduler (sans-IO) and its QUIC driver.
 //! - [`sdnotify`]: readiness and watchdog notifications to systemd.
 //! - [`agent`]: wires it all together for `edge-agent run`.
@@ -30,6 +31,7 @@ pub mod ratelimit;
 pub mod schemas;
 pub mod sdnotify;
 pub mod sparkplug;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod topic;

@@ -1,4 +1,4 @@
-//! Logging and the Prometheus endpoint.
+//! Logging, and the Prometheus metrics (served with the status page, [`crate::status`]).
 
 use std::net::SocketAddr;
 
@@ -16,14 +16,19 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Serves `/metrics` on `bind` (inside a tokio runtime) and registers every metric at zero,
-/// so that dashboards see them before the first event.
-pub fn install_metrics(bind: SocketAddr) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(bind)
-        .install()
-        .map_err(|e| anyhow::anyhow!("metrics.bind = {bind}: cannot serve /metrics: {e}"))?;
+/// Serves `/metrics`, and the status page at `/` when `status` says which queue to read,
+/// on `bind` (inside a tokio runtime); registers every metric at zero, so that dashboards see
+/// them before the first event.
+pub async fn install_metrics(
+    bind: SocketAddr,
+    status: Option<crate::status::Source>,
+) -> anyhow::Result<()> {
+    let listener = crate::status::bind(bind).await?;
+    let handle = PrometheusBuilder::new().install_recorder().map_err(|e| {
+        anyhow::anyhow!("metrics.bind = {bind}: cannot install the metrics recorder: {e}")
+    })?;
     describe();
+    tokio::spawn(crate::status::serve(listener, handle, status));
     Ok(())
 }
 

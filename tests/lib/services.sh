@@ -187,10 +187,17 @@ ensure_schema_tools() {
   fi
 }
 
+# A real browser for the page tests: Debian's Chromium, run headless (nothing downloads a
+# browser at run time).
+ensure_chromium() {
+  command -v chromium >/dev/null || apt_install chromium
+}
+
 ensure_all_services() {
   ensure_toolchain
   ensure_mosquitto
   ensure_postgres
   ensure_tansu
   ensure_schema_tools
+  ensure_chromium
 }

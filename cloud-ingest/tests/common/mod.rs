@@ -596,3 +596,93 @@ pub fn write_csv(path: &std::path::Path, readings: &[plantlink_model::Reading]) 
         .unwrap();
     }
 }
+
+// --- A real browser: Debian's Chromium, headless ---
+
+/// Chromium, or a failure that says how to get it (`./tests/run.sh` installs it).
+pub fn chromium() -> PathBuf {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect(
+            "these tests drive a real browser: install Debian's chromium \
+             (apt-get install chromium), or run ./tests/run.sh, which does",
+        )
+}
+
+fn headless(profile: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(chromium());
+    // --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+    ])
+    .arg("--disable-dev-shm-usage")
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .stderr(std::process::Stdio::null());
+    c
+}
+
+/// The DOM Chromium built from `url`, once its scripts ran (`budget_ms` of virtual time).
+pub fn browser_dom(profile: &Path, url: &str, budget_ms: u32) -> String {
+    let out = headless(profile)
+        .arg(format!("--virtual-time-budget={budget_ms}"))
+        .arg("--dump-dom")
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chromium --dump-dom {url}: {:?}",
+        out.status
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A PNG of `url` at 1280 x `height`, in `CARGO_TARGET_TMPDIR/screenshots/<name>.png` (the
+/// test run's artifacts); returns its path.
+pub fn browser_screenshot(profile: &Path, url: &str, name: &str, height: u32) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = dir.join(format!("{name}.png"));
+    let _ = std::fs::remove_file(&png);
+    let out = headless(profile)
+        .arg("--virtual-time-budget=3000")
+        .arg("--hide-scrollbars")
+        .arg(format!("--window-size=1280,{height}"))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && png.exists(),
+        "chromium --screenshot {url}: {:?}",
+        out.status
+    );
+    png
+}
+
+/// The attribute `attr` of the element with `id` in `dom`.
+pub fn dom_attr(dom: &str, id: &str, attr: &str) -> Option<String> {
+    let at = dom.find(&format!("id=\"{id}\""))?;
+    let start = dom[..at].rfind('<')?;
+    let tag = &dom[start..at + dom[at..].find('>')?];
+    let key = format!("{attr}=\"");
+    let v = tag.find(&key)? + key.len();
+    Some(tag[v..v + tag[v..].find('"')?].to_owned())
+}
+
+/// The text of the element with `id` in `dom` (up to its first child tag).
+pub fn dom_text(dom: &str, id: &str) -> Option<String> {
+    let at = dom.find(&format!("id=\"{id}\""))?;
+    let open = at + dom[at..].find('>')? + 1;
+    Some(dom[open..open + dom[open..].find('<')?].to_owned())
+}
+
+/// The `data-value` of the element with `id` in `dom`.
+pub fn dom_value(dom: &str, id: &str) -> Option<String> {
+    dom_attr(dom, id, "data-value")
+}

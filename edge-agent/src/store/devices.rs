@@ -102,6 +102,7 @@ impl Store {
                 readings: 0,
                 last_us: self.txn_us,
                 series: 0,
+                sent: 0,
             },
         );
         Ok(id)
@@ -141,7 +142,18 @@ impl Store {
     pub fn count_rate_limited(&mut self, device: &str) -> Result<(), StoreError> {
         let id = self.device_id(device)?;
         *self.rate_limited.entry(id).or_default() += 1;
+        if let Some(d) = self.devices.get_mut(&id) {
+            d.sent += 1;
+        }
         Ok(())
+    }
+
+    /// Each tracked device's id, name and readings sent (stored or rate-limited) while this
+    /// process ran; the writer turns them into rates for the status page.
+    pub fn device_counts(&self) -> impl Iterator<Item = (i64, &str, u64)> {
+        self.devices
+            .iter()
+            .map(|(id, d)| (*id, d.name.as_str(), d.sent))
     }
 
     pub(super) fn evict_over_capacity(&mut self) -> Result<Vec<Eviction>, StoreError> {

@@ -95,8 +95,8 @@ pub fn schema_set(
         .map(|s| (s.version, s.schemas)))
 }
 pub use read::{
-    DeadLetter, DeviceStats, Quarantined, QueueStats, dead_letters, open_read_only, quarantined,
-    stats,
+    DeadLetter, DeviceStats, Quarantined, QueueStats, dead_letter_reasons, dead_letters,
+    open_read_only, quarantined, stats,
 };
 
 use crate::config::{Config, Synchronous};
@@ -244,6 +244,9 @@ struct DeviceState {
     last_us: i64,
     /// Its series rows.
     series: usize,
+    /// Readings it sent while this process ran, stored or rate-limited (for the status
+    /// page's rates; back to 0 when a rollback reloads the state).
+    sent: u64,
 }
 
 #[derive(Debug)]
@@ -453,6 +456,7 @@ impl Store {
                     readings: 0,
                     last_us: 0,
                     series: 0,
+                    sent: 0,
                 },
             );
         }
@@ -715,6 +719,7 @@ impl Store {
         self.total += 1;
         if let Some(d) = self.devices.get_mut(&device) {
             d.readings += 1;
+            d.sent += 1;
             d.last_us = self.txn_us;
         }
         if let Some(st) = self.series.get_mut(&series) {

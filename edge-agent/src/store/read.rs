@@ -161,6 +161,14 @@ pub fn dead_letters(conn: &Connection, limit: u64) -> rusqlite::Result<Vec<DeadL
     stmt.query_map([limit as i64], dead_letter_row)?.collect()
 }
 
+/// How many dead letters the file keeps, by reason, most first.
+pub fn dead_letter_reasons(conn: &Connection) -> rusqlite::Result<Vec<(String, u64)>> {
+    let mut stmt = conn
+        .prepare("SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY 2 DESC, 1")?;
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+        .collect()
+}
+
 /// A dead letter from a row of `id, received_us, source, origin, reason, detail, size,
 /// payload`.
 pub(super) fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {

@@ -107,8 +107,13 @@ pub async fn run(
             _ = shutdown.changed() => break,
         };
         gauge!("plantlink_edge_uplink_connected").set(0.0);
-        if let Err(e) = result {
-            tracing::warn!(server = %cfg.server, error = %format!("{e:#}"), "uplink down");
+        match result {
+            Err(e) => {
+                let e = format!("{e:#}");
+                tracing::warn!(server = %cfg.server, error = %e, "uplink down");
+                crate::status::uplink_down(Some(e));
+            }
+            Ok(()) => crate::status::uplink_down(None),
         }
         counter!("plantlink_edge_uplink_reconnects_total").increment(1);
         jitter = jitter
@@ -161,6 +166,7 @@ async fn session(
     };
     ask(queue, UplinkRequest::Restart).await?;
     gauge!("plantlink_edge_uplink_connected").set(1.0);
+    crate::status::uplink_connected();
     // Which schema set is in force: the cloud sends the tenant's if it differs. A cloud-ingest
     // older than the registry closes the control stream at this frame: the session goes on
     // without it (no schema pushes, no queue reports); upgrade cloud-ingest first.
@@ -250,6 +256,7 @@ async fn session(
                         if let Some((batch, _lane, n)) = sched.on_ack(a.seq) {
                             let deleted = ask(queue, |reply| UplinkRequest::Ack { batch, reply }).await?.map_err(anyhow::Error::msg)?;
                             counter!("plantlink_edge_batches_acked_total").increment(1);
+                            crate::status::uplink_acked();
                             counter!("plantlink_edge_readings_acked_total").increment(deleted.min(n as u64));
                         }
                     }
