@@ -191,6 +191,7 @@ ensure_schema_tools() {
 # browser at run time).
 ensure_chromium() {
   command -v chromium >/dev/null || apt_install chromium
+  command -v chromedriver >/dev/null || apt_install chromium-driver
 }
 
 ensure_all_services() {

@@ -1,5 +1,5 @@
-//! A device's series and its latest values: `/v1/devices/{id}/metrics` and
-//! `/v1/devices/{id}/metrics/latest`.
+//! The tenant's devices (`/v1/devices`), a device's series and its latest values:
+//! `/v1/devices/{id}/metrics` and `/v1/devices/{id}/metrics/latest`.
 //!
 //! Both ask only for the token's tenant's rows. An empty series is a 404 unless the device is
 //! the tenant's, so another tenant's device answers exactly like one that does not exist.
@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
-use super::params::{QueryMap, SeriesParams, now_us};
+use super::params::{DeviceListParams, QueryMap, SeriesParams, now_us};
 use super::tenant::Tenant;
 use super::{ApiError, App};
 use crate::kafka::{json_number, rfc3339};
@@ -20,6 +20,33 @@ fn not_found(device: &str) -> ApiError {
         StatusCode::NOT_FOUND,
         format!("device {device:?} not found for this tenant"),
     )
+}
+
+pub(super) async fn list(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Query(q): Query<QueryMap>,
+) -> Result<Json<Value>, ApiError> {
+    let p = DeviceListParams::parse(&q)?;
+    let c = app.db.get().await?;
+    let rows = queries::devices(&c, &tenant, p.limit + 1)
+        .await
+        .map_err(|e| app.storage(e))?;
+    let truncated = rows.len() as i64 > p.limit;
+    let devices: Vec<Value> = rows
+        .into_iter()
+        .take(p.limit as usize)
+        .map(|d| {
+            json!({
+                "device_id": d.device_id,
+                "device_type": d.device_type,
+                "firmware_version": d.firmware_version,
+                "last_seen_at": d.last_seen_us.map(rfc3339),
+                "readings_last_hour": d.readings_last_hour,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"devices": devices, "truncated": truncated})))
 }
 
 pub(super) async fn metrics(

@@ -28,7 +28,10 @@
 //! - `tenant.rs`: the `Tenant` extractor: the bearer token, checked in constant time.
 //! - `params.rs`: each endpoint's query parameters as a typed struct, and their rules.
 //! - `health.rs`: `/healthz`, `/readyz`.
-//! - `devices.rs`: `/v1/devices/{id}/metrics` and `/v1/devices/{id}/metrics/latest`.
+//! - `devices.rs`: `/v1/devices`, `/v1/devices/{id}/metrics` and
+//!   `/v1/devices/{id}/metrics/latest`.
+//! - `console.rs`: the fleet console's static files at `/console` (no data: the page asks
+//!   the API above with the token it is given).
 //! - `aggregate.rs`: `/v1/tenants/{id}/metrics/aggregate`.
 //! - `pipeline.rs`: `/v1/pipeline/lag`.
 //! - `rules.rs`: `/v1/alert-rules` and `/v1/alert-rules/{id}`.
@@ -39,6 +42,7 @@
 
 mod aggregate;
 mod alerts;
+mod console;
 mod devices;
 mod health;
 mod params;
@@ -71,9 +75,10 @@ use crate::sink::Sink;
 use crate::status::Gateways;
 
 /// The routes the API serves, as written in `deploy/openapi.yaml`.
-pub const ROUTES: [&str; 11] = [
+pub const ROUTES: [&str; 12] = [
     "/healthz",
     "/readyz",
+    "/v1/devices",
     "/v1/devices/{id}/metrics",
     "/v1/devices/{id}/metrics/latest",
     "/v1/tenants/{id}/metrics/aggregate",
@@ -364,6 +369,7 @@ impl App {
     /// one of its tenant's turns ([`tenant_turn`]); `/healthz` and `/readyz` take none.
     pub fn router(self) -> Router {
         Router::new()
+            .route("/v1/devices", get(devices::list))
             .route("/v1/devices/{id}/metrics", get(devices::metrics))
             .route("/v1/devices/{id}/metrics/latest", get(devices::latest))
             .route("/v1/tenants/{id}/metrics/aggregate", get(aggregate::get))
@@ -387,6 +393,7 @@ impl App {
             .route_layer(middleware::from_fn_with_state(self.clone(), tenant_turn))
             .route("/healthz", get(health::healthz))
             .route("/readyz", get(health::readyz))
+            .merge(console::router())
             .fallback(|| async {
                 ApiError(
                     StatusCode::NOT_FOUND,

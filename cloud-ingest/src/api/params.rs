@@ -193,6 +193,22 @@ impl Resolution {
     }
 }
 
+/// `GET /v1/devices`.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct DeviceListParams {
+    /// Devices at most (1,000 unless given).
+    pub(super) limit: i64,
+}
+
+impl DeviceListParams {
+    pub(super) fn parse(q: &QueryMap) -> Result<Self, ApiError> {
+        known(q, &["limit"])?;
+        Ok(Self {
+            limit: limit(q, 1_000, 10_000)?,
+        })
+    }
+}
+
 /// `GET /v1/devices/{id}/metrics`.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct SeriesParams {

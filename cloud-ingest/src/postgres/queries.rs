@@ -140,6 +140,47 @@ pub async fn device_known(c: &Client, tenant: &str, device: &str) -> Result<bool
     .try_get(0)
 }
 
+/// One device of a tenant, for `GET /v1/devices`.
+#[derive(Debug, Clone)]
+pub struct DeviceRow {
+    /// The device id.
+    pub device_id: String,
+    /// What its gateway reported of it.
+    pub device_type: Option<String>,
+    /// Its firmware, as reported.
+    pub firmware_version: Option<String>,
+    /// Its newest reading's time (µs).
+    pub last_seen_us: Option<i64>,
+    /// Readings stored with a time in the last hour.
+    pub readings_last_hour: i64,
+}
+
+/// The tenant's devices by id, `limit` at most, with their readings of the last hour.
+pub async fn devices(c: &Client, tenant: &str, limit: i64) -> Result<Vec<DeviceRow>, Error> {
+    let rows = c
+        .query(
+            "SELECT d.device_id, d.device_type, d.firmware_version, d.last_seen_at,
+                    (SELECT count(*) FROM raw_metrics r
+                     WHERE r.tenant_id = d.tenant_id AND r.device_id = d.device_id
+                       AND r.ts > now() - interval '1 hour')
+             FROM devices d WHERE d.tenant_id = $1
+             ORDER BY d.device_id LIMIT $2",
+            &[&tenant, &limit],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(DeviceRow {
+                device_id: r.try_get(0)?,
+                device_type: r.try_get(1)?,
+                firmware_version: r.try_get(2)?,
+                last_seen_us: r.try_get::<_, Option<SystemTime>>(3)?.map(micros),
+                readings_last_hour: r.try_get(4)?,
+            })
+        })
+        .collect()
+}
+
 /// Which series of a device, over which time, and how many rows at most.
 #[derive(Debug, Clone, Copy)]
 pub struct SeriesQuery<'a> {

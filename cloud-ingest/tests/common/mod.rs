@@ -686,3 +686,295 @@ pub fn dom_text(dom: &str, id: &str) -> Option<String> {
 pub fn dom_value(dom: &str, id: &str) -> Option<String> {
     dom_attr(dom, id, "data-value")
 }
+
+// --- WebDriver: Chromium driven by Debian's chromedriver, over its HTTP protocol ---
+
+/// A headless Chromium session under a chromedriver of its own (both stop when dropped).
+pub struct Browser {
+    _driver: Proc,
+    port: u16,
+    session: String,
+}
+
+/// The key WebDriver names an element by.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+fn webdriver(port: u16, method: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let body = if method == "GET" {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Read the head, then exactly the body its Content-Length (or chunks) say: chromedriver
+    // may keep the connection open whatever the request asks.
+    let mut raw: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "webdriver {method} {path}: connection closed before an answer"
+        );
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse::<usize>().unwrap());
+    let body_bytes: Vec<u8> = match length {
+        Some(n) => {
+            while raw.len() < head_end + n {
+                let k = s.read(&mut buf).unwrap();
+                assert!(k > 0, "webdriver {method} {path}: short body");
+                raw.extend_from_slice(&buf[..k]);
+            }
+            raw[head_end..head_end + n].to_vec()
+        }
+        None => {
+            // Chunked: read until the last chunk ("0\r\n\r\n").
+            while !raw[head_end..].ends_with(b"0\r\n\r\n") {
+                let k = s.read(&mut buf).unwrap();
+                assert!(k > 0, "webdriver {method} {path}: short chunked body");
+                raw.extend_from_slice(&buf[..k]);
+            }
+            let mut rest = &raw[head_end..];
+            let mut out = Vec::new();
+            loop {
+                let nl = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+                let n = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap().trim(), 16)
+                    .unwrap();
+                if n == 0 {
+                    break out;
+                }
+                out.extend_from_slice(&rest[nl + 2..nl + 2 + n]);
+                rest = &rest[nl + 4 + n..];
+            }
+        }
+    };
+    let payload = std::str::from_utf8(&body_bytes).unwrap();
+    let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+    if let Some(e) = v["value"].get("error") {
+        panic!("webdriver {method} {path}: {e}: {}", v["value"]["message"]);
+    }
+    v["value"].clone()
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => continue,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+impl Browser {
+    /// Starts chromedriver on a free port and a headless Chromium of 1280 x `height`
+    /// with its profile in `profile`.
+    pub fn start(profile: &Path, height: u32) -> Self {
+        use std::time::{Duration, Instant};
+        let port = free_tcp_port();
+        let driver = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect(
+                "these tests drive a real browser: install Debian's chromium-driver \
+                 (apt-get install chromium-driver), or run ./tests/run.sh, which does",
+            );
+        let child = std::process::Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let proc = Proc(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "chromedriver did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium().display().to_string(),
+                // --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--no-first-run", "--hide-scrollbars",
+                         format!("--window-size=1280,{height}"),
+                         format!("--user-data-dir={}", profile.display())],
+            },
+        }}});
+        let v = webdriver(port, "POST", "/session", &caps);
+        let session = v["sessionId"].as_str().unwrap().to_owned();
+        Self {
+            _driver: proc,
+            port,
+            session,
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+        webdriver(
+            self.port,
+            method,
+            &format!("/session/{}{path}", self.session),
+            &body,
+        )
+    }
+
+    /// Opens `url`.
+    pub fn open(&self, url: &str) {
+        self.call("POST", "/url", serde_json::json!({ "url": url }));
+    }
+
+    /// Runs `script` (a function body; `arguments` holds `args`) and returns its value.
+    pub fn script(&self, script: &str, args: serde_json::Value) -> serde_json::Value {
+        self.call(
+            "POST",
+            "/execute/sync",
+            serde_json::json!({"script": script, "args": args}),
+        )
+    }
+
+    /// Runs an async `script` that ends by calling `arguments[arguments.length - 1]`.
+    pub fn script_async(&self, script: &str, args: serde_json::Value) -> serde_json::Value {
+        self.call(
+            "POST",
+            "/execute/async",
+            serde_json::json!({"script": script, "args": args}),
+        )
+    }
+
+    fn element(&self, css: &str) -> String {
+        let v = self.call(
+            "POST",
+            "/element",
+            serde_json::json!({"using": "css selector", "value": css}),
+        );
+        v[ELEMENT].as_str().unwrap().to_owned()
+    }
+
+    /// Clicks the element `css` selects, as a user would.
+    pub fn click(&self, css: &str) {
+        let id = self.element(css);
+        self.call(
+            "POST",
+            &format!("/element/{id}/click"),
+            serde_json::json!({}),
+        );
+    }
+
+    /// Types `text` into the element `css` selects, after clearing it.
+    pub fn type_into(&self, css: &str, text: &str) {
+        let id = self.element(css);
+        self.call(
+            "POST",
+            &format!("/element/{id}/clear"),
+            serde_json::json!({}),
+        );
+        self.call(
+            "POST",
+            &format!("/element/{id}/value"),
+            serde_json::json!({ "text": text }),
+        );
+    }
+
+    /// Waits until the JavaScript expression `cond` is truthy; fails naming `what`.
+    pub fn wait(&self, what: &str, cond: &str) {
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        let script = format!("return !!({cond});");
+        loop {
+            if self.script(&script, serde_json::json!([])) == serde_json::json!(true) {
+                return;
+            }
+            let page = self.script(
+                "return document.body ? document.body.innerText.slice(0, 2000) : ''",
+                serde_json::json!([]),
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{what}: {cond} never held; the page says: {page}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A PNG of the window, in `CARGO_TARGET_TMPDIR/screenshots/<name>.png` (the test run's
+    /// artifacts); returns its path.
+    pub fn screenshot(&self, name: &str) -> PathBuf {
+        let v = self.call("GET", "/screenshot", serde_json::Value::Null);
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = dir.join(format!("{name}.png"));
+        std::fs::write(&png, base64_decode(v.as_str().unwrap())).unwrap();
+        png
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Ends the session (Chromium quits); chromedriver is killed with `_driver`.
+        use std::io::{Read, Write};
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+            let _ = write!(
+                s,
+                "DELETE /session/{} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                self.session
+            );
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let _ = s.read(&mut [0u8; 1024]);
+        }
+    }
+}
+
+impl Browser {
+    /// Accepts the `confirm()` dialog the page opened.
+    pub fn accept_alert(&self) {
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        // The dialog opens from the click's handler: wait for it.
+        loop {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.call("POST", "/alert/accept", serde_json::json!({}))
+            }));
+            if r.is_ok() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no dialog to accept"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The fleet console (`/console` on the API's listener) in a real headless Chromium, driven
+//! by Debian's chromedriver, against a real stack: an agent reading Mosquitto, cloud-ingest
+//! over QUIC with alerting on, and PostgreSQL.
+//!
+//! It signs in with tenant acme's token; sees the gateway connected and its devices; sees the
+//! overheating alert open; opens a device's chart (points drawn from raw readings, then the
+//! min/max band of the hourly rollup over 30 days); creates, edits and deletes a rule through
+//! the form; then signs in as tenant globex and sees none of acme's gateway or devices, while
+//! a request for acme's device from the console is answered 404, as from the API.
+#![allow(clippy::unwrap_used)] // tests may panic
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cloud_ingest::config::{Alerting, Api};
+use cloud_ingest::server::Server;
+use common::{Browser, Dir};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::json;
+
+const ACME: &str = "acme-console-token";
+const GLOBEX: &str = "globex-console-token";
+
+/// Publishes `(topic, body)` pairs and waits for every PUBACK.
+async fn publish(port: u16, id: &str, messages: Vec<(String, String)>) {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_inflight(200);
+    let (c, mut el) = AsyncClient::new(o, 200);
+    let n = messages.len();
+    tokio::spawn(async move {
+        for (t, b) in messages {
+            c.publish(t, QoS::AtLeastOnce, false, b).await.unwrap();
+        }
+    });
+    let mut acked = 0;
+    while acked < n {
+        if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
+            acked += 1;
+        }
+    }
+}
+
+fn reading(device: &str, metric: &str, value: f64, ts_ms: i64) -> (String, String) {
+    (
+        format!("plant/p1/l1/{device}"),
+        format!(
+            r#"{{"sensor_id": "{device}", "measurement": "{metric}", "value": {value}, "ts": {ts_ms}}}"#
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_console_shows_a_tenants_fleet_charts_and_alerts_and_edits_rules() {
+    let d = Dir::new("console");
+    common::fleet(&d.0, "gw-console");
+    let pid = std::process::id();
+    let db = format!("plantlink_test_console_{pid}");
+    let (admin, url, pgc) = common::database(&db).await;
+    let api: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
+        .parse()
+        .unwrap();
+    let config = {
+        let mut c = common::cloud_config(&d.0, url, 16, 8 << 20);
+        c.postgres.rollup_interval_ms = 200;
+        c.api = Some(Api::new(
+            api,
+            [
+                ("acme".to_owned(), ACME.to_owned()),
+                ("globex".to_owned(), GLOBEX.to_owned()),
+            ]
+            .into(),
+        ));
+        c.alerting = Alerting {
+            tick_ms: 100,
+            rules_reload_ms: 200,
+            out_of_orderness_ms: 1_000,
+            ..Alerting::default()
+        };
+        c
+    };
+    let server = Server::bind(config).unwrap();
+    let cloud_addr = server.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let cloud = tokio::spawn(server.serve(stop_rx.clone()));
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(api).await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the API did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (st, body) = common::http_json(
+        api,
+        "POST",
+        "/v1/alert-rules",
+        ACME,
+        Some(&json!({"name": "overheating", "metric": "temperature",
+            "selector": {"device_id": "press01"}, "aggregate": "avg", "op": ">",
+            "threshold": 80.0, "window": {"kind": "tumbling", "seconds": 2},
+            "severity": "critical"})),
+    );
+    assert_eq!(st, 201, "{body}");
+
+    // The agent, and an hour of press01's temperature: cool, then hot for the last 20 s.
+    let broker = common::Mosquitto::start(&d.0);
+    let client_id = format!("gw-console-{pid}");
+    let agent = common::Agent {
+        gateway: "gw-console",
+        mqtt: Some((broker.port, &client_id, "plant/{site}/{line}/{device}")),
+        cloud: cloud_addr.to_string(),
+        store: "",
+        uplink: "batch_max_readings = 500\nbatch_linger_ms = 20",
+    }
+    .config(&d.0);
+    common::create_session(broker.port, &client_id).await;
+    let mut agent_stop = stop_rx.clone();
+    let agent = tokio::spawn(edge_agent::agent::run_until(agent, async move {
+        let _ = agent_stop.changed().await;
+    }));
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut messages: Vec<(String, String)> = (0..120)
+        .map(|i| {
+            let t = now_ms - 3_600_000 + i * 30_000;
+            reading("press01", "temperature", 60.0 + (i % 10) as f64, t)
+        })
+        .collect();
+    messages.extend(
+        (0..20).map(|i| reading("press01", "temperature", 95.0, now_ms - 20_000 + i * 1000)),
+    );
+    messages.extend((0..5).map(|i| reading("press02", "pressure", 6.5, now_ms - 5_000 + i * 1000)));
+    publish(broker.port, &format!("pub-{pid}"), messages).await;
+
+    let console = format!("http://{api}/console");
+    let profile = d.0.join("chromium");
+    let browsing = tokio::task::spawn_blocking(move || {
+        let b = Browser::start(&profile, 1000);
+        b.open(&console);
+        b.wait(
+            "the sign-in form",
+            "!document.querySelector('#signin').hidden",
+        );
+        b.type_into("#token", ACME);
+        b.click("#signin-button");
+        b.wait(
+            "the gateway connected",
+            r#"document.querySelector('#gateways tr[data-gateway="gw-console"][data-state="connected"]')"#,
+        );
+        b.wait(
+            "both devices listed",
+            r#"document.querySelector('#devices tr[data-device="press01"]') && document.querySelector('#devices tr[data-device="press02"]')"#,
+        );
+        b.wait(
+            "the overheating alert open",
+            r#"[...document.querySelectorAll('#open-alerts tr[data-state="firing"]')].some(r => r.textContent.includes('overheating') && r.textContent.includes('press01'))"#,
+        );
+        let fleet = b.screenshot("console-fleet");
+
+        // A device: raw points over the last hour, then the hourly rollup's band.
+        b.click(r#"#devices tr[data-device="press01"] a"#);
+        b.wait(
+            "press01's chart drawn from raw readings",
+            "document.querySelector('#chart') && document.querySelector('#chart').dataset.resolution === 'raw' \
+             && +document.querySelector('#chart').dataset.points >= 100 \
+             && document.querySelectorAll('#chart circle').length >= 100",
+        );
+        let latest = b.script(
+            "return document.querySelector('#latest tr[data-metric=\"temperature\"]').textContent",
+            json!([]),
+        );
+        assert!(
+            latest.as_str().unwrap().contains("95"),
+            "latest value: {latest}"
+        );
+        let device = b.screenshot("console-device");
+        b.script(
+            "const s = document.querySelector('#range'); s.value = '30d'; s.dispatchEvent(new Event('change'));",
+            json!([]),
+        );
+        b.wait(
+            "the 30-day chart from the hourly rollup, with its min/max band",
+            "document.querySelector('#chart') && document.querySelector('#chart').dataset.resolution === '1h' \
+             && +document.querySelector('#chart').dataset.points >= 1 && document.querySelector('#chart-band')",
+        );
+
+        // Rules: create, edit, delete through the form.
+        b.click("#nav-alerts");
+        b.wait("the rule form", "document.querySelector('#rule-form')");
+        b.type_into("#rule-name", "pressure high");
+        b.type_into("#rule-metric", "pressure");
+        b.type_into("#rule-threshold", "7.5");
+        b.click("#rule-save");
+        b.wait(
+            "the new rule listed",
+            "[...document.querySelectorAll('#rules tr[data-rule]')].some(r => r.textContent.includes('pressure high') && r.textContent.includes('7.5'))",
+        );
+        let alerts = b.screenshot("console-alerts");
+        let id = b
+            .script(
+                "return [...document.querySelectorAll('#rules tr[data-rule]')].find(r => r.textContent.includes('pressure high')).dataset.rule",
+                json!([]),
+            )
+            .as_str()
+            .unwrap()
+            .to_owned();
+        b.click(&format!("#rules tr[data-rule=\"{id}\"] button.edit"));
+        b.wait(
+            "the edit form",
+            "document.querySelector('#rule-form h3').textContent.startsWith('Edit')",
+        );
+        b.type_into("#rule-threshold", "9.25");
+        b.click("#rule-save");
+        b.wait(
+            "the rule edited",
+            &format!("(document.querySelector('#rules tr[data-rule=\"{id}\"]') || {{}}).textContent?.includes('9.25')"),
+        );
+        b.click(&format!("#rules tr[data-rule=\"{id}\"] button.delete"));
+        b.accept_alert();
+        b.wait(
+            "the rule deleted",
+            &format!("document.querySelector('#rules') && !document.querySelector('#rules tr[data-rule=\"{id}\"]')"),
+        );
+
+        // Tenant globex sees none of acme's fleet; acme's device is a 404 to it.
+        b.click("#signout");
+        b.wait("signed out", "!document.querySelector('#signin').hidden");
+        b.type_into("#token", GLOBEX);
+        b.click("#signin-button");
+        b.wait(
+            "globex's fleet",
+            "document.querySelector('#gateways') && document.querySelector('#devices')",
+        );
+        let seen = b.script(
+            "return document.querySelector('#view').textContent",
+            json!([]),
+        );
+        let seen = seen.as_str().unwrap();
+        assert!(
+            !seen.contains("gw-console") && !seen.contains("press01"),
+            "{seen}"
+        );
+        let status = b.script_async(
+            "const done = arguments[arguments.length - 1];
+             fetch('/v1/devices/press01/metrics/latest', {headers: {Authorization: 'Bearer ' + sessionStorage.getItem('plantlink-token')}})
+               .then(r => done(r.status), e => done(String(e)));",
+            json!([]),
+        );
+        assert_eq!(status, json!(404));
+        b.open(&format!("{console}#/device/press01"));
+        b.wait(
+            "acme's device not found for globex",
+            "document.querySelector('#not-found')",
+        );
+        // A token that is no tenant's is refused at sign-in.
+        b.click("#signout");
+        b.type_into("#token", "no-such-token");
+        b.click("#signin-button");
+        b.wait(
+            "a wrong token refused",
+            "document.querySelector('#signin-error').textContent.includes('not accepted')",
+        );
+        (fleet, device, alerts)
+    });
+    let (fleet, device, alerts) = browsing.await.unwrap();
+    println!(
+        "screenshots: {}, {}, {}",
+        fleet.display(),
+        device.display(),
+        alerts.display()
+    );
+    // What the console listed is the API's: acme's devices to acme, none to globex.
+    let (_, devices) = common::http_json(api, "GET", "/v1/devices", ACME, None);
+    let ids: Vec<&str> = devices["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["press01", "press02"], "{devices}");
+    let last_hour = devices["devices"][0]["readings_last_hour"]
+        .as_i64()
+        .unwrap();
+    assert!((130..=140).contains(&last_hour), "{devices}");
+    let (_, theirs) = common::http_json(api, "GET", "/v1/devices", GLOBEX, None);
+    assert_eq!(theirs["devices"], json!([]), "{theirs}");
+    let (st, _) = common::http_json(api, "GET", "/v1/devices?limit=0", ACME, None);
+    assert_eq!(st, 400);
+    let (_, rules) = common::http_json(api, "GET", "/v1/alert-rules", ACME, None);
+    assert_eq!(rules["rules"].as_array().unwrap().len(), 1, "{rules}");
+
+    let _ = stop_tx.send(true);
+    agent.await.unwrap().unwrap();
+    cloud.await.unwrap().unwrap();
+    drop(pgc);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
