@@ -12,7 +12,8 @@
 #
 #   ./deploy/demo.sh          run the demo (about a minute after the build)
 #   ./deploy/demo.sh --ci     a short run (about 20 s) that fails unless verify passes
-#   ./deploy/demo.sh --keep   leave everything running at the end (it prints how to stop it)
+#   ./deploy/demo.sh --keep   leave everything running at the end: it prints the console's
+#                             URL (with the demo token) and how to stop it
 #
 # Ctrl-C stops everything and removes what the demo made.
 set -euo pipefail
@@ -41,6 +42,8 @@ pids=()
 cleanup() {
   if [ "$keep" -eq 1 ]; then
     log "left running: pids ${pids[*]}; files in $work; database $db"
+    [ -n "${token:-}" ] && log "the fleet console (signed in by the link): http://127.0.0.1:$aport/console#token=$token"
+    [ -n "${ametrics:-}" ] && log "the gateway's status page: http://127.0.0.1:$ametrics/"
     log "stop with: kill ${pids[*]}; psql -h 127.0.0.1 -U postgres -c 'DROP DATABASE $db WITH (FORCE)'; rm -rf $work"
     return
   fi
@@ -198,4 +201,11 @@ fi
 if [ "$fired" -lt 1 ]; then
   show_logs; echo "error: the overheating press raised no alert" >&2; exit 1
 fi
+log "the pages: the fleet console and the gateway's status page answer"
+curl -sf "http://127.0.0.1:$aport/console" | grep -q 'console.js' \
+  || { show_logs; echo "error: the console at http://127.0.0.1:$aport/console did not answer" >&2; exit 1; }
+curl -sf "http://127.0.0.1:$ametrics/status.json" | python3 -c 'import json,sys; s=json.load(sys.stdin); print("  gateway", s["gateway"], "uplink connected:", s["uplink"]["connected"], "queue:", s["queue"]["readings"], "readings")' \
+  || { show_logs; echo "error: the status page at http://127.0.0.1:$ametrics/ did not answer" >&2; exit 1; }
+echo "  console: http://127.0.0.1:$aport/console#token=$token"
+echo "  gateway status page: http://127.0.0.1:$ametrics/"
 log "demo finished: every acknowledged reading is stored once, and the alert fired"

@@ -12,7 +12,8 @@ use cloud_ingest::pki;
 /// It accepts gateways that present a certificate from the fleet CA over QUIC, and fans
 /// every batch out to Kafka, to stream alerting and to TimescaleDB or PostgreSQL with
 /// hourly and daily rollups. It acknowledges a batch only when every sink has it, and
-/// serves a query API over what it stored.
+/// serves a query API over what it stored, with a fleet console for people at
+/// http://<[api] bind>/console (sign in with a tenant's token).
 ///
 /// Commands: the fleet PKI (`pki`), the schema (`migrate`), `check-config`, and `run`, which
 /// admits gateways over QUIC and fans their batches out, in one process or as roles apart

@@ -1,5 +1,8 @@
 //! The built binary answers --help and --version.
 
+#[path = "../../tests/lib/help_readme.rs"]
+mod help_readme;
+
 use std::process::Command;
 
 #[test]
@@ -137,4 +140,15 @@ fn check_config_reports_the_roles_a_config_can_run() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every subcommand `--help` lists has an example in the README, and every `cloud-ingest` command
+/// the README shows exists.
+#[test]
+fn the_readme_shows_every_command_and_only_real_ones() {
+    help_readme::check(
+        std::path::Path::new(env!("CARGO_BIN_EXE_cloud-ingest")),
+        "cloud-ingest",
+        &["pki"],
+    );
 }

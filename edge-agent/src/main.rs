@@ -13,7 +13,8 @@ use edge_agent::{agent, check, payload, store, telemetry};
 /// It collects readings from the plant's MQTT broker and from CoAP devices, decodes the
 /// payloads of each firmware version, drops duplicates and floods, and keeps every reading
 /// durably in a SQLite queue until the cloud has it. A device is acknowledged only after
-/// its reading is on disk.
+/// its reading is on disk. With `[metrics] bind`, a status page for the technician (uplink,
+/// queue, dead letters, busiest devices) is at http://<bind>/, beside /metrics.
 ///
 /// Start with `edge-agent check-config --config FILE` (add `--topic TOPIC` to see the
 /// device, metric and tags a topic becomes); deploy/edge-agent.example.toml documents

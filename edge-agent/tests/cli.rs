@@ -2,6 +2,9 @@
 //! device a topic becomes.
 #![allow(clippy::unwrap_used)] // tests may panic
 
+#[path = "../../tests/lib/help_readme.rs"]
+mod help_readme;
+
 use std::process::Command;
 
 #[test]
@@ -185,4 +188,15 @@ fn replay_dead_letters_marks_what_can_be_replayed_and_names_bad_reasons() {
         (Some(2), Some(0))
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Every subcommand `--help` lists has an example in the README, and every `edge-agent` command
+/// the README shows exists.
+#[test]
+fn the_readme_shows_every_command_and_only_real_ones() {
+    help_readme::check(
+        std::path::Path::new(env!("CARGO_BIN_EXE_edge-agent")),
+        "edge-agent",
+        &["queue"],
+    );
 }
