@@ -6,6 +6,10 @@ const KEY = "plantlink-token";
 const REFRESH_MS = 5000;
 let timer = null;
 let rulesCache = [];
+// Bumped by every navigation and sign-out: a render or refresh started before it is dropped.
+let generation = 0;
+// Set while the rule form holds unsaved input: the alerts view does not refresh under it.
+let formDirty = false;
 
 // --- DOM helpers: elements are built, never parsed from strings (no injection) ---
 
@@ -74,6 +78,7 @@ class ApiError extends Error {
 
 async function api(method, path, body) {
   const token = sessionStorage.getItem(KEY);
+  if (!token) throw new ApiError(401, "signed out");
   const init = { method, headers: { Authorization: `Bearer ${token}` } };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
@@ -94,6 +99,8 @@ async function api(method, path, body) {
 // --- Sign-in ---
 
 function signOut(message) {
+  generation += 1;
+  formDirty = false;
   sessionStorage.removeItem(KEY);
   if (timer) clearTimeout(timer);
   document.getElementById("nav").hidden = true;
@@ -122,18 +129,22 @@ async function signIn(token) {
 
 function schedule(fn) {
   if (timer) clearTimeout(timer);
+  const mine = generation;
   timer = setTimeout(async () => {
-    try { await fn(); } catch (e) { status(String(e.message || e), true); }
-    schedule(fn);
+    if (mine !== generation) return;
+    try { await fn(mine); } catch (e) { if (mine === generation) status(String(e.message || e), true); }
+    if (mine === generation) schedule(fn);
   }, REFRESH_MS);
 }
 
-function show(...children) {
+// Renders a view unless a navigation or sign-out came after the render began (`mine`).
+function show(mine, ...children) {
+  if (mine !== generation) return;
   document.getElementById("view").replaceChildren(...children);
   status(`updated ${new Date().toLocaleTimeString()} · refreshes every ${REFRESH_MS / 1000} s`);
 }
 
-async function fleet() {
+async function fleet(mine) {
   const [lag, devices, open, rules] = await Promise.all([
     api("GET", "/v1/pipeline/lag"),
     api("GET", "/v1/devices"),
@@ -160,8 +171,8 @@ async function fleet() {
       el("td", {}, el("a", { href: `#/device/${encodeURIComponent(d.device_id)}` }, d.device_id)),
       el("td", {}, d.device_type || ""),
       el("td", {}, ago(d.last_seen_at)),
-      el("td", { class: "n" }, d.readings_last_hour)));
-  show(
+      el("td", { class: "n" }, d.readings_recent)));
+  show(mine,
     el("section", {},
       el("h2", {}, "Gateways"),
       table("gateways",
@@ -169,7 +180,7 @@ async function fleet() {
         gateways, "No gateway has connected to this replica yet.")),
     el("section", {},
       el("h2", {}, `Devices (${devices.devices.length}${devices.truncated ? "+" : ""})`),
-      table("devices", ["Device", "Type", "Last seen", "Readings, last hour"], deviceRows,
+      table("devices", ["Device", "Type", "Last seen", "Readings, this hour and last"], deviceRows,
         "No device has sent readings yet.")),
     el("section", {},
       el("h2", {}, "Open alerts"),
@@ -199,7 +210,7 @@ function ruleName(id) {
 
 const RANGES = [["1h", 3600], ["6h", 6 * 3600], ["24h", 86400], ["7d", 7 * 86400], ["30d", 30 * 86400], ["365d", 365 * 86400]];
 
-async function device(id, metric, range) {
+async function device(mine, id, metric, range) {
   const latest = await api("GET", `/v1/devices/${encodeURIComponent(id)}/metrics/latest`);
   const metrics = Object.keys(latest.metrics).sort();
   const m = metric && metrics.includes(metric) ? metric : metrics[0];
@@ -216,7 +227,7 @@ async function device(id, metric, range) {
     return el("tr", { "data-metric": name },
       el("td", {}, name), el("td", { class: "n" }, num(p.value)), el("td", {}, ago(p.ts)));
   });
-  show(
+  show(mine,
     el("section", {},
       el("h2", {}, "Device ", el("span", { id: "device-id" }, id)),
       el("p", {}, "Metric ", pick("metric", metrics), " over the last ", pick("range", RANGES.map(([k]) => k)),
@@ -284,7 +295,7 @@ function chart(points, resolution) {
 
 // --- Alerts and rules ---
 
-async function alerts(editing) {
+async function alerts(mine, editing) {
   const [list, rules] = await Promise.all([
     api("GET", "/v1/alerts?limit=100"),
     api("GET", "/v1/alert-rules"),
@@ -299,12 +310,14 @@ async function alerts(editing) {
       el("td", {}, selectorText(r.selector)),
       el("td", {}, r.severity),
       el("td", {},
-        el("button", { type: "button", class: "edit", onclick: () => alerts(r) }, "Edit"), " ",
+        r.kind === "absence" ? el("span", { class: "muted" }, "edit through the API") :
+          el("button", { type: "button", class: "edit", onclick: () => { formDirty = true; alerts(generation, r); } }, "Edit"),
+        " ",
         el("button", { type: "button", class: "delete", onclick: async () => {
           if (!confirm(`Delete the rule "${r.name}"?`)) return;
           try { await api("DELETE", `/v1/alert-rules/${r.id}`); await route(); } catch (e) { status(e.message, true); }
         } }, "Delete"))));
-  show(
+  show(mine,
     el("section", {},
       el("h2", {}, "Alerts, newest first"),
       alertTable("alerts", list.alerts, "No alerts yet.")),
@@ -312,7 +325,6 @@ async function alerts(editing) {
       el("h2", {}, "Rules"),
       table("rules", ["Name", "Condition", "Devices", "Severity", ""], ruleRows, "No rules yet."),
       ruleForm(editing)));
-  if (editing) schedule(() => Promise.resolve()); // keep the form steady while editing
 }
 
 function selectorText(sel) {
@@ -327,24 +339,32 @@ function selectorText(sel) {
 function ruleForm(r) {
   const f = (id, label, input) => el("label", { for: id }, label, input);
   const opt = (id, values, cur) => el("select", { id }, values.map((v) => el("option", { value: v, selected: v === cur }, v)));
-  const form = el("form", { id: "rule-form", onsubmit: async (ev) => {
+  const form = el("form", { id: "rule-form", oninput: () => { formDirty = true; }, onsubmit: async (ev) => {
     ev.preventDefault();
     const v = (id) => document.getElementById(id).value.trim();
-    const body = {
+    // An edit keeps what the form does not show (tags, device type, the window's kind,
+    // the description): the PUT replaces the whole rule.
+    const body = r ? JSON.parse(JSON.stringify(r)) : {};
+    delete body.id;
+    const selector = Object.assign({}, body.selector || {});
+    if (v("rule-device")) selector.device_id = v("rule-device");
+    else delete selector.device_id;
+    Object.assign(body, {
       name: v("rule-name"),
       metric: v("rule-metric"),
-      selector: v("rule-device") ? { device_id: v("rule-device") } : {},
+      selector,
       aggregate: v("rule-aggregate"),
       op: v("rule-op"),
       threshold: Number(v("rule-threshold")),
-      window: { kind: "tumbling", seconds: Number(v("rule-window")) },
+      window: Object.assign({ kind: "tumbling" }, body.window || {}, { seconds: Number(v("rule-window")) }),
       for_windows: Number(v("rule-for")),
       severity: v("rule-severity"),
-    };
+    });
     try {
       if (r) await api("PUT", `/v1/alert-rules/${r.id}`, body);
       else await api("POST", "/v1/alert-rules", body);
       document.getElementById("rule-error").textContent = "";
+      formDirty = false;
       await route();
     } catch (e) {
       document.getElementById("rule-error").textContent = e.message;
@@ -354,14 +374,14 @@ function ruleForm(r) {
   f("rule-name", "Name", el("input", { id: "rule-name", required: true, value: r ? r.name : "" })),
   f("rule-metric", "Metric", el("input", { id: "rule-metric", required: true, value: r ? r.metric || "" : "temperature" })),
   f("rule-device", "Device (empty: all)", el("input", { id: "rule-device", value: r && r.selector ? r.selector.device_id || "" : "" })),
-  f("rule-aggregate", "Aggregate", opt("rule-aggregate", ["avg", "min", "max", "count", "last"], r ? r.aggregate || "avg" : "avg")),
-  f("rule-op", "Is", opt("rule-op", [">", ">=", "<", "<="], r ? r.op : ">")),
+  f("rule-aggregate", "Aggregate", opt("rule-aggregate", ["avg", "min", "max", "count", "last", "rate"], r ? r.aggregate || "avg" : "avg")),
+  f("rule-op", "Is", opt("rule-op", [">", ">=", "<", "<=", "==", "!="], r ? r.op : ">")),
   f("rule-threshold", "Threshold", el("input", { id: "rule-threshold", type: "number", step: "any", required: true, value: r ? r.threshold : "" })),
   f("rule-window", "Window (s)", el("input", { id: "rule-window", type: "number", min: 1, max: 86400, required: true, value: r && r.window ? r.window.seconds : 60 })),
   f("rule-for", "For windows", el("input", { id: "rule-for", type: "number", min: 1, required: true, value: r ? r.for_windows || 1 : 1 })),
   f("rule-severity", "Severity", opt("rule-severity", ["critical", "warning", "info"], r ? r.severity : "warning")),
   el("button", { type: "submit", id: "rule-save" }, r ? "Save" : "Create"),
-  r ? el("button", { type: "button", onclick: () => route() }, "Cancel") : null,
+  r ? el("button", { type: "button", onclick: () => { formDirty = false; route(); } }, "Cancel") : null,
   el("p", { id: "rule-error", class: "bad" }));
   return form;
 }
@@ -370,25 +390,27 @@ function ruleForm(r) {
 
 async function route() {
   if (!sessionStorage.getItem(KEY)) return;
+  generation += 1;
+  const mine = generation;
+  if (timer) clearTimeout(timer);
   const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
   let view;
-  if (parts[0] === "device" && parts[1]) view = () => device(parts[1], parts[2], parts[3]);
-  else if (parts[0] === "alerts") view = () => alerts();
+  if (parts[0] === "device" && parts[1]) view = (g) => device(g, parts[1], parts[2], parts[3]);
+  else if (parts[0] === "alerts") view = (g) => (formDirty ? Promise.resolve() : alerts(g));
   else view = fleet;
   for (const a of document.querySelectorAll("nav a")) {
     a.classList.toggle("active", a.getAttribute("href") === `#/${parts[0] || "fleet"}`);
   }
   try {
     if (rulesCache.length === 0 && view !== fleet) rulesCache = (await api("GET", "/v1/alert-rules")).rules;
-    await view();
-    if (parts[0] !== "alerts") schedule(view);
-    else schedule(async () => {
-      if (!document.activeElement || !document.activeElement.closest("#rule-form")) await alerts();
-    });
+    formDirty = false;
+    await view(mine);
+    schedule(view);
   } catch (e) {
+    if (mine !== generation) return;
     status(String(e.message || e), true);
     if (e instanceof ApiError && e.status === 404) {
-      show(el("section", {}, el("h2", {}, "Not found"), el("p", { id: "not-found" }, e.message)));
+      show(mine, el("section", {}, el("h2", {}, "Not found"), el("p", { id: "not-found" }, e.message)));
     }
   }
 }

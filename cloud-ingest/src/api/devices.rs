@@ -42,7 +42,7 @@ pub(super) async fn list(
                 "device_type": d.device_type,
                 "firmware_version": d.firmware_version,
                 "last_seen_at": d.last_seen_us.map(rfc3339),
-                "readings_last_hour": d.readings_last_hour,
+                "readings_recent": d.readings_recent,
             })
         })
         .collect();

@@ -912,7 +912,8 @@ impl Browser {
     pub fn wait(&self, what: &str, cond: &str) {
         use std::time::{Duration, Instant};
         let start = Instant::now();
-        let script = format!("return !!({cond});");
+        // A condition that throws (its element not there yet) is simply not true yet.
+        let script = format!("try {{ return !!({cond}); }} catch (e) {{ return false; }}");
         loop {
             if self.script(&script, serde_json::json!([])) == serde_json::json!(true) {
                 return;
