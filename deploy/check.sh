@@ -79,6 +79,7 @@ assert {so["spec"]["scaleTargetRef"]["name"] for so in scaled} == {"cloud-ingest
 assert services["cloud-ingest"]["profiles"] == ["single"] and services["receiver"]["profiles"] == ["roles"], "compose: the one process and the receiver publish the same ports; they must be in different profiles"
 assert "roles" in services["receiver"]["profiles"] and "roles" in services["writer"]["profiles"] and "roles" in services["alerting"]["profiles"], "compose: no roles profile"
 json.load(open("deploy/grafana/plantlink-pipeline.json"))
+json.load(open("deploy/grafana/plantlink-plant-data.json"))
 print(f"deploy files: {len(files)} YAML files parse; compose, Kubernetes and the dashboard are complete")
 PY
 
