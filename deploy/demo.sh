@@ -11,7 +11,9 @@
 #   exactly once in PostgreSQL and present on Kafka).
 #
 #   ./deploy/demo.sh          run the demo (about a minute after the build)
-#   ./deploy/demo.sh --ci     a short run (about 20 s) that fails unless verify passes
+#   ./deploy/demo.sh --ci     a short run (about 20 s) that fails unless verify passes, then
+#                             the console's browser test against this stack (headless
+#                             Chromium; builds the cloud-ingest test `console` if needed)
 #   ./deploy/demo.sh --keep   leave everything running at the end: it prints the console's
 #                             URL (with the demo token) and how to stop it
 #
@@ -25,7 +27,7 @@ for a in "$@"; do
   case "$a" in
     --ci) ci=1 ;;
     --keep) keep=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "error: unknown option $a (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -82,6 +84,8 @@ log "PostgreSQL database $db"
 make_demo_pki "$work" "$bin/cloud-ingest"
 qport=$(free_port udp); aport=$(free_port); cmetrics=$(free_port); hook=$(free_port)
 token="demo-token-$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
+# A second tenant with no gateways: its token sees nothing of the demo's.
+other_token="other-token-$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
 cat > "$work/cloud-ingest.toml" <<EOC
 [quic]
 bind = "127.0.0.1:$qport"
@@ -100,6 +104,7 @@ partitions = 3
 bind = "127.0.0.1:$aport"
 [api.tokens]
 demo = "$token"
+other = "$other_token"
 [alerting]
 tick_ms = 200
 EOC
@@ -208,4 +213,11 @@ curl -sf "http://127.0.0.1:$ametrics/status.json" | python3 -c 'import json,sys;
   || { show_logs; echo "error: the status page at http://127.0.0.1:$ametrics/ did not answer" >&2; exit 1; }
 echo "  console: http://127.0.0.1:$aport/console#token=$token"
 echo "  gateway status page: http://127.0.0.1:$ametrics/"
+if [ "$ci" -eq 1 ]; then
+  log "the console in headless Chromium against this stack (screenshots under ${CARGO_TARGET_DIR:-target}/tmp/screenshots)"
+  PLANTLINK_DEMO_API="127.0.0.1:$aport" PLANTLINK_DEMO_TOKEN="$token" PLANTLINK_DEMO_OTHER_TOKEN="$other_token" \
+    PLANTLINK_DEMO_GATEWAY=gw-demo PLANTLINK_DEMO_PRESS=demo-press01 \
+    cargo test --locked -q -p cloud-ingest --test console -- --ignored --exact the_console_on_the_demo_stack --nocapture \
+    || { show_logs; echo "error: the console's browser test against the demo stack failed" >&2; exit 1; }
+fi
 log "demo finished: every acknowledged reading is stored once, and the alert fired"

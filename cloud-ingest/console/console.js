@@ -46,13 +46,27 @@ function table(id, head, rows, empty) {
   return t;
 }
 
+function duration(s) {
+  if (s < 120) return `${s.toFixed(0)} s`;
+  if (s < 7200) return `${(s / 60).toFixed(0)} min`;
+  if (s < 172800) return `${(s / 3600).toFixed(1)} h`;
+  return `${(s / 86400).toFixed(1)} d`;
+}
+
 function ago(iso) {
   if (!iso) return "never";
-  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
-  if (s < 120) return `${s.toFixed(0)} s ago`;
-  if (s < 7200) return `${(s / 60).toFixed(0)} min ago`;
-  if (s < 172800) return `${(s / 3600).toFixed(1)} h ago`;
-  return `${(s / 86400).toFixed(1)} d ago`;
+  return `${duration(Math.max(0, (Date.now() - Date.parse(iso)) / 1000))} ago`;
+}
+
+// The age of a gateway's oldest queued reading now: its report's, plus the time since.
+function oldestAge(q) {
+  if (!q.at) return ["", "not reported"];
+  if (q.queued_readings === 0) return [0, "empty"];
+  if (q.oldest_age_seconds === null || q.oldest_age_seconds === undefined) {
+    return ["", "not reported (agent before uplink 1.1)"];
+  }
+  const s = q.oldest_age_seconds + Math.max(0, (Date.now() - Date.parse(q.at)) / 1000);
+  return [s.toFixed(1), duration(s)];
 }
 
 function num(v) {
@@ -156,10 +170,12 @@ async function fleet(mine) {
     const up = g.connections > 0;
     const q = g.queue || {};
     const conflicts = (lag.conflicts || {})[id];
+    const [oldestValue, oldestText] = oldestAge(q);
     return el("tr", { "data-gateway": id, "data-state": up ? "connected" : "disconnected" },
       el("td", {}, id),
       el("td", { class: up ? "ok" : "bad" }, up ? "connected" : "disconnected"),
       el("td", { class: "n", "data-value": q.queued_readings ?? "" }, q.queued_readings ?? "not reported"),
+      el("td", { class: "n", "data-value": oldestValue }, oldestText),
       el("td", {}, q.at ? ago(q.at) : ""),
       el("td", { class: "n" }, g.readings_in_flight),
       el("td", {}, ago(g.last_ack_at)),
@@ -176,7 +192,7 @@ async function fleet(mine) {
     el("section", {},
       el("h2", {}, "Gateways"),
       table("gateways",
-        ["Gateway", "Uplink", "Queue (readings)", "Reported", "In flight", "Last ack", "Refused batches", "Conflicts"],
+        ["Gateway", "Uplink", "Queue (readings)", "Oldest queued", "Reported", "In flight", "Last ack", "Refused batches", "Conflicts"],
         gateways, "No gateway has connected to this replica yet.")),
     el("section", {},
       el("h2", {}, `Devices (${devices.devices.length}${devices.truncated ? "+" : ""})`),

@@ -452,7 +452,8 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(cert)?, key)
         .map_err(|e| SetupError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![frame::ALPN.to_vec()];
+    // The newest revision both ends know is the session's (frame::ALPNS).
+    tls.alpn_protocols = frame::ALPNS.iter().map(|p| p.to_vec()).collect();
     // No session resumption: a resumed session skips the client certificate's verification,
     // so a certificate revoked since would get in again at the TLS layer.
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});

@@ -459,6 +459,9 @@ async fn control(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Re
                 Some(Frame::Status(s)) => {
                     ctx.sinks.gateways.reported(&ctx.id.tenant, &ctx.id.gateway, &s);
                 }
+                Some(Frame::QueueReport(q)) => {
+                    ctx.sinks.gateways.reported_queue(&ctx.id.tenant, &ctx.id.gateway, &q);
+                }
                 Some(Frame::SchemasApplied(a)) => {
                     for r in &a.refused {
                         tracing::warn!(gateway = %ctx.id.gateway, tenant = %ctx.id.tenant, schema = r.id,

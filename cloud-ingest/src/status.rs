@@ -34,7 +34,8 @@ pub struct Gateway {
     pub queue: Option<Reported>,
 }
 
-/// A gateway's report of its queue ([`plantlink_wire::frame::Status`]).
+/// A gateway's report of its queue ([`plantlink_wire::frame::Status`], or
+/// [`plantlink_wire::frame::QueueReport`] from an agent that speaks revision 1.1).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Reported {
     /// When it arrived (RFC 3339).
@@ -47,6 +48,26 @@ pub struct Reported {
     pub backlog: bool,
     /// Batches sent and not yet acknowledged.
     pub in_flight: u32,
+    /// Bytes the queue holds; `None` from an agent older than revision 1.1.
+    pub queued_bytes: Option<u64>,
+    /// How old the oldest queued reading was at `at`, in seconds, as the gateway measured
+    /// it; `None` when the queue is empty or the agent is older than revision 1.1 (it
+    /// reports no `queued_bytes` either).
+    pub oldest_age_seconds: Option<f64>,
+}
+
+impl Reported {
+    fn new(s: &plantlink_wire::frame::Status, at: String) -> Self {
+        Self {
+            at,
+            queued_readings: s.queued_readings,
+            live_waiting: s.live_waiting,
+            backlog: s.backlog,
+            in_flight: s.in_flight,
+            queued_bytes: None,
+            oldest_age_seconds: None,
+        }
+    }
 }
 
 /// The table of gateways; cheap to clone.
@@ -77,17 +98,25 @@ impl Gateways {
         });
     }
 
-    /// The gateway reported its queue.
+    /// The gateway reported its queue (revision 1).
     pub fn reported(&self, tenant: &str, gateway: &str, s: &plantlink_wire::frame::Status) {
-        self.with(tenant, gateway, |g| {
-            g.queue = Some(Reported {
-                at: now(),
-                queued_readings: s.queued_readings,
-                live_waiting: s.live_waiting,
-                backlog: s.backlog,
-                in_flight: s.in_flight,
-            });
-        });
+        let r = Reported::new(s, now());
+        self.with(tenant, gateway, |g| g.queue = Some(r));
+    }
+
+    /// The gateway reported its queue (revision 1.1).
+    pub fn reported_queue(
+        &self,
+        tenant: &str,
+        gateway: &str,
+        q: &plantlink_wire::frame::QueueReport,
+    ) {
+        let r = Reported {
+            queued_bytes: Some(q.queued_bytes),
+            oldest_age_seconds: q.oldest_age_ms.map(|ms| ms as f64 / 1000.0),
+            ..Reported::new(&q.status, now())
+        };
+        self.with(tenant, gateway, |g| g.queue = Some(r));
     }
 
     /// A connection ended.
@@ -159,5 +188,47 @@ mod tests {
         );
         assert_eq!(beta["gw-x"].tenant, "beta");
         assert!(g.of_tenant("gamma").is_empty());
+    }
+
+    #[test]
+    fn a_revision_1_1_report_carries_bytes_and_the_oldest_age_and_a_status_does_not() {
+        use plantlink_wire::frame::{QueueReport, Status};
+        let g = Gateways::default();
+        let status = Status {
+            queued_readings: 7,
+            live_waiting: 2,
+            backlog: true,
+            in_flight: 1,
+        };
+        g.reported("acme", "new", &status);
+        g.reported_queue(
+            "acme",
+            "newer",
+            &QueueReport {
+                status,
+                queued_bytes: 896,
+                oldest_age_ms: Some(2_250),
+            },
+        );
+        let acme = g.of_tenant("acme");
+        let old = acme["new"].queue.as_ref().unwrap();
+        let new = acme["newer"].queue.as_ref().unwrap();
+        assert_eq!(
+            (
+                old.queued_readings,
+                old.queued_bytes,
+                old.oldest_age_seconds
+            ),
+            (7, None, None)
+        );
+        assert_eq!(
+            (
+                new.queued_readings,
+                new.backlog,
+                new.queued_bytes,
+                new.oldest_age_seconds
+            ),
+            (7, true, Some(896), Some(2.25))
+        );
     }
 }

@@ -69,6 +69,7 @@ async fn a_locked_table_holds_memory_bounded_and_metrics_add_up() {
         .as_micros() as i64
         - readings[0].ts.0
         - 3_600_000_000;
+    let shifted_at = Instant::now();
     let mut store = edge_agent::store::Store::open(edge_agent::store::Options {
         path: d.0.join("queue.db"),
         max_bytes: 1 << 30,
@@ -206,6 +207,20 @@ async fn a_locked_table_holds_memory_bounded_and_metrics_add_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(g["queue"]["queued_readings"], BACKLOG as u64, "{g}");
+    // Both ends speak uplink revision 1.1: the report has the queue's bytes, as the agent's
+    // gauge has them, and the age of the oldest reading, moved to an hour before the start.
+    let a = common::scrape(agent_metrics).unwrap();
+    assert_eq!(
+        g["queue"]["queued_bytes"].as_f64(),
+        value(&a, "plantlink_edge_queue_bytes"),
+        "{g}"
+    );
+    let age = g["queue"]["oldest_age_seconds"].as_f64().unwrap();
+    let most = 3600.0 + shifted_at.elapsed().as_secs_f64();
+    assert!(
+        (3600.0..=most).contains(&age),
+        "oldest age {age} s, not in 3600..={most}: {g}"
+    );
     assert_eq!(g["connections"], 1);
     assert_eq!(g["batches_acked"], 0);
     assert!(g["readings_in_flight"].as_u64().unwrap() > 0, "{g}");
@@ -246,6 +261,11 @@ async fn a_locked_table_holds_memory_bounded_and_metrics_add_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let g = lag(api);
+    assert_eq!(
+        g["queue"]["oldest_age_seconds"],
+        serde_json::Value::Null,
+        "{g}"
+    );
     assert_eq!(g["readings_acked"], BACKLOG as u64, "{g}");
     assert_eq!(g["readings_in_flight"], 0, "{g}");
     let c = common::scrape(cloud_metrics).unwrap();

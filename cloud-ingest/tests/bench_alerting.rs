@@ -9,6 +9,10 @@
 //!   crosses a threshold every other second. Latency is from the moment the reading that
 //!   closes the window could first be published (window end plus the out-of-orderness
 //!   bound) to the alert record's arrival on the Kafka alerts topic.
+//!   With `PLANTLINK_BENCH_ALERT_LOAD=firmware-sim` the load is `firmware-sim run` instead
+//!   (in process): 1,000 multi-json devices (five readings a message) at the rate's share,
+//!   the first 10 of them hot in even seconds (`hot_cycle` 2 s), and the rule over every
+//!   device's temperature.
 //!
 //! `cargo test --release -p cloud-ingest --test bench_alerting -- --ignored --nocapture --test-threads 1`
 #![allow(clippy::unwrap_used)] // benchmarks may panic
@@ -105,7 +109,6 @@ fn engine_throughput_on_one_core() {
 async fn alert_latency_under_load() {
     use cloud_ingest::config::Alerting;
     use cloud_ingest::server::Server;
-    use rumqttc::{AsyncClient, MqttOptions, QoS};
 
     let rate: u64 = std::env::var("PLANTLINK_BENCH_ALERT_RATE")
         .ok()
@@ -115,6 +118,14 @@ async fn alert_latency_under_load() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(40);
+    let sim = std::env::var("PLANTLINK_BENCH_ALERT_LOAD").is_ok_and(|v| v == "firmware-sim");
+    let run_name = format!("bench{}", std::process::id());
+    // Whose freshness is sampled: the trigger, or the simulator's first (hot) device.
+    let watched = if sim {
+        format!("{run_name}-multi-json-00000")
+    } else {
+        "trigger".to_owned()
+    };
     let d = common::Dir::new("bench-alert");
     common::fleet(&d.0, "gw-bench");
     let db = format!("plantlink_bench_alert_{}", std::process::id());
@@ -122,20 +133,22 @@ async fn alert_latency_under_load() {
     let (_tansu, tansu) = common::start_tansu(None);
     let alerts_topic = format!("bench.alerts.{}", std::process::id());
 
-    // 100 rules over the load (never true), and one over the trigger device.
+    // 100 rules over the load (never true), and one over the trigger device, or over every
+    // device of the simulator (cool ones run at 20-60 degrees plus a slow walk, hot ones
+    // 60 more).
     let mut all = rules();
     all.push(Rule {
         id: 1000,
         tenant: "acme".into(),
         selector: Selector {
-            device_id: Some("trigger".into()),
+            device_id: (!sim).then(|| "trigger".into()),
             ..Selector::default()
         },
         condition: Condition::Threshold {
             metric: "temperature".into(),
             aggregate: Aggregate::Max,
             op: Op::Gt,
-            threshold: 80.0,
+            threshold: if sim { 75.0 } else { 80.0 },
             window: Window::Tumbling { seconds: 1 },
             for_windows: 1,
         },
@@ -200,7 +213,15 @@ async fn alert_latency_under_load() {
             let n = edge_agent::store::open_read_only(&queue_path)
                 .and_then(|c| edge_agent::store::stats(&c))
                 .map_or(0, |s| s.readings);
-            depth.push(format!("{}s:{n}", start.elapsed().as_secs()));
+            // The process's resident memory (the agent and the cloud are both in it).
+            let rss_mib = std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|t| {
+                    let l = t.lines().find(|l| l.starts_with("VmRSS:"))?;
+                    l.split_whitespace().nth(1)?.parse::<u64>().ok()
+                })
+                .map_or(0, |kib| kib / 1024);
+            depth.push(format!("{}s:{n}:{rss_mib}", start.elapsed().as_secs()));
         }
         depth
     });
@@ -226,9 +247,9 @@ async fn alert_latency_under_load() {
             let row = fresh_db
                 .query_one(
                     "SELECT extract(epoch FROM clock_timestamp() - max(ts))::float8 FROM raw_metrics
-                     WHERE tenant_id = 'acme' AND device_id = 'trigger'
+                     WHERE tenant_id = 'acme' AND device_id = $1
                        AND metric_name = 'temperature'",
-                    &[],
+                    &[&watched],
                 )
                 .await
                 .unwrap();
@@ -240,64 +261,12 @@ async fn alert_latency_under_load() {
     });
     let run_start_us = now_ms() * 1000;
 
-    // Background load: 1,000 devices, each message two metrics, paced per 10 ms tick.
-    let mut o = MqttOptions::new("bench-alert-load", "127.0.0.1", broker.port);
-    o.set_inflight(1000);
-    let (load, mut lel) = AsyncClient::new(o, 10_000);
-    tokio::spawn(async move { while lel.poll().await.is_ok() {} });
-    let per_tick = (rate / 2 / 100).max(1);
-    let loader = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
-        let end = Instant::now() + Duration::from_secs(run_secs);
-        let mut i = 0u64;
-        while Instant::now() < end {
-            tick.tick().await;
-            let ts = now_ms();
-            for _ in 0..per_tick {
-                let body = format!(
-                    r#"{{"ts": {ts}, "temperature": {}, "pressure": 1013.{}}}"#,
-                    i % 50,
-                    i % 10
-                );
-                load.publish(
-                    format!("plant/dev-{}", i % 1000),
-                    QoS::AtLeastOnce,
-                    false,
-                    body,
-                )
-                .await
-                .unwrap();
-                i += 1;
-            }
-        }
-        i
-    });
-    // The trigger: every 50 ms, hot in even seconds and cool in odd ones. It goes on 3 s
-    // past the load, and only windows that end within the load's run are counted: a
-    // window closes when the device's next reading past its end + 1 s comes, so the last
-    // windows of a device that stops would wait for the idle flush instead.
     let counted_until_us = (now_ms() + run_secs as i64 * 1000) * 1000;
-    let mut o = MqttOptions::new("bench-alert-trigger", "127.0.0.1", broker.port);
-    o.set_inflight(100);
-    let (trig, mut tel) = AsyncClient::new(o, 100);
-    tokio::spawn(async move { while tel.poll().await.is_ok() {} });
-    let trigger = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        let end = Instant::now() + Duration::from_secs(run_secs + 3);
-        while Instant::now() < end {
-            tick.tick().await;
-            let ts = now_ms();
-            let v = if (ts / 1000) % 2 == 0 { 99.0 } else { 20.0 };
-            trig.publish(
-                "plant/trigger",
-                QoS::AtLeastOnce,
-                false,
-                format!(r#"{{"ts": {ts}, "temperature": {v}}}"#),
-            )
-            .await
-            .unwrap();
-        }
-    });
+    let load: tokio::task::JoinHandle<u64> = if sim {
+        firmware_sim_load(broker.port, run_name, rate, run_secs)
+    } else {
+        own_load(broker.port, rate, run_secs)
+    };
     // Alert records as they arrive on Kafka, with their arrival time.
     let consumer_topic = alerts_topic.clone();
     let brokers = tansu.to_string();
@@ -343,18 +312,162 @@ async fn alert_latency_under_load() {
         }
         lat
     });
-    let sent = loader.await.unwrap();
-    trigger.await.unwrap();
+    let sent = load.await.unwrap();
     let timed = watcher.await.unwrap();
     let depth = sampler.await.unwrap();
+    report(
+        rate,
+        run_secs,
+        sent,
+        &depth,
+        &timed,
+        freshness.await.unwrap(),
+    );
+    let _ = stop_tx.send(true);
+    agent.await.unwrap().unwrap();
+    cloud.await.unwrap().unwrap();
+    drop(pgc);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+/// `firmware-sim run` as the load: 1,000 multi-json devices (five readings a message) at
+/// `rate` readings/s for the run and 3 s more (windows ending in the run are counted, and a
+/// window closes with the device's next reading past its end + 1 s), the first 10 hot in
+/// even seconds. Returns the readings the broker acknowledged.
+fn firmware_sim_load(
+    port: u16,
+    run: String,
+    rate: u64,
+    run_secs: u64,
+) -> tokio::task::JoinHandle<u64> {
+    let o = firmware_sim::run::Options {
+        mqtt: Some(format!("mqtt://127.0.0.1:{port}")),
+        coap: None,
+        coap_con: false,
+        devices: 1000,
+        mix: vec![(firmware_sim::fleet::Kind::MultiJson, 1)],
+        rate: rate as f64 / 5.0 / 1000.0,
+        duration: (run_secs + 3) as f64,
+        seed: 7,
+        qos: 1,
+        prefix: "plant".into(),
+        run,
+        ledger: None,
+        duplicate_rate: 0.0,
+        malformed_rate: 0.0,
+        out_of_order_rate: 0.0,
+        oversize_rate: 0.0,
+        skewed_devices: 0.0,
+        silent_devices: 0,
+        hot_devices: 10,
+        hot_cycle: 2.0,
+        flood_devices: 0,
+        reference: false,
+        progress: false,
+    };
+    tokio::spawn(async move {
+        let r = firmware_sim::run::run(o).await.unwrap();
+        println!(
+            "firmware-sim: {} messages acknowledged ({:.0}/s), publish -> PUBACK p50 {:.1} ms, p99 {:.1} ms",
+            r.acked, r.rate_per_sec, r.latency_ms.p50, r.latency_ms.p99
+        );
+        r.acked * 5
+    })
+}
+
+/// The bench's own load: 1,000 devices, each message two metrics, paced per 10 ms tick, and
+/// the trigger device. Returns the load's readings.
+fn own_load(port: u16, rate: u64, run_secs: u64) -> tokio::task::JoinHandle<u64> {
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let broker_port = port;
+    let mut o = MqttOptions::new("bench-alert-load", "127.0.0.1", broker_port);
+    o.set_inflight(1000);
+    let (load, mut lel) = AsyncClient::new(o, 10_000);
+    tokio::spawn(async move { while lel.poll().await.is_ok() {} });
+    let per_tick = (rate / 2 / 100).max(1);
+    let loader = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let end = Instant::now() + Duration::from_secs(run_secs);
+        let mut i = 0u64;
+        while Instant::now() < end {
+            tick.tick().await;
+            let ts = now_ms();
+            for _ in 0..per_tick {
+                let body = format!(
+                    r#"{{"ts": {ts}, "temperature": {}, "pressure": 1013.{}}}"#,
+                    i % 50,
+                    i % 10
+                );
+                load.publish(
+                    format!("plant/dev-{}", i % 1000),
+                    QoS::AtLeastOnce,
+                    false,
+                    body,
+                )
+                .await
+                .unwrap();
+                i += 1;
+            }
+        }
+        i
+    });
+    // The trigger: every 50 ms, hot in even seconds and cool in odd ones. It goes on 3 s
+    // past the load, and only windows that end within the load's run are counted: a
+    // window closes when the device's next reading past its end + 1 s comes, so the last
+    // windows of a device that stops would wait for the idle flush instead.
+    let mut o = MqttOptions::new("bench-alert-trigger", "127.0.0.1", broker_port);
+    o.set_inflight(100);
+    let (trig, mut tel) = AsyncClient::new(o, 100);
+    tokio::spawn(async move { while tel.poll().await.is_ok() {} });
+    let trigger = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let end = Instant::now() + Duration::from_secs(run_secs + 3);
+        while Instant::now() < end {
+            tick.tick().await;
+            let ts = now_ms();
+            let v = if (ts / 1000) % 2 == 0 { 99.0 } else { 20.0 };
+            trig.publish(
+                "plant/trigger",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"ts": {ts}, "temperature": {v}}}"#),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    tokio::spawn(async move {
+        let sent = loader.await.unwrap();
+        trigger.await.unwrap();
+        sent * 2
+    })
+}
+
+/// Prints the figures of a run, and its series for `cloud-ingest/bench/plot_p7.py`.
+fn report(
+    rate: u64,
+    run_secs: u64,
+    sent: u64,
+    depth: &[String],
+    timed: &[(f64, f64)],
+    mut ages: Vec<(f64, f64)>,
+) {
     println!(
-        "agent queue depth (readings) over the run: {}",
+        "agent queue depth (readings) and the process's RSS (MiB) over the run: {}",
         depth.join(" ")
     );
     // In the order the alerts came: slow ones at the start are the pipeline warming up.
     let order: Vec<String> = timed.iter().map(|(_, l)| format!("{l:.2}")).collect();
     println!("alert latencies in order (s): {}", order.join(" "));
-    let mut ages: Vec<(f64, f64)> = freshness.await.unwrap();
     // For `cloud-ingest/bench/plot_p7.py`: "<series> <rate> t:value ...", t in seconds.
     let series = |name: &str, points: &mut dyn Iterator<Item = String>| {
         println!(
@@ -362,7 +475,34 @@ async fn alert_latency_under_load() {
             points.collect::<Vec<_>>().join(" ")
         );
     };
-    series("queue", &mut depth.iter().map(|d| d.replacen("s:", ":", 1)));
+    // Samples are "<t>s:<readings>:<RSS MiB>".
+    let sample = |d: &String| -> (String, String, String) {
+        let mut p = d.split(':');
+        let t = p
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches('s')
+            .to_owned();
+        (
+            t,
+            p.next().unwrap_or_default().to_owned(),
+            p.next().unwrap_or_default().to_owned(),
+        )
+    };
+    series(
+        "queue",
+        &mut depth.iter().map(|d| {
+            let (t, n, _) = sample(d);
+            format!("{t}:{n}")
+        }),
+    );
+    series(
+        "rss_mib",
+        &mut depth.iter().map(|d| {
+            let (t, _, m) = sample(d);
+            format!("{t}:{m}")
+        }),
+    );
     series(
         "alert",
         &mut timed.iter().map(|(t, l)| format!("{t:.1}:{l:.3}")),
@@ -375,8 +515,9 @@ async fn alert_latency_under_load() {
     if !ages.is_empty() {
         let at = |p: f64| ages[((ages.len() - 1) as f64 * p).round() as usize].1;
         println!(
-            "publish -> row (age of the newest stored trigger reading, sampled each second; \
-             includes up to 50 ms between its readings): {} samples, p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+            "publish -> row (age of the watched device's newest stored reading, sampled each \
+             second; includes the gap between its readings, 50 ms for the trigger, 1/rate for a \
+             simulator device): {} samples, p50 {:.3} s, p99 {:.3} s, max {:.3} s",
             ages.len(),
             at(0.5),
             at(0.99),
@@ -389,18 +530,10 @@ async fn alert_latency_under_load() {
     println!(
         "alert latency at {} readings/s offered ({} sent in {run_secs} s), 101 rules: {} alerts, p50 {:.3} s, p99 {:.3} s, max {:.3} s",
         rate,
-        sent * 2,
+        sent,
         lat.len(),
         pct(0.5),
         pct(0.99),
         lat[lat.len() - 1]
     );
-    let _ = stop_tx.send(true);
-    agent.await.unwrap().unwrap();
-    cloud.await.unwrap().unwrap();
-    drop(pgc);
-    admin
-        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
-        .await
-        .unwrap();
 }

@@ -151,6 +151,13 @@ async fn the_console_shows_a_tenants_fleet_charts_and_alerts_and_edits_rules() {
             "the gateway connected",
             r#"document.querySelector('#gateways tr[data-gateway="gw-console"][data-state="connected"]')"#,
         );
+        // The agent and the cloud speak uplink revision 1.1: the oldest queued reading's age
+        // is reported (a number, 0 when the queue is empty), not "not reported".
+        b.wait(
+            "the gateway's oldest queued reading reported",
+            r#"(() => { const c = document.querySelector('#gateways tr[data-gateway="gw-console"] td:nth-child(4)');
+                return c && c.dataset.value !== '' && !c.textContent.includes('not reported'); })()"#,
+        );
         b.wait(
             "both devices listed",
             r#"document.querySelector('#devices tr[data-device="press01"]') && document.querySelector('#devices tr[data-device="press02"]')"#,
@@ -302,4 +309,150 @@ async fn the_console_shows_a_tenants_fleet_charts_and_alerts_and_edits_rules() {
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
         .await
         .unwrap();
+}
+
+/// The value of `name`, which `./deploy/demo.sh --ci` sets for this test.
+fn demo_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: this test runs against the stack of ./deploy/demo.sh --ci, \
+             which sets it (run the demo rather than this test)"
+        )
+    })
+}
+
+/// The console against the demo's own stack, while `./deploy/demo.sh --ci` has it running
+/// (cloud-ingest with Kafka and alerting, the agent, Mosquitto, PostgreSQL, and the plant
+/// firmware-sim drove): the demo tenant sees its gateway connected and every device the API
+/// lists, the press's chart drawn, the overheating alert; it creates a rule and sees it
+/// listed (then deletes it); the second tenant's token sees none of it.
+#[test]
+#[ignore = "run by ./deploy/demo.sh --ci against its stack"]
+fn the_console_on_the_demo_stack() {
+    let api: SocketAddr = demo_env("PLANTLINK_DEMO_API").parse().unwrap();
+    let token = demo_env("PLANTLINK_DEMO_TOKEN");
+    let other = demo_env("PLANTLINK_DEMO_OTHER_TOKEN");
+    let gateway = demo_env("PLANTLINK_DEMO_GATEWAY");
+    let press = demo_env("PLANTLINK_DEMO_PRESS");
+    let (st, devices) = common::http_json(api, "GET", "/v1/devices?limit=1000", &token, None);
+    assert_eq!(st, 200, "{devices}");
+    let listed = devices["devices"].as_array().unwrap().len();
+    assert!(
+        listed > 10,
+        "the demo's plant has only {listed} devices: {devices}"
+    );
+    let rule = format!("demo console check {}", std::process::id());
+
+    let d = Dir::new("console-demo");
+    let b = Browser::start(&d.0.join("chromium"), 1000);
+    let console = format!("http://{api}/console");
+    b.open(&console);
+    b.wait(
+        "the sign-in form",
+        "!document.querySelector('#signin').hidden",
+    );
+    b.type_into("#token", &token);
+    b.click("#signin-button");
+    b.wait(
+        "the demo's gateway connected",
+        &format!(r#"document.querySelector('#gateways tr[data-gateway="{gateway}"][data-state="connected"]')"#),
+    );
+    b.wait(
+        "the gateway's oldest queued reading reported",
+        &format!(
+            r#"(() => {{ const c = document.querySelector('#gateways tr[data-gateway="{gateway}"] td:nth-child(4)');
+                return c && c.dataset.value !== '' && !c.textContent.includes('not reported'); }})()"#
+        ),
+    );
+    // The plant has stopped: the console lists the devices the API does, no more or fewer.
+    b.wait(
+        "every device listed",
+        &format!(
+            "document.querySelector('#devices tr[data-device=\"{press}\"]') && \
+             document.querySelectorAll('#devices tr[data-device]').length === {listed}"
+        ),
+    );
+    let fleet = b.screenshot("demo-console-fleet");
+
+    b.click(&format!(r#"#devices tr[data-device="{press}"] a"#));
+    b.wait(
+        "the press's temperature drawn from raw readings",
+        "document.querySelector('#chart') && document.querySelector('#chart').dataset.resolution === 'raw' \
+         && +document.querySelector('#chart').dataset.points >= 30 \
+         && document.querySelectorAll('#chart circle').length >= 30",
+    );
+    let device = b.screenshot("demo-console-device");
+
+    b.click("#nav-alerts");
+    b.wait(
+        "the overheating alert",
+        &format!(
+            "[...document.querySelectorAll('#alerts tr[data-alert]')].some(r => \
+             r.textContent.includes('press overheating') && r.textContent.includes('{press}'))"
+        ),
+    );
+    b.type_into("#rule-name", &rule);
+    b.type_into("#rule-metric", "pressure");
+    b.type_into("#rule-threshold", "12.5");
+    b.click("#rule-save");
+    b.wait(
+        "the new rule listed",
+        &format!(
+            "[...document.querySelectorAll('#rules tr[data-rule]')].some(r => \
+             r.textContent.includes('{rule}') && r.textContent.includes('12.5'))"
+        ),
+    );
+    let alerts = b.screenshot("demo-console-alerts");
+    let id = b
+        .script(
+            &format!(
+                "return [...document.querySelectorAll('#rules tr[data-rule]')]\
+                 .find(r => r.textContent.includes('{rule}')).dataset.rule"
+            ),
+            json!([]),
+        )
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (st, made) = common::http_json(api, "GET", &format!("/v1/alert-rules/{id}"), &token, None);
+    assert_eq!(
+        (st, made["name"].as_str()),
+        (200, Some(rule.as_str())),
+        "{made}"
+    );
+    b.click(&format!("#rules tr[data-rule=\"{id}\"] button.delete"));
+    b.accept_alert();
+    b.wait(
+        "the rule deleted",
+        &format!("document.querySelector('#rules') && !document.querySelector('#rules tr[data-rule=\"{id}\"]')"),
+    );
+
+    // The other tenant's token: none of the demo's gateway or devices.
+    b.click("#signout");
+    b.wait("signed out", "!document.querySelector('#signin').hidden");
+    b.type_into("#token", &other);
+    b.click("#signin-button");
+    b.wait(
+        "the other tenant's fleet",
+        "document.querySelector('#gateways') && document.querySelector('#devices')",
+    );
+    let seen = b.script(
+        "return document.querySelector('#view').textContent",
+        json!([]),
+    );
+    let seen = seen.as_str().unwrap();
+    assert!(!seen.contains(&gateway) && !seen.contains(&press), "{seen}");
+    let status = b.script_async(
+        &format!(
+            "const done = arguments[arguments.length - 1];
+             fetch('/v1/devices/{press}/metrics/latest', {{headers: {{Authorization: 'Bearer ' + sessionStorage.getItem('plantlink-token')}}}})
+               .then(r => done(r.status), e => done(String(e)));"
+        ),
+        json!([]),
+    );
+    assert_eq!(status, json!(404));
+    let other_view = b.screenshot("demo-console-other-tenant");
+    for p in [fleet, device, alerts, other_view] {
+        println!("screenshot: {}", p.display());
+    }
 }

@@ -376,6 +376,7 @@ async fn firmware_sim_nodes_rebirth_on_request_and_verify() {
         skewed_devices: 0.0,
         silent_devices: 1,
         hot_devices: 0,
+        hot_cycle: 0.0,
         flood_devices: 0,
         reference: false,
         progress: false,

@@ -66,6 +66,8 @@ impl Requests {
 pub enum UplinkRequest {
     /// How much is waiting in each lane.
     View(oneshot::Sender<QueueView>),
+    /// What the uplink reports of the queue to the cloud (it reads the oldest reading).
+    Figures(oneshot::Sender<QueueFigures>),
     /// Read up to `max` readings of `lane` and put them in flight.
     Read {
         /// The lane.
@@ -148,6 +150,18 @@ pub struct QueueView {
     pub backlog_waiting: bool,
     /// Readings in the queue, sent or not.
     pub queued: u64,
+}
+
+/// The queue as the uplink reports it to the cloud.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueFigures {
+    /// The lanes.
+    pub view: QueueView,
+    /// Bytes the queue holds.
+    pub bytes: u64,
+    /// How old the oldest queued reading is, in milliseconds against its timestamp;
+    /// `None` when the queue is empty.
+    pub oldest_age_ms: Option<u64>,
 }
 
 /// Settings of the writer.
@@ -306,6 +320,20 @@ impl Writer {
         match r {
             UplinkRequest::View(reply) => {
                 let _ = reply.send(self.view());
+            }
+            UplinkRequest::Figures(reply) => {
+                let oldest_age_ms = match self.store.oldest_ts() {
+                    Ok(ts) => ts.map(|ts| ((now_us() - ts).max(0) / 1000) as u64),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read the oldest queued reading for the queue report");
+                        None
+                    }
+                };
+                let _ = reply.send(QueueFigures {
+                    view: self.view(),
+                    bytes: self.store.bytes(),
+                    oldest_age_ms,
+                });
             }
             UplinkRequest::Read { lane, max, reply } => {
                 let _ = reply.send(self.store.read_batch(lane, max).map_err(|e| e.to_string()));

@@ -96,6 +96,11 @@ enum Command {
         /// for threshold alerts at known times.
         #[arg(long, default_value_t = 0)]
         hot_devices: u32,
+        /// Make the hot devices alternate instead: hot in the first half of every cycle of
+        /// this length, cool in the second, counted from the Unix epoch (2s: hot in even
+        /// seconds), so alerts come all through the run at times a reader knows.
+        #[arg(long, value_parser = firmware_sim::run::parse_duration)]
+        hot_cycle: Option<f64>,
         /// Devices (from the middle of the fleet) that flood at 50 times --rate; verify
         /// counts what the agent's rate limit dropped as expected.
         #[arg(long, default_value_t = 0)]
@@ -206,6 +211,7 @@ fn main() -> Result<()> {
             skewed_devices,
             silent_devices,
             hot_devices,
+            hot_cycle,
             flood_devices,
             profile,
             json,
@@ -272,6 +278,7 @@ fn main() -> Result<()> {
                 skewed_devices,
                 silent_devices,
                 hot_devices,
+                hot_cycle: hot_cycle.unwrap_or(0.0),
                 flood_devices,
                 reference: profile == "reference",
                 progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),

@@ -56,6 +56,9 @@ pub struct Options {
     /// Devices that run hot (temperature + 60) from 40% to 60% of the run, for threshold
     /// alerts at known times.
     pub hot_devices: u32,
+    /// Seconds: when over 0, the hot devices run hot in the first half of every cycle of
+    /// this length instead ([`hot_phase`]), for alerts all through a run.
+    pub hot_cycle: f64,
     /// Devices (from the middle of the fleet) that flood at 50 times the rate; the agent's
     /// rate limit may drop some of theirs, and the ledger says so.
     pub flood_devices: u32,
@@ -144,6 +147,19 @@ fn publish(
     report.sent += 1;
     queued.push_back(pending);
     true
+}
+
+/// Whether a hot device runs hot at its event time `ts_us`, `progress` (0 to 1) into the
+/// run: from 40% to 60% of the run; or, with a `cycle` of seconds, in the first half of each
+/// cycle, the cycles counted from the Unix epoch (with a cycle of 2 s: in even seconds), so
+/// a reader knows the times without knowing when the run started.
+pub fn hot_phase(cycle: f64, progress: f64, ts_us: i64) -> bool {
+    if cycle > 0.0 {
+        let c = ((cycle * 1e6) as i64).max(2);
+        ts_us.rem_euclid(c) < c / 2
+    } else {
+        (0.4..0.6).contains(&progress)
+    }
 }
 
 /// A duration as people type it: `90`, `90s`, `1.5s`, `250ms`, `5m`, `2h`; bare numbers are
@@ -250,10 +266,13 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
             .iter()
             .map(|d| d.id.as_str())
             .collect();
+        let when = if o.hot_cycle > 0.0 {
+            format!("in the first half of every {} s of the clock", o.hot_cycle)
+        } else {
+            "from 40% to 60% of the run".to_owned()
+        };
         tracing_free_log(&format!(
-            "hot devices (from {:.0}% to {:.0}% of the run): {hot:?}; silent after half the run: {silent:?}; skewed clocks: {}",
-            40.0,
-            60.0,
+            "hot devices ({when}): {hot:?}; silent after half the run: {silent:?}; skewed clocks: {}",
             skew.iter().filter(|s| **s != 0).count()
         ));
     }
@@ -350,7 +369,8 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                         continue;
                     }
                     let d = &mut devices[i];
-                    d.hot = i < o.hot_devices as usize && (0.4..0.6).contains(&progress);
+                    d.hot = i < o.hot_devices as usize
+                        && hot_phase(o.hot_cycle, progress, now_us() + skew[i]);
                     if d.kind == Kind::Sparkplug {
                         // Its own session: no planted faults but silence.
                         let Some(client) = &client else { continue };
@@ -554,7 +574,22 @@ fn tracing_free_log(msg: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{hot_phase, parse_duration};
+
+    #[test]
+    fn hot_devices_run_hot_in_the_first_half_of_each_cycle_of_the_clock() {
+        // A 2 s cycle: hot in even seconds since the epoch, whatever the run's progress.
+        assert!(hot_phase(2.0, 0.0, 4_000_000));
+        assert!(hot_phase(2.0, 0.99, 4_999_999));
+        assert!(!hot_phase(2.0, 0.5, 5_000_000));
+        assert!(!hot_phase(2.0, 0.5, 5_999_999));
+        assert!(hot_phase(2.0, 0.5, 6_000_000));
+        assert!(!hot_phase(2.0, 0.5, -1_000_000));
+        // Without a cycle: from 40% to 60% of the run, whatever the clock.
+        assert!(!hot_phase(0.0, 0.39, 4_000_000));
+        assert!(hot_phase(0.0, 0.4, 5_000_000));
+        assert!(!hot_phase(0.0, 0.6, 4_000_000));
+    }
 
     #[test]
     fn durations_take_units_as_people_type_them() {

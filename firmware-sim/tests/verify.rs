@@ -333,6 +333,7 @@ async fn run_fills_the_ledger_with_what_the_broker_acknowledged() {
             skewed_devices: 0.1,
             silent_devices: 3,
             hot_devices: 2,
+            hot_cycle: 0.0,
             flood_devices: 1,
             reference: false,
             progress: false,
@@ -412,6 +413,7 @@ async fn run_over_coap_is_acknowledged_and_stored() {
         skewed_devices: 0.0,
         silent_devices: 0,
         hot_devices: 0,
+        hot_cycle: 0.0,
         flood_devices: 0,
         reference: false,
         progress: false,
@@ -427,4 +429,93 @@ async fn run_over_coap_is_acknowledged_and_stored() {
     assert_eq!(edge_agent::store::stats(&q).unwrap().readings, want);
     let _ = stop_tx.send(true);
     agent.await.unwrap().unwrap();
+}
+
+/// `run --hot-cycle`: the hot device is 60 degrees hot in the first half of every cycle of
+/// the clock and cool in the second, as its published readings show; a device not hot never
+/// jumps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_devices_alternate_with_the_clock_on_a_hot_cycle() {
+    use firmware_sim::fleet::parse_mix;
+    use firmware_sim::run::{Options, run};
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let prefix = format!("fsimhot/{}", std::process::id());
+    let name = format!("fsimhot{}", std::process::id());
+    let mut o = MqttOptions::new(format!("{name}-sub"), "127.0.0.1", 1883);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (sub, mut el) = AsyncClient::new(o, 100);
+    sub.subscribe(format!("{prefix}/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // Subscribed before the run starts: wait for the SUBACK.
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
+            break;
+        }
+    }
+    let report = run(Options {
+        mqtt: Some("mqtt://127.0.0.1:1883".into()),
+        coap: None,
+        coap_con: true,
+        devices: 2,
+        mix: parse_mix("multi-json=1").unwrap(),
+        rate: 20.0,
+        duration: 2.5,
+        seed: 11,
+        qos: 1,
+        prefix: prefix.clone(),
+        run: name.clone(),
+        ledger: None,
+        duplicate_rate: 0.0,
+        malformed_rate: 0.0,
+        out_of_order_rate: 0.0,
+        oversize_rate: 0.0,
+        skewed_devices: 0.0,
+        silent_devices: 0,
+        hot_devices: 1,
+        hot_cycle: 1.0,
+        flood_devices: 0,
+        reference: false,
+        progress: false,
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.acked, report.sent, "{report:?}");
+    // (ts ms, temperature) per device, as published.
+    let mut seen: std::collections::BTreeMap<String, Vec<(i64, f64)>> = Default::default();
+    let mut got = 0;
+    while got < report.acked {
+        let ev = tokio::time::timeout(Duration::from_secs(10), el.poll())
+            .await
+            .expect("the run's messages reach the subscriber")
+            .unwrap();
+        if let Event::Incoming(Packet::Publish(p)) = ev {
+            let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            let device = p.topic.rsplit('/').next().unwrap().to_owned();
+            seen.entry(device).or_default().push((
+                v["ts"].as_i64().unwrap(),
+                v["temperature"].as_f64().unwrap(),
+            ));
+            got += 1;
+        }
+    }
+    let hot = &seen[&format!("{name}-multi-json-00000")];
+    let cool = &seen[&format!("{name}-multi-json-00001")];
+    let phase = |ts: i64| ts.rem_euclid(1000) < 500;
+    let (first, second): (Vec<f64>, Vec<f64>) = {
+        let f = hot.iter().filter(|r| phase(r.0)).map(|r| r.1).collect();
+        let s = hot.iter().filter(|r| !phase(r.0)).map(|r| r.1).collect();
+        (f, s)
+    };
+    assert!(first.len() >= 10 && second.len() >= 10, "{hot:?}");
+    let min_hot = first.iter().copied().fold(f64::INFINITY, f64::min);
+    let max_cool = second.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    // 60 degrees apart, less a random walk of 0.05 a step over some 50 steps.
+    assert!(min_hot - max_cool > 50.0, "hot {first:?}, cool {second:?}");
+    let (lo, hi) = cool
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), r| {
+            (l.min(r.1), h.max(r.1))
+        });
+    assert!(hi - lo < 10.0, "a device not hot jumped: {cool:?}");
 }

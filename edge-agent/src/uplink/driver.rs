@@ -17,7 +17,7 @@ use anyhow::Context;
 use metrics::{counter, gauge};
 use plantlink_wire::BatchEncoder;
 use plantlink_wire::batch::Limits;
-use plantlink_wire::frame::{self, Batch, ErrorCode, Frame, Hello, Lane, Status};
+use plantlink_wire::frame::{self, Batch, ErrorCode, Frame, Hello, Lane, QueueReport, Status};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::schedule::{Decision, Live, Scheduler, Settings};
 use crate::config::Uplink;
-use crate::ingest::{QueueView, Requests, UplinkRequest};
+use crate::ingest::{QueueFigures, QueueView, Requests, UplinkRequest};
 
 const MAX_FRAME: usize = 64 << 20;
 /// How often the agent tells the cloud about its queue.
@@ -59,7 +59,8 @@ fn tls(cfg: &Uplink) -> anyhow::Result<quinn::ClientConfig> {
         .with_root_certificates(roots)
         .with_client_auth_cert(cert, key)
         .context("uplink.cert and uplink.key do not belong together")?;
-    tls.alpn_protocols = vec![frame::ALPN.to_vec()];
+    // The cloud picks the newest revision both know (frame::ALPNS).
+    tls.alpn_protocols = frame::ALPNS.iter().map(|p| p.to_vec()).collect();
     Ok(quinn::ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(tls)?,
     )))
@@ -147,6 +148,11 @@ async fn session(
         .connect(addr, &cfg.server_name)?
         .await
         .context("QUIC/TLS handshake")?;
+    let protocol = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        .unwrap_or_default();
     let (mut control, mut control_rx) = conn.open_bi().await?;
     let hello = Frame::Hello(Hello {
         gateway_id: gateway_id.to_owned(),
@@ -157,7 +163,7 @@ async fn session(
     let max_batch_bytes = match read_frame(&mut control_rx).await? {
         Frame::Welcome(w) => {
             tracing::info!(server = %cfg.server, tenant = %w.tenant, max_batch_bytes = w.max_batch_bytes,
-                max_in_flight = w.max_in_flight, "uplink connected");
+                max_in_flight = w.max_in_flight, protocol = %String::from_utf8_lossy(&protocol), "uplink connected");
             sched.limit_in_flight(w.max_in_flight as usize);
             (w.max_batch_bytes as usize).max(1024)
         }
@@ -216,13 +222,8 @@ async fn session(
     loop {
         tokio::select! {
             _ = report.tick(), if control_up => {
-                let view: QueueView = ask(queue, UplinkRequest::View).await?;
-                let status = Frame::Status(Status {
-                    queued_readings: view.queued,
-                    live_waiting: view.live_waiting,
-                    backlog: view.backlog_waiting,
-                    in_flight: sched.in_flight() as u32,
-                });
+                let figures: QueueFigures = ask(queue, UplinkRequest::Figures).await?;
+                let status = queue_report(&protocol, &figures, sched.in_flight() as u32);
                 if write_frame(&mut control, &status).await.is_err() {
                     control_closed(&mut control_up);
                 } else if *device_reports {
@@ -499,11 +500,60 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> anyhow::Result<Frame> {
     Ok(frame::decode_frame(&buf, MAX_FRAME)?.0)
 }
 
+/// The queue report for a session that negotiated `protocol`: a cloud that speaks revision
+/// 1.1 gets bytes and the oldest reading's age, an older one the frame it knows.
+fn queue_report(protocol: &[u8], f: &QueueFigures, in_flight: u32) -> Frame {
+    let status = Status {
+        queued_readings: f.view.queued,
+        live_waiting: f.view.live_waiting,
+        backlog: f.view.backlog_waiting,
+        in_flight,
+    };
+    if protocol == frame::ALPN_1_1 {
+        Frame::QueueReport(QueueReport {
+            status,
+            queued_bytes: f.bytes,
+            oldest_age_ms: f.oldest_age_ms,
+        })
+    } else {
+        Frame::Status(status)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use plantlink_model::{Reading, Timestamp};
 
     use super::*;
+
+    #[test]
+    fn a_cloud_of_revision_1_gets_status_and_one_of_1_1_the_queue_report() {
+        let f = QueueFigures {
+            view: QueueView {
+                live_waiting: 3,
+                backlog_waiting: true,
+                queued: 40,
+            },
+            bytes: 5_120,
+            oldest_age_ms: Some(61_000),
+        };
+        let status = Status {
+            queued_readings: 40,
+            live_waiting: 3,
+            backlog: true,
+            in_flight: 2,
+        };
+        assert_eq!(queue_report(frame::ALPN, &f, 2), Frame::Status(status));
+        assert_eq!(queue_report(b"", &f, 2), Frame::Status(status));
+        assert_eq!(
+            queue_report(frame::ALPN_1_1, &f, 2),
+            Frame::QueueReport(QueueReport {
+                status,
+                queued_bytes: 5_120,
+                oldest_age_ms: Some(61_000),
+            })
+        );
+    }
 
     fn readings(n: usize, tag_len: usize) -> Vec<Reading> {
         (0..n)

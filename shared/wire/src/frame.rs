@@ -10,15 +10,29 @@
 //! [`Frame::Batch`] frames, each with a gateway-assigned sequence number, and the cloud
 //! answers [`Frame::Ack`] once the batch is durable in every sink. A batch the cloud
 //! refuses gets a [`Frame::Error`] naming its sequence number. On the first stream the
-//! agent reports its queue now and then with [`Frame::Status`].
+//! agent reports its queue now and then with [`Frame::Status`], or with
+//! [`Frame::QueueReport`] on a connection that negotiated [`ALPN_1_1`].
+//!
+//! Revisions: the ALPN id says which frames a peer knows. Both ends offer [`ALPNS`], the
+//! newest first, and TLS settles on the newest both know: a peer that knows only
+//! [`ALPN`] still connects, and is sent no frame it could not decode.
 
 use serde::{Deserialize, Serialize};
 
 /// The frame format version written by this build.
 pub const PROTOCOL_VERSION: u8 = 1;
 
-/// The ALPN protocol id of the Plantlink uplink.
+/// The ALPN protocol id of the Plantlink uplink, first release: version 1 frames up to
+/// [`Frame::Devices`].
 pub const ALPN: &[u8] = b"plantlink/1";
+
+/// Revision 1.1: as [`ALPN`], and the agent reports its queue with [`Frame::QueueReport`]
+/// (bytes and the oldest reading's age) in place of [`Frame::Status`]. The frame version
+/// byte stays 1.
+pub const ALPN_1_1: &[u8] = b"plantlink/1.1";
+
+/// The ALPN ids this build speaks, most preferred first.
+pub const ALPNS: [&[u8]; 2] = [ALPN_1_1, ALPN];
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
@@ -52,6 +66,23 @@ pub enum Frame {
     /// reported, and the registry schema that read it. All of them after
     /// [`Frame::SchemasApplied`] on connect, then the changes.
     Devices(DeviceReport),
+    /// Agent to cloud, on the first stream now and then, in place of [`Frame::Status`]:
+    /// the gateway's queue with its bytes and the age of its oldest reading. Sent only on
+    /// a connection that negotiated [`ALPN_1_1`].
+    QueueReport(QueueReport),
+}
+
+/// What a gateway reports of its queue, revision 1.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueReport {
+    /// What [`Frame::Status`] carries.
+    pub status: Status,
+    /// Bytes the queue holds in the gateway's store.
+    pub queued_bytes: u64,
+    /// How old the oldest queued reading was when the report was written, in milliseconds
+    /// of the gateway's clock against the reading's timestamp; `None` when the queue is
+    /// empty.
+    pub oldest_age_ms: Option<u64>,
 }
 
 /// The most devices one [`Frame::Devices`] carries (a report of more is several frames).
@@ -376,6 +407,16 @@ mod tests {
                     firmware_version: "3.1.0".into(),
                     schema_id: Some(4),
                 }],
+            }),
+            Frame::QueueReport(QueueReport {
+                status: Status {
+                    queued_readings: 5,
+                    live_waiting: 0,
+                    backlog: false,
+                    in_flight: 1,
+                },
+                queued_bytes: 640,
+                oldest_age_ms: Some(1_500),
             }),
         ]
     }
