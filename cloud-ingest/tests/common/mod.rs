@@ -33,8 +33,19 @@ impl Drop for Dir {
     }
 }
 
-/// A client presenting `dir/<id>.pem` (or no certificate) and trusting `ca`.
+/// A client presenting `dir/<id>.pem` (or no certificate) and trusting `ca`, offering the
+/// first release's ALPN id only (as an agent of that release does).
 pub fn client(ca: &Path, identity: Option<(&Path, &str)>) -> quinn::Endpoint {
+    client_offering(ca, identity, &[plantlink_wire::frame::ALPN])
+}
+
+/// [`client`], offering the ALPN ids `alpn`, most preferred first.
+#[allow(dead_code)] // not every test binary uses it
+pub fn client_offering(
+    ca: &Path,
+    identity: Option<(&Path, &str)>,
+    alpn: &[&[u8]],
+) -> quinn::Endpoint {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -53,7 +64,7 @@ pub fn client(ca: &Path, identity: Option<(&Path, &str)>) -> quinn::Endpoint {
             .unwrap(),
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![plantlink_wire::frame::ALPN.to_vec()];
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(tls).unwrap(),
