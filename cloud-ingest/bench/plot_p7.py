@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Draws the sustained P7 runs (bench_alerting's "plot" lines) as one chart, PNG or SVG.
 
-Three panels over the run's time: the agent's queue depth, publish -> alert latency and
-publish -> row (age of the newest stored trigger reading), one line per offered rate.
+Panels over the run's time: the agent's queue depth, publish -> alert latency, publish ->
+row (age of the newest stored reading of the watched device) and, when the logs have it, the
+bench process's RSS; one line per offered rate.
 
-    cloud-ingest/bench/plot_p7.py OUT.png LOG...   # LOG: bench_alerting output, any number
+    cloud-ingest/bench/plot_p7.py [--title=TEXT] OUT.png LOG...   # LOG: bench_alerting output
 
 A .svg name writes the SVG itself; a .png name renders it with headless Chromium (Debian's
 `chromium`), which draws the text as well as the lines. Standard library only.
@@ -20,8 +21,11 @@ PANELS = [
     ("queue", "agent queue depth (readings)", False),
     ("alert", "publish -> alert (s)", True),
     ("row", "publish -> row (s)", True),
+    ("rss_mib", "RSS of the bench process: agent and cloud-ingest (MiB)", False),
 ]
-W, H = 1200, 900
+W, H = 1200, 1150
+TITLE = ("Plantlink P7 sustained: Mosquitto -> agent -> QUIC -> cloud-ingest (PostgreSQL, "
+         "Kafka, 101 rules), one 2-core machine")
 LEFT, RIGHT, TOP, GAP = 90, 40, 50, 40
 
 
@@ -53,24 +57,24 @@ def nice_max(v):
     return top
 
 
-def svg(data):
+def svg(data, title=TITLE):
+    panels = [p for p in PANELS if p[0] in data]
     rates = sorted({r for s in data.values() for r in s})
     t_max = max((t for s in data.values() for pts in s.values() for t, _ in pts), default=1)
     t_max = nice_max(t_max)
     top = TOP + 18 * len(rates)
-    ph = (H - top - GAP * len(PANELS) - 20) / len(PANELS)
+    ph = (H - top - GAP * len(panels) - 20) / len(panels)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
         f'font-family="DejaVu Sans, sans-serif" font-size="14">',
         f'<rect width="{W}" height="{H}" fill="white"/>',
-        f'<text x="{LEFT}" y="28" font-size="18">Plantlink P7 sustained: Mosquitto -> agent -> '
-        f"QUIC -> cloud-ingest (PostgreSQL, Kafka, 101 rules), one 2-core machine</text>",
+        f'<text x="{LEFT}" y="28" font-size="16">{title}</text>',
     ]
     for i, (rate, colour) in enumerate(zip(rates, COLOURS)):
         x = W - RIGHT - 160
         out.append(f'<rect x="{x}" y="{40 + i * 18}" width="14" height="4" fill="{colour}"/>')
         out.append(f'<text x="{x + 20}" y="{46 + i * 18}">{rate:,} readings/s</text>')
-    for k, (name, title, seconds) in enumerate(PANELS):
+    for k, (name, title, seconds) in enumerate(panels):
         y0 = top + 20 + k * (ph + GAP)
         series = data.get(name, {})
         v_max = nice_max(max((v for pts in series.values() for _, v in pts), default=1))
@@ -110,11 +114,17 @@ def svg(data):
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
-    target, logs = sys.argv[1], sys.argv[2:]
+    args = sys.argv[1:]
+    title = TITLE
+    if args and args[0].startswith("--title="):
+        title = args.pop(0)[len("--title="):]
+    if len(args) < 2:
+        sys.exit(__doc__)
+    target, logs = args[0], args[1:]
     data = read(logs)
     if not data:
         sys.exit(f"no 'plot' lines in {', '.join(logs)}: run bench_alerting with --nocapture")
-    text = svg(data)
+    text = svg(data, title.replace("&", "&amp;").replace("<", "&lt;"))
     if target.endswith(".svg"):
         with open(target, "w", encoding="utf-8") as f:
             f.write(text)

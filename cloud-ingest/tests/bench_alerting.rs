@@ -179,6 +179,13 @@ async fn alert_latency_under_load() {
     }
 
     let mut cfg = common::cloud_config(&d.0, url.clone(), 32, 8 << 20);
+    // `PLANTLINK_BENCH_WRITERS`: PostgreSQL writer connections (the default otherwise).
+    if let Some(n) = std::env::var("PLANTLINK_BENCH_WRITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.postgres.writers = n;
+    }
     let mut k = cloud_ingest::config::Kafka::with_brokers(tansu.to_string());
     k.alerts_topic = alerts_topic.clone();
     k.partitions = 1;

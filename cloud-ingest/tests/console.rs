@@ -17,30 +17,10 @@ use std::time::{Duration, Instant};
 use cloud_ingest::config::{Alerting, Api};
 use cloud_ingest::server::Server;
 use common::{Browser, Dir};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
 const ACME: &str = "acme-console-token";
 const GLOBEX: &str = "globex-console-token";
-
-/// Publishes `(topic, body)` pairs and waits for every PUBACK.
-async fn publish(port: u16, id: &str, messages: Vec<(String, String)>) {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_inflight(200);
-    let (c, mut el) = AsyncClient::new(o, 200);
-    let n = messages.len();
-    tokio::spawn(async move {
-        for (t, b) in messages {
-            c.publish(t, QoS::AtLeastOnce, false, b).await.unwrap();
-        }
-    });
-    let mut acked = 0;
-    while acked < n {
-        if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
-            acked += 1;
-        }
-    }
-}
 
 fn reading(device: &str, metric: &str, value: f64, ts_ms: i64) -> (String, String) {
     (
@@ -49,6 +29,80 @@ fn reading(device: &str, metric: &str, value: f64, ts_ms: i64) -> (String, Strin
             r#"{{"sensor_id": "{device}", "measurement": "{metric}", "value": {value}, "ts": {ts_ms}}}"#
         ),
     )
+}
+
+/// Signs in with `token` at the sign-in form.
+fn sign_in(b: &Browser, token: &str) {
+    b.wait(
+        "the sign-in form",
+        "!document.querySelector('#signin').hidden",
+    );
+    b.type_into("#token", token);
+    b.click("#signin-button");
+}
+
+/// Creates a threshold rule through the form on the alerts view and waits until it is
+/// listed; returns its id.
+fn create_rule(b: &Browser, name: &str, metric: &str, threshold: &str) -> String {
+    b.wait("the rule form", "document.querySelector('#rule-form')");
+    b.type_into("#rule-name", name);
+    b.type_into("#rule-metric", metric);
+    b.type_into("#rule-threshold", threshold);
+    b.click("#rule-save");
+    b.wait(
+        "the new rule listed",
+        &format!(
+            "[...document.querySelectorAll('#rules tr[data-rule]')].some(r => \
+             r.textContent.includes('{name}') && r.textContent.includes('{threshold}'))"
+        ),
+    );
+    b.script(
+        &format!(
+            "return [...document.querySelectorAll('#rules tr[data-rule]')]\
+             .find(r => r.textContent.includes('{name}')).dataset.rule"
+        ),
+        json!([]),
+    )
+    .as_str()
+    .unwrap()
+    .to_owned()
+}
+
+/// Deletes rule `id` with its button, confirming, and waits until it is gone.
+fn delete_rule(b: &Browser, id: &str) {
+    b.click(&format!("#rules tr[data-rule=\"{id}\"] button.delete"));
+    b.accept_alert();
+    b.wait(
+        "the rule deleted",
+        &format!("document.querySelector('#rules') && !document.querySelector('#rules tr[data-rule=\"{id}\"]')"),
+    );
+}
+
+/// Signs out and in again with another tenant's `token`: the fleet view names neither
+/// `gateway` nor `device`, and a request for the device from the console is a 404.
+fn other_tenant_sees_none_of_it(b: &Browser, token: &str, gateway: &str, device: &str) {
+    b.click("#signout");
+    b.wait("signed out", "!document.querySelector('#signin').hidden");
+    sign_in(b, token);
+    b.wait(
+        "the other tenant's fleet",
+        "document.querySelector('#gateways') && document.querySelector('#devices')",
+    );
+    let seen = b.script(
+        "return document.querySelector('#view').textContent",
+        json!([]),
+    );
+    let seen = seen.as_str().unwrap();
+    assert!(!seen.contains(gateway) && !seen.contains(device), "{seen}");
+    let status = b.script_async(
+        &format!(
+            "const done = arguments[arguments.length - 1];
+             fetch('/v1/devices/{device}/metrics/latest', {{headers: {{Authorization: 'Bearer ' + sessionStorage.getItem('plantlink-token')}}}})
+               .then(r => done(r.status), e => done(String(e)));"
+        ),
+        json!([]),
+    );
+    assert_eq!(status, json!(404));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -134,19 +188,14 @@ async fn the_console_shows_a_tenants_fleet_charts_and_alerts_and_edits_rules() {
         (0..20).map(|i| reading("press01", "temperature", 95.0, now_ms - 20_000 + i * 1000)),
     );
     messages.extend((0..5).map(|i| reading("press02", "pressure", 6.5, now_ms - 5_000 + i * 1000)));
-    publish(broker.port, &format!("pub-{pid}"), messages).await;
+    common::publish_all(broker.port, &format!("pub-{pid}"), messages).await;
 
     let console = format!("http://{api}/console");
     let profile = d.0.join("chromium");
     let browsing = tokio::task::spawn_blocking(move || {
         let b = Browser::start(&profile, 1000);
         b.open(&console);
-        b.wait(
-            "the sign-in form",
-            "!document.querySelector('#signin').hidden",
-        );
-        b.type_into("#token", ACME);
-        b.click("#signin-button");
+        sign_in(&b, ACME);
         b.wait(
             "the gateway connected",
             r#"document.querySelector('#gateways tr[data-gateway="gw-console"][data-state="connected"]')"#,
@@ -197,24 +246,8 @@ async fn the_console_shows_a_tenants_fleet_charts_and_alerts_and_edits_rules() {
 
         // Rules: create, edit, delete through the form.
         b.click("#nav-alerts");
-        b.wait("the rule form", "document.querySelector('#rule-form')");
-        b.type_into("#rule-name", "pressure high");
-        b.type_into("#rule-metric", "pressure");
-        b.type_into("#rule-threshold", "7.5");
-        b.click("#rule-save");
-        b.wait(
-            "the new rule listed",
-            "[...document.querySelectorAll('#rules tr[data-rule]')].some(r => r.textContent.includes('pressure high') && r.textContent.includes('7.5'))",
-        );
+        let id = create_rule(&b, "pressure high", "pressure", "7.5");
         let alerts = b.screenshot("console-alerts");
-        let id = b
-            .script(
-                "return [...document.querySelectorAll('#rules tr[data-rule]')].find(r => r.textContent.includes('pressure high')).dataset.rule",
-                json!([]),
-            )
-            .as_str()
-            .unwrap()
-            .to_owned();
         b.click(&format!("#rules tr[data-rule=\"{id}\"] button.edit"));
         b.wait(
             "the edit form",
@@ -226,38 +259,10 @@ async fn the_console_shows_a_tenants_fleet_charts_and_alerts_and_edits_rules() {
             "the rule edited",
             &format!("(document.querySelector('#rules tr[data-rule=\"{id}\"]') || {{}}).textContent?.includes('9.25')"),
         );
-        b.click(&format!("#rules tr[data-rule=\"{id}\"] button.delete"));
-        b.accept_alert();
-        b.wait(
-            "the rule deleted",
-            &format!("document.querySelector('#rules') && !document.querySelector('#rules tr[data-rule=\"{id}\"]')"),
-        );
+        delete_rule(&b, &id);
 
         // Tenant globex sees none of acme's fleet; acme's device is a 404 to it.
-        b.click("#signout");
-        b.wait("signed out", "!document.querySelector('#signin').hidden");
-        b.type_into("#token", GLOBEX);
-        b.click("#signin-button");
-        b.wait(
-            "globex's fleet",
-            "document.querySelector('#gateways') && document.querySelector('#devices')",
-        );
-        let seen = b.script(
-            "return document.querySelector('#view').textContent",
-            json!([]),
-        );
-        let seen = seen.as_str().unwrap();
-        assert!(
-            !seen.contains("gw-console") && !seen.contains("press01"),
-            "{seen}"
-        );
-        let status = b.script_async(
-            "const done = arguments[arguments.length - 1];
-             fetch('/v1/devices/press01/metrics/latest', {headers: {Authorization: 'Bearer ' + sessionStorage.getItem('plantlink-token')}})
-               .then(r => done(r.status), e => done(String(e)));",
-            json!([]),
-        );
-        assert_eq!(status, json!(404));
+        other_tenant_sees_none_of_it(&b, GLOBEX, "gw-console", "press01");
         b.open(&format!("{console}#/device/press01"));
         b.wait(
             "acme's device not found for globex",
@@ -347,12 +352,7 @@ fn the_console_on_the_demo_stack() {
     let b = Browser::start(&d.0.join("chromium"), 1000);
     let console = format!("http://{api}/console");
     b.open(&console);
-    b.wait(
-        "the sign-in form",
-        "!document.querySelector('#signin').hidden",
-    );
-    b.type_into("#token", &token);
-    b.click("#signin-button");
+    sign_in(&b, &token);
     b.wait(
         "the demo's gateway connected",
         &format!(r#"document.querySelector('#gateways tr[data-gateway="{gateway}"][data-state="connected"]')"#),
@@ -391,66 +391,18 @@ fn the_console_on_the_demo_stack() {
              r.textContent.includes('press overheating') && r.textContent.includes('{press}'))"
         ),
     );
-    b.type_into("#rule-name", &rule);
-    b.type_into("#rule-metric", "pressure");
-    b.type_into("#rule-threshold", "12.5");
-    b.click("#rule-save");
-    b.wait(
-        "the new rule listed",
-        &format!(
-            "[...document.querySelectorAll('#rules tr[data-rule]')].some(r => \
-             r.textContent.includes('{rule}') && r.textContent.includes('12.5'))"
-        ),
-    );
+    let id = create_rule(&b, &rule, "pressure", "12.5");
     let alerts = b.screenshot("demo-console-alerts");
-    let id = b
-        .script(
-            &format!(
-                "return [...document.querySelectorAll('#rules tr[data-rule]')]\
-                 .find(r => r.textContent.includes('{rule}')).dataset.rule"
-            ),
-            json!([]),
-        )
-        .as_str()
-        .unwrap()
-        .to_owned();
     let (st, made) = common::http_json(api, "GET", &format!("/v1/alert-rules/{id}"), &token, None);
     assert_eq!(
         (st, made["name"].as_str()),
         (200, Some(rule.as_str())),
         "{made}"
     );
-    b.click(&format!("#rules tr[data-rule=\"{id}\"] button.delete"));
-    b.accept_alert();
-    b.wait(
-        "the rule deleted",
-        &format!("document.querySelector('#rules') && !document.querySelector('#rules tr[data-rule=\"{id}\"]')"),
-    );
+    delete_rule(&b, &id);
 
     // The other tenant's token: none of the demo's gateway or devices.
-    b.click("#signout");
-    b.wait("signed out", "!document.querySelector('#signin').hidden");
-    b.type_into("#token", &other);
-    b.click("#signin-button");
-    b.wait(
-        "the other tenant's fleet",
-        "document.querySelector('#gateways') && document.querySelector('#devices')",
-    );
-    let seen = b.script(
-        "return document.querySelector('#view').textContent",
-        json!([]),
-    );
-    let seen = seen.as_str().unwrap();
-    assert!(!seen.contains(&gateway) && !seen.contains(&press), "{seen}");
-    let status = b.script_async(
-        &format!(
-            "const done = arguments[arguments.length - 1];
-             fetch('/v1/devices/{press}/metrics/latest', {{headers: {{Authorization: 'Bearer ' + sessionStorage.getItem('plantlink-token')}}}})
-               .then(r => done(r.status), e => done(String(e)));"
-        ),
-        json!([]),
-    );
-    assert_eq!(status, json!(404));
+    other_tenant_sees_none_of_it(&b, &other, &gateway, &press);
     let other_view = b.screenshot("demo-console-other-tenant");
     for p in [fleet, device, alerts, other_view] {
         println!("screenshot: {}", p.display());

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use cloud_ingest::server::Server;
 use common::{Dir, dom_attr, dom_text, dom_value};
 use edge_agent::store;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
 /// `/status.json`, parsed.
@@ -51,26 +50,10 @@ async fn wait_status(
     }
 }
 
-/// Publishes `bodies` to `topic` and waits for every PUBACK.
+/// Publishes `bodies` on `topic` and waits for every PUBACK.
 async fn publish(port: u16, id: &str, topic: &str, bodies: Vec<String>) {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_inflight(200);
-    let (c, mut el) = AsyncClient::new(o, 200);
-    let n = bodies.len();
-    let topic = topic.to_owned();
-    tokio::spawn(async move {
-        for b in bodies {
-            c.publish(topic.clone(), QoS::AtLeastOnce, false, b)
-                .await
-                .unwrap();
-        }
-    });
-    let mut acked = 0;
-    while acked < n {
-        if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
-            acked += 1;
-        }
-    }
+    let messages = bodies.into_iter().map(|b| (topic.to_owned(), b)).collect();
+    common::publish_all(port, id, messages).await;
 }
 
 /// The page's DOM as Chromium built it, off the runtime's threads (Chromium takes seconds).

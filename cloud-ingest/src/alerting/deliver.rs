@@ -255,9 +255,14 @@ pub fn event_json(a: &AlertEvent) -> serde_json::Value {
     })
 }
 
+/// Most events delivered together: what waits in the queue, up to this many, goes to Kafka
+/// at once and is then stored, in order.
+const EVENTS_AT_ONCE: usize = 256;
+
 /// Delivers what comes in order: each event to Kafka, the table and the webhooks (retrying
 /// Kafka and the table until they take it), and, with `offsets`, the marks and loads of an
-/// alerting member.
+/// alerting member. Events waiting together go to Kafka together, so ten alerts of one
+/// window wait for one round trip to the brokers, not ten.
 pub async fn deliver(
     mut queue: mpsc::Receiver<Delivery>,
     url: String,
@@ -283,39 +288,71 @@ pub async fn deliver(
                 flush(&mut offsets, &mut db, &url).await;
                 return;
             }
-            Some(Delivery::Event(a)) => one(&a, &mut db, &url, kafka.as_ref(), &hooks).await,
-            Some(Delivery::Mark {
-                partition,
-                next,
-                replay_from,
-            }) => {
-                if let Some(o) = &mut offsets
-                    && o.expected.contains_key(&partition)
-                {
-                    o.pending.insert(partition, (next, replay_from));
-                    if o.due().is_some_and(|at| at <= tokio::time::Instant::now()) {
-                        flush(&mut offsets, &mut db, &url).await;
+            Some(Delivery::Event(a)) => {
+                let mut events = vec![a];
+                let mut after = None;
+                while events.len() < EVENTS_AT_ONCE {
+                    match queue.try_recv() {
+                        Ok(Delivery::Event(a)) => events.push(a),
+                        Ok(other) => {
+                            after = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
                     }
                 }
+                several(&events, &mut db, &url, kafka.as_ref(), &hooks).await;
+                if let Some(d) = after {
+                    control(d, &mut offsets, &mut db, &url, kafka.as_ref(), &hooks).await;
+                }
             }
-            Some(Delivery::Load {
-                partition,
-                start,
-                reply,
-            }) => {
-                let answer = match &mut offsets {
-                    Some(o) => {
-                        let c = connected(&mut db, &url).await;
-                        let r = o.load(c, partition, start).await;
-                        if r.is_err() {
-                            db = None;
-                        }
-                        r
+            Some(d) => control(d, &mut offsets, &mut db, &url, kafka.as_ref(), &hooks).await,
+        }
+    }
+}
+
+/// A mark or a load (an event alone), after every event queued before it is delivered.
+async fn control(
+    d: Delivery,
+    offsets: &mut Option<Offsets>,
+    db: &mut Option<tokio_postgres::Client>,
+    url: &str,
+    kafka: Option<&Kafka>,
+    hooks: &[mpsc::Sender<Arc<Vec<u8>>>],
+) {
+    match d {
+        Delivery::Event(a) => several(&[a], db, url, kafka, hooks).await,
+        Delivery::Mark {
+            partition,
+            next,
+            replay_from,
+        } => {
+            if let Some(o) = offsets.as_mut()
+                && o.expected.contains_key(&partition)
+            {
+                o.pending.insert(partition, (next, replay_from));
+                if o.due().is_some_and(|at| at <= tokio::time::Instant::now()) {
+                    flush(offsets, db, url).await;
+                }
+            }
+        }
+        Delivery::Load {
+            partition,
+            start,
+            reply,
+        } => {
+            let answer = match offsets.as_mut() {
+                Some(o) => {
+                    let c = connected(db, url).await;
+                    let r = o.load(c, partition, start).await;
+                    if r.is_err() {
+                        *db = None;
                     }
-                    None => Err("not an alerting member".into()),
-                };
-                let _ = reply.send(answer);
-            }
+                    r
+                }
+                None => Err("not an alerting member".into()),
+            };
+            let _ = reply.send(answer);
         }
     }
 }
@@ -338,38 +375,56 @@ async fn flush(offsets: &mut Option<Offsets>, db: &mut Option<tokio_postgres::Cl
     }
 }
 
-/// One event: Kafka, then the table, then the webhooks.
-async fn one(
-    a: &AlertEvent,
+/// Events in order: all of them to Kafka (enqueued together, then each delivery awaited;
+/// a failed one is sent again, after the others of the run: librdkafka retries passing
+/// errors itself, in order, so this is for the rare lasting one), then each to the table,
+/// then the live ones to the webhooks.
+async fn several(
+    events: &[AlertEvent],
     db: &mut Option<tokio_postgres::Client>,
     url: &str,
     kafka: Option<&Kafka>,
     hooks: &[mpsc::Sender<Arc<Vec<u8>>>],
 ) {
-    let json = event_json(a);
-    let bytes = Arc::new(serde_json::to_vec(&json).unwrap_or_default());
+    let bytes: Vec<Arc<Vec<u8>>> = events
+        .iter()
+        .map(|a| Arc::new(serde_json::to_vec(&event_json(a)).unwrap_or_default()))
+        .collect();
     if let Some(k) = kafka {
-        while let Err(e) = k.send_alert(&a.device_id, &bytes).await.wait().await {
-            tracing::warn!(error = %e, "alert not on Kafka yet; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut sent = Vec::with_capacity(events.len());
+        for (a, b) in events.iter().zip(&bytes) {
+            sent.push(k.send_alert(&a.device_id, b).await);
         }
-    }
-    let mut wait = Duration::from_millis(100);
-    loop {
-        let c = connected(db, url).await;
-        match store(c, a).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?wait, "alert not stored yet");
-                *db = None;
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
+        for ((a, b), d) in events.iter().zip(&bytes).zip(sent) {
+            let mut d = d;
+            while let Err(e) = d.wait().await {
+                tracing::warn!(error = %e, "alert not on Kafka yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                d = k.send_alert(&a.device_id, b).await;
             }
         }
     }
-    if !a.backfill {
+    for a in events {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let c = connected(db, url).await;
+            match store(c, a).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?wait, "alert not stored yet");
+                    *db = None;
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+    for (a, b) in events.iter().zip(&bytes) {
+        if a.backfill {
+            continue;
+        }
         for h in hooks {
-            if h.try_send(bytes.clone()).is_err() {
+            if h.try_send(b.clone()).is_err() {
                 counter!("plantlink_cloud_webhook_failures_total", "reason" => "queue_full")
                     .increment(1);
             }

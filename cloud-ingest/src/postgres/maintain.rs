@@ -309,15 +309,36 @@ ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET
 /// Dirty keys per dirty hour from which one scan of the range beats lookups per key.
 const DENSE_KEYS_PER_HOUR: i64 = 256;
 
-/// Daily buckets from the hourly ones (exact: `sum_val` and `count` add up).
+/// Daily buckets of the (device, metric) days whose hours were all merged: what the new
+/// readings added, merged like the hourly ones (exact), one upsert per day touched rather
+/// than a read of the day's hourly buckets. The roll-up holds the taken keys locked until it
+/// commits, and writers that touch them wait, so its transaction is kept short.
+const DAILY_MERGE: &str = "
+INSERT INTO downsampled_metrics_1d AS d
+    (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
+SELECT tenant_id, device_id, metric_name, date_trunc('day', bucket),
+       min(min_val), max(max_val), sum(sum_val) / sum(count), sum(sum_val), sum(count)::bigint
+FROM roll_keys
+GROUP BY 1, 2, 3, 4
+HAVING bool_and(count IS NOT NULL)
+ORDER BY 1, 2, 3, 4
+ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET
+    min_val = least(d.min_val, EXCLUDED.min_val),
+    max_val = greatest(d.max_val, EXCLUDED.max_val),
+    avg_val = (d.sum_val + EXCLUDED.sum_val) / (d.count + EXCLUDED.count),
+    sum_val = d.sum_val + EXCLUDED.sum_val,
+    count = d.count + EXCLUDED.count";
+
+/// Daily buckets of the days with an hour recomputed from raw, from their hourly buckets
+/// (exact: `sum_val` and `count` add up).
 const DAILY: &str = "
 INSERT INTO downsampled_metrics_1d AS d
     (tenant_id, device_id, metric_name, bucket, min_val, max_val, avg_val, sum_val, count)
 SELECT h.tenant_id, h.device_id, h.metric_name, k.day,
        min(h.min_val), max(h.max_val), sum(h.sum_val) / sum(h.count), sum(h.sum_val),
        sum(h.count)::bigint
-FROM (SELECT DISTINCT tenant_id, device_id, metric_name, date_trunc('day', bucket) AS day
-      FROM roll_keys) k
+FROM (SELECT tenant_id, device_id, metric_name, date_trunc('day', bucket) AS day
+      FROM roll_keys GROUP BY 1, 2, 3, 4 HAVING bool_or(count IS NULL)) k
 JOIN downsampled_metrics_1h h ON h.tenant_id = k.tenant_id AND h.device_id = k.device_id
                              AND h.metric_name = k.metric_name
                              AND h.bucket >= k.day AND h.bucket < k.day + INTERVAL '1 day'
@@ -327,9 +348,9 @@ ON CONFLICT (tenant_id, device_id, metric_name, bucket) DO UPDATE SET
     min_val = EXCLUDED.min_val, max_val = EXCLUDED.max_val,
     avg_val = EXCLUDED.avg_val, sum_val = EXCLUDED.sum_val, count = EXCLUDED.count";
 
-/// Rolls up every bucket that new readings touched until none is left: hourly by merging
-/// what the readings added (or from raw, for buckets marked to recompute), daily from
-/// hourly; returns how many hourly buckets it rolled. Each key is taken and merged in one
+/// Rolls up every bucket that new readings touched until none is left: hourly and daily by
+/// merging what the readings added (or, for buckets marked to recompute, hourly from raw and
+/// daily from hourly); returns how many hourly buckets it rolled. Each key is taken and merged in one
 /// transaction, so it counts once however often this runs, and several replicas can run it
 /// at once (each takes different keys).
 pub async fn roll(client: &Client) -> Result<u64, Error> {
@@ -369,8 +390,9 @@ async fn roll_chunk(client: &Client) -> Result<i64, Error> {
     }
     if n > recompute {
         client.execute(HOURLY_MERGE, &[]).await?;
+        client.execute(DAILY_MERGE, &[]).await?;
     }
-    if n > 0 {
+    if recompute > 0 {
         client.execute(DAILY, &[]).await?;
     }
     client.batch_execute("COMMIT").await?;

@@ -310,6 +310,27 @@ impl Drop for Mosquitto {
     }
 }
 
+/// Publishes `(topic, body)` pairs at QoS 1 as `client_id` and waits for every PUBACK.
+#[allow(dead_code)] // not every test binary uses it
+pub async fn publish_all(port: u16, client_id: &str, messages: Vec<(String, String)>) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+    o.set_inflight(200);
+    let (c, mut el) = AsyncClient::new(o, 200);
+    let n = messages.len();
+    tokio::spawn(async move {
+        for (t, b) in messages {
+            c.publish(t, QoS::AtLeastOnce, false, b).await.unwrap();
+        }
+    });
+    let mut acked = 0;
+    while acked < n {
+        if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
+            acked += 1;
+        }
+    }
+}
+
 /// Creates the agent's persistent session before anything is published, so nothing is missed.
 pub async fn create_session(port: u16, client_id: &str) {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
