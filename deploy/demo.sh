@@ -218,6 +218,10 @@ if [ "$ci" -eq 1 ]; then
   PLANTLINK_DEMO_API="127.0.0.1:$aport" PLANTLINK_DEMO_TOKEN="$token" PLANTLINK_DEMO_OTHER_TOKEN="$other_token" \
     PLANTLINK_DEMO_GATEWAY=gw-demo PLANTLINK_DEMO_PRESS=demo-press01 \
     cargo test --locked -q -p cloud-ingest --test console -- --ignored --exact the_console_on_the_demo_stack --nocapture \
+    2>&1 | tee "$work/console-test.log" \
     || { show_logs; echo "error: the console's browser test against the demo stack failed" >&2; exit 1; }
+  # A renamed test would match nothing and pass: it must have run.
+  grep -q 'test result: ok. 1 passed' "$work/console-test.log" \
+    || { echo "error: the console's browser test did not run (see $work/console-test.log)" >&2; exit 1; }
 fi
 log "demo finished: every acknowledged reading is stored once, and the alert fired"

@@ -59,12 +59,14 @@ function ago(iso) {
 }
 
 // The age of a gateway's oldest queued reading now: its report's, plus the time since.
+// An agent before uplink revision 1.1 reports no bytes (and no age).
 function oldestAge(q) {
   if (!q.at) return ["", "not reported"];
-  if (q.queued_readings === 0) return [0, "empty"];
-  if (q.oldest_age_seconds === null || q.oldest_age_seconds === undefined) {
+  if (q.queued_bytes === null || q.queued_bytes === undefined) {
     return ["", "not reported (agent before uplink 1.1)"];
   }
+  if (q.queued_readings === 0) return [0, "empty"];
+  if (q.oldest_age_seconds === null || q.oldest_age_seconds === undefined) return ["", "unknown"];
   const s = q.oldest_age_seconds + Math.max(0, (Date.now() - Date.parse(q.at)) / 1000);
   return [s.toFixed(1), duration(s)];
 }

@@ -285,6 +285,11 @@ async fn the_console_shows_a_tenants_fleet_charts_and_alerts_and_edits_rules() {
         device.display(),
         alerts.display()
     );
+    let (_, lag) = common::http_json(api, "GET", "/v1/pipeline/lag", ACME, None);
+    assert!(
+        lag["gateways"]["gw-console"]["queue"]["queued_bytes"].is_u64(),
+        "the agent reports with uplink revision 1.1: {lag}"
+    );
     // What the console listed is the API's: acme's devices to acme, none to globex.
     let (_, devices) = common::http_json(api, "GET", "/v1/devices", ACME, None);
     let ids: Vec<&str> = devices["devices"]
@@ -363,6 +368,12 @@ fn the_console_on_the_demo_stack() {
             r#"(() => {{ const c = document.querySelector('#gateways tr[data-gateway="{gateway}"] td:nth-child(4)');
                 return c && c.dataset.value !== '' && !c.textContent.includes('not reported'); }})()"#
         ),
+    );
+    // It is the agent's revision 1.1 report: bytes are in it (an agent before 1.1 has none).
+    let (_, lag) = common::http_json(api, "GET", "/v1/pipeline/lag", &token, None);
+    assert!(
+        lag["gateways"][&gateway]["queue"]["queued_bytes"].is_u64(),
+        "{lag}"
     );
     // The plant has stopped: the console lists the devices the API does, no more or fewer.
     b.wait(

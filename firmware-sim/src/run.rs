@@ -369,12 +369,14 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                         continue;
                     }
                     let d = &mut devices[i];
-                    d.hot = i < o.hot_devices as usize
-                        && hot_phase(o.hot_cycle, progress, now_us() + skew[i]);
+                    // Hot or not by the time the reading carries (after any planted shift).
+                    let hot = i < o.hot_devices as usize;
                     if d.kind == Kind::Sparkplug {
                         // Its own session: no planted faults but silence.
                         let Some(client) = &client else { continue };
-                        for msg in d.turn(&o.prefix, now_us() + skew[i], progress, &mut rng) {
+                        let ts = now_us() + skew[i];
+                        d.hot = hot && hot_phase(o.hot_cycle, progress, ts);
+                        for msg in d.turn(&o.prefix, ts, progress, &mut rng) {
                             let p = Pending::new(&d.id, &msg, None);
                             publish(client, qos, &msg, p, &mut report, &mut queued);
                         }
@@ -385,6 +387,7 @@ pub async fn run(o: Options) -> anyhow::Result<Report> {
                         ts -= rng.range(1_000_000, 5_000_000);
                         *report.errors.entry("planted_out_of_order".into()).or_default() += 1;
                     }
+                    d.hot = hot && hot_phase(o.hot_cycle, progress, ts);
                     let (msg, rejected) = if rng.chance(o.malformed_rate) {
                         *report.errors.entry("planted_malformed".into()).or_default() += 1;
                         (fleet::malformed(&o.prefix, &d.id), Some("malformed"))

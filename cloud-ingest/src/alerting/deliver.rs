@@ -376,9 +376,8 @@ async fn flush(offsets: &mut Option<Offsets>, db: &mut Option<tokio_postgres::Cl
 }
 
 /// Events in order: all of them to Kafka (enqueued together, then each delivery awaited;
-/// a failed one is sent again, after the others of the run: librdkafka retries passing
-/// errors itself, in order, so this is for the rare lasting one), then each to the table,
-/// then the live ones to the webhooks.
+/// librdkafka retries passing errors itself, in order, so a failure here is a lasting one),
+/// then each to the table, then the live ones to the webhooks.
 async fn several(
     events: &[AlertEvent],
     db: &mut Option<tokio_postgres::Client>,
@@ -391,16 +390,30 @@ async fn several(
         .map(|a| Arc::new(serde_json::to_vec(&event_json(a)).unwrap_or_default()))
         .collect();
     if let Some(k) = kafka {
-        let mut sent = Vec::with_capacity(events.len());
-        for (a, b) in events.iter().zip(&bytes) {
-            sent.push(k.send_alert(&a.device_id, b).await);
-        }
-        for ((a, b), d) in events.iter().zip(&bytes).zip(sent) {
-            let mut d = d;
-            while let Err(e) = d.wait().await {
-                tracing::warn!(error = %e, "alert not on Kafka yet; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                d = k.send_alert(&a.device_id, b).await;
+        // From the first that failed on, all are sent again in order, so a device's
+        // transitions keep their order on Kafka (those already there appear twice; consumers
+        // drop the second copy by `event_id`).
+        let mut from = 0;
+        while from < events.len() {
+            let mut sent = Vec::with_capacity(events.len() - from);
+            for (a, b) in events[from..].iter().zip(&bytes[from..]) {
+                sent.push(k.send_alert(&a.device_id, b).await);
+            }
+            let mut failed = None;
+            for (j, d) in sent.into_iter().enumerate() {
+                if let Err(e) = d.wait().await
+                    && failed.is_none()
+                {
+                    tracing::warn!(error = %e, "alert not on Kafka yet; retrying");
+                    failed = Some(from + j);
+                }
+            }
+            match failed {
+                Some(i) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    from = i;
+                }
+                None => from = events.len(),
             }
         }
     }

@@ -15,6 +15,10 @@ use crate::config::Postgres;
 const DAY_US: i64 = 86_400_000_000;
 /// Serialises partition creation and dropping between writers and replicas.
 const PARTITION_LOCK: i64 = 0x706c_7061_7274_6e73; // "plpartns"
+/// Serialises the roll-ups' daily steps between replicas, until each commits: a day rebuilt
+/// from its hours then reads them after another replica's merge into them has committed
+/// (no lost update), and the daily rows are only ever locked by the holder (no deadlock).
+const DAILY_LOCK: i64 = 0x706c_6461_696c_7931; // "pldaily1"
 
 /// The UTC day number (days since 1970-01-01) of a µs timestamp.
 pub fn day_of(ts_us: i64) -> i64 {
@@ -390,6 +394,13 @@ async fn roll_chunk(client: &Client) -> Result<i64, Error> {
     }
     if n > recompute {
         client.execute(HOURLY_MERGE, &[]).await?;
+    }
+    if n > 0 {
+        client
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&DAILY_LOCK])
+            .await?;
+    }
+    if n > recompute {
         client.execute(DAILY_MERGE, &[]).await?;
     }
     if recompute > 0 {

@@ -79,9 +79,9 @@ pub struct QueueReport {
     pub status: Status,
     /// Bytes the queue holds in the gateway's store.
     pub queued_bytes: u64,
-    /// How old the oldest queued reading was when the report was written, in milliseconds
-    /// of the gateway's clock against the reading's timestamp; `None` when the queue is
-    /// empty.
+    /// How old the reading queued first (the next the backlog sends) was when the report
+    /// was written, in milliseconds of the gateway's clock against the reading's timestamp;
+    /// `None` when the queue is empty.
     pub oldest_age_ms: Option<u64>,
 }
 
