@@ -160,14 +160,7 @@ async fn alerts_on(b: &Backend) {
     let cloud_addr = server.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cloud = tokio::spawn(server.serve(stop_rx));
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(api).await.is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the API did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::api_up(api).await;
 
     // Rules through the API; a bad one is refused naming the field.
     let (st, created) = http(api, "POST", "/v1/alert-rules", Some(&rule("press01"))).await;

@@ -12,7 +12,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use cloud_ingest::config::{Alerting, Api};
 use cloud_ingest::server::Server;
@@ -138,14 +137,7 @@ async fn the_console_shows_a_tenants_fleet_charts_and_alerts_and_edits_rules() {
     let cloud_addr = server.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cloud = tokio::spawn(server.serve(stop_rx.clone()));
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(api).await.is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the API did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::api_up(api).await;
     let (st, body) = common::http_json(
         api,
         "POST",

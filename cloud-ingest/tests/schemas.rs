@@ -210,14 +210,7 @@ async fn schemas_on(b: &common::timescale::Backend) {
     let cloud_addr = server.local_addr().unwrap();
     let (cloud_stop, cloud_rx) = tokio::sync::watch::channel(false);
     let cloud = tokio::spawn(server.serve(cloud_rx));
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(api).await.is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the API did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::api_up(api).await;
 
     // Bad definitions: a 400 naming the field, nothing stored.
     let mut bad = schema(&descriptor, "temperature");

@@ -190,14 +190,7 @@ async fn a_sparkplug_node_lands_with_birth_names_rebirths_and_dies() {
     let cloud_addr = server.local_addr().unwrap();
     let (cloud_stop, cloud_rx) = tokio::sync::watch::channel(false);
     let cloud = tokio::spawn(server.serve(cloud_rx));
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(api).await.is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the API did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::api_up(api).await;
     // An hour of silence, or the press's death certificate.
     let rule = json!({"name": "press gone", "kind": "absence", "selector": {"device_id": "plant/line1/press"},
                       "seconds": 3600, "severity": "critical"});

@@ -85,14 +85,7 @@ async fn the_newest_revision_both_ends_know_is_the_sessions() {
     let cloud_addr = server.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cloud = tokio::spawn(server.serve(stop_rx));
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(api).await.is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the API did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::api_up(api).await;
     let ca = d.0.join("ca.pem");
     let status = Status {
         queued_readings: 7,

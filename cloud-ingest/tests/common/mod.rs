@@ -310,6 +310,19 @@ impl Drop for Mosquitto {
     }
 }
 
+/// Waits until the API listens on `api` (30 s at most).
+#[allow(dead_code)] // not every test binary uses it
+pub async fn api_up(api: SocketAddr) {
+    let start = std::time::Instant::now();
+    while tokio::net::TcpStream::connect(api).await.is_err() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "the API did not come up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Publishes `(topic, body)` pairs at QoS 1 as `client_id` and waits for every PUBACK.
 #[allow(dead_code)] // not every test binary uses it
 pub async fn publish_all(port: u16, client_id: &str, messages: Vec<(String, String)>) {
