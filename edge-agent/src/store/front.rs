@@ -1,7 +1,8 @@
 //! The write front and dedupe: a transaction's readings, identity hashes and MQTT message
 //! records wait in memory, with their ids, and are written together at its commit, sorted,
 //! several rows per statement. The duplicate check asks the open transaction's front, then
-//! the Bloom filters of both `seen` generations, and SQLite only when a filter says maybe.
+//! whether the reading is newer than anything remembered of its (device, metric) ([`fresh`]),
+//! then the Bloom filters of both `seen` generations, and SQLite only when a filter says maybe.
 
 use super::*;
 
@@ -85,14 +86,18 @@ impl Store {
 
     /// Whether the identity was stored within the window; records it (in the write front)
     /// if not.
-    pub(super) fn first_sighting(&mut self, h: i64) -> Result<bool, StoreError> {
+    pub(super) fn first_sighting(&mut self, h: i64, r: &Reading) -> Result<bool, StoreError> {
+        let key = fresh::key(&r.device, &r.metric);
+        if self.fresh.certainly_new(key, r.ts.0)
+            || (!self.seen_front.contains(&h)
+                && !self.blooms[0].maybe(h)
+                && !self.blooms[1].maybe(h))
+        {
+            self.remember(h, key, r.ts.0);
+            return Ok(true);
+        }
         if self.seen_front.contains(&h) {
             return Ok(false);
-        }
-        if !self.blooms[0].maybe(h) && !self.blooms[1].maybe(h) {
-            self.seen_front.insert(h);
-            self.blooms[self.seen_current as usize].add(h);
-            return Ok(true);
         }
         let seen = self
             .conn
@@ -105,9 +110,16 @@ impl Store {
         if seen {
             return Ok(false);
         }
+        self.remember(h, key, r.ts.0);
+        Ok(true)
+    }
+
+    /// Records a fresh identity in the write front, the current generation's filter and
+    /// the freshness bounds.
+    fn remember(&mut self, h: i64, key: u64, ts: i64) {
         self.seen_front.insert(h);
         self.blooms[self.seen_current as usize].add(h);
-        Ok(true)
+        self.fresh.remember(self.seen_current, key, ts);
     }
 
     /// Writes the open transaction's front: its identity hashes, sorted, and its readings,
@@ -115,6 +127,13 @@ impl Store {
     pub(super) fn flush_front(&mut self) -> Result<(), StoreError> {
         let mut hashes: Vec<i64> = self.seen_front.drain().collect();
         hashes.sort_unstable();
+        let g = self.seen_current;
+        if let Some(newest) = self.fresh.to_write(g) {
+            self.conn
+                .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![format!("seen{g}_ts_max"), newest]))
+                .map_err(self.sql_err("recording the newest reading remembered"))?;
+        }
         let sql = &self.front_sql;
         self.insert_rows(
             &sql.seen[self.seen_current as usize],

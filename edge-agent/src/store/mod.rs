@@ -2,7 +2,8 @@
 //!
 //! # On-disk schema (version 1)
 //! ```sql
-//! meta(key TEXT PRIMARY KEY, value)            -- schema_version, seen_current, seen_rotated_us
+//! meta(key TEXT PRIMARY KEY, value)            -- schema_version, seen_current, seen_rotated_us,
+//!                                              -- seen0_ts_max, seen1_ts_max (store/fresh.rs)
 //! devices(id INTEGER PRIMARY KEY, name TEXT UNIQUE, evicted, rate_limited)   -- lifetime counters
 //! series(id INTEGER PRIMARY KEY, device, metric, tags)   -- tags as canonical JSON ("" if none)
 //! readings(id INTEGER PRIMARY KEY AUTOINCREMENT, device, series, ts, value, seq)
@@ -51,6 +52,7 @@ mod bloom;
 mod dead_letters;
 mod devices;
 pub mod evict;
+mod fresh;
 mod front;
 mod identity;
 mod lanes;
@@ -301,6 +303,8 @@ pub struct Store {
     next_id: i64,
     // A Bloom filter per `seen` generation: most fresh readings need no lookup.
     blooms: [bloom::Bloom; 2],
+    // Readings newer than anything remembered of their (device, metric) need neither.
+    fresh: fresh::Fresh,
     // The generation emptied by the open transaction's rotation (its filter is rebuilt if
     // the transaction rolls back).
     rotated: Option<u8>,
@@ -407,6 +411,7 @@ impl Store {
             seen_front: std::collections::HashSet::new(),
             next_id: 1,
             blooms: [bloom::Bloom::default(), bloom::Bloom::default()],
+            fresh: fresh::Fresh::new([fresh::UNKNOWN; 2]),
             rotated: None,
             front_sql: FrontSql::new(),
         };
@@ -578,6 +583,22 @@ impl Store {
         };
         self.seen_current = meta("seen_current")?.unwrap_or(0) as u8 & 1;
         self.seen_rotated_us = meta("seen_rotated_us")?.unwrap_or(0);
+        let mut newest = [fresh::UNKNOWN; 2];
+        for (g, n) in newest.iter_mut().enumerate() {
+            *n = match meta(&format!("seen{g}_ts_max"))? {
+                Some(v) => v,
+                None => {
+                    let any: bool = self
+                        .conn
+                        .query_row(&format!("SELECT EXISTS (SELECT 1 FROM seen{g})"), [], |r| {
+                            r.get(0)
+                        })
+                        .map_err(e)?;
+                    if any { fresh::UNKNOWN } else { fresh::EMPTY }
+                }
+            };
+        }
+        self.fresh.rolled_back(newest);
         self.rate_limited.clear();
         Ok(())
     }
@@ -657,6 +678,15 @@ impl Store {
                      INSERT OR REPLACE INTO meta (key, value) VALUES ('seen_current', {next});
                      INSERT OR REPLACE INTO meta (key, value) VALUES ('seen_rotated_us', {now_us});"
                 ))
+                .and_then(|()| {
+                    // Bound, not in the text: i64::MIN has no integer literal in SQLite.
+                    self.conn
+                        .execute(
+                            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                            params![format!("seen{next}_ts_max"), fresh::EMPTY],
+                        )
+                        .map(drop)
+                })
                 .map_err(self.sql_err("rotating the dedupe generations"));
             if let Err(e) = r {
                 self.rollback();
@@ -667,6 +697,7 @@ impl Store {
             self.seen_current = next;
             self.seen_rotated_us = now_us;
             self.blooms[next as usize] = bloom::Bloom::for_hashes(expected);
+            self.fresh.emptied(next);
             self.rotated = Some(next);
         }
         Ok(())
@@ -688,7 +719,7 @@ impl Store {
         {
             return Ok(Insert::SeriesCap);
         }
-        if !self.first_sighting(identity_hash(&self.opts.tenant, r))? {
+        if !self.first_sighting(identity_hash(&self.opts.tenant, r), r)? {
             return Ok(Insert::Duplicate);
         }
         let device = self.device_id(&r.device)?;
@@ -767,6 +798,7 @@ impl Store {
             .map_err(self.sql_err("committing"))?;
         self.in_txn = false;
         self.rotated = None;
+        self.fresh.committed();
         self.committed_live(!evictions.is_empty());
         Ok(evictions)
     }

@@ -607,3 +607,63 @@ fn a_rotation_rolled_back_keeps_its_generation_deduplicating() {
     assert_eq!(s.insert(&r("a", 3, 3.0)).unwrap(), Insert::Stored);
     s.commit().unwrap();
 }
+
+#[test]
+fn a_late_reading_after_a_reopen_does_not_let_a_newer_replay_through() {
+    let dir = tempdir::Dir::new();
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    put(&mut s, &[r("d", 100, 1.0), r("other", 500, 1.0)]);
+    drop(s);
+    // After the reopen only the generations' newest (500) is known: a late reading of
+    // d is new, and the replay of d at 100 that follows it is still a duplicate (the late
+    // one must not lower what d's replays are checked against).
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    assert_eq!(
+        put(
+            &mut s,
+            &[r("d", 50, 1.0), r("d", 100, 1.0), r("d", 501, 1.0)]
+        ),
+        vec![Insert::Stored, Insert::Duplicate, Insert::Stored]
+    );
+    // Readings newer than everything are new without a lookup; replays of them are not.
+    assert_eq!(
+        put(
+            &mut s,
+            &[r("d", 502, 1.0), r("d", 502, 1.0), r("d", 501, 1.0)]
+        ),
+        vec![Insert::Stored, Insert::Duplicate, Insert::Duplicate]
+    );
+}
+
+#[test]
+fn a_queue_without_the_newest_times_still_deduplicates_and_learns_them() {
+    // A queue file from before `seen*_ts_max` were kept: nothing is taken as new without
+    // the other checks until its generations have rotated.
+    let dir = tempdir::Dir::new();
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    put(&mut s, &[r("d", 100, 1.0)]);
+    s.connection()
+        .execute("DELETE FROM meta WHERE key LIKE 'seen%_ts_max'", [])
+        .unwrap();
+    drop(s);
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    assert_eq!(
+        put(&mut s, &[r("d", 100, 1.0), r("d", 101, 1.0)]),
+        vec![Insert::Duplicate, Insert::Stored]
+    );
+    let newest: Option<i64> = s
+        .connection()
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'seen0_ts_max'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .unwrap();
+    // Generation 0 held readings of unknown times: it stays unknown (no value kept) until
+    // it is emptied.
+    assert_eq!(newest, None);
+    drop(s);
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    assert_eq!(put(&mut s, &[r("d", 101, 1.0)]), vec![Insert::Duplicate]);
+}
