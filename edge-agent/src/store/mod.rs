@@ -678,15 +678,6 @@ impl Store {
                      INSERT OR REPLACE INTO meta (key, value) VALUES ('seen_current', {next});
                      INSERT OR REPLACE INTO meta (key, value) VALUES ('seen_rotated_us', {now_us});"
                 ))
-                .and_then(|()| {
-                    // Bound, not in the text: i64::MIN has no integer literal in SQLite.
-                    self.conn
-                        .execute(
-                            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-                            params![format!("seen{next}_ts_max"), fresh::EMPTY],
-                        )
-                        .map(drop)
-                })
                 .map_err(self.sql_err("rotating the dedupe generations"));
             if let Err(e) = r {
                 self.rollback();
@@ -697,6 +688,7 @@ impl Store {
             self.seen_current = next;
             self.seen_rotated_us = now_us;
             self.blooms[next as usize] = bloom::Bloom::for_hashes(expected);
+            // Its newest goes to `meta` with this transaction's front (`flush_front`).
             self.fresh.emptied(next);
             self.rotated = Some(next);
         }
