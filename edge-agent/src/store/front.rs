@@ -51,7 +51,7 @@ impl FrontSql {
     pub(super) fn new() -> Self {
         Self {
             seen: [0, 1]
-                .map(|g| MultiInsert::new(&format!("INSERT OR IGNORE INTO seen{g} (h)"), 1)),
+                .map(|g| MultiInsert::new(&format!("INSERT OR IGNORE INTO seen{g} (ts, h)"), 2)),
             mqtt: MultiInsert::new("INSERT OR REPLACE INTO mqtt_msgs (id, pkid, hash)", 3),
             readings: MultiInsert::new(
                 "INSERT INTO readings (id, device, series, ts, value, seq)",
@@ -88,44 +88,46 @@ impl Store {
     /// if not.
     pub(super) fn first_sighting(&mut self, h: i64, r: &Reading) -> Result<bool, StoreError> {
         let key = fresh::key(&r.device, &r.metric);
+        let id = (r.ts.0, h);
         if self.fresh.certainly_new(key, r.ts.0)
-            || (!self.seen_front.contains(&h)
+            || (!self.seen_front.contains(&id)
                 && !self.blooms[0].maybe(h)
                 && !self.blooms[1].maybe(h))
         {
-            self.remember(h, key, r.ts.0);
+            self.remember(id, key);
             return Ok(true);
         }
-        if self.seen_front.contains(&h) {
+        if self.seen_front.contains(&id) {
             return Ok(false);
         }
         let seen = self
             .conn
             .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM seen0 WHERE h = ?1)
-                     OR EXISTS (SELECT 1 FROM seen1 WHERE h = ?1)",
+                "SELECT EXISTS (SELECT 1 FROM seen0 WHERE ts IN (?1, ?2) AND h = ?3)
+                     OR EXISTS (SELECT 1 FROM seen1 WHERE ts IN (?1, ?2) AND h = ?3)",
             )
-            .and_then(|mut s| s.query_row([h], |r| r.get::<_, bool>(0)))
+            .and_then(|mut s| s.query_row([r.ts.0, TS_UNKNOWN, h], |r| r.get::<_, bool>(0)))
             .map_err(self.sql_err("checking for duplicates"))?;
         if seen {
             return Ok(false);
         }
-        self.remember(h, key, r.ts.0);
+        self.remember(id, key);
         Ok(true)
     }
 
     /// Records a fresh identity in the write front, the current generation's filter and
     /// the freshness bounds.
-    fn remember(&mut self, h: i64, key: u64, ts: i64) {
-        self.seen_front.insert(h);
+    fn remember(&mut self, (ts, h): (i64, i64), key: u64) {
+        self.seen_front.insert((ts, h));
         self.blooms[self.seen_current as usize].add(h);
         self.fresh.remember(self.seen_current, key, ts);
     }
 
-    /// Writes the open transaction's front: its identity hashes, sorted, and its readings,
-    /// in id order, several rows per statement.
+    /// Writes the open transaction's front: its identities, sorted (by time first, so they
+    /// land at the end of the generation's tree, on few pages), and its readings, in id
+    /// order, several rows per statement.
     pub(super) fn flush_front(&mut self) -> Result<(), StoreError> {
-        let mut hashes: Vec<i64> = self.seen_front.drain().collect();
+        let mut hashes: Vec<(i64, i64)> = self.seen_front.drain().collect();
         hashes.sort_unstable();
         let g = self.seen_current;
         if let Some(newest) = self.fresh.to_write(g) {
@@ -139,7 +141,10 @@ impl Store {
             &sql.seen[self.seen_current as usize],
             "recording identities",
             &hashes,
-            |b, h| b.bind(h),
+            |b, (ts, h)| {
+                b.bind(ts)?;
+                b.bind(h)
+            },
         )?;
         // In order: a repeat replaces the record before it, as it would one by one.
         let msgs = std::mem::take(&mut self.mqtt_pending);

@@ -1,6 +1,6 @@
 //! The store-and-forward queue: readings wait in SQLite until the cloud acknowledges them.
 //!
-//! # On-disk schema (version 1)
+//! # On-disk schema (version 2)
 //! ```sql
 //! meta(key TEXT PRIMARY KEY, value)            -- schema_version, seen_current, seen_rotated_us,
 //!                                              -- seen0_ts_max, seen1_ts_max (store/fresh.rs)
@@ -9,7 +9,8 @@
 //! readings(id INTEGER PRIMARY KEY AUTOINCREMENT, device, series, ts, value, seq)
 //!     -- value holds the f64's bits as an integer: SQLite turns a NaN REAL into NULL
 //! readings_by_device ON readings(device, id)            -- eviction takes a device's oldest
-//! seen0(h INTEGER PRIMARY KEY), seen1(h ...)            -- identity hashes, two generations
+//! seen0(ts, h, PRIMARY KEY (ts, h)) WITHOUT ROWID, seen1(...)  -- identity hashes by reading
+//!     -- time, two generations; a version 1 file's hashes are kept under ts = i64::MIN
 //! mqtt_msgs(id INTEGER PRIMARY KEY AUTOINCREMENT, pkid, hash, UNIQUE (pkid, hash))
 //!     -- committed MQTT messages, newest MQTT_MSGS_KEEP kept
 //! dead_letters(id INTEGER PRIMARY KEY AUTOINCREMENT, received_us, source, origin, reason,
@@ -75,7 +76,7 @@ use devices::{device_cost, series_cost};
 use front::FrontSql;
 pub use identity::identity_hash;
 pub use mqtt_records::MQTT_MSGS_KEEP;
-use schema::{SCHEMA, SCHEMA_VERSION};
+use schema::{SCHEMA, SCHEMA_VERSION, TS_UNKNOWN};
 
 /// The schema set stored in a queue file: its version and entries. A stored set that no
 /// longer parses (written by a newer agent) reads as none.
@@ -299,7 +300,8 @@ pub struct Store {
     rows_pending: Vec<Row>,
     // (id, packet id, hash) of the MQTT messages of the open transaction.
     mqtt_pending: Vec<(i64, u16, i64)>,
-    seen_front: std::collections::HashSet<i64>,
+    // (reading time, identity hash) of the readings it stores.
+    seen_front: std::collections::HashSet<(i64, i64)>,
     next_id: i64,
     // A Bloom filter per `seen` generation: most fresh readings need no lookup.
     blooms: [bloom::Bloom; 2],
@@ -373,6 +375,13 @@ impl Store {
         match version {
             Some(v) if v > SCHEMA_VERSION => {
                 return Err(StoreError::NewerSchema { path, found: v });
+            }
+            Some(1) => {
+                let r = conn.execute_batch(&schema::upgrade_from_1());
+                if r.is_err() && !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                r.map_err(err("upgrading the schema from version 1"))?;
             }
             Some(_) => {}
             None => {
