@@ -289,18 +289,7 @@ pub async fn deliver(
                 return;
             }
             Some(Delivery::Event(a)) => {
-                let mut events = vec![a];
-                let mut after = None;
-                while events.len() < EVENTS_AT_ONCE {
-                    match queue.try_recv() {
-                        Ok(Delivery::Event(a)) => events.push(a),
-                        Ok(other) => {
-                            after = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
+                let (events, after) = waiting_with(a, &mut queue);
                 several(&events, &mut db, &url, kafka.as_ref(), &hooks).await;
                 if let Some(d) = after {
                     control(d, &mut offsets, &mut db, &url, kafka.as_ref(), &hooks).await;
@@ -309,6 +298,23 @@ pub async fn deliver(
             Some(d) => control(d, &mut offsets, &mut db, &url, kafka.as_ref(), &hooks).await,
         }
     }
+}
+
+/// `first` and the events queued right behind it, up to [`EVENTS_AT_ONCE`], without waiting;
+/// and the mark or load that ended the run, if one did (it comes after them).
+fn waiting_with(
+    first: AlertEvent,
+    queue: &mut mpsc::Receiver<Delivery>,
+) -> (Vec<AlertEvent>, Option<Delivery>) {
+    let mut events = vec![first];
+    while events.len() < EVENTS_AT_ONCE {
+        match queue.try_recv() {
+            Ok(Delivery::Event(a)) => events.push(a),
+            Ok(other) => return (events, Some(other)),
+            Err(_) => break,
+        }
+    }
+    (events, None)
 }
 
 /// A mark or a load (an event alone), after every event queued before it is delivered.
@@ -568,4 +574,79 @@ async fn post(url: &str, body: &[u8]) -> Result<(), String> {
     tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
         .map_err(|_| "no answer within 10 s".to_owned())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(window: i64, device: &str) -> AlertEvent {
+        AlertEvent {
+            rule_id: 7,
+            tenant: "t".into(),
+            device_id: device.into(),
+            metric: Some("temperature".into()),
+            state: AlertState::Firing,
+            severity: "critical".into(),
+            value: 80.0,
+            threshold: 75.0,
+            window_start_us: window,
+            window_end_us: window + 1_000_000,
+            backfill: false,
+        }
+    }
+
+    fn devices(events: &[AlertEvent]) -> Vec<&str> {
+        events.iter().map(|e| e.device_id.as_str()).collect()
+    }
+
+    #[test]
+    fn events_waiting_together_go_as_one_group_up_to_the_mark_behind_them() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for d in ["b", "c"] {
+            tx.try_send(Delivery::Event(event(0, d))).unwrap();
+        }
+        tx.try_send(Delivery::Mark {
+            partition: 3,
+            next: 42,
+            replay_from: 40,
+        })
+        .unwrap();
+        tx.try_send(Delivery::Event(event(0, "d"))).unwrap();
+
+        let (group, after) = waiting_with(event(0, "a"), &mut rx);
+        assert_eq!(devices(&group), ["a", "b", "c"]);
+        assert!(matches!(
+            after,
+            Some(Delivery::Mark {
+                partition: 3,
+                next: 42,
+                replay_from: 40
+            })
+        ));
+        // What came after the mark waits for the next round, in order.
+        let Ok(Delivery::Event(d)) = rx.try_recv() else {
+            panic!("the event after the mark is still queued")
+        };
+        let (group, after) = waiting_with(d, &mut rx);
+        assert_eq!(devices(&group), ["d"]);
+        assert!(after.is_none());
+    }
+
+    #[test]
+    fn a_group_stops_at_its_limit_and_keeps_the_rest_in_order() {
+        let (tx, mut rx) = mpsc::channel(EVENTS_AT_ONCE * 2);
+        for i in 1..EVENTS_AT_ONCE as i64 + 10 {
+            tx.try_send(Delivery::Event(event(i, "a"))).unwrap();
+        }
+        let (group, after) = waiting_with(event(0, "a"), &mut rx);
+        assert_eq!(group.len(), EVENTS_AT_ONCE);
+        assert!(after.is_none());
+        let windows: Vec<i64> = group.iter().map(|e| e.window_start_us).collect();
+        assert_eq!(windows, (0..EVENTS_AT_ONCE as i64).collect::<Vec<_>>());
+        let Ok(Delivery::Event(next)) = rx.try_recv() else {
+            panic!("the rest is still queued")
+        };
+        assert_eq!(next.window_start_us, EVENTS_AT_ONCE as i64);
+    }
 }
