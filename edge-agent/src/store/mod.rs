@@ -349,7 +349,7 @@ impl Store {
             let path = path.clone();
             move |source| StoreError::Sqlite { path, what, source }
         };
-        let conn = Connection::open(&opts.path).map_err(err("opening"))?;
+        let mut conn = Connection::open(&opts.path).map_err(err("opening"))?;
         // Every statement of the write path stays prepared (rusqlite keeps 16 by default,
         // fewer than the queue uses).
         conn.set_prepared_statement_cache_capacity(64);
@@ -377,11 +377,13 @@ impl Store {
                 return Err(StoreError::NewerSchema { path, found: v });
             }
             Some(1) => {
-                let r = conn.execute_batch(&schema::upgrade_from_1());
-                if r.is_err() && !conn.is_autocommit() {
-                    let _ = conn.execute_batch("ROLLBACK");
-                }
-                r.map_err(err("upgrading the schema from version 1"))?;
+                // All of it or none: the guard rolls back when dropped uncommitted.
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .and_then(|tx| tx.execute_batch(&schema::upgrade_from_1()).map(|()| tx))
+                    .map_err(err("upgrading the schema from version 1"))?;
+                tx.commit()
+                    .map_err(err("upgrading the schema from version 1"))?;
             }
             Some(_) => {}
             None => {

@@ -40,9 +40,9 @@ CREATE TABLE IF NOT EXISTS quarantine (
 pub(super) const TS_UNKNOWN: i64 = i64::MIN;
 
 /// Version 1 to 2: the `seen` generations take the (time, hash) key, their hashes kept
-/// under [`TS_UNKNOWN`].
+/// under [`TS_UNKNOWN`]. Run inside one transaction.
 pub(super) fn upgrade_from_1() -> String {
-    let mut sql = String::from("BEGIN IMMEDIATE;");
+    let mut sql = String::new();
     for g in 0..2 {
         sql.push_str(&format!(
             "ALTER TABLE seen{g} RENAME TO seen{g}_v1;
@@ -53,7 +53,7 @@ pub(super) fn upgrade_from_1() -> String {
         ));
     }
     sql.push_str(&format!(
-        "UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version'; COMMIT;"
+        "UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';"
     ));
     sql
 }
