@@ -232,7 +232,7 @@ fn queue_count(db: &std::path::Path) -> String {
     let out = Command::new("python3")
         .arg("-c")
         .arg(format!(
-            "import sqlite3; c=sqlite3.connect('file:{}?mode=ro', uri=True); print(c.execute('select count(*), min(id), max(id) from readings').fetchone())",
+            "import sqlite3; c=sqlite3.connect('file:{}?mode=ro', uri=True); print(c.execute('select sum(last - first + 1), min(first), max(last) from chunks').fetchone())",
             db.display()
         ))
         .output()

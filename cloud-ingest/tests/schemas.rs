@@ -563,13 +563,12 @@ async fn schemas_on(b: &common::timescale::Backend) {
     let start = Instant::now();
     loop {
         let conn = edge_agent::store::open_read_only(&queue).unwrap();
-        let n: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM readings r JOIN series s ON s.id = r.series JOIN devices d ON d.id = r.device
-                 WHERE d.name = 'th-off' AND s.metric = 'temperature'",
-                [],
-                |r| r.get(0),
-            )
+        let n = edge_agent::store::queued_readings(&conn)
+            .map(|q| {
+                q.iter()
+                    .filter(|r| r.device == "th-off" && r.metric == "temperature")
+                    .count()
+            })
             .unwrap_or(0);
         if n == 5 {
             break;

@@ -271,7 +271,20 @@ fn open_queue(cfg: &Config) -> anyhow::Result<rusqlite::Connection> {
         "queue {} does not exist yet; it is created when `edge-agent run` first starts",
         path.display()
     );
-    store::open_read_only(path).with_context(|| format!("opening queue {}", path.display()))
+    let conn =
+        store::open_read_only(path).with_context(|| format!("opening queue {}", path.display()))?;
+    let version = store::schema_version(&conn)
+        .with_context(|| format!("reading the schema version of queue {}", path.display()))?;
+    if let Some(v) = version.filter(|v| *v < store::SCHEMA_VERSION) {
+        anyhow::bail!(
+            "queue {} has schema version {v}, older than this edge-agent's {}; start \
+             `edge-agent run` once (it upgrades the file in place, keeping every reading), or \
+             inspect it with the edge-agent release that wrote it",
+            path.display(),
+            store::SCHEMA_VERSION
+        );
+    }
+    Ok(conn)
 }
 
 fn rfc3339(us: i64) -> String {

@@ -17,7 +17,7 @@ mod common;
 use std::collections::HashSet;
 
 use edge_agent::config::Synchronous;
-use edge_agent::store::{Insert, Options, Refused, Store};
+use edge_agent::store::{Insert, Options, READINGS_PER_ROW, Refused, Store};
 use plantlink_model::{Reading, Timestamp};
 use proptest::prelude::*;
 
@@ -47,18 +47,18 @@ enum Failure {
 }
 
 impl Failure {
-    /// Temporary triggers (and tables) that make the next commit of `fresh` new readings
-    /// fail here (installed outside the transaction, which would roll them back).
-    fn install(self, fresh: usize) -> String {
+    /// Temporary triggers (and tables) that make the next commit, which writes `rows` chunk
+    /// rows, fail here (installed outside the transaction, which would roll them back).
+    fn install(self, rows: usize) -> String {
         match self {
             Failure::Readings => format!(
                 "CREATE TEMP TABLE fail_count (n INTEGER);
-                 CREATE TEMP TRIGGER fail_here BEFORE INSERT ON readings
+                 CREATE TEMP TRIGGER fail_here BEFORE INSERT ON chunks
                  WHEN (SELECT count(*) FROM fail_count) >= {}
                  BEGIN SELECT RAISE(ABORT, 'injected failure'); END;
-                 CREATE TEMP TRIGGER fail_count_up AFTER INSERT ON readings
+                 CREATE TEMP TRIGGER fail_count_up AFTER INSERT ON chunks
                  BEGIN INSERT INTO fail_count VALUES (1); END",
-                fresh / 2
+                rows / 2
             ),
             Failure::Seen => "CREATE TEMP TRIGGER fail_here BEFORE INSERT ON seen0
                  BEGIN SELECT RAISE(ABORT, 'injected failure'); END;
@@ -69,7 +69,7 @@ impl Failure {
                  CREATE TEMP TABLE fail_parent (id INTEGER PRIMARY KEY);
                  CREATE TEMP TABLE fail_child (
                      p INTEGER REFERENCES fail_parent (id) DEFERRABLE INITIALLY DEFERRED);
-                 CREATE TEMP TRIGGER fail_here AFTER INSERT ON readings
+                 CREATE TEMP TRIGGER fail_here AFTER INSERT ON chunks
                  BEGIN INSERT INTO fail_child VALUES (-1); END"
                 .into(),
         }
@@ -156,9 +156,11 @@ proptest! {
         let dir = common::TempDir::new("model");
         let options = |dir: &common::TempDir| options(dir, live_buffer);
         let mut store = Store::open(options(&dir)).unwrap();
-        // Model: committed and unacked keys in append order; every identity ever stored;
-        // batches in flight; acked keys.
+        // Model: committed and unacked keys in id order (a commit's readings device by
+        // device, devices in the order the file first stored them); every identity ever
+        // stored; batches in flight; acked keys.
         let mut stored: Vec<Key> = Vec::new();
+        let mut devices: Vec<u8> = Vec::new();
         let mut ever: HashSet<Key> = HashSet::new();
         let mut in_flight: Vec<(u64, Vec<Key>)> = Vec::new();
         let mut acked: HashSet<Key> = HashSet::new();
@@ -168,15 +170,21 @@ proptest! {
             match op {
                 Op::Append(keys) => {
                     store.begin(1).unwrap();
+                    let mut commit = Vec::new();
                     for k in keys {
                         let got = store.insert(&reading(k)).unwrap();
                         let fresh = ever.insert(k);
                         prop_assert_eq!(got, if fresh { Insert::Stored } else { Insert::Duplicate }, "{:?}", k);
                         if fresh {
-                            stored.push(k);
+                            commit.push(k);
+                            if !devices.contains(&k.0) {
+                                devices.push(k.0);
+                            }
                         }
                     }
                     store.commit().unwrap();
+                    commit.sort_by_key(|k| devices.iter().position(|d| *d == k.0));
+                    stored.extend(commit);
                 }
                 Op::AppendThenCrash(keys) => {
                     store.begin(1).unwrap();
@@ -192,8 +200,13 @@ proptest! {
                     // (no reopen): memory must match the file again, and its readings are
                     // new the next time they come.
                     let mut seen_here = ever.clone();
-                    let fresh = keys.iter().filter(|k| seen_here.insert(**k)).count();
-                    store.connection().execute_batch(&failure.install(fresh)).unwrap();
+                    let fresh: Vec<Key> = keys.iter().copied().filter(|k| seen_here.insert(*k)).collect();
+                    // A chunk row per device, and one more per READINGS_PER_ROW.
+                    let rows: usize = (0u8..4)
+                        .map(|d| fresh.iter().filter(|k| k.0 == d).count().div_ceil(READINGS_PER_ROW))
+                        .sum();
+                    let fresh = fresh.len();
+                    store.connection().execute_batch(&failure.install(rows)).unwrap();
                     store.begin(1).unwrap();
                     let mut seen_here = ever.clone();
                     for k in keys {

@@ -170,18 +170,7 @@ impl Store {
             if n == 0 {
                 continue;
             }
-            let series: Vec<i64> = self
-                .conn
-                .prepare_cached(
-                    "DELETE FROM readings WHERE id IN
-                       (SELECT id FROM readings WHERE device = ?1 ORDER BY id LIMIT ?2)
-                     RETURNING series",
-                )
-                .and_then(|mut s| {
-                    s.query_map(params![device, n as i64], |r| r.get(0))?
-                        .collect::<rusqlite::Result<_>>()
-                })
-                .map_err(self.sql_err("evicting readings"))?;
+            let series = self.evict_oldest(device, n)?;
             let gone = series.len() as u64;
             for s in series {
                 if let Some(st) = self.series.get_mut(&s) {

@@ -7,13 +7,13 @@
 use super::*;
 
 /// Binds a multi-row statement's parameters one after another.
-struct Binder<'a, 'c> {
+pub(super) struct Binder<'a, 'c> {
     st: &'a mut rusqlite::CachedStatement<'c>,
     next: usize,
 }
 
 impl Binder<'_, '_> {
-    fn bind(&mut self, v: impl rusqlite::ToSql) -> rusqlite::Result<()> {
+    pub(super) fn bind(&mut self, v: impl rusqlite::ToSql) -> rusqlite::Result<()> {
         self.st.raw_bind_parameter(self.next, v)?;
         self.next += 1;
         Ok(())
@@ -31,7 +31,7 @@ fn multi_insert(head: &str, columns: usize, rows: usize) -> String {
 
 /// One table's multi-row INSERT statements, one per [`CHUNKS`] size, built once.
 #[derive(Debug)]
-struct MultiInsert([String; CHUNKS.len()]);
+pub(super) struct MultiInsert([String; CHUNKS.len()]);
 
 impl MultiInsert {
     fn new(head: &str, columns: usize) -> Self {
@@ -44,7 +44,7 @@ impl MultiInsert {
 pub(super) struct FrontSql {
     seen: [MultiInsert; 2],
     mqtt: MultiInsert,
-    readings: MultiInsert,
+    pub(super) chunks: MultiInsert,
 }
 
 impl FrontSql {
@@ -53,10 +53,7 @@ impl FrontSql {
             seen: [0, 1]
                 .map(|g| MultiInsert::new(&format!("INSERT OR IGNORE INTO seen{g} (ts, h)"), 2)),
             mqtt: MultiInsert::new("INSERT OR REPLACE INTO mqtt_msgs (id, pkid, hash)", 3),
-            readings: MultiInsert::new(
-                "INSERT INTO readings (id, device, series, ts, value, seq)",
-                6,
-            ),
+            chunks: MultiInsert::new("INSERT INTO chunks (last, first, device, body)", 4),
         }
     }
 }
@@ -124,8 +121,8 @@ impl Store {
     }
 
     /// Writes the open transaction's front: its identities, sorted (by time first, so they
-    /// land at the end of the generation's tree, on few pages), and its readings, in id
-    /// order, several rows per statement.
+    /// land at the end of the generation's tree, on few pages), and its readings, numbered
+    /// device by device and written as chunks, several rows per statement.
     pub(super) fn flush_front(&mut self) -> Result<(), StoreError> {
         let mut hashes: Vec<(i64, i64)> = self.seen_front.drain().collect();
         hashes.sort_unstable();
@@ -153,20 +150,41 @@ impl Store {
             b.bind(m.1)?;
             b.bind(m.2)
         })?;
-        let rows = std::mem::take(&mut self.rows_pending);
-        self.insert_rows(&sql.readings, "storing readings", &rows, |b, r| {
-            b.bind(r.id)?;
-            b.bind(r.device)?;
-            b.bind(r.series)?;
-            b.bind(r.ts)?;
-            b.bind(r.bits)?;
-            b.bind(r.seq)
-        })
+        let rows = self.number_pending();
+        self.write_chunks(&rows)
+    }
+
+    /// Gives the open transaction's readings their ids, device by device (a stable sort:
+    /// each device's keep their order), and puts the live lane's copies in the same order.
+    /// Returns the rows in id order.
+    fn number_pending(&mut self) -> Vec<Row> {
+        let mut rows = std::mem::take(&mut self.rows_pending);
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| rows[i].device);
+        let base = self.next_id;
+        for (k, &i) in order.iter().enumerate() {
+            rows[i].id = base + k as i64;
+        }
+        let live = std::mem::take(&mut self.live_pending);
+        if !live.is_empty() {
+            debug_assert_eq!(live.len(), rows.len(), "live copies of some readings only");
+            let mut slots: Vec<Option<Reading>> = live.into_iter().map(|(_, r)| Some(r)).collect();
+            self.live_pending = order
+                .iter()
+                .map(|&i| (rows[i].id, slots[i].take().expect("each reading once")))
+                .collect();
+        }
+        rows.sort_unstable_by_key(|r| r.id);
+        if !rows.is_empty() {
+            self.next_id = base + rows.len() as i64;
+            self.last_id = self.next_id - 1;
+        }
+        rows
     }
 
     /// Inserts `items` with `sql`, as many rows per statement as [`CHUNKS`] allows; `bind`
     /// binds one item's columns in order.
-    fn insert_rows<T>(
+    pub(super) fn insert_rows<T>(
         &self,
         sql: &MultiInsert,
         what: &'static str,

@@ -1,14 +1,15 @@
 //! The store-and-forward queue: readings wait in SQLite until the cloud acknowledges them.
 //!
-//! # On-disk schema (version 2)
+//! # On-disk schema (version 3)
 //! ```sql
 //! meta(key TEXT PRIMARY KEY, value)            -- schema_version, seen_current, seen_rotated_us,
 //!                                              -- seen0_ts_max, seen1_ts_max (store/fresh.rs)
 //! devices(id INTEGER PRIMARY KEY, name TEXT UNIQUE, evicted, rate_limited)   -- lifetime counters
 //! series(id INTEGER PRIMARY KEY, device, metric, tags)   -- tags as canonical JSON ("" if none)
-//! readings(id INTEGER PRIMARY KEY AUTOINCREMENT, device, series, ts, value, seq)
-//!     -- value holds the f64's bits as an integer: SQLite turns a NaN REAL into NULL
-//! readings_by_device ON readings(device, id)            -- eviction takes a device's oldest
+//! chunks(last INTEGER PRIMARY KEY AUTOINCREMENT, first, device, body)
+//!     -- readings first..=last, all of one device, encoded in body (store/chunks.rs):
+//!     -- series, time, the f64's bits (a NaN survives), seq
+//! chunks_by_device ON chunks(device, last)              -- eviction takes a device's oldest
 //! seen0(ts, h, PRIMARY KEY (ts, h)) WITHOUT ROWID, seen1(...)  -- identity hashes by reading
 //!     -- time, two generations; a version 1 file's hashes are kept under ts = i64::MIN
 //! mqtt_msgs(id INTEGER PRIMARY KEY AUTOINCREMENT, pkid, hash, UNIQUE (pkid, hash))
@@ -20,11 +21,13 @@
 //! ```
 //!
 //! # Invariants
-//! - A reading is in `readings` from the commit that stored it until the commit that
+//! - A reading is in `chunks` from the commit that stored it until the commit that
 //!   deletes it on the cloud's ack, or evicts it (counted in `devices.evicted`). Devices
 //!   are acknowledged only after the storing commit, so nothing acknowledged is lost.
-//! - Ids only grow (`AUTOINCREMENT`), so a batch is an id range: acking it deletes exactly
-//!   the readings it carried, whatever was stored since.
+//! - Ids only grow (`AUTOINCREMENT` on a chunk's last id), so a batch is an id range:
+//!   acking it deletes exactly the readings it carried, whatever was stored since. A commit
+//!   numbers its readings device by device, each device's in the order they came, so a
+//!   device's readings of one commit are one chunk (up to [`chunks::MAX_CHUNK`]).
 //! - Batches in flight live in memory only. After a restart every stored reading is unacked
 //!   and will be read again; the cloud's idempotent writes make the replay harmless.
 //! - Every committed MQTT message is remembered by (packet id, content hash) until the
@@ -50,6 +53,7 @@
 //!   of the devices holding the most are evicted in the same transaction ([`evict::plan`]).
 
 mod bloom;
+mod chunks;
 mod dead_letters;
 mod devices;
 pub mod evict;
@@ -76,7 +80,26 @@ use devices::{device_cost, series_cost};
 use front::FrontSql;
 pub use identity::identity_hash;
 pub use mqtt_records::MQTT_MSGS_KEEP;
-use schema::{SCHEMA, SCHEMA_VERSION, TS_UNKNOWN};
+pub use schema::SCHEMA_VERSION;
+use schema::{SCHEMA, TS_UNKNOWN};
+
+/// The schema version recorded in a queue file (none in a file not yet set up).
+pub fn schema_version(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    let has_meta: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_meta {
+        return Ok(None);
+    }
+    conn.query_row(
+        "SELECT value FROM meta WHERE key = 'schema_version'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+}
 
 /// The schema set stored in a queue file: its version and entries. A stored set that no
 /// longer parses (written by a newer agent) reads as none.
@@ -98,11 +121,15 @@ pub fn schema_set(
         .map(|s| (s.version, s.schemas)))
 }
 pub use read::{
-    DeadLetter, DeviceStats, Quarantined, QueueStats, dead_letter_reasons, dead_letters,
-    open_read_only, quarantined, stats,
+    DeadLetter, DeviceStats, Quarantined, QueueStats, QueuedReading, dead_letter_reasons,
+    dead_letters, open_read_only, quarantined, queued_readings, stats,
 };
 
 use crate::config::{Config, Synchronous};
+
+/// Most readings one queue row holds: a commit keeps each device's readings in one row, in
+/// rows of at most this many.
+pub const READINGS_PER_ROW: usize = 128;
 
 /// Bytes of disk one queued reading is accounted at: the row, its index entry and page
 /// slack, measured on the reference dataset (about 50 bytes) with headroom.
@@ -130,6 +157,19 @@ pub enum StoreError {
         id: i64,
         /// The missing series.
         series: i64,
+    },
+    /// A chunk row does not decode.
+    #[error(
+        "queue {path}: the row holding readings {first}..={last} does not decode; the file \
+         is damaged"
+    )]
+    DamagedChunk {
+        /// The queue file.
+        path: PathBuf,
+        /// Its first reading's id.
+        first: i64,
+        /// Its last reading's id.
+        last: i64,
     },
     /// The file was written by a newer agent.
     #[error(
@@ -292,11 +332,12 @@ pub struct Store {
     // nothing, and the live lane reads SQLite past it until it has caught up.
     live_mem: std::collections::VecDeque<(i64, Reading)>,
     live_complete: bool,
-    // The readings of the open transaction, for `live_mem` once it commits.
+    // The readings of the open transaction, for `live_mem` once it commits: all of them, in
+    // the order of `rows_pending`, or none. Their ids are given at the commit.
     live_pending: Vec<(i64, Reading)>,
     // The write front of the open transaction: its readings and the identity hashes it
     // adds to the current `seen` generation, written together (sorted, several rows per
-    // statement) when it commits. Ids are assigned here, from `next_id`.
+    // statement) when it commits. Ids are assigned then, from `next_id`.
     rows_pending: Vec<Row>,
     // (id, packet id, hash) of the MQTT messages of the open transaction.
     mqtt_pending: Vec<(i64, u16, i64)>,
@@ -376,14 +417,23 @@ impl Store {
             Some(v) if v > SCHEMA_VERSION => {
                 return Err(StoreError::NewerSchema { path, found: v });
             }
-            Some(1) => {
+            Some(v @ (1 | 2)) => {
+                tracing::info!(path = %path.display(), from = v, to = SCHEMA_VERSION,
+                    "upgrading the queue file");
                 // All of it or none: the guard rolls back when dropped uncommitted.
                 let tx = conn
                     .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                    .and_then(|tx| tx.execute_batch(&schema::upgrade_from_1()).map(|()| tx))
-                    .map_err(err("upgrading the schema from version 1"))?;
+                    .map_err(err("upgrading the queue file's schema"))?;
+                if v == 1 {
+                    tx.execute_batch(&schema::upgrade_from_1())
+                        .map_err(err("upgrading the schema from version 1"))?;
+                }
+                let moved = schema::upgrade_from_2(&tx)
+                    .map_err(err("upgrading the schema from version 2"))?;
                 tx.commit()
-                    .map_err(err("upgrading the schema from version 1"))?;
+                    .map_err(err("upgrading the queue file's schema"))?;
+                tracing::info!(path = %path.display(), readings = moved,
+                    "queue file upgraded");
             }
             Some(_) => {}
             None => {
@@ -516,55 +566,58 @@ impl Store {
             self.series_ids.insert((device, metric, tags), id);
         }
         drop(stmt);
+        // Every chunk is read once: per-series counts are inside the bodies.
+        let mut per_device: HashMap<i64, u64> = HashMap::new();
+        let mut per_series: HashMap<i64, u64> = HashMap::new();
+        let mut total = 0;
+        let mut last_id = 0;
         let mut stmt = self
             .conn
-            .prepare("SELECT device, count(*) FROM readings GROUP BY device")
+            .prepare("SELECT first, last, device, body FROM chunks ORDER BY last")
             .map_err(e)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
-            .map_err(e)?;
-        let mut total = 0;
-        let mut counts = Vec::new();
-        for row in rows {
-            let (device, n) = row.map_err(e)?;
-            counts.push((device, n as u64));
-            total += n as u64;
+        let mut rows = stmt.query([]).map_err(e)?;
+        while let Some(row) = rows.next().map_err(e)? {
+            let (first, last, device, body): (i64, i64, i64, Vec<u8>) = (
+                row.get(0).map_err(e)?,
+                row.get(1).map_err(e)?,
+                row.get(2).map_err(e)?,
+                row.get(3).map_err(e)?,
+            );
+            let damaged = || StoreError::DamagedChunk {
+                path: self.opts.path.clone(),
+                first,
+                last,
+            };
+            if last < first || last - first >= chunks::MAX_CHUNK {
+                return Err(damaged());
+            }
+            let entries = chunks::decode(&body, (last - first + 1) as usize).ok_or_else(damaged)?;
+            *per_device.entry(device).or_default() += entries.len() as u64;
+            for en in &entries {
+                *per_series.entry(en.series).or_default() += 1;
+            }
+            total += entries.len() as u64;
+            last_id = last;
         }
+        drop(rows);
         drop(stmt);
-        for (device, n) in counts {
+        for (device, n) in per_device {
             if let Some(d) = self.devices.get_mut(&device) {
                 d.readings = n;
             }
         }
-        let mut stmt = self
-            .conn
-            .prepare("SELECT series, count(*) FROM readings GROUP BY series")
-            .map_err(e)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
-            .map_err(e)?;
-        let mut counts = Vec::new();
-        for row in rows {
-            counts.push(row.map_err(e)?);
-        }
-        drop(stmt);
-        for (series, n) in counts {
+        for (series, n) in per_series {
             if let Some(st) = self.series.get_mut(&series) {
-                st.readings = n as u64;
+                st.readings = n;
             }
         }
         self.total = total;
-        self.last_id = self
-            .conn
-            .query_row("SELECT coalesce(max(id), 0) FROM readings", [], |r| {
-                r.get(0)
-            })
-            .map_err(e)?;
+        self.last_id = last_id;
         // AUTOINCREMENT never reuses an id: the next is past the highest ever given.
         let given: i64 = self
             .conn
             .query_row(
-                "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'readings'",
+                "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'chunks'",
                 [],
                 |r| r.get(0),
             )
@@ -727,10 +780,9 @@ impl Store {
         }
         let device = self.device_id(&r.device)?;
         let series = self.series_id(device, r)?;
-        self.last_id = self.next_id;
-        self.next_id += 1;
         self.rows_pending.push(Row {
-            id: self.last_id,
+            // Numbered at the commit, device by device (`flush_front`).
+            id: 0,
             device,
             series,
             ts: r.ts.0,
@@ -741,7 +793,7 @@ impl Store {
             if self.live_mem.len() + self.live_pending.len() < self.opts.live_buffer {
                 let mut kept = r.clone();
                 kept.tenant.clone_from(&self.opts.tenant);
-                self.live_pending.push((self.last_id, kept));
+                self.live_pending.push((0, kept));
             } else {
                 // Full: the memory keeps what it has (the oldest) and the live lane reads
                 // the rest from SQLite, as after a commit that overflows it. (A rollback

@@ -1,7 +1,7 @@
 //! Read-only views of a queue file, for `edge-agent queue ...` while the agent runs (WAL
 //! lets readers work beside the writer).
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde::Serialize;
 
 use super::ROW_COST;
@@ -83,12 +83,66 @@ pub fn open_read_only(path: &std::path::Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// One queued reading as [`queued_readings`] lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedReading {
+    /// The device's name.
+    pub device: String,
+    /// The metric.
+    pub metric: String,
+    /// The reading's time (µs since the epoch).
+    pub ts: i64,
+    /// The value.
+    pub value: f64,
+    /// The device's sequence number, if it sent one.
+    pub seq: Option<u64>,
+}
+
+/// Every reading queued behind `conn`, in id order (the order the uplink ships them).
+pub fn queued_readings(conn: &Connection) -> rusqlite::Result<Vec<QueuedReading>> {
+    let tx = conn.unchecked_transaction()?; // one consistent snapshot
+    let names: std::collections::HashMap<i64, String> = tx
+        .prepare("SELECT id, name FROM devices")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let metrics: std::collections::HashMap<i64, String> = tx
+        .prepare("SELECT id, metric FROM series")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut st = tx.prepare("SELECT first, last, device, body FROM chunks ORDER BY last")?;
+    let mut rows = st.query([])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let (first, last, device, body): (i64, i64, i64, Vec<u8>) =
+            (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+        let n = usize::try_from(last - first + 1).unwrap_or(0);
+        let entries = super::chunks::decode(&body, n).ok_or_else(|| {
+            rusqlite::Error::InvalidColumnType(
+                3,
+                format!("chunk {first}..={last}"),
+                rusqlite::types::Type::Blob,
+            )
+        })?;
+        for e in entries {
+            out.push(QueuedReading {
+                device: names.get(&device).cloned().unwrap_or_default(),
+                metric: metrics.get(&e.series).cloned().unwrap_or_default(),
+                ts: e.ts,
+                value: f64::from_bits(e.bits as u64),
+                seq: e.seq.map(|s| s as u64),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Figures of the queue behind `conn`.
 pub fn stats(conn: &Connection) -> rusqlite::Result<QueueStats> {
     let tx = conn.unchecked_transaction()?; // one consistent snapshot
     let mut stmt = tx.prepare(
         "SELECT d.name, coalesce(r.n, 0), d.evicted, d.rate_limited FROM devices d
-         LEFT JOIN (SELECT device, count(*) AS n FROM readings GROUP BY device) r ON r.device = d.id
+         LEFT JOIN (SELECT device, sum(last - first + 1) AS n FROM chunks GROUP BY device) r
+           ON r.device = d.id
          ORDER BY 2 DESC, 1",
     )?;
     let per_device: Vec<DeviceStats> = stmt
@@ -109,11 +163,7 @@ pub fn stats(conn: &Connection) -> rusqlite::Result<QueueStats> {
     } else {
         0
     };
-    let oldest_ts: Option<i64> = tx
-        .query_row("SELECT ts FROM readings ORDER BY id LIMIT 1", [], |r| {
-            r.get(0)
-        })
-        .optional()?;
+    let oldest_ts = super::chunks::oldest_ts(&tx)?;
     // Counts of devices pruned when idle.
     let pruned_evicted: i64 = tx.query_row(
         "SELECT coalesce(max(value), 0) FROM meta WHERE key = 'pruned_evicted'",

@@ -1,8 +1,11 @@
 //! The queue file's SQLite schema and its version.
 
+use rusqlite::Connection;
+
 /// 2: the `seen` generations are keyed by (reading time, hash), so a commit's identities
 /// land at the end of the tree rather than on random pages.
-pub(super) const SCHEMA_VERSION: i64 = 2;
+/// 3: readings are kept in batch-shaped rows, `chunks` ([`super::chunks`]).
+pub const SCHEMA_VERSION: i64 = 3;
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
@@ -12,10 +15,10 @@ CREATE TABLE IF NOT EXISTS devices (
 CREATE TABLE IF NOT EXISTS series (
     id INTEGER PRIMARY KEY, device INTEGER NOT NULL, metric TEXT NOT NULL,
     tags TEXT NOT NULL DEFAULT '', UNIQUE (device, metric, tags));
-CREATE TABLE IF NOT EXISTS readings (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, device INTEGER NOT NULL, series INTEGER NOT NULL,
-    ts INTEGER NOT NULL, value INTEGER NOT NULL, seq INTEGER);
-CREATE INDEX IF NOT EXISTS readings_by_device ON readings (device, id);
+CREATE TABLE IF NOT EXISTS chunks (
+    last INTEGER PRIMARY KEY AUTOINCREMENT, first INTEGER NOT NULL, device INTEGER NOT NULL,
+    body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_by_device ON chunks (device, last);
 CREATE TABLE IF NOT EXISTS seen0 (
     ts INTEGER NOT NULL, h INTEGER NOT NULL, PRIMARY KEY (ts, h)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS seen1 (
@@ -52,8 +55,72 @@ pub(super) fn upgrade_from_1() -> String {
              DROP TABLE seen{g}_v1;"
         ));
     }
-    sql.push_str(&format!(
-        "UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';"
-    ));
+    sql.push_str("UPDATE meta SET value = 2 WHERE key = 'schema_version';");
     sql
+}
+
+/// Version 2 to 3: the `readings` rows become chunks, one per run of a device's readings
+/// with consecutive ids, and the id sequence carries over. Run inside one transaction;
+/// returns how many readings moved.
+pub(super) fn upgrade_from_2(conn: &Connection) -> rusqlite::Result<u64> {
+    use super::chunks::{Entry, MAX_CHUNK, encode};
+    let mut st =
+        conn.prepare("SELECT id, device, series, ts, value, seq FROM readings ORDER BY id")?;
+    let mut rows = st.query([])?;
+    let mut insert =
+        conn.prepare("INSERT INTO chunks (last, first, device, body) VALUES (?1, ?2, ?3, ?4)")?;
+    let mut run: Vec<Entry> = Vec::new();
+    let (mut first, mut last, mut device) = (0i64, 0i64, 0i64);
+    let mut moved = 0u64;
+    let mut flush = |run: &mut Vec<Entry>, first: i64, last: i64, device: i64| {
+        if run.is_empty() {
+            return Ok(());
+        }
+        insert.execute(rusqlite::params![last, first, device, encode(run)])?;
+        run.clear();
+        Ok::<(), rusqlite::Error>(())
+    };
+    while let Some(r) = rows.next()? {
+        let (id, dev): (i64, i64) = (r.get(0)?, r.get(1)?);
+        if !run.is_empty() && (dev != device || id != last + 1 || run.len() as i64 >= MAX_CHUNK) {
+            flush(&mut run, first, last, device)?;
+        }
+        if run.is_empty() {
+            first = id;
+            device = dev;
+        }
+        last = id;
+        run.push(Entry {
+            series: r.get(2)?,
+            ts: r.get(3)?,
+            bits: r.get(4)?,
+            seq: r.get(5)?,
+        });
+        moved += 1;
+    }
+    flush(&mut run, first, last, device)?;
+    drop(rows);
+    drop(st);
+    // AUTOINCREMENT never gives an id again: the chunks' sequence starts where the readings'
+    // ended.
+    let given: i64 = conn.query_row(
+        "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'readings'",
+        [],
+        |r| r.get(0),
+    )?;
+    let updated = conn.execute(
+        "UPDATE sqlite_sequence SET seq = max(seq, ?1) WHERE name = 'chunks'",
+        [given],
+    )?;
+    if updated == 0 {
+        conn.execute(
+            "INSERT INTO sqlite_sequence (name, seq) VALUES ('chunks', ?1)",
+            [given],
+        )?;
+    }
+    conn.execute_batch(&format!(
+        "DROP TABLE readings;
+         UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';"
+    ))?;
+    Ok(moved)
 }

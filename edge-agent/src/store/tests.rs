@@ -280,6 +280,77 @@ fn eviction_takes_the_oldest_of_the_biggest_device_and_counts_it() {
 }
 
 #[test]
+fn eviction_and_acks_are_exact_to_the_reading_across_and_inside_rows() {
+    let dir = tempdir::Dir::new();
+    let mut s = Store::open(options(&dir, 1 << 30)).unwrap();
+    // One commit: 300 readings of `flood` on two series (rows of 128, 128 and 44) and 10
+    // of `quiet`.
+    let flood = |i: i64| {
+        Reading::new(
+            "acme",
+            "flood",
+            ["m0", "m1"][i as usize % 2],
+            Timestamp(i),
+            0.0,
+        )
+    };
+    let mut batch: Vec<Reading> = (0..300).map(flood).collect();
+    batch.extend((0..10).map(|i| r("quiet", 1000 + i, 0.0)));
+    put(&mut s, &batch);
+    let rows: i64 = s
+        .connection()
+        .query_row("SELECT count(*) FROM chunks", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 4);
+    // Room for 180: 130 go, all the flood's oldest (the whole first row and two of the next).
+    s.max_readings = 180;
+    s.begin(2).unwrap();
+    let ev = s.commit().unwrap();
+    assert_eq!(
+        ev,
+        vec![Eviction {
+            device: "flood".into(),
+            readings: 130
+        }]
+    );
+    let per_series = |s: &Store| -> Vec<u64> {
+        let mut v: Vec<u64> = s.series.values().map(|x| x.readings).collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(per_series(&s), [10, 85, 85]);
+    // The counts read back from the file are the ones kept in memory.
+    drop(s);
+    let mut s = Store::open(options(&dir, 1 << 30)).unwrap();
+    assert_eq!(per_series(&s), [10, 85, 85]);
+    assert_eq!(s.len(), 180);
+    // Batches of 50 cut rows at both ends; acking every second one leaves exactly the others.
+    let mut kept = Vec::new();
+    let mut n = 0;
+    while let Some(b) = s.read_next(50).unwrap() {
+        if n % 2 == 0 {
+            assert_eq!(s.ack(b.id).unwrap(), b.readings.len() as u64);
+        } else {
+            kept.extend(b.readings.iter().map(|x| x.ts.0));
+        }
+        n += 1;
+    }
+    let left: Vec<i64> = queued_readings(s.connection())
+        .unwrap()
+        .iter()
+        .map(|x| x.ts)
+        .collect();
+    assert_eq!(left, kept);
+    assert_eq!(s.len(), kept.len() as u64);
+    let expected: Vec<i64> = (130..300).chain(1000..1010).collect::<Vec<_>>()[50..100]
+        .iter()
+        .chain(&(130..300).chain(1000..1010).collect::<Vec<_>>()[150..])
+        .copied()
+        .collect();
+    assert_eq!(kept, expected);
+}
+
+#[test]
 fn dead_letters_are_kept_capped_and_listed() {
     let (_d, mut s) = temp_store(1 << 20);
     s.begin(1).unwrap();
@@ -462,9 +533,7 @@ fn a_reading_left_alone_by_eviction_is_sent_again_not_quarantined() {
     let b = s.read_next(10).unwrap().unwrap();
     assert_eq!(b.readings.len(), 2);
     // The poison (ts 1) is evicted before the cloud's refusal of the pair is handled.
-    s.connection()
-        .execute("DELETE FROM readings WHERE ts = 1", [])
-        .unwrap();
+    assert_eq!(s.delete_range(1, 1).unwrap().len(), 1);
     assert_eq!(s.refuse(b.id, "malformed", "x", 5).unwrap(), Refused::Again);
     assert!(quarantined(s.connection(), 10).unwrap().is_empty());
     // It goes out alone; refused alone, then it is quarantined.
@@ -511,9 +580,26 @@ fn a_device_at_its_series_cap_is_refused_new_series_and_nothing_is_marked_seen()
 #[test]
 fn live_readings_ship_from_memory_and_fall_back_to_sqlite() {
     let tamper = |s: &Store| {
-        s.connection()
-            .execute("UPDATE readings SET value = 0", [])
+        let rows: Vec<(i64, i64, Vec<u8>)> = s
+            .connection()
+            .prepare("SELECT first, last, body FROM chunks")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
             .unwrap();
+        for (first, last, body) in rows {
+            let mut e = chunks::decode(&body, (last - first + 1) as usize).unwrap();
+            for x in &mut e {
+                x.bits = 0;
+            }
+            s.connection()
+                .execute(
+                    "UPDATE chunks SET body = ?1 WHERE last = ?2",
+                    params![chunks::encode(&e), last],
+                )
+                .unwrap();
+        }
     };
     let values = |b: Option<crate::store::QueuedBatch>| -> Vec<f64> {
         b.unwrap().readings.iter().map(|r| r.value).collect()
@@ -675,6 +761,7 @@ fn a_version_1_queue_keeps_its_dedupe_memory_through_the_upgrade() {
     let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
     put(&mut s, &[r("d", 100, 1.0), r("d", 101, 2.0)]);
     let h = identity_hash("acme", &r("d", 100, 1.0));
+    to_version_2_layout(s.connection());
     s.connection()
         .execute_batch(&format!(
             "DROP TABLE seen0; DROP TABLE seen1;
@@ -719,4 +806,118 @@ fn a_version_1_queue_keeps_its_dedupe_memory_through_the_upgrade() {
         .query_row("SELECT count(*) FROM seen0 WHERE ts = 99", [], |r| r.get(0))
         .unwrap();
     assert_eq!(timed, 1);
+}
+
+/// Puts the queued readings back in the version 2 layout: a `readings` row each, the id
+/// sequence kept in `sqlite_sequence`, and no `chunks` table.
+fn to_version_2_layout(conn: &Connection) {
+    let given: i64 = conn
+        .query_row(
+            "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'chunks'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let rows: Vec<(i64, i64, i64, Vec<u8>)> = conn
+        .prepare("SELECT first, last, device, body FROM chunks ORDER BY last")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    conn.execute_batch(
+        "DROP TABLE chunks;
+         CREATE TABLE readings (
+             id INTEGER PRIMARY KEY AUTOINCREMENT, device INTEGER NOT NULL,
+             series INTEGER NOT NULL, ts INTEGER NOT NULL, value INTEGER NOT NULL, seq INTEGER);
+         CREATE INDEX readings_by_device ON readings (device, id);
+         UPDATE meta SET value = 2 WHERE key = 'schema_version';",
+    )
+    .unwrap();
+    for (first, last, device, body) in rows {
+        for (i, e) in chunks::decode(&body, (last - first + 1) as usize)
+            .unwrap()
+            .into_iter()
+            .enumerate()
+        {
+            conn.execute(
+                "INSERT INTO readings (id, device, series, ts, value, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![first + i as i64, device, e.series, e.ts, e.bits, e.seq],
+            )
+            .unwrap();
+        }
+    }
+    conn.execute(
+        "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'readings'",
+        [given],
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_version_2_queue_moves_into_chunks_with_every_reading_and_its_ids() {
+    let dir = tempdir::Dir::new();
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    // Three devices, interleaved over two commits, with a gap (acked ids) in between.
+    put(&mut s, &[r("a", 1, 1.0), r("b", 2, 2.0), r("a", 3, 3.0)]);
+    let b = s.read_next(1).unwrap().unwrap();
+    s.ack(b.id).unwrap();
+    put(
+        &mut s,
+        &[
+            r("c", 4, 4.0),
+            r("a", 5, 5.0),
+            r("c", 6, 6.0),
+            r("b", 7, 7.0),
+            r("d", 8, 8.0),
+        ],
+    );
+    // The newest id given (8, device d's) is gone too, so the highest id stored is not the
+    // highest ever given.
+    assert_eq!(s.delete_range(8, 8).unwrap().len(), 1);
+    let before = queued_readings(s.connection()).unwrap();
+    assert_eq!(before.len(), 6);
+    drop(s);
+    let dir2 = tempdir::Dir::new();
+    std::fs::copy(dir.path().join("queue.db"), dir2.path().join("queue.db")).unwrap();
+    {
+        let conn = Connection::open(dir.path().join("queue.db")).unwrap();
+        to_version_2_layout(&conn);
+        // One reading a row, as version 2 kept them.
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 6);
+    }
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    assert_eq!(queued_readings(s.connection()).unwrap(), before);
+    assert_eq!(s.len(), 6);
+    let st = stats(s.connection()).unwrap();
+    assert_eq!(st.readings, 6);
+    let gone: bool = s
+        .connection()
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'readings')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!gone, "the version 2 table is dropped");
+    // Ids go on past every id given before the upgrade.
+    assert_eq!(s.next_id, 9);
+    // What was queued is backlog, shipped in id order after a new live reading.
+    put(&mut s, &[r("b", 9, 9.0)]);
+    let mut shipped = Vec::new();
+    while let Some(b) = s.read_next(4).unwrap() {
+        shipped.extend(b.readings.iter().map(|x| x.ts.0));
+        s.ack(b.id).unwrap();
+    }
+    let mut expected = vec![9];
+    expected.extend(before.iter().map(|x| x.ts));
+    assert_eq!(shipped, expected);
+    assert!(s.is_empty());
+    // The untouched copy (already version 3) opens as it is.
+    let s = Store::open(options(&dir2, 1 << 20)).unwrap();
+    assert_eq!(queued_readings(s.connection()).unwrap(), before);
 }

@@ -122,27 +122,19 @@ impl Store {
         upto: i64,
         max: usize,
     ) -> Result<Vec<(i64, Reading)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT id, series, ts, value, seq FROM readings
-                 WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
-            )
-            .map_err(self.sql_err("reading a batch"))?;
-        let rows = stmt
-            .query_map(params![after, upto, max as i64], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, Option<i64>>(4)?,
-                ))
-            })
-            .map_err(self.sql_err("reading a batch"))?;
+        let rows = self.read_entries(after, upto, max)?;
         let mut out = Vec::new();
-        for row in rows {
-            let (id, series, ts, bits, seq) = row.map_err(self.sql_err("reading a batch"))?;
+        for (
+            id,
+            _,
+            chunks::Entry {
+                series,
+                ts,
+                bits,
+                seq,
+            },
+        ) in rows
+        {
             // Never skip a row: an ack covers the whole id range, so a skipped row would be
             // deleted without ever having been sent.
             let Some(SeriesState {
@@ -186,17 +178,7 @@ impl Store {
         let Some(f) = self.lanes.take(batch) else {
             return Ok(0);
         };
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "DELETE FROM readings WHERE id >= ?1 AND id <= ?2 RETURNING device, series",
-            )
-            .map_err(self.sql_err("deleting an acked batch"))?;
-        let gone: Vec<(i64, i64)> = stmt
-            .query_map(params![f.first, f.last], |r| Ok((r.get(0)?, r.get(1)?)))
-            .and_then(|rows| rows.collect())
-            .map_err(self.sql_err("deleting an acked batch"))?;
-        drop(stmt);
+        let gone = self.delete_range(f.first, f.last)?;
         for &(device, series) in &gone {
             self.forget_one(device, series);
         }
@@ -227,14 +209,7 @@ impl Store {
         let Some(f) = self.lanes.take(batch) else {
             return Ok(Refused::Unknown);
         };
-        let ids: Vec<i64> = self
-            .conn
-            .prepare_cached("SELECT id FROM readings WHERE id >= ?1 AND id <= ?2 ORDER BY id")
-            .and_then(|mut s| {
-                s.query_map(params![f.first, f.last], |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()
-            })
-            .map_err(self.sql_err("reading a refused batch"))?;
+        let ids = self.ids_in(f.first, f.last)?;
         match self.lanes.refused(f, &ids) {
             lanes::Refusal::Gone => Ok(Refused::Unknown),
             lanes::Refusal::Again => Ok(Refused::Again),
@@ -279,10 +254,7 @@ impl Store {
         })
         .map_err(self.sql_err("quarantining a reading"))?;
         let qid = tx.last_insert_rowid();
-        let (device, series): (i64, i64) = tx
-            .prepare_cached("DELETE FROM readings WHERE id = ?1 RETURNING device, series")
-            .and_then(|mut s| s.query_row([id], |row| Ok((row.get(0)?, row.get(1)?))))
-            .map_err(self.sql_err("quarantining a reading"))?;
+        let gone = self.delete_range(id, id)?;
         let keep = self.opts.dead_letters_keep as i64;
         if qid > keep {
             tx.prepare_cached("DELETE FROM quarantine WHERE id <= ?1")
@@ -291,7 +263,9 @@ impl Store {
         }
         tx.commit()
             .map_err(self.sql_err("quarantining a reading"))?;
-        self.forget_one(device, series);
+        for (device, series) in gone {
+            self.forget_one(device, series);
+        }
         Ok(())
     }
 
@@ -302,11 +276,6 @@ impl Store {
 
     /// The timestamp of the oldest queued reading, if any.
     pub fn oldest_ts(&self) -> Result<Option<i64>, StoreError> {
-        self.conn
-            .query_row("SELECT ts FROM readings ORDER BY id LIMIT 1", [], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(self.sql_err("finding the oldest reading"))
+        chunks::oldest_ts(&self.conn).map_err(self.sql_err("finding the oldest reading"))
     }
 }

@@ -182,8 +182,8 @@ pub fn queued(db: &Path) -> u64 {
     else {
         return 0;
     };
-    conn.query_row("SELECT count(*) FROM readings", [], |r| r.get::<_, i64>(0))
-        .map(|n| n as u64)
+    edge_agent::store::stats(&conn)
+        .map(|s| s.readings)
         .unwrap_or(0)
 }
 
@@ -192,24 +192,11 @@ pub fn all_readings(db: &Path) -> Vec<(String, String, i64, f64, Option<i64>)> {
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap();
-    let mut stmt = conn
-        .prepare(
-            "SELECT d.name, s.metric, r.ts, r.value, r.seq FROM readings r
-             JOIN series s ON s.id = r.series JOIN devices d ON d.id = r.device ORDER BY r.id",
-        )
-        .unwrap();
-    stmt.query_map([], |r| {
-        Ok((
-            r.get(0)?,
-            r.get(1)?,
-            r.get(2)?,
-            f64::from_bits(r.get::<_, i64>(3)? as u64),
-            r.get(4)?,
-        ))
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
+    edge_agent::store::queued_readings(&conn)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.device, r.metric, r.ts, r.value, r.seq.map(|s| s as i64)))
+        .collect()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
