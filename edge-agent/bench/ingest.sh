@@ -86,7 +86,9 @@ EOA
   /usr/bin/time -f "%M" -o "$work/rss" "$AGENT" run --config "$work/a.toml" 2>/dev/null &
   local pid=$!
   # One poller process (spawning one per check would load the CPU being measured); it
-  # prints the time at which the queue first held every reading.
+  # prints the time at which the queue first held every reading. Nothing is shipped here
+  # (no cloud), so ids run 1..N*K and the highest id stored tells: an index lookup, the same
+  # for the queue layout before schema 3 (`readings`) and since (`chunks`).
   local t1; t1=$(python3 - "$db" "$want" <<'EOW'
 import sqlite3, sys, time
 db, want = sys.argv[1], int(sys.argv[2])
@@ -94,7 +96,11 @@ conn = None
 while True:
     try:
         conn = conn or sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        if conn.execute("select count(*) from readings").fetchone()[0] >= want:
+        try:
+            top = conn.execute("select coalesce(max(last), 0) from chunks").fetchone()[0]
+        except sqlite3.OperationalError:
+            top = conn.execute("select coalesce(max(id), 0) from readings").fetchone()[0]
+        if top >= want:
             break
     except sqlite3.Error:
         conn = None
@@ -103,24 +109,28 @@ print(time.time())
 EOW
 )
   kill -TERM "$(pgrep -P $pid)" 2>/dev/null || true; wait $pid 2>/dev/null || true
-  echo "$(python3 -c "print($N/($t1-$t0))") $(cat "$work/rss")"
+  # The agent checkpoints on exit: the file then holds the whole queue.
+  local bytes=$(( $(stat -c %s "$db") + $(stat -c %s "$db-wal" 2>/dev/null || echo 0) ))
+  echo "$(python3 -c "print($N/($t1-$t0))") $(cat "$work/rss") $bytes"
 }
 
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
-peer=(); full=(); normal=(); rss=()
+peer=(); full=(); normal=(); rss=(); qbytes=()
 for r in $(seq "$ROUNDS"); do
   peer+=("$(run_peer "$r")")
-  read -r rate kb < <(run_agent "$r" full); full+=("$rate"); rss+=("$kb")
-  read -r rate kb < <(run_agent "$r" normal); normal+=("$rate"); rss+=("$kb")
+  read -r rate kb b < <(run_agent "$r" full); full+=("$rate"); rss+=("$kb"); qbytes+=("$b")
+  read -r rate kb b < <(run_agent "$r" normal); normal+=("$rate"); rss+=("$kb"); qbytes+=("$b")
   echo "round $r: peer ${peer[-1]} msg/s, agent full ${full[-1]}, normal ${normal[-1]}" >&2
 done
 p=$(median "${peer[@]}"); f=$(median "${full[@]}"); n=$(median "${normal[@]}")
 maxrss=$(printf '%s\n' "${rss[@]}" | sort -n | tail -1)
+qb=$(median "${qbytes[@]}")
 python3 - <<EOP
-p, f, n, k, rss = $p, $f, $n, $K, $maxrss
+p, f, n, k, rss, qb = $p, $f, $n, $K, $maxrss, $qb
 print(f"messages {$N} x {k} reading(s); medians of $ROUNDS rounds")
 print(f"peer mosquitto_sub   {p:>10.0f} msg/s")
 print(f"agent synchronous=full   {f:>10.0f} msg/s = {f*k:>10.0f} readings/s  ratio {f/p:.2f}")
 print(f"agent synchronous=normal {n:>10.0f} msg/s = {n*k:>10.0f} readings/s  ratio {n/p:.2f}")
 print(f"agent peak RSS {rss/1024:.1f} MiB")
+print(f"queue file {qb/1e6:.1f} MB = {qb/($N*k):.1f} bytes a reading (median)")
 EOP
