@@ -228,7 +228,7 @@ impl Store {
     }
 
     /// Deletes the readings with ids in `lo..=hi`; returns each one's (device, series).
-    /// Does not touch the in-memory counts.
+    /// Does not touch the in-memory counts. Several statements: run it inside a transaction.
     pub(super) fn delete_range(&self, lo: i64, hi: i64) -> Result<Vec<(i64, i64)>, StoreError> {
         let what = "deleting readings";
         let mut gone = Vec::new();

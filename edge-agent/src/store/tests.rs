@@ -921,3 +921,28 @@ fn a_version_2_queue_moves_into_chunks_with_every_reading_and_its_ids() {
     let s = Store::open(options(&dir2, 1 << 20)).unwrap();
     assert_eq!(queued_readings(s.connection()).unwrap(), before);
 }
+
+#[test]
+fn an_ack_that_fails_partway_loses_nothing() {
+    let dir = tempdir::Dir::new();
+    let mut s = Store::open(options(&dir, 1 << 20)).unwrap();
+    // One row of ten; the batch of four ends inside it, so the ack deletes the row and
+    // puts the six that stay back.
+    put(&mut s, &(0..10).map(|i| r("d", i, 0.0)).collect::<Vec<_>>());
+    let b = s.read_next(4).unwrap().unwrap();
+    s.connection()
+        .execute_batch(
+            "CREATE TEMP TRIGGER no_put_back BEFORE INSERT ON chunks
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+        )
+        .unwrap();
+    assert!(s.ack(b.id).is_err());
+    s.connection()
+        .execute_batch("DROP TRIGGER no_put_back")
+        .unwrap();
+    drop(s);
+    // The failed ack changed nothing in the file: all ten are there, to be sent again.
+    let s = Store::open(options(&dir, 1 << 20)).unwrap();
+    assert_eq!(s.len(), 10);
+    assert_eq!(queued_readings(s.connection()).unwrap().len(), 10);
+}

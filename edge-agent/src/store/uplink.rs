@@ -178,7 +178,15 @@ impl Store {
         let Some(f) = self.lanes.take(batch) else {
             return Ok(0);
         };
+        // One transaction: a row at the range's edge is deleted and put back with the
+        // readings that stay, and a crash between the two must not lose them.
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(self.sql_err("deleting an acked batch"))?;
         let gone = self.delete_range(f.first, f.last)?;
+        tx.commit()
+            .map_err(self.sql_err("deleting an acked batch"))?;
         for &(device, series) in &gone {
             self.forget_one(device, series);
         }
