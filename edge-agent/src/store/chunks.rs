@@ -112,6 +112,16 @@ pub(super) fn decode(body: &[u8], n: usize) -> Option<Vec<Entry>> {
     (out.len() == n).then_some(out)
 }
 
+/// The readings of the row holding ids `first..=last`, or `None` if its bounds are not
+/// those of a row (at most [`MAX_CHUNK`]) or its body does not hold that many.
+pub(super) fn decode_row(first: i64, last: i64, body: &[u8]) -> Option<Vec<Entry>> {
+    let n = last.checked_sub(first)?.checked_add(1)?;
+    if !(1..=MAX_CHUNK).contains(&n) {
+        return None;
+    }
+    decode(body, n as usize)
+}
+
 /// The time of the oldest reading queued behind `conn`.
 pub(super) fn oldest_ts(conn: &Connection) -> rusqlite::Result<Option<i64>> {
     let row: Option<(i64, i64, Vec<u8>)> = conn
@@ -121,9 +131,7 @@ pub(super) fn oldest_ts(conn: &Connection) -> rusqlite::Result<Option<i64>> {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
-    Ok(row.and_then(|(first, last, body)| {
-        decode(&body, (last - first + 1) as usize).map(|e| e[0].ts)
-    }))
+    Ok(row.and_then(|(first, last, body)| decode_row(first, last, &body).map(|e| e[0].ts)))
 }
 
 /// The statement that finds the rows holding ids in `?1..=?2`: `last` bounds the scan, as
@@ -151,11 +159,7 @@ impl Store {
             Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
         };
         let (first, last, device, body) = get(row).map_err(self.sql_err("reading the queue"))?;
-        if last < first || last - first >= MAX_CHUNK {
-            return Err(self.chunk_err(first, last));
-        }
-        let entries = decode(&body, (last - first + 1) as usize)
-            .ok_or_else(|| self.chunk_err(first, last))?;
+        let entries = decode_row(first, last, &body).ok_or_else(|| self.chunk_err(first, last))?;
         Ok(Chunk {
             first,
             last,
@@ -247,8 +251,8 @@ impl Store {
             })
             .map_err(self.sql_err(what))?;
         for (first, last, device, body) in whole {
-            let n = (last - first + 1).max(0) as usize;
-            let entries = decode(&body, n).ok_or_else(|| self.chunk_err(first, last))?;
+            let entries =
+                decode_row(first, last, &body).ok_or_else(|| self.chunk_err(first, last))?;
             gone.extend(entries.iter().map(|e| (device, e.series)));
         }
         // The rows at the edges, which keep some of their readings.
@@ -417,6 +421,21 @@ mod tests {
             prop_assert_eq!(decode(&body, entries.len() + 1), None);
             prop_assert_eq!(decode(&body[..body.len() - 1], entries.len()), None);
         }
+    }
+
+    #[test]
+    fn a_row_whose_bounds_are_not_a_row_is_refused_before_anything_is_allocated() {
+        let body = encode(&[Entry {
+            series: 1,
+            ts: 1,
+            bits: 0,
+            seq: None,
+        }]);
+        assert!(decode_row(3, 3, &body).is_some());
+        assert_eq!(decode_row(4, 3, &body), None);
+        assert_eq!(decode_row(0, i64::MAX, &body), None);
+        assert_eq!(decode_row(i64::MIN, i64::MAX, &body), None);
+        assert_eq!(decode_row(1, MAX_CHUNK + 1, &body), None);
     }
 
     #[test]

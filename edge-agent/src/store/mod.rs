@@ -588,10 +588,7 @@ impl Store {
                 first,
                 last,
             };
-            if last < first || last - first >= chunks::MAX_CHUNK {
-                return Err(damaged());
-            }
-            let entries = chunks::decode(&body, (last - first + 1) as usize).ok_or_else(damaged)?;
+            let entries = chunks::decode_row(first, last, &body).ok_or_else(damaged)?;
             *per_device.entry(device).or_default() += entries.len() as u64;
             for en in &entries {
                 *per_series.entry(en.series).or_default() += 1;

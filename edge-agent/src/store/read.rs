@@ -115,8 +115,7 @@ pub fn queued_readings(conn: &Connection) -> rusqlite::Result<Vec<QueuedReading>
     while let Some(row) = rows.next()? {
         let (first, last, device, body): (i64, i64, i64, Vec<u8>) =
             (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
-        let n = usize::try_from(last - first + 1).unwrap_or(0);
-        let entries = super::chunks::decode(&body, n).ok_or_else(|| {
+        let entries = super::chunks::decode_row(first, last, &body).ok_or_else(|| {
             rusqlite::Error::InvalidColumnType(
                 3,
                 format!("chunk {first}..={last}"),
