@@ -1,6 +1,10 @@
 //! The queue file's SQLite schema and its version.
 
-use rusqlite::Connection;
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::StoreError;
 
 /// 2: the `seen` generations are keyed by (reading time, hash), so a commit's identities
 /// land at the end of the tree rather than on random pages.
@@ -44,7 +48,7 @@ pub(super) const TS_UNKNOWN: i64 = i64::MIN;
 
 /// Version 1 to 2: the `seen` generations take the (time, hash) key, their hashes kept
 /// under [`TS_UNKNOWN`]. Run inside one transaction.
-pub(super) fn upgrade_from_1() -> String {
+fn upgrade_from_1() -> String {
     let mut sql = String::new();
     for g in 0..2 {
         sql.push_str(&format!(
@@ -62,7 +66,7 @@ pub(super) fn upgrade_from_1() -> String {
 /// Version 2 to 3: the `readings` rows become chunks, one per run of a device's readings
 /// with consecutive ids, and the id sequence carries over. Run inside one transaction;
 /// returns how many readings moved.
-pub(super) fn upgrade_from_2(conn: &Connection) -> rusqlite::Result<u64> {
+fn upgrade_from_2(conn: &Connection) -> rusqlite::Result<u64> {
     use super::chunks::{Entry, MAX_CHUNK, encode};
     let mut st =
         conn.prepare("SELECT id, device, series, ts, value, seq FROM readings ORDER BY id")?;
@@ -123,4 +127,95 @@ pub(super) fn upgrade_from_2(conn: &Connection) -> rusqlite::Result<u64> {
          UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';"
     ))?;
     Ok(moved)
+}
+
+/// The schema version recorded in a queue file (none in a file not yet set up).
+pub fn schema_version(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    let has_meta: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_meta {
+        return Ok(None);
+    }
+    conn.query_row(
+        "SELECT value FROM meta WHERE key = 'schema_version'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// The schema set stored in a queue file: its version and entries. A stored set that no
+/// longer parses (written by a newer agent) reads as none.
+pub fn schema_set(
+    conn: &Connection,
+) -> rusqlite::Result<Option<(u64, Vec<plantlink_schema::Entry>)>> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        version: u64,
+        schemas: Vec<plantlink_schema::Entry>,
+    }
+    let text: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema_set'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(text
+        .and_then(|t| serde_json::from_str::<Stored>(&t).ok())
+        .map(|s| (s.version, s.schemas)))
+}
+
+/// Creates the schema in a new file, records its version, or upgrades an older file in
+/// one transaction; refuses a file written by a newer agent.
+pub(super) fn prepare(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let err = |what| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Sqlite { path, what, source }
+    };
+    conn.execute_batch(SCHEMA)
+        .map_err(err("creating the schema"))?;
+    let version: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(err("reading the schema version"))?;
+    match version {
+        Some(v) if v > SCHEMA_VERSION => {
+            return Err(StoreError::NewerSchema {
+                path: path.to_path_buf(),
+                found: v,
+            });
+        }
+        Some(v @ (1 | 2)) => {
+            tracing::info!(path = %path.display(), from = v, to = SCHEMA_VERSION,
+                "upgrading the queue file");
+            // All of it or none: the guard rolls back when dropped uncommitted.
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(err("upgrading the queue file's schema"))?;
+            if v == 1 {
+                tx.execute_batch(&upgrade_from_1())
+                    .map_err(err("upgrading the schema from version 1"))?;
+            }
+            let moved = upgrade_from_2(&tx).map_err(err("upgrading the schema from version 2"))?;
+            tx.commit()
+                .map_err(err("upgrading the queue file's schema"))?;
+            tracing::info!(path = %path.display(), readings = moved,
+                "queue file upgraded");
+        }
+        Some(_) => {}
+        None => {
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+                [SCHEMA_VERSION],
+            )
+            .map_err(err("writing the schema version"))?;
+        }
+    }
+    Ok(())
 }
